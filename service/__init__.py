@@ -1,0 +1,1 @@
+"""backbones: fine-tune pretrained image backbones and compare them fairly."""

@@ -1,0 +1,68 @@
+"""The typer app and the one place where domain errors become exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+import typer
+
+from service.errors import EXIT_USER, BackbonesError
+
+app = typer.Typer(
+    name="backbones",
+    help="Fine-tune pretrained image backbones under one protocol and compare them fairly.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_state = {"debug": os.environ.get("BACKBONES_DEBUG") == "1"}
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+) -> None:
+    if debug:
+        _state["debug"] = True
+
+
+def debug_enabled() -> bool:
+    return _state["debug"]
+
+
+def err(message: str) -> None:
+    """One line to stderr, as a person reads it."""
+    typer.echo(message, err=True)
+
+
+@contextlib.contextmanager
+def edge() -> Iterator[None]:
+    """Turn a domain error into one line on stderr and its exit code (tracebacks with --debug)."""
+    try:
+        yield
+    except BackbonesError as e:
+        if debug_enabled():
+            raise
+        err(f"error: {e}")
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err("interrupted")
+        raise typer.Exit(130) from None
+    except OSError as e:
+        if debug_enabled():
+            raise
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        err(f"error: {where}{e.strerror or e}")
+        raise typer.Exit(EXIT_USER) from None
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # `backbones render ... | head`
+        sys.stderr.close()

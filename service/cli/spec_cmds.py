@@ -1,0 +1,108 @@
+"""validate, schema, expand: spec-only commands (no torch, no network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from service.cli._app import app, edge, err
+from service.errors import EXIT_USER
+from service.spec import SpecError, load_spec
+
+SCHEMA_DIR = Path("jobspecs/schema")
+
+
+@app.command()
+def validate(
+    files: list[Path] = typer.Argument(..., help="Spec files (JSON)."),
+    deep: bool = typer.Option(
+        False, "--deep", help="Also check model names against timm's registry (imports timm)."
+    ),
+) -> None:
+    """Check specs; print 'ok: FILE (...)' or one line per problem. Exit 2 if any is invalid."""
+    from service.checks import check_models
+
+    failed = False
+    for path in files:
+        try:
+            spec = load_spec(path)
+            problems = check_models(spec, deep=deep)
+        except SpecError as e:
+            problems = e.problems
+        except (OSError, UnicodeDecodeError) as e:
+            problems = [("", getattr(e, "strerror", None) or str(e))]
+        if problems:
+            failed = True
+            for loc, msg in problems:
+                err(f"{path}: {loc}: {msg}" if loc else f"{path}: {msg}")
+            continue
+        if spec.kind == "Study":
+            line = f"ok: {path} (Study {spec.name}, {spec.n_cells} cells"
+            try:
+                from service.budget import estimate_gpu_hours
+
+                line += f", ~{estimate_gpu_hours(spec):.1f} GPU-hours"
+            except ImportError:
+                pass
+            typer.echo(line + ")")
+        else:
+            typer.echo(f"ok: {path} (FineTune {spec.name})")
+    if failed:
+        raise typer.Exit(EXIT_USER)
+
+
+def schemas() -> dict[str, dict]:
+    """JSON Schema of each kind, keyed by file name."""
+    from service.spec import FineTune, Study
+
+    out = {}
+    for model, fname in ((FineTune, "finetune.schema.json"), (Study, "study.schema.json")):
+        schema = model.model_json_schema(by_alias=True, mode="validation")
+        schema["$id"] = f"https://backbones.dev/schema/v1/{fname}"
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        out[fname] = schema
+    return out
+
+
+@app.command()
+def schema(
+    out_dir: Path = typer.Option(SCHEMA_DIR, "--out", help="Folder to write the schemas into."),
+) -> None:
+    """Write the JSON Schema of both kinds (FineTune, Study) for editors and CI."""
+    with edge():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for fname, body in schemas().items():
+            (out_dir / fname).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+            typer.echo(f"wrote {out_dir / fname}")
+
+
+@app.command()
+def expand(file: Path = typer.Argument(..., help="A Study (or FineTune) spec.")) -> None:
+    """Print the runs a spec becomes, one JSON object per line, in execution order."""
+    from service.study import cells_of
+
+    with edge():
+        spec = _load_or_exit(file)
+        for i, cell in enumerate(cells_of(spec)):
+            typer.echo(
+                json.dumps(
+                    {
+                        "index": i,
+                        "run_id": cell.run_id,
+                        "name": cell.name,
+                        "spec": json.loads(cell.to_json()),
+                    }
+                )
+            )
+
+
+def _load_or_exit(path: Path):
+    """Load a spec for a command that needs a valid one; print its problems otherwise."""
+    try:
+        return load_spec(path)
+    except SpecError as e:
+        for loc, msg in e.problems:
+            err(f"{path}: {loc}: {msg}" if loc else f"{path}: {msg}")
+        raise typer.Exit(EXIT_USER) from None

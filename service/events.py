@@ -1,0 +1,106 @@
+"""What a run tells the world while it trains, and who listens.
+
+The trainer owns one ``Progress`` and calls the ``Observer`` hooks; each listener turns them into
+one medium: ``status.json`` in the output store, the rich progress bar, Prometheus gauges and a
+Pushgateway. Listeners never feed back into training, so data flows one way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+Phase = Literal[
+    "Pending", "Downloading", "Training", "Evaluating", "Uploading", "Succeeded", "Failed"
+]
+PHASES: tuple[Phase, ...] = (
+    "Pending",
+    "Downloading",
+    "Training",
+    "Evaluating",
+    "Uploading",
+    "Succeeded",
+    "Failed",
+)
+
+
+@dataclass
+class Progress:
+    """The run's state as a person watching it wants to see it."""
+
+    run_id: str
+    phase: Phase = "Pending"
+    attempt: int = 1
+    epoch: int = 0  # epochs completed
+    max_epochs: int = 0
+    step: int = 0  # steps completed in the current epoch
+    steps_per_epoch: int = 0
+    progress: float = 0.0  # 0-1, of the epoch cap (a plateau stop jumps to 1)
+    eta_seconds: float | None = None
+    train_loss: float | None = None
+    val_top1: float | None = None
+    best_val_top1: float | None = None
+    images_per_second: float | None = None
+    recipe_phase: str | None = None  # 'paper': 'adamw' then 'sgd'
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Observer:
+    """No-op base: listeners override what they need."""
+
+    def on_phase(self, progress: Progress) -> None: ...
+
+    def on_step(
+        self, progress: Progress, *, seconds: float, wait_seconds: float, images: int
+    ) -> None:
+        """One optimizer step took ``seconds``, of which ``wait_seconds`` waiting for input."""
+
+    def on_epoch(self, progress: Progress, record: dict) -> None:
+        """An epoch ended; ``record`` is the line written to metrics.jsonl."""
+
+    def on_checkpoint(self, progress: Progress, *, seconds: float) -> None: ...
+
+    def on_download(self, nbytes: int) -> None: ...
+
+    def on_end(self, progress: Progress, summary: dict | None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Observers(Observer):
+    """Fan one event out to many listeners."""
+
+    def __init__(self, *observers: Observer):
+        self.observers = list(observers)
+
+    def on_phase(self, progress):
+        for o in self.observers:
+            o.on_phase(progress)
+
+    def on_step(self, progress, **kw):
+        for o in self.observers:
+            o.on_step(progress, **kw)
+
+    def on_epoch(self, progress, record):
+        for o in self.observers:
+            o.on_epoch(progress, record)
+
+    def on_checkpoint(self, progress, **kw):
+        for o in self.observers:
+            o.on_checkpoint(progress, **kw)
+
+    def on_download(self, nbytes):
+        for o in self.observers:
+            o.on_download(nbytes)
+
+    def on_end(self, progress, summary):
+        for o in self.observers:
+            o.on_end(progress, summary)
+
+    def close(self):
+        for o in self.observers:
+            o.close()

@@ -1,0 +1,78 @@
+"""The layout of one run's outputs, ``<output.uri>/<run id>/``, over any Store.
+
+    spec.json            the validated spec, as the pod parsed it
+    env.json             versions, device, seeds, data and weight hashes
+    status.json          phase, epoch, progress, eta, attempt (rewritten as the run goes)
+    metrics.jsonl        one line per epoch
+    checkpoints/         ckpt-<epoch>.pt (complete ones only: each is written atomically)
+    best.safetensors     weights of the selected epoch
+    summary.json         final metrics and cost figures; its presence means "done"
+
+``summary.json`` is written last: a run without it is not complete, whatever else exists.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from service.storage import NotFound, Store
+
+SPEC = "spec.json"
+ENV = "env.json"
+STATUS = "status.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+BEST = "best.safetensors"
+CHECKPOINTS = "checkpoints/"
+
+
+def _dumps(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
+class RunOutputs:
+    """Reads and writes the files of one run. ``store`` is rooted at the run's folder."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
+
+    def read_json(self, key: str) -> dict | None:
+        try:
+            return json.loads(self.store.read_bytes(key))
+        except NotFound:
+            return None
+
+    def write_json(self, key: str, obj: Any) -> None:
+        self.store.write_bytes(key, _dumps(obj))
+
+    def summary(self) -> dict | None:
+        return self.read_json(SUMMARY)
+
+    def status(self) -> dict | None:
+        return self.read_json(STATUS)
+
+    def write_status(self, status: dict) -> None:
+        self.write_json(STATUS, {**status, "updated_at": time.time()})
+
+    def metrics(self) -> list[dict]:
+        try:
+            text = self.store.read_bytes(METRICS).decode()
+        except NotFound:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def write_metrics(self, records: list[dict]) -> None:
+        # Rewritten whole each epoch (S3 has no append); a few KB even for long runs.
+        self.store.write_bytes(
+            METRICS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+        )
+
+    def checkpoints(self) -> list[str]:
+        """Complete checkpoint keys, oldest first (names sort by zero-padded epoch)."""
+        return sorted(k for k in self.store.list(CHECKPOINTS) if k.endswith(".pt"))

@@ -1,0 +1,133 @@
+"""Turn pydantic's ValidationError into one short line per problem, naming the field.
+
+``protocol.batch_size: must be > 0, got -4`` reads better than pydantic's three-line default,
+and an unknown key gets a suggestion: ``protocol.batchsize: unknown field; did you mean
+'protocol.batch_size'?``.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from service.suggest import did_you_mean
+
+
+def _loc_str(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class that owns the keys at ``loc`` (following nested models and lists)."""
+    model: Any = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = _field_by_key(model, str(part))
+        if field is None:
+            return None
+        model = _inner_model(field.annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _field_by_key(model: type[BaseModel], key: str):
+    for name, field in model.model_fields.items():
+        if key in (name, field.alias):
+            return field
+    return None
+
+
+def _inner_model(annotation: Any) -> Any:
+    """``Backbone`` from ``Backbone``, ``list[Backbone]`` or ``Backbone | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (list, typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            inner = _inner_model(arg)
+            if inner is not None:
+                return inner
+    return None
+
+
+def _keys(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _fmt(v: Any) -> str:
+    return (
+        repr(v) if isinstance(v, str) else str(v).replace("True", "true").replace("False", "false")
+    )
+
+
+def _message(err: dict[str, Any]) -> str:
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "greater_than":
+        return f"must be > {ctx['gt']}, got {_fmt(value)}"
+    if kind == "greater_than_equal":
+        return f"must be >= {ctx['ge']}, got {_fmt(value)}"
+    if kind == "less_than":
+        return f"must be < {ctx['lt']}, got {_fmt(value)}"
+    if kind == "less_than_equal":
+        return f"must be <= {ctx['le']}, got {_fmt(value)}"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}, got {_fmt(value)}"
+    if kind == "too_short":
+        return f"must have at least {ctx['min_length']} item(s), got {ctx.get('actual_length', 0)}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"must be an integer, got {_fmt(value)}"
+    if kind in ("float_type", "float_parsing"):
+        return f"must be a number, got {_fmt(value)}"
+    if kind in ("string_type",):
+        return f"must be a string, got {_fmt(value)}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"must be true or false, got {_fmt(value)}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"must be an object, got {type(value).__name__}"
+    if kind == "list_type":
+        return f"must be a list, got {type(value).__name__}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    return err["msg"][0].lower() + err["msg"][1:]
+
+
+def _dedupe_union(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``image_size`` is ``int | [h, w]``: pydantic reports both branches; keep one line."""
+    out, seen = [], set()
+    for err in errors:
+        loc = tuple(p for p in err["loc"] if p not in ("int", "tuple[int,int]"))
+        # A union member name sits in the loc (e.g. 'int'); report at the field itself.
+        if loc in seen:
+            continue
+        seen.add(loc)
+        out.append({**err, "loc": loc})
+    return out
+
+
+def problems_from(
+    error: ValidationError, root: type[BaseModel], data: Any
+) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for err in _dedupe_union(error.errors(include_url=False)):
+        loc = err["loc"]
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(root, loc[:-1])
+            prefix = _loc_str(loc[:-1]) + "." if len(loc) > 1 else ""
+            hint = did_you_mean(str(loc[-1]), _keys(parent), prefix=prefix) if parent else ""
+            problems.append((_loc_str(loc), "unknown field" + hint))
+            continue
+        message = _message(err)
+        # Model-level validators name their field in the message ("protocol.seed: ...").
+        head, _, rest = message.partition(": ")
+        if rest and re.fullmatch(r"[A-Za-z_$][\w.$]*", head):
+            loc, message = (*loc, head), rest
+        problems.append((_loc_str(loc), message))
+    return problems

@@ -1,0 +1,53 @@
+"""One interface over every place a run reads from or writes to.
+
+A ``Store`` is rooted at a URI (a local folder or ``s3://bucket/prefix``) and addressed by
+``/``-separated keys relative to that root. Local folders are the embedded default store; S3
+(``service.storage.s3``, the only module that imports boto3) implements the same methods, so
+the worker never branches on where its outputs live.
+
+Writes are atomic: a reader sees the old object or the new one, never half of it. That is what
+makes "a checkpoint is never seen half-written" hold on both backends.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlparse
+
+from service.errors import UserError
+
+if TYPE_CHECKING:
+    from service.spec import Storage
+
+
+class NotFound(UserError):
+    """The key does not exist in the store."""
+
+
+class Store(Protocol):
+    uri: str
+
+    def read_bytes(self, key: str) -> bytes: ...
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str = "") -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+    def upload_file(self, path: str | Path, key: str) -> None: ...
+    def download_file(self, key: str, path: str | Path) -> None: ...
+    def child(self, subpath: str) -> Store: ...
+
+
+def is_s3(uri: str) -> bool:
+    return urlparse(uri).scheme == "s3"
+
+
+def open_store(uri: str, storage: Storage | None = None) -> Store:
+    """The store rooted at ``uri``: S3 for ``s3://``, else a local folder."""
+    if is_s3(uri):
+        from service.storage.s3 import S3Store
+
+        return S3Store(uri, storage)
+    from service.storage.local import LocalStore
+
+    return LocalStore(uri)

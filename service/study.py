@@ -1,0 +1,63 @@
+"""Study expansion: a pure function from a Study to its ordered FineTune cells.
+
+The order (dataset, then backbone, then train fraction, then seed) is the one contract every
+consumer shares: the Indexed Job's ``JOB_COMPLETION_INDEX`` i runs ``expand(study)[i]``, and the
+report lists cells in the same order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from service.spec import FineTune, Study
+
+
+def cell_name(study: str, dataset: str, model: str, seed: int, fraction: float) -> str:
+    """A DNS-1123 label for one cell; long names are cut and made unique with a short hash."""
+    raw = f"{study}-{dataset}-{model}-s{seed}-f{fraction}"
+    slug = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")
+    if len(slug) <= 63:
+        return slug
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+    return f"{slug[:54].rstrip('-')}-{digest}"
+
+
+def expand(study: Study) -> list[FineTune]:
+    cells: list[FineTune] = []
+    shared = study.model_dump(
+        mode="json",
+        by_alias=True,
+        include={"api_version", "output", "resources", "storage", "metrics"},
+    )
+    for dataset in study.datasets:
+        for backbone in study.backbones:
+            for fraction in study.train_fractions:
+                for seed in study.seeds:
+                    name = cell_name(study.name, dataset.short_name, backbone.model, seed, fraction)
+                    cells.append(
+                        FineTune.model_validate(
+                            {
+                                **shared,
+                                "kind": "FineTune",
+                                "name": name,
+                                "study": study.name,
+                                "backbone": backbone.model_dump(mode="json"),
+                                "dataset": {
+                                    **dataset.model_dump(mode="json", exclude_none=True),
+                                    "name": dataset.short_name,
+                                    "train_fraction": fraction,
+                                },
+                                "protocol": {
+                                    **study.protocol.model_dump(mode="json"),
+                                    "seed": seed,
+                                },
+                            }
+                        )
+                    )
+    return cells
+
+
+def cells_of(spec: FineTune | Study) -> list[FineTune]:
+    """A FineTune is its own single cell."""
+    return [spec] if isinstance(spec, FineTune) else expand(spec)
