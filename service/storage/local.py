@@ -47,6 +47,21 @@ class LocalStore:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if absent; False when it exists. Atomic (link fails if present)."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 

@@ -1,0 +1,143 @@
+"""One worker per run: a lease object in the run's output folder.
+
+Two pods can end up on the same run id (a Job retried while a slow node still runs the old
+pod, or two people submitting the same spec). Both writing checkpoints would interleave
+epochs, so the second one must not start. The lease is ``lock.json`` beside the outputs:
+
+- acquire: create it only if absent (``Store.create_exclusive``: O_EXCL on a folder,
+  ``If-None-Match: *`` on S3). If present, it is honoured while its heartbeat is fresh; a
+  stale lease (holder preempted or killed) is taken over. On the same host a dead holder's pid
+  makes it stale at once, so a local restart after ``kill -9`` does not wait for the TTL.
+- hold: a daemon thread renews the heartbeat every ``ttl / 4`` seconds.
+- release: delete it on exit, if it is still ours.
+
+A worker that finds a live lease exits retriable (75): Kubernetes retries it later, by which
+time the other worker has finished (its summary then makes this one a no-op) or died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+from service.errors import RetriableError
+from service.storage import NotFound, Store
+
+LEASE_KEY = "lock.json"
+
+
+def default_ttl() -> float:
+    return float(os.environ.get("BACKBONES_LEASE_TTL", "60"))
+
+
+class LeaseHeld(RetriableError):
+    """Another live worker holds this run."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lease:
+    def __init__(self, store: Store, *, ttl: float | None = None, key: str = LEASE_KEY):
+        self.store = store
+        self.key = key
+        self.ttl = default_ttl() if ttl is None else ttl
+        self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "heartbeat": time.time(),
+                "ttl": self.ttl,
+            }
+        ).encode()
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.store.read_bytes(self.key))
+        except NotFound:
+            return None
+        except ValueError:  # a torn or foreign file: treat as stale
+            return {}
+
+    def _stale(self, held: dict) -> bool:
+        if not held:
+            return True
+        if held.get("host") == socket.gethostname() and not _pid_alive(int(held.get("pid", 0))):
+            return True
+        return time.time() - float(held.get("heartbeat", 0)) > float(held.get("ttl", self.ttl))
+
+    def acquire(self, wait: float = 0.0) -> Lease:
+        deadline = time.monotonic() + wait
+        while True:
+            if self.store.create_exclusive(self.key, self._body()):
+                break
+            held = self._read()
+            if held is None:
+                continue  # released between our create and read: try again
+            if self._stale(held):
+                # Take over, then confirm: if two workers race for a stale lease, the one whose
+                # write landed last wins and the other sees a foreign owner and backs off.
+                self.store.write_bytes(self.key, self._body())
+                time.sleep(min(0.2, self.ttl / 10))
+                if (self._read() or {}).get("owner") == self.owner:
+                    break
+                continue
+            if time.monotonic() >= deadline:
+                age = time.time() - float(held.get("heartbeat", 0))
+                raise LeaseHeld(
+                    f"{self.store.uri}: run is held by another worker ({held.get('owner')}, "
+                    f"heartbeat {age:.0f}s ago); retry later"
+                )
+            time.sleep(min(1.0, max(0.05, self.ttl / 8)))
+        self._thread = threading.Thread(target=self._renew_loop, name="lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                if (self._read() or {}).get("owner") != self.owner:
+                    return  # taken over: the worker notices at its next checkpoint
+                self.store.write_bytes(self.key, self._body())
+            except Exception:  # storage blip: try again next beat; a long outage expires us
+                continue
+
+    def held(self) -> bool:
+        """Still ours? Checked before each checkpoint so a worker that lost it stops writing."""
+        try:
+            return (self._read() or {}).get("owner") == self.owner
+        except Exception:
+            return True  # unknown (storage down): the checkpoint write itself will fail
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            if (self._read() or {}).get("owner") == self.owner:
+                self.store.delete(self.key)
+        except Exception:
+            pass  # expires by itself
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
