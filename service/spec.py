@@ -122,6 +122,13 @@ class Dataset(_Section):
         gt=0,
         description="Cap training images per class (few-shot), applied after train_fraction.",
     )
+    expected_images: int | None = Field(
+        default=None,
+        ge=1,
+        description="Approximate number of training images (the train split, before the "
+        "validation carve-out and train_fraction). Only the GPU-hours estimate of `validate` "
+        "and `submit` reads it, when the dataset's manifest cannot be read offline.",
+    )
     images_key: str = Field(
         default="images", description="Array name of the images in .npz/.h5 files."
     )
