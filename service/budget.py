@@ -1,0 +1,338 @@
+"""How many GPU-hours a Study will cost, before it is submitted.
+
+The estimate is an upper bound built from four numbers per cell:
+
+    GPU-seconds = epochs × (train images × s/train-image + val images × s/eval-image)
+                  + test images × s/eval-image
+
+- **GMACs per image** come from the backbone catalog (``service.catalog``) at the catalog's
+  input size, scaled by pixel count to ``protocol.image_size``. A model the catalog does not
+  know costs ``DEFAULT_GMACS`` at 224 px, larger than every paper backbone but DenseNet-161.
+- **Images** come from the dataset's ``manifest.json`` when it can be read offline (a local
+  packed dataset), an ImageFolder's ``train/`` count, ``dataset.expected_images``, the builtin
+  set's known size, or else ``DEFAULT_TRAIN_IMAGES``; the breakdown says which.
+- **Epochs** are ``protocol.max_epochs``: the 'paper' recipe usually stops earlier on its
+  plateau, so this is a ceiling, which is what a budget needs. ``max_minutes`` caps it further.
+- **Seconds per image** come from ``REFERENCE_GPUS`` below: training throughput measured for
+  ResNet-50, expressed as GMAC·images/s so it transfers to other backbones by their GMACs,
+  with a ceiling of images/s for tiny models that are bound by memory and input, not MACs.
+
+Pure and offline by default: ``validate`` calls it and must stay fast and torch-free. With
+``online=True`` (``submit`` has credentials anyway) a manifest on S3 is read too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from service.errors import UserError
+from service.spec import Dataset, Study
+
+
+@dataclass(frozen=True)
+class ReferenceGPU:
+    name: str
+    gmac_images_per_second: float  # training: images/s × forward GMACs per image, at bf16/AMP
+    max_images_per_second: float  # ceiling for tiny models (memory and input bound)
+    source: str
+
+
+# NVIDIA DeepLearningExamples, PyTorch ResNet-50 v1.5 README, "Training performance: NVIDIA DGX
+# A100 (8x A100 80GB)", 1 GPU, mixed precision, pytorch-21.03 NGC container: 2,470 images/s.
+# ResNet-50 costs 4.1 GMACs at 224 px, so 2,470 × 4.1 ≈ 10,100 GMAC·images/s.
+# Depthwise and attention backbones reach a lower fraction of peak than ResNet-50, so the
+# per-GMAC figure flatters them: we take 80% of it (an assumption, not a measurement).
+# The H100 row assumes 2× the A100 on these convnets (bf16 dense peak is ~3.2×; small-image
+# CNN training rarely gets all of it) — an assumption to be replaced by a measurement from
+# benchmarks/gpu_throughput.py when one exists.
+_A100_RN50_IMAGES_PER_SECOND = 2470.0
+_RN50_GMACS = 4.1
+_PER_GMAC_DERATE = 0.8
+REFERENCE_GPUS: dict[str, ReferenceGPU] = {
+    "A100-80GB": ReferenceGPU(
+        name="A100-80GB",
+        gmac_images_per_second=_A100_RN50_IMAGES_PER_SECOND * _RN50_GMACS * _PER_GMAC_DERATE,
+        max_images_per_second=3000.0,
+        source="NVIDIA DeepLearningExamples ResNet-50 v1.5 (PyTorch, AMP, 1x A100 80GB: "
+        "2,470 img/s) x 4.1 GMACs x 0.8 derate",
+    ),
+    "H100-SXM": ReferenceGPU(
+        name="H100-SXM",
+        gmac_images_per_second=2 * _A100_RN50_IMAGES_PER_SECOND * _RN50_GMACS * _PER_GMAC_DERATE,
+        max_images_per_second=6000.0,
+        source="assumed 2x the A100 row (not measured)",
+    ),
+}
+DEFAULT_REFERENCE = "A100-80GB"
+
+DEFAULT_GMACS = 8.0  # at 224 px, for models the catalog lacks
+DEFAULT_INPUT = (224, 224)
+DEFAULT_TRAIN_IMAGES = 50_000  # CIFAR-sized, when nothing says otherwise
+DEFAULT_TEST_RATIO = 0.25  # test images per train image when only train is known
+EVAL_COST = 1 / 3  # a forward pass is ~1/3 of forward + backward
+MULTI_GPU_EFFICIENCY = 0.85  # DeepLearningExamples RN50 AMP: 8 GPUs give 6.72x, i.e. 0.84
+BUILTIN_SIZES = {"digits": 1797}
+BUILTIN_DEFAULT_TEST_FRACTION = 0.2
+
+
+@dataclass
+class DatasetSize:
+    train: int  # the train split, before the validation carve-out
+    test: int
+    val: int | None  # an own val split, when the manifest has one
+    classes: int | None
+    source: str
+
+
+@dataclass
+class CellEstimate:
+    """The cost of one (dataset, backbone, fraction) group; each seed costs the same."""
+
+    dataset: str
+    backbone: str
+    train_fraction: float
+    seeds: int
+    gmacs: float  # at the study's image size
+    gmacs_source: str
+    train_images: int  # per epoch, after val carve-out, fraction and per-class cap
+    eval_images: int  # val images per epoch
+    test_images: int
+    images_source: str
+    epochs: int
+    images_per_second: float
+    gpu_hours_per_seed: float
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.gpu_hours_per_seed * self.seeds
+
+
+@dataclass
+class Estimate:
+    study: str
+    n_cells: int
+    reference_gpu: str
+    gpus_per_cell: int
+    cells: list[CellEstimate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gpu_hours(self) -> float:
+        return sum(c.gpu_hours for c in self.cells)
+
+    def to_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "gpu_hours": self.gpu_hours,
+            "cells": [{**asdict(c), "gpu_hours": c.gpu_hours} for c in self.cells],
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+def model_gmacs(model: str, hw: tuple[int, int]) -> tuple[float, str]:
+    """Forward GMACs per image at ``hw`` and where the figure came from."""
+    entry = _catalog_entry(model)
+    gmacs = getattr(entry, "gmacs", None) if entry is not None else None
+    if not gmacs:
+        base, source, size = DEFAULT_GMACS, "default (not in catalog)", DEFAULT_INPUT
+    else:
+        base, source = float(gmacs), "catalog"
+        size = _as_hw(getattr(entry, "input_size", None)) or DEFAULT_INPUT
+    return base * (hw[0] * hw[1]) / (size[0] * size[1]), source
+
+
+def _catalog_entry(model: str):
+    try:
+        from service import catalog
+    except ImportError:  # the catalog module is optional for this estimate
+        return None
+    try:
+        return catalog.get(model)
+    except Exception:  # an unknown name: the default is the conservative answer
+        return None
+
+
+def _as_hw(size) -> tuple[int, int] | None:
+    if isinstance(size, int):
+        return (size, size)
+    if isinstance(size, list | tuple) and len(size) >= 2:
+        # timm writes (channels, height, width); catalogs may write (height, width)
+        h, w = size[-2], size[-1]
+        return (int(h), int(w))
+    return None
+
+
+def dataset_size(dataset: Dataset, *, online: bool = False, storage=None) -> DatasetSize:
+    """Training and test image counts, from the best source reachable without the network."""
+    uri = dataset.uri
+    parsed = urlparse(uri)
+    if parsed.scheme == "builtin":
+        total = BUILTIN_SIZES.get(parsed.netloc)
+        if total:
+            test = round(total * (dataset.test_fraction or BUILTIN_DEFAULT_TEST_FRACTION))
+            return DatasetSize(total - test, test, None, None, f"builtin://{parsed.netloc}")
+    manifest = _read_manifest(uri, online=online, storage=storage)
+    if manifest is not None:
+        splits = manifest.get("splits", {})
+        train = int(splits.get("train", {}).get("count", 0))
+        if train > 0:
+            test = int(splits.get("test", {}).get("count", 0))
+            val = splits.get("val", {}).get("count")
+            classes = len(manifest.get("classes", [])) or None
+            return DatasetSize(train, test, val, classes, "manifest")
+    if parsed.scheme in ("", "file"):
+        counted = _count_imagefolder(_local_path(uri))
+        if counted is not None:
+            return DatasetSize(*counted, "counted (ImageFolder)")
+    if dataset.expected_images:
+        train = dataset.expected_images
+        return DatasetSize(
+            train, round(train * DEFAULT_TEST_RATIO), None, None, "dataset.expected_images"
+        )
+    return DatasetSize(
+        DEFAULT_TRAIN_IMAGES,
+        round(DEFAULT_TRAIN_IMAGES * DEFAULT_TEST_RATIO),
+        None,
+        None,
+        f"default {DEFAULT_TRAIN_IMAGES} (set dataset.expected_images)",
+    )
+
+
+def _local_path(uri: str) -> Path:
+    return Path(urlparse(uri).path if uri.startswith("file://") else uri).expanduser()
+
+
+def _read_manifest(uri: str, *, online: bool, storage) -> dict | None:
+    parsed = urlparse(uri)
+    try:
+        if parsed.scheme in ("", "file"):
+            path = _local_path(uri) / "manifest.json"
+            return json.loads(path.read_text()) if path.is_file() else None
+        if parsed.scheme == "s3" and online:
+            from service.storage import open_store
+
+            return json.loads(open_store(uri, storage).read_bytes("manifest.json"))
+    except Exception:  # an estimate never fails on an unreadable manifest; the worker will
+        return None
+    return None
+
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+def _count_imagefolder(root: Path) -> tuple[int, int, int | None, int | None] | None:
+    """(train, test, val, classes) of a local ImageFolder, or None when it is not one."""
+    if not (root / "train").is_dir():
+        return None
+
+    def count(split: str) -> int:
+        base = root / split
+        if not base.is_dir():
+            return 0
+        return sum(
+            1
+            for _dir, _subdirs, files in os.walk(base)
+            for f in files
+            if Path(f).suffix.lower() in _IMAGE_SUFFIXES
+        )
+
+    classes = sum(1 for p in (root / "train").iterdir() if p.is_dir()) or None
+    val = count("val") if (root / "val").is_dir() else None
+    train = count("train")
+    return (train, count("test"), val, classes) if train else None
+
+
+# --------------------------------------------------------------------------------------------
+# The estimate
+# --------------------------------------------------------------------------------------------
+
+
+def estimate(
+    study: Study,
+    *,
+    reference: str = DEFAULT_REFERENCE,
+    online: bool = False,
+    storage=None,
+) -> Estimate:
+    """Per-cell breakdown and total GPU-hours of a Study on the reference GPU."""
+    gpu = REFERENCE_GPUS[reference]
+    proto = study.protocol
+    hw = proto.hw
+    gpus = study.resources.gpus
+    result = Estimate(study.name, study.n_cells, gpu.name, gpus)
+    if gpus == 0:
+        result.notes.append("resources.gpus is 0: the study runs on CPUs and uses no GPU-hours")
+    result.notes.append(f"epochs: protocol.max_epochs ({proto.max_epochs}), a ceiling")
+    result.notes.append(f"throughput: {gpu.source}")
+    scale = 0.0 if gpus == 0 else (1.0 if gpus == 1 else 1.0 / MULTI_GPU_EFFICIENCY)
+    train_cost = EVAL_COST if proto.recipe == "linear_probe" else 1.0
+    for dataset in study.datasets:
+        size = dataset_size(dataset, online=online, storage=storage or study.storage)
+        for backbone in study.backbones:
+            gmacs, gmacs_source = model_gmacs(backbone.model, hw)
+            train_ips = min(gpu.gmac_images_per_second / gmacs, gpu.max_images_per_second)
+            eval_ips = train_ips / EVAL_COST
+            for fraction in study.train_fractions:
+                if size.val is not None:
+                    pool, val = size.train, size.val
+                else:
+                    val = round(size.train * dataset.val_fraction)
+                    pool = size.train - val
+                train = max(1, round(pool * fraction))
+                if dataset.samples_per_class and size.classes:
+                    train = min(train, dataset.samples_per_class * size.classes)
+                epoch_s = train / train_ips * train_cost + val / eval_ips
+                train_s = proto.max_epochs * epoch_s
+                if proto.max_minutes:
+                    train_s = min(train_s, proto.max_minutes * 60)
+                seconds = train_s + size.test / eval_ips
+                result.cells.append(
+                    CellEstimate(
+                        dataset=dataset.short_name,
+                        backbone=backbone.model,
+                        train_fraction=fraction,
+                        seeds=len(study.seeds),
+                        gmacs=gmacs,
+                        gmacs_source=gmacs_source,
+                        train_images=train,
+                        eval_images=val,
+                        test_images=size.test,
+                        images_source=size.source,
+                        epochs=proto.max_epochs,
+                        images_per_second=train_ips,
+                        gpu_hours_per_seed=seconds / 3600 * scale,
+                    )
+                )
+    return result
+
+
+def estimate_gpu_hours(study: Study) -> float:
+    """Total GPU-hours of a Study on the reference GPU (offline; what `validate` prints)."""
+    return estimate(study).gpu_hours
+
+
+def budget_line(study: Study, *, online: bool = False) -> str:
+    """One line for `validate` / `submit`: cells and GPU-hours."""
+    est = estimate(study, online=online)
+    return f"{study.n_cells} cells, ~{est.gpu_hours:.1f} GPU-hours on {est.reference_gpu}"
+
+
+def check_budget(study: Study, yes: bool, *, online: bool = False) -> Estimate:
+    """Refuse (UserError) a study whose estimate exceeds ``max_gpu_hours``, unless ``yes``."""
+    est = estimate(study, online=online)
+    limit = study.max_gpu_hours
+    if limit is not None and est.gpu_hours > limit and not yes:
+        raise UserError(
+            f"study {study.name!r}: estimated {est.gpu_hours:.1f} GPU-hours "
+            f"({study.n_cells} cells on {est.reference_gpu}) exceeds max_gpu_hours {limit:g}; "
+            "pass --yes to submit anyway"
+        )
+    return est
