@@ -21,20 +21,21 @@ def timm_names() -> frozenset[str]:
 
 
 def catalog_names() -> list[str]:
-    try:
-        from service.catalog import names
-    except ImportError:
-        return []
+    from service.catalog import names
+
     return names()
 
 
 def check_model_name(model: str, *, deep: bool = False) -> str | None:
     """None when the model is known, else the problem (with a suggestion when one is close)."""
+    from service.catalog import get
+
     if model.startswith(("hf-hub:", "hf_hub:", "timm/")):
         return None  # hub-hosted configs: only the worker can resolve them
+    entry = get(model)
+    if entry is not None:
+        return None if entry.available else f"{model!r} is not available: {entry.note}"
     catalog = catalog_names()
-    if model in catalog:
-        return None
     if deep:
         import timm
 
