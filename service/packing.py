@@ -1,0 +1,397 @@
+"""Writing the packed dataset layout: tar shards plus ``manifest.json``.
+
+    <root>/manifest.json
+    <root>/shards/<split>-<nnnnn>.tar     members "<class>/<file name>", original encoded bytes
+
+Why shards: a worker fetches a few dozen 64 MiB objects in parallel instead of hundreds of
+thousands of small ones (each a request with its own latency), verifies each by sha256, and
+caches the set by the manifest's hash. The reader lives in ``service.data``.
+
+Everything here is deterministic (member order, tar headers, manifest bytes), so packing the
+same images twice gives byte-identical shards: that is what makes ``dataset push`` idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import tarfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.errors import UserError
+
+FORMAT = "backbones-packed/v1"
+MANIFEST = "manifest.json"
+SHARD_BYTES = 64 * 1024 * 1024
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {
+    "train": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+}
+IMAGE_SUFFIXES = {
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+}
+# Mean/std are computed on images reduced to at most this size on the long side: the channel
+# statistics barely move, and a 4000 px photo costs no more than a thumbnail.
+STATS_MAX_SIDE = 256
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image: its class, its name inside the shard's class folder, where its bytes are."""
+
+    cls: str
+    name: str
+    path: Path
+
+    @property
+    def member(self) -> str:
+        return f"{self.cls}/{self.name}"
+
+
+@dataclass
+class ImageInfo:
+    width: int = 0
+    height: int = 0
+    mode: str = ""
+    ok: bool = True
+    error: str = ""
+    nbytes: int = 0
+    # Per-channel sums over pixels (0-1 scale) for the train mean/std.
+    n: int = 0
+    s: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    ss: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+@dataclass
+class Packed:
+    manifest: dict
+    root: Path
+    skipped: list[str] = field(default_factory=list)  # undecodable files left out
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the images
+# --------------------------------------------------------------------------------------------
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _class_items(class_dir: Path) -> list[Item]:
+    items = []
+    for p in sorted(class_dir.rglob("*")):
+        if p.is_file() and is_image(p) and not any(s.startswith(".") for s in p.parts[-2:]):
+            # Nested folders inside a class are flattened; '__' keeps names unique.
+            name = "__".join(p.relative_to(class_dir).parts)
+            items.append(Item(class_dir.name, name, p))
+    return items
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan(
+    src: Path,
+    *,
+    test_fraction: float | None = None,
+    val_fraction: float | None = None,
+    seed: int = 0,
+) -> dict[str, list[Item]]:
+    """The images of ``src`` by split: an ImageFolder with train/ (val/) test/, or one folder of
+    class subfolders split stratified by ``test_fraction`` / ``val_fraction`` and ``seed``."""
+    src = Path(src)
+    if not src.is_dir():
+        raise UserError(f"{src}: not a folder (expected an ImageFolder or class subfolders)")
+    subdirs = {p.name.lower(): p for p in _class_dirs(src)}
+    split_dirs = {SPLIT_ALIASES[n]: p for n, p in subdirs.items() if n in SPLIT_ALIASES}
+    if "train" in split_dirs:
+        if test_fraction is not None or val_fraction is not None:
+            raise UserError(
+                f"{src}: already split into {', '.join(sorted(split_dirs))}/; "
+                "--test-fraction/--val-fraction apply to one folder of class subfolders"
+            )
+        splits = {}
+        for split, d in sorted(split_dirs.items()):
+            splits[split] = [i for c in _class_dirs(d) for i in _class_items(c)]
+        _check_classes(src, splits)
+        return splits
+    if split_dirs:
+        raise UserError(
+            f"{src}: has {', '.join(sorted(split_dirs))}/ but no train/ (an ImageFolder needs "
+            "train/<class>/ folders)"
+        )
+    by_class = {c.name: _class_items(c) for c in _class_dirs(src)}
+    by_class = {c: items for c, items in by_class.items() if items}
+    if not by_class:
+        raise UserError(f"{src}: no images found in class subfolders (<class>/<image>)")
+    if test_fraction is None:
+        raise UserError(
+            f"{src}: one folder of class subfolders has no test split; pass --test-fraction "
+            "(and optionally --val-fraction) to carve stratified splits"
+        )
+    return stratified_split(by_class, test_fraction, val_fraction or 0.0, seed)
+
+
+def _check_classes(src: Path, splits: dict[str, list[Item]]) -> None:
+    train = {i.cls for i in splits["train"]}
+    if not train:
+        raise UserError(f"{src}/train: no images found in class subfolders")
+    for split, items in splits.items():
+        extra = sorted({i.cls for i in items} - train)
+        if extra:
+            raise UserError(
+                f"{src}/{split}: classes not in train: {', '.join(extra[:5])}"
+                + (" ..." if len(extra) > 5 else "")
+            )
+
+
+def stratified_split(
+    by_class: dict[str, list[Item]], test_fraction: float, val_fraction: float, seed: int
+) -> dict[str, list[Item]]:
+    """Per class: shuffle with a seed derived from (seed, class), cut test, then val, rest train.
+
+    Reproducible across machines and Python versions (string seeds hash with SHA-512), and
+    adding a class does not reshuffle the others. Every class with 2+ images keeps at least one
+    train image and, when asked for, one test image.
+    """
+    for what, f in (("--test-fraction", test_fraction), ("--val-fraction", val_fraction)):
+        if not 0 <= f < 1:
+            raise UserError(f"{what}: must be in [0, 1), got {f}")
+    if test_fraction + val_fraction >= 1:
+        raise UserError("--test-fraction + --val-fraction must be below 1")
+    out: dict[str, list[Item]] = {"train": [], "val": [], "test": []}
+    for cls in sorted(by_class):
+        items = sorted(by_class[cls], key=lambda i: i.name)
+        random.Random(f"{seed}:{cls}").shuffle(items)
+        n = len(items)
+        n_test = _cut(n, test_fraction)
+        n_val = _cut(n - n_test, val_fraction * n / max(1, n - n_test))
+        out["test"] += items[:n_test]
+        out["val"] += items[n_test : n_test + n_val]
+        out["train"] += items[n_test + n_val :]
+    return {s: v for s, v in out.items() if v or s == "train"}
+
+
+def _cut(n: int, fraction: float) -> int:
+    if fraction <= 0 or n < 2:
+        return 0
+    return min(n - 1, max(1, round(n * fraction)))
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding for statistics
+# --------------------------------------------------------------------------------------------
+
+
+def describe(data: bytes, *, pixels: bool) -> ImageInfo:
+    """Size and mode of an encoded image; with ``pixels``, its RGB channel sums (0-1 scale)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            info = ImageInfo(width=im.width, height=im.height, mode=im.mode)
+            if not pixels:
+                im.verify()  # catches truncated files without decoding every pixel
+                return info
+            if max(im.size) > STATS_MAX_SIDE:
+                im.draft("RGB", (STATS_MAX_SIDE, STATS_MAX_SIDE))  # JPEG: decode at 1/2^k scale
+                im.thumbnail((STATS_MAX_SIDE, STATS_MAX_SIDE))
+            import numpy as np
+
+            a = np.asarray(im.convert("RGB"), dtype=np.float64).reshape(-1, 3) / 255.0
+            info.n = a.shape[0]
+            info.s = tuple(a.sum(0).tolist())
+            info.ss = tuple((a * a).sum(0).tolist())
+            return info
+    except Exception as e:  # PIL raises many types for bad data; all mean "undecodable"
+        return ImageInfo(ok=False, error=f"{type(e).__name__}: {e}")
+
+
+def size_stats(values: list[int]) -> dict:
+    if not values:
+        return {"min": 0, "median": 0, "max": 0}
+    v = sorted(values)
+    return {"min": v[0], "median": v[len(v) // 2], "max": v[-1]}
+
+
+# --------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------
+
+
+def _tarinfo(member: str, size: int) -> tarfile.TarInfo:
+    # Fixed headers (no mtime, owner or mode from the source) so equal images give equal bytes.
+    ti = tarfile.TarInfo(member)
+    ti.size = size
+    ti.mtime = 0
+    ti.mode = 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    ti.type = tarfile.REGTYPE
+    return ti
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _version
+
+    try:
+        return _version("backbones")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def sha256_file(path: Path, chunk: int = 4 * 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pack(
+    splits: dict[str, list[Item]],
+    out: Path,
+    *,
+    name: str,
+    shard_bytes: int = SHARD_BYTES,
+    created_by: str | None = None,
+    workers: int = 4,
+) -> Packed:
+    """Write ``out/shards/*.tar`` and ``out/manifest.json``; undecodable images are left out."""
+    out = Path(out)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    if created_by is None:
+        created_by = f"backbones {version()}"
+
+    all_items = [(s, i) for s in SPLITS for i in splits.get(s, [])]
+
+    def _describe(si: tuple[str, Item]) -> ImageInfo:
+        data = si[1].path.read_bytes()
+        info = describe(data, pixels=si[0] == "train")
+        info.nbytes = len(data)
+        return info
+
+    # Two passes over the files (describe, then write) so memory stays flat for any size.
+    with ThreadPoolExecutor(workers) as pool:
+        infos = list(pool.map(_describe, all_items))
+    skipped = [str(all_items[k][1].path) for k in range(len(all_items)) if not infos[k].ok]
+    good = [k for k in range(len(all_items)) if infos[k].ok]
+    if not any(all_items[k][0] == "train" for k in good):
+        raise UserError(f"{name}: no decodable training images")
+    classes = sorted({all_items[k][1].cls for k in good})
+
+    manifest_splits: dict[str, dict] = {}
+    shards: list[dict] = []
+    for split in SPLITS:
+        ks = [k for k in good if all_items[k][0] == split]
+        if not ks and split != "train":
+            continue
+        per_class = Counter(all_items[k][1].cls for k in ks)
+        manifest_splits[split] = {
+            "count": len(ks),
+            "per_class": {c: per_class.get(c, 0) for c in classes},
+        }
+        # Deterministic shuffle: every shard mixes classes, so a streaming reader (or a partial
+        # read) is not one class at a time.
+        ks = sorted(ks, key=lambda k: all_items[k][1].member)
+        random.Random(f"shards:{split}").shuffle(ks)
+        shards += _write_shards(split, ks, all_items, infos, out, shard_bytes)
+
+    train = [infos[k] for k in good if all_items[k][0] == "train"]
+    n = sum(i.n for i in train)
+    mean = [sum(i.s[c] for i in train) / n for c in range(3)]
+    std = [max(0.0, sum(i.ss[c] for i in train) / n - mean[c] ** 2) ** 0.5 for c in range(3)]
+    good_infos = [infos[k] for k in good]
+    manifest = {
+        "format": FORMAT,
+        "name": name,
+        "classes": classes,
+        "splits": manifest_splits,
+        "shards": shards,
+        "image_stats": {
+            "count": len(good),
+            "undecodable": len(skipped),
+            "modes": dict(sorted(Counter(i.mode for i in good_infos).items())),
+            "width": size_stats([i.width for i in good_infos]),
+            "height": size_stats([i.height for i in good_infos]),
+            "bytes": sum(infos[k].nbytes for k in good),
+        },
+        "mean": [round(m, 6) for m in mean],
+        "std": [round(s, 6) for s in std],
+        "created_by": created_by,
+    }
+    (out / MANIFEST).write_bytes(manifest_bytes(manifest))
+    return Packed(manifest=manifest, root=out, skipped=skipped)
+
+
+def _write_shards(split, ks, all_items, infos, out: Path, shard_bytes: int) -> list[dict]:
+    shards: list[dict] = []
+    groups: list[list[int]] = [[]]
+    size = 0
+    for k in ks:
+        # 512-byte header plus the data padded to 512: the tar's own size accounting.
+        cost = 512 + (infos[k].nbytes + 511) // 512 * 512
+        if groups[-1] and size + cost > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += cost
+    for n, group in enumerate(g for g in groups if g):
+        key = f"shards/{split}-{n:05d}.tar"
+        path = out / key
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+            for k in group:
+                data = all_items[k][1].path.read_bytes()
+                tar.addfile(_tarinfo(all_items[k][1].member, len(data)), io.BytesIO(data))
+        shards.append(
+            {
+                "key": key,
+                "split": split,
+                "count": len(group),
+                "size": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
+        )
+    return shards
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
+def read_manifest(data: bytes, where: str) -> dict:
+    """Parse and check a manifest's shape; ``where`` names it in errors."""
+    try:
+        m = json.loads(data)
+    except ValueError as e:
+        raise UserError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        got = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise UserError(f"{where}: format must be {FORMAT!r}, got {got!r}")
+    for s in m.get("shards", []):
+        key = s.get("key", "")
+        if not isinstance(key, str) or not key.startswith("shards/") or ".." in key.split("/"):
+            raise UserError(f"{where}: bad shard key {key!r}")
+    return m
