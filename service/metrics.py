@@ -1,0 +1,374 @@
+"""Progress as Prometheus metrics: a /metrics endpoint and an optional Pushgateway push.
+
+The only module that imports prometheus_client. ``PrometheusObserver`` listens to the trainer's
+events (service/events.py) and keeps its own ``CollectorRegistry``, so nothing global leaks
+between runs in one process (``backbones run`` of a Study runs many).
+
+Every series carries exactly the labels ``run``, ``study``, ``backbone`` and ``dataset``; the
+run's other facts (recipe, spec hash, image) ride on ``backbones_run_info`` as info labels, and
+the phase is a state set (``backbones_run_phase{phase=...}`` 0/1). Names follow the Prometheus
+naming guide: base units (seconds, bytes, ratio), ``_total`` for counters.
+
+Monitoring never fails a run: a busy port or an unreachable Pushgateway logs one warning and the
+run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    Summary,
+    disable_created_metrics,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import delete_from_gateway, push_to_gateway, start_http_server
+
+from service.events import PHASES, Observer, Progress
+from service.spec import FineTune
+
+log = logging.getLogger("backbones.metrics")
+
+# No `*_created` series: they double the exposition and no panel or alert reads them.
+disable_created_metrics()
+
+LABELS = ("run", "study", "backbone", "dataset")
+PUSH_JOB = "backbones"
+PUSH_TIMEOUT_SECONDS = 5.0
+# One CPU step of a timm test model is ~20 ms, one 224 px GPU step of a 30 M model ~50-500 ms.
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Phases in which the run holds its GPUs (for the GPU-seconds counter).
+_BUSY = frozenset({"Downloading", "Training", "Evaluating", "Uploading"})
+
+
+def run_labels(spec: FineTune) -> dict[str, str]:
+    """The four labels of every series of this run ('' = no study: Prometheus drops it)."""
+    return {
+        "run": spec.run_id,
+        "study": spec.study or "",
+        "backbone": spec.backbone.model,
+        "dataset": spec.dataset.short_name,
+    }
+
+
+class _DeviceMemory:
+    """``backbones_device_memory_*_bytes``, read from torch at scrape time, only on CUDA.
+
+    Nothing is imported here: the trainer has imported torch long before a GPU is in use, and a
+    CPU run simply has no such series (rather than a misleading 0).
+    """
+
+    def __init__(self, labels: dict[str, str]):
+        self.labels = labels
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return
+        names, values = list(self.labels), list(self.labels.values())
+        for name, doc, read in (
+            (
+                "allocated",
+                "Bytes held by tensors on this process' GPU",
+                torch.cuda.memory_allocated,
+            ),
+            (
+                "reserved",
+                "Bytes reserved by the CUDA caching allocator",
+                torch.cuda.memory_reserved,
+            ),
+            (
+                "peak",
+                "Peak bytes held by tensors since the run started",
+                torch.cuda.max_memory_allocated,
+            ),
+        ):
+            family = GaugeMetricFamily(f"backbones_device_memory_{name}_bytes", doc, labels=names)
+            family.add_metric(values, float(read()))
+            yield family
+
+
+class PrometheusObserver(Observer):
+    """Exports one run's progress; serves /metrics on ``port`` (0: no server) and pushes to
+    ``pushgateway_url`` (grouping key job="backbones", run=<run id>) at phase changes and at
+    the end."""
+
+    def __init__(
+        self,
+        spec: FineTune,
+        *,
+        port: int,
+        pushgateway_url: str | None,
+        addr: str = "0.0.0.0",
+        gpus: int | None = None,
+    ):
+        self.run_id = spec.run_id
+        self.pushgateway_url = pushgateway_url or None
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        labels = run_labels(spec)
+        names = list(labels)
+
+        def gauge(name: str, doc: str):
+            return Gauge(name, doc, names, registry=r).labels(**labels)
+
+        def counter(name: str, doc: str):
+            return Counter(name, doc, names, registry=r).labels(**labels)
+
+        info = Info(
+            "backbones_run", "The run: labels, recipe, spec hash and image.", names, registry=r
+        )
+        info.labels(**labels).info(
+            {
+                "recipe": spec.protocol.recipe,
+                "spec_hash": spec.spec_hash,
+                "image": os.environ.get("BACKBONES_IMAGE", ""),
+            }
+        )
+        phase = Gauge(
+            "backbones_run_phase",
+            "1 for the run's current phase, 0 for the others.",
+            [*names, "phase"],
+            registry=r,
+        )
+        self._phase = {p: phase.labels(**labels, phase=p) for p in PHASES}
+        self._attempt = gauge("backbones_attempt", "Attempt number of this run (1 = first pod).")
+        self._epoch = gauge("backbones_epoch", "Epochs completed.")
+        self._progress = gauge("backbones_progress_ratio", "Progress of the run, 0 to 1.")
+        # Created on first value: a 0 before the first epoch would read as a real figure.
+        self._eta = Gauge(
+            "backbones_eta_seconds", "Estimated seconds to the end.", names, registry=r
+        )
+        self._loss = Gauge(
+            "backbones_train_loss", "Mean training loss so far this epoch.", names, registry=r
+        )
+        self._val = Gauge(
+            "backbones_validation_top1_ratio",
+            "Validation top-1 accuracy of the last epoch.",
+            names,
+            registry=r,
+        )
+        self._best = Gauge(
+            "backbones_validation_top1_best_ratio",
+            "Best validation top-1 accuracy so far.",
+            names,
+            registry=r,
+        )
+        self._ips = Gauge(
+            "backbones_train_images_per_second",
+            "Training throughput as the progress bar shows it (rate(backbones_train_images_total)"
+            " is the same from the counter).",
+            names,
+            registry=r,
+        )
+        self.labels = labels
+        self._step = Histogram(
+            "backbones_step_duration_seconds",
+            "Wall time of one optimizer step, input wait included.",
+            names,
+            buckets=STEP_BUCKETS,
+            registry=r,
+        ).labels(**labels)
+        self._wait = counter(
+            "backbones_input_wait_seconds", "Seconds the training loop waited for input batches."
+        )
+        self._images = counter("backbones_train_images", "Training images processed.")
+        self._downloaded = counter(
+            "backbones_downloaded_bytes", "Bytes of dataset and weights downloaded."
+        )
+        self._ckpt = Summary(
+            "backbones_checkpoint_duration_seconds",
+            "Time to write one checkpoint.",
+            names,
+            registry=r,
+        ).labels(**labels)
+        self._ckpt_ok = Gauge(
+            "backbones_checkpoint_last_success_timestamp_seconds",
+            "Unix time of the last checkpoint written completely.",
+            names,
+            registry=r,
+        )
+        self._gpu_seconds = counter(
+            "backbones_gpu_seconds", "GPU-seconds held by the run (wall time x GPUs)."
+        )
+        self._gpu_count = gauge("backbones_gpus", "GPUs this run uses.")
+        self._success = Gauge(
+            "backbones_run_last_success_timestamp_seconds",
+            "Unix time the run succeeded (the Pushgateway batch-job pattern).",
+            names,
+            registry=r,
+        )
+        r.register(_DeviceMemory(labels))
+
+        self._gpus = gpus
+        self._last_tick = time.monotonic()
+        self._busy = False
+        self._pushed_phase: str | None = None
+        self._push_warned = False
+        self.server = None
+        if port:
+            self._serve(port, addr)
+
+    # ---- plumbing ---------------------------------------------------------------------------
+
+    def _serve(self, port: int, addr: str) -> None:
+        try:
+            self.server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as e:
+            log.warning(
+                "metrics: cannot serve on %s:%d (%s); going on without /metrics",
+                addr,
+                port,
+                e.strerror or e,
+            )
+
+    def _gpu_number(self) -> int:
+        """GPUs in use: CUDA initialised in this process -> its world size (one GPU per rank)."""
+        if self._gpus is None:
+            torch = sys.modules.get("torch")
+            on_gpu = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
+            if not on_gpu:
+                return 0  # not decided yet: CUDA may start later in the run
+            self._gpus = int(os.environ.get("WORLD_SIZE", "1"))
+        return self._gpus
+
+    def _tick(self) -> None:
+        """Account GPU-seconds since the last event while the run holds its GPUs."""
+        now = time.monotonic()
+        if self._busy:
+            gpus = self._gpu_number()
+            if gpus:
+                self._gpu_seconds.inc((now - self._last_tick) * gpus)
+            self._gpu_count.set(gpus)
+        self._last_tick = now
+
+    def _update(self, p: Progress) -> None:
+        self._epoch.set(p.epoch)
+        self._progress.set(min(max(p.progress, 0.0), 1.0))
+        self._attempt.set(p.attempt)
+        for gauge, value in (
+            (self._eta, p.eta_seconds),
+            (self._loss, p.train_loss),
+            (self._val, p.val_top1),
+            (self._best, p.best_val_top1),
+            (self._ips, p.images_per_second),
+        ):
+            if value is not None:
+                gauge.labels(**self.labels).set(value)
+
+    def _set_phase(self, phase: str) -> None:
+        for p, child in self._phase.items():
+            child.set(1 if p == phase else 0)
+
+    def push(self) -> bool:
+        """PUT the whole registry as this run's group. False (one warning per run) on failure."""
+        if not self.pushgateway_url:
+            return False
+        try:
+            push_to_gateway(
+                self.pushgateway_url,
+                job=PUSH_JOB,
+                registry=self.registry,
+                grouping_key={"run": self.run_id},
+                timeout=PUSH_TIMEOUT_SECONDS,
+            )
+            return True
+        except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
+            if not self._push_warned:
+                self._push_warned = True
+                log.warning("metrics: push to %s failed (%s); going on", self.pushgateway_url, e)
+            return False
+
+    # ---- events -----------------------------------------------------------------------------
+
+    def on_phase(self, progress: Progress) -> None:
+        self._tick()
+        self._busy = progress.phase in _BUSY
+        self._set_phase(progress.phase)
+        self._update(progress)
+        if progress.phase != self._pushed_phase:
+            self._pushed_phase = progress.phase
+            self.push()
+
+    def on_step(
+        self, progress: Progress, *, seconds: float, wait_seconds: float, images: int
+    ) -> None:
+        self._tick()
+        self._step.observe(seconds)
+        self._wait.inc(wait_seconds)
+        self._images.inc(images)
+        self._update(progress)
+
+    def on_epoch(self, progress: Progress, record: dict) -> None:
+        self._tick()
+        self._update(progress)
+
+    def on_checkpoint(self, progress: Progress, *, seconds: float) -> None:
+        self._tick()
+        self._ckpt.observe(seconds)
+        self._ckpt_ok.labels(**self.labels).set(time.time())
+
+    def on_download(self, nbytes: int) -> None:
+        self._downloaded.inc(nbytes)
+
+    def on_end(self, progress: Progress, summary: dict | None) -> None:
+        self._tick()
+        self._busy = False
+        self._set_phase(progress.phase)
+        self._update(progress)
+        if progress.phase == "Succeeded":
+            self._eta.labels(**self.labels).set(0)
+            self._success.labels(**self.labels).set(time.time())
+        self._pushed_phase = progress.phase
+        self.push()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+# ---- Pushgateway housekeeping ---------------------------------------------------------------
+
+
+def pushed_runs(pushgateway_url: str) -> dict[str, float]:
+    """Run id -> last push time (Unix seconds) of every ``job="backbones"`` group."""
+    url = pushgateway_url.rstrip("/") + "/api/v1/metrics"
+    with urllib.request.urlopen(url, timeout=PUSH_TIMEOUT_SECONDS) as resp:
+        groups = json.load(resp)["data"]
+    runs = {}
+    for group in groups:
+        key = group.get("labels", {})
+        if key.get("job") != PUSH_JOB or "run" not in key:
+            continue
+        pushed = group.get("push_time_seconds", {}).get("metrics", [{}])[0].get("value", "0")
+        runs[key["run"]] = float(pushed)
+    return runs
+
+
+def prune_pushgateway(
+    pushgateway_url: str, max_age_seconds: float, now: float | None = None
+) -> list[str]:
+    """Delete the groups of runs last pushed more than ``max_age_seconds`` ago; their run ids.
+
+    Finished runs keep their group (the final state and last-success timestamp stay visible)
+    until this removes it: run it from a CronJob, e.g. daily with a week's grace.
+    """
+    now = time.time() if now is None else now
+    stale = sorted(
+        run for run, t in pushed_runs(pushgateway_url).items() if now - t > max_age_seconds
+    )
+    for run in stale:
+        delete_from_gateway(pushgateway_url, job=PUSH_JOB, grouping_key={"run": run})
+    return stale
