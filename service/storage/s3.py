@@ -287,6 +287,14 @@ class S3Store:
         except Exception as e:
             raise self._fail(e, key) from None
 
+    def iter_chunks(self, key: str, chunk_size: int = 1024 * 1024):
+        """Stream an object in chunks (one GET): for fetchers that hash while they write."""
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            yield from body.iter_chunks(chunk_size)
+        except Exception as e:
+            raise self._fail(e, key) from None
+
     def head(self, key: str) -> dict | None:
         """``{"size", "etag", "metadata"}`` of an object, or None if it does not exist."""
         try:
