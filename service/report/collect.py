@@ -1,0 +1,306 @@
+"""Find every cell of a study under an output prefix and read what each one left behind.
+
+A cell lives at ``<prefix>/<study>/<dataset>/<backbone>/seed<S>-frac<F>/`` (the prefix may
+also be the study folder itself). ``summary.json`` means done; otherwise ``status.json`` says
+why not (a Failed phase with its error, or a run still going); nothing at all means the cell
+never wrote output. Every expected cell comes back with a state and a reason: the report lists
+the ones that are not done instead of dropping them.
+
+The expected cells are exact when the Study spec is given (``expand(study)`` order). Without
+it they are inferred: the grid is the product of the datasets, backbones, seeds and fractions
+seen, so a cell missing from an otherwise complete row or column is still reported.
+
+Listing and reading go through ``open_store`` (local folder or S3) on a thread pool: on S3
+each object is one round trip, and a study has thousands.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+
+from service.errors import UserError
+from service.spec import Storage, Study, run_id_for
+from service.storage import NotFound, Store, open_store
+
+State = Literal["done", "failed", "incomplete", "missing", "unreadable"]
+
+SUMMARY, STATUS, SPEC = "summary.json", "status.json", "spec.json"
+_CELL_FILE = re.compile(
+    r"^(?P<dir>(?:(?P<study>.+)/)?(?P<dataset>[^/]+)/(?P<backbone>[^/]+)/"
+    r"seed(?P<seed>\d+)-frac(?P<frac>[0-9.eE+-]+))/(?P<file>summary|status|spec)\.json$"
+)
+MAX_WORKERS = 32
+
+
+@dataclass
+class Cell:
+    """One (dataset, backbone, seed, fraction) of the study and what became of it."""
+
+    key: str  # the cell's folder, relative to the prefix
+    dataset: str
+    backbone: str
+    seed: int
+    fraction: float
+    state: State = "missing"
+    reason: str | None = "no output"
+    summary: dict | None = None
+    status: dict | None = None
+    domain: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "done"
+
+
+@dataclass
+class Collection:
+    uri: str
+    study: str | None
+    cells: list[Cell]
+    grid: Literal["spec", "inferred"]
+    notes: list[str] = field(default_factory=list)
+    dataset_order: list[str] = field(default_factory=list)
+    backbone_order: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> list[Cell]:
+        return [c for c in self.cells if c.ok]
+
+    @property
+    def problems(self) -> list[Cell]:
+        return [c for c in self.cells if not c.ok]
+
+
+def collect(
+    uri: str,
+    *,
+    study: Study | None = None,
+    storage: Storage | None = None,
+    workers: int = MAX_WORKERS,
+) -> Collection:
+    """Every cell under ``uri``, read in parallel; the expected grid from ``study`` if given."""
+    store = open_store(uri, storage)
+    if study is not None:
+        return _collect_with_spec(store, study, workers)
+    return _collect_inferred(store, workers)
+
+
+# --------------------------------------------------------------------------------------------
+# Expected cells
+# --------------------------------------------------------------------------------------------
+
+
+def _collect_with_spec(store: Store, study: Study, workers: int) -> Collection:
+    from service.study import expand
+
+    cells = expand(study)
+    datasets = [d.short_name for d in study.datasets]
+    domains = {d.short_name: d.domain for d in study.datasets}
+    # The prefix is either the study's output.uri (cells under <study>/...) or the study
+    # folder itself; try the likelier first, judged by the URI's last component.
+    at_study = store.uri.rstrip("/").rsplit("/", 1)[-1] == study.name
+    bases = ["", f"{study.name}/"] if at_study else [f"{study.name}/", ""]
+    files: dict[str, set[str]] = {}
+    base = bases[0]
+    for base in bases:
+        listings = _parallel(lambda d, b=base: store.list(f"{b}{d}/"), datasets, workers)
+        files = _group(itertools.chain.from_iterable(listings))
+        if files:
+            break
+    expected: list[Cell] = []
+    for ft in cells:
+        key = base + ft.run_id.split("/", 1)[1]
+        expected.append(
+            Cell(
+                key=key,
+                dataset=ft.dataset.short_name,
+                backbone=ft.backbone.model,
+                seed=ft.protocol.seed,
+                fraction=ft.dataset.train_fraction,
+                domain=domains[ft.dataset.short_name],
+            )
+        )
+    notes = []
+    extra = sorted(set(files) - {c.key for c in expected})
+    if extra:
+        notes.append(
+            f"{len(extra)} run folder(s) under the prefix are not cells of the spec and were "
+            f"ignored (e.g. {extra[0]})"
+        )
+    _read_cells(store, expected, files, workers)
+    return Collection(
+        uri=store.uri,
+        study=study.name,
+        cells=expected,
+        grid="spec",
+        notes=notes,
+        dataset_order=datasets,
+        backbone_order=_unique(b.model for b in study.backbones),
+    )
+
+
+def _collect_inferred(store: Store, workers: int) -> Collection:
+    files = _group(store.list(""))
+    if not files:
+        raise UserError(
+            f"{store.uri}: no runs found (no <dataset>/<backbone>/seedS-fracF/ folders)"
+        )
+    parsed = {d: _CELL_FILE.match(f"{d}/{SPEC}") for d in files}
+    studies = sorted({m["study"] or "" for m in parsed.values()})
+    if len(studies) > 1:
+        raise UserError(
+            f"{store.uri}: holds several studies ({', '.join(s or '.' for s in studies)}); "
+            f"report one at a time, e.g. {store.uri.rstrip('/')}/{studies[-1]}"
+        )
+    prefix = f"{studies[0]}/" if studies[0] else ""
+    found = {
+        d: Cell(
+            key=d,
+            dataset=m["dataset"],
+            backbone=m["backbone"],
+            seed=int(m["seed"]),
+            fraction=float(m["frac"]),
+        )
+        for d, m in parsed.items()
+    }
+    _read_cells(store, list(found.values()), files, workers)
+    datasets = sorted({c.dataset for c in found.values()})
+    backbones = sorted({c.backbone for c in found.values()})
+    seeds = sorted({c.seed for c in found.values()})
+    fractions = sorted({c.fraction for c in found.values()})
+    domains = {c.dataset: c.domain for c in found.values() if c.domain}
+    by_coords = {(c.dataset, c.backbone, c.fraction, c.seed): c for c in found.values()}
+    cells = []
+    # Same order as expand(): dataset, backbone, fraction, seed.
+    for ds, bb, fr, seed in itertools.product(datasets, backbones, fractions, seeds):
+        cell = by_coords.get((ds, bb, fr, seed))
+        if cell is None:
+            key = prefix + run_id_for("x", ds, bb, seed, fr).split("/", 1)[1]
+            cell = Cell(key=key, dataset=ds, backbone=bb, seed=seed, fraction=fr)
+        cell.domain = cell.domain or domains.get(ds)
+        cells.append(cell)
+    notes = [
+        "no study spec given: the expected grid is every dataset × backbone × seed × fraction "
+        "seen under the prefix (pass --spec STUDY.json for the exact list)"
+    ]
+    return Collection(
+        uri=store.uri,
+        study=studies[0] or _study_from_summaries(cells),
+        cells=cells,
+        grid="inferred",
+        notes=notes,
+        dataset_order=datasets,
+        backbone_order=backbones,
+    )
+
+
+def _study_from_summaries(cells: list[Cell]) -> str | None:
+    return next((c.summary.get("study") for c in cells if c.summary), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def _group(keys: Iterable[str]) -> dict[str, set[str]]:
+    """Cell folder -> the JSON files it holds."""
+    out: dict[str, set[str]] = {}
+    for key in keys:
+        m = _CELL_FILE.match(key)
+        if m:
+            out.setdefault(m["dir"], set()).add(f"{m['file']}.json")
+    return out
+
+
+def _read_cells(store: Store, cells: list[Cell], files: dict[str, set[str]], workers: int) -> None:
+    def read(cell: Cell) -> None:
+        _read_cell(store, cell, files.get(cell.key, set()))
+
+    _parallel(read, cells, workers)
+
+
+def _read_cell(store: Store, cell: Cell, present: set[str]) -> None:
+    if not present:
+        cell.state, cell.reason = "missing", "no output"
+        return
+    if SUMMARY in present:
+        try:
+            summary = _read_json(store, f"{cell.key}/{SUMMARY}")
+        except ValueError as e:
+            cell.state, cell.reason = "unreadable", f"summary.json: {e}"
+            return
+        problem = _check_summary(summary)
+        if problem:
+            cell.state, cell.reason = "unreadable", f"summary.json: {problem}"
+            return
+        if summary is not None:
+            cell.state, cell.reason, cell.summary = "done", None, summary
+            cell.domain = summary.get("domain") or cell.domain
+            return
+    status = None
+    if STATUS in present:
+        try:
+            status = _read_json(store, f"{cell.key}/{STATUS}")
+        except ValueError as e:
+            cell.state, cell.reason = "unreadable", f"status.json: {e}"
+            return
+    cell.status = status
+    cell.state, cell.reason = _status_reason(status)
+
+
+def _read_json(store: Store, key: str) -> dict | None:
+    try:
+        data = json.loads(store.read_bytes(key))
+    except NotFound:
+        return None  # deleted between listing and reading
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def _check_summary(summary: dict | None) -> str | None:
+    if summary is None:
+        return None
+    test = summary.get("test")
+    top1 = test.get("top1") if isinstance(test, dict) else None
+    if not isinstance(top1, int | float) or isinstance(top1, bool):
+        return "has no numeric test.top1"
+    if not 0 <= top1 <= 1:
+        return f"test.top1 must be a fraction in [0, 1], got {top1}"
+    return None
+
+
+def _status_reason(status: dict | None) -> tuple[State, str]:
+    if status is None:
+        return "incomplete", "no summary.json and no status.json (never started?)"
+    phase = status.get("phase", "?")
+    if phase == "Failed":
+        error = status.get("error") or "no error recorded"
+        attempt = status.get("attempt")
+        tail = f" (attempt {attempt})" if attempt and attempt > 1 else ""
+        return "failed", f"failed: {error}{tail}"
+    if phase == "Succeeded":
+        return "incomplete", "status says Succeeded but summary.json is missing"
+    epoch, cap = status.get("epoch"), status.get("max_epochs")
+    where = f", epoch {epoch}/{cap}" if epoch is not None and cap else ""
+    return "incomplete", f"not finished: phase {phase}{where}"
+
+
+def _parallel(fn: Callable, items: list, workers: int) -> list:
+    if len(items) <= 1 or workers <= 1:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))

@@ -1,0 +1,168 @@
+"""The report's figures as PNG bytes (matplotlib, Agg backend: no display needed).
+
+- Pareto plots: test top-1 against GMACs and against training time, one row for the mean
+  over datasets and one per dataset; the Pareto front (nothing cheaper is as accurate) is
+  drawn as a step line.
+- Data curves: test top-1 against train fraction per backbone, with the 95% CI as error bars,
+  when a study varies the fraction.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+from service.report.tables import Board, Report
+
+MAX_DATASET_ROWS = 24  # beyond this the figure gets unreadable; the tables still have all
+LABEL_LIMIT = 16  # annotate points with names up to this many backbones, else a legend only
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats on both cost (lower) and accuracy (higher), by cost."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def _train_hours(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds / 3600
+
+
+def pareto_png(report: Report) -> bytes | None:
+    boards = report.main_boards()
+    if not boards:
+        return None
+    plt = _pyplot()
+    backbones = sorted({e.backbone for b in boards for e in b.entries})
+    cmap = plt.get_cmap("tab20" if len(backbones) > 10 else "tab10")
+    colors = {name: cmap(i % cmap.N) for i, name in enumerate(backbones)}
+
+    rows: list[tuple[str, list[tuple[str, float | None, float | None, float]]]] = []
+    overall: dict[str, list] = {}
+    for b in boards:
+        for e in b.entries:
+            overall.setdefault(e.backbone, []).append(e)
+    rows.append(
+        (
+            f"mean over {len(boards)} dataset(s)",
+            [
+                (
+                    name,
+                    _avg(e.gmacs for e in es),
+                    _avg(_train_hours(e.train_seconds) for e in es),
+                    _avg(e.top1.mean for e in es),
+                )
+                for name, es in sorted(overall.items())
+            ],
+        )
+    )
+    for b in boards[:MAX_DATASET_ROWS]:
+        rows.append(
+            (
+                _board_title(b),
+                [
+                    (e.backbone, e.gmacs, _train_hours(e.train_seconds), e.top1.mean)
+                    for e in b.entries
+                ],
+            )
+        )
+
+    fig, axes = plt.subplots(
+        len(rows), 2, figsize=(11, 3.4 * len(rows)), squeeze=False, layout="constrained"
+    )
+    label = len(backbones) <= LABEL_LIMIT
+    for (title, pts), (ax_g, ax_t) in zip(rows, axes, strict=True):
+        for ax, idx, xlabel in ((ax_g, 1, "GMACs per image"), (ax_t, 2, "training time (h)")):
+            xy = [(p[idx], 100 * p[3], p[0]) for p in pts if p[idx] is not None and p[idx] > 0]
+            for x, y, name in xy:
+                ax.scatter(x, y, color=colors[name], s=28, zorder=3)
+                if label:
+                    ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            front = pareto_front([(x, y) for x, y, _ in xy])
+            if len(front) > 1:
+                fx, fy = zip(*front, strict=True)
+                ax.step(fx, fy, where="post", color="grey", lw=1, ls="--", zorder=2)
+            if xy:
+                _log_x(ax)
+            else:
+                ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("test top-1 (%)")
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+    if not label:
+        handles = [
+            plt.Line2D([], [], marker="o", ls="", color=colors[n], label=n) for n in backbones
+        ]
+        fig.legend(handles=handles, loc="outside upper center", ncol=4, fontsize=7)
+    fig.suptitle("Accuracy versus cost (dashed: Pareto front)")
+    return _png(fig)
+
+
+def fractions_png(report: Report) -> bytes | None:
+    """Top-1 against train fraction, one panel per dataset; None when fractions never vary."""
+    if not report.fractions_vary:
+        return None
+    plt = _pyplot()
+    datasets = [d for d, per in report.curves.items() if any(len(p) > 1 for p in per.values())]
+    datasets = datasets[:MAX_DATASET_ROWS]
+    cols = min(3, len(datasets))
+    nrows = math.ceil(len(datasets) / cols)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False, layout="constrained"
+    )
+    for ax, dataset in zip(axes.flat, datasets, strict=False):
+        for name, pts in sorted(report.curves[dataset].items()):
+            xs = [f for f, _ in pts]
+            ys = [100 * iv.mean for _, iv in pts]
+            err = [100 * (iv.high - iv.mean) if iv.high is not None else 0.0 for _, iv in pts]
+            ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=2, lw=1, label=name)
+        fractions = sorted({f for pts in report.curves[dataset].values() for f, _ in pts})
+        _log_x(ax, ticks=fractions)
+        ax.set_xlabel("train fraction")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title(dataset, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(datasets) :]:
+        ax.axis("off")
+    fig.suptitle("Accuracy versus train fraction (bars: 95% CI over seeds)")
+    return _png(fig)
+
+
+def _log_x(ax, ticks: list[float] | None = None) -> None:
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_xscale("log")
+    if ticks:
+        ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _board_title(b: Board) -> str:
+    return f"{b.dataset} ({b.domain})" + (f", fraction {b.fraction:g}" if b.fraction != 1 else "")
+
+
+def _avg(values) -> float | None:
+    nums = [v for v in values if v is not None]
+    return sum(nums) / len(nums) if nums else None

@@ -1,0 +1,120 @@
+"""The statistics of the report, as small pure functions over plain numbers.
+
+- A 95% t-interval of the mean over seeds: with 3 seeds a normal interval would be far too
+  narrow (t(0.975, 2) = 4.30, not 1.96).
+- A paired t-test between two backbones over the seeds they share: seed s fixes the split,
+  the subsample and the data order for both, so pairing removes that shared noise.
+- Ranks within a dataset (1 = best, ties share the average rank) and their mean across
+  datasets, as the paper ranks backbones per domain.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+CONFIDENCE = 0.95
+ALPHA = 0.05
+PAIRED_METHOD = (
+    "paired t-test over the seeds both backbones completed (scipy.stats.ttest_rel, two-sided, "
+    f"alpha {ALPHA}); fewer than 2 shared seeds: 'n too small'"
+)
+INTERVAL_METHOD = (
+    "mean over seeds with a 95% Student-t confidence interval (n-1 degrees of freedom)"
+)
+
+Verdict = Literal["distinguishable", "not distinguishable", "n too small"]
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float | None  # None when n < 2: one seed says nothing about spread
+    high: float | None
+    sd: float | None
+    n: int
+
+
+@dataclass(frozen=True)
+class Paired:
+    n: int  # shared seeds
+    p_value: float | None
+    mean_diff: float | None  # a - b over the shared seeds
+    verdict: Verdict
+
+    def evidence(self) -> str:
+        if self.verdict == "n too small":
+            return f"n too small ({self.n} shared seed{'s' if self.n != 1 else ''})"
+        return f"paired t-test, n={self.n}, p={self.p_value:.3g}"
+
+    def describe(self) -> str:
+        if self.verdict == "n too small":
+            return self.evidence()
+        return f"{self.verdict} ({self.evidence()})"
+
+
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
+    """Mean and two-sided Student-t confidence interval of ``values``."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("t_interval of no values")
+    mean = math.fsum(values) / n
+    if n < 2:
+        return Interval(mean, None, None, None, n)
+    from scipy.stats import t
+
+    sd = statistics.stdev(values)
+    half = float(t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, sd, n)
+
+
+def paired_test(a: Mapping[int, float], b: Mapping[int, float], alpha: float = ALPHA) -> Paired:
+    """Is ``a`` different from ``b`` over the seeds both have? (two-sided paired t-test)"""
+    seeds = sorted(set(a) & set(b))
+    n = len(seeds)
+    if n < 2:
+        diff = (a[seeds[0]] - b[seeds[0]]) if n else None
+        return Paired(n, None, diff, "n too small")
+    diffs = [a[s] - b[s] for s in seeds]
+    mean_diff = math.fsum(diffs) / n
+    if max(diffs) == min(diffs):
+        # Zero spread: the t statistic is 0/0 or ±inf; decide it without scipy's warnings.
+        p = 1.0 if mean_diff == 0 else 0.0
+    else:
+        from scipy.stats import ttest_rel
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p = float(ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
+        if math.isnan(p):
+            p = 1.0
+    verdict: Verdict = "distinguishable" if p < alpha else "not distinguishable"
+    return Paired(n, p, mean_diff, verdict)
+
+
+def ranks(means: Mapping[str, float]) -> dict[str, float]:
+    """1 for the highest mean; tied means share the average of their ranks."""
+    order = sorted(means, key=lambda k: -means[k])
+    out: dict[str, float] = {}
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and means[order[j + 1]] == means[order[i]]:
+            j += 1
+        for k in order[i : j + 1]:
+            out[k] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def mean_ranks(per_dataset: Sequence[Mapping[str, float]]) -> dict[str, tuple[float, int]]:
+    """Backbone -> (mean rank, number of datasets it was ranked on)."""
+    acc: dict[str, list[float]] = {}
+    for table in per_dataset:
+        for name, r in table.items():
+            acc.setdefault(name, []).append(r)
+    return {name: (math.fsum(rs) / len(rs), len(rs)) for name, rs in acc.items()}

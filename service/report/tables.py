@@ -1,0 +1,238 @@
+"""From collected cells to the report's tables: leaderboards, domain standings, curves.
+
+Only the *test* metrics of ``summary.json`` enter a leaderboard: validation accuracy picked the
+checkpoint, so ranking on it would reward the selection, not the backbone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from service.report.collect import Cell, Collection
+from service.report.stats import (
+    INTERVAL_METHOD,
+    PAIRED_METHOD,
+    Interval,
+    Paired,
+    mean_ranks,
+    paired_test,
+    ranks,
+    t_interval,
+)
+
+
+@dataclass
+class Entry:
+    """One backbone on one dataset at one train fraction, over its completed seeds."""
+
+    backbone: str
+    dataset: str
+    domain: str
+    fraction: float
+    top1: Interval
+    top1_by_seed: dict[int, float]
+    macro_f1: float | None
+    params_m: float | None
+    gmacs: float | None
+    gpu_hours: float | None  # mean per run
+    train_seconds: float | None  # mean per run
+    images_per_second: float | None
+    leaky: bool  # some run selected its checkpoint on the test split
+    rank: float = 0.0
+    vs_leader: Paired | None = None  # None for the leader itself
+
+    @property
+    def n(self) -> int:
+        return self.top1.n
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(self.top1_by_seed)
+
+
+@dataclass
+class Board:
+    """The leaderboard of one dataset at one train fraction, best first."""
+
+    dataset: str
+    domain: str
+    fraction: float
+    entries: list[Entry]
+
+    @property
+    def leader_vs_runner_up(self) -> Paired | None:
+        return self.entries[1].vs_leader if len(self.entries) > 1 else None
+
+    @property
+    def flag(self) -> str | None:
+        """Why the leader cannot be told apart from the runner-up, if it cannot."""
+        cmp = self.leader_vs_runner_up
+        if cmp is None or cmp.verdict == "distinguishable":
+            return None
+        lead, second = self.entries[0].backbone, self.entries[1].backbone
+        return f"{lead} (leader) is not distinguishable from {second} (runner-up): {cmp.evidence()}"
+
+
+@dataclass
+class Standing:
+    backbone: str
+    mean_rank: float
+    n_datasets: int
+    mean_top1: float  # over the datasets it was ranked on
+
+
+@dataclass
+class Report:
+    uri: str
+    study: str | None
+    generated_at: float
+    boards: list[Board]
+    main_fraction: dict[str, float]  # dataset -> the fraction ranked across datasets
+    domains: dict[str, list[Standing]]
+    overall: list[Standing]
+    curves: dict[str, dict[str, list[tuple[float, Interval]]]]  # dataset -> backbone -> points
+    problems: list[Cell]
+    leaky_runs: list[str]
+    counts: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+    grid: str = "inferred"
+    methods: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fractions_vary(self) -> bool:
+        return any(len(pts) > 1 for per in self.curves.values() for pts in per.values())
+
+    def main_boards(self) -> list[Board]:
+        return [b for b in self.boards if b.fraction == self.main_fraction.get(b.dataset)]
+
+    def board(self, dataset: str, fraction: float | None = None) -> Board | None:
+        fraction = self.main_fraction.get(dataset) if fraction is None else fraction
+        return next(
+            (b for b in self.boards if b.dataset == dataset and b.fraction == fraction), None
+        )
+
+
+def build(collection: Collection, *, now: float | None = None) -> Report:
+    done = collection.done
+    groups: dict[tuple[str, float, str], list[Cell]] = {}
+    for cell in done:
+        groups.setdefault((cell.dataset, cell.fraction, cell.backbone), []).append(cell)
+    entries = [_entry(cells) for cells in groups.values()]
+
+    ds_order = {d: i for i, d in enumerate(collection.dataset_order)}
+    boards: dict[tuple[str, float], list[Entry]] = {}
+    for e in entries:
+        boards.setdefault((e.dataset, e.fraction), []).append(e)
+    board_list = []
+    for (dataset, fraction), es in sorted(
+        boards.items(), key=lambda kv: (ds_order.get(kv[0][0], len(ds_order)), kv[0])
+    ):
+        board_list.append(_rank_board(dataset, fraction, es))
+
+    main_fraction: dict[str, float] = {}
+    for b in board_list:
+        main_fraction[b.dataset] = max(main_fraction.get(b.dataset, 0.0), b.fraction)
+    main = [b for b in board_list if b.fraction == main_fraction[b.dataset]]
+
+    domains: dict[str, list[Standing]] = {}
+    for domain in sorted({b.domain for b in main}):
+        domains[domain] = _standings([b for b in main if b.domain == domain])
+
+    curves: dict[str, dict[str, list[tuple[float, Interval]]]] = {}
+    for b in board_list:
+        for e in b.entries:
+            curves.setdefault(b.dataset, {}).setdefault(e.backbone, []).append((b.fraction, e.top1))
+    for per in curves.values():
+        for pts in per.values():
+            pts.sort(key=lambda p: p[0])
+
+    leaky = sorted(c.key for c in done if (c.summary or {}).get("select_on") == "test")
+    counts = {
+        "cells": len(collection.cells),
+        "done": len(done),
+        "failed": sum(c.state == "failed" for c in collection.cells),
+        "incomplete": sum(c.state == "incomplete" for c in collection.cells),
+        "missing": sum(c.state == "missing" for c in collection.cells),
+        "unreadable": sum(c.state == "unreadable" for c in collection.cells),
+        "datasets": len({c.dataset for c in collection.cells}),
+        "backbones": len({c.backbone for c in collection.cells}),
+    }
+    return Report(
+        uri=collection.uri,
+        study=collection.study,
+        generated_at=time.time() if now is None else now,
+        boards=board_list,
+        main_fraction=main_fraction,
+        domains=domains,
+        overall=_standings(main),
+        curves=curves,
+        problems=collection.problems,
+        leaky_runs=leaky,
+        counts=counts,
+        notes=list(collection.notes),
+        grid=collection.grid,
+        methods={
+            "interval": INTERVAL_METHOD,
+            "leader_vs_runner_up": PAIRED_METHOD,
+            "rank": "rank by mean test top-1 within each dataset (1 = best, ties share the "
+            "average rank) at the dataset's largest train fraction; mean rank over the datasets "
+            "of a domain, and over all datasets",
+            "metric": "test split of summary.json only (validation picked the checkpoint)",
+        },
+    )
+
+
+def _entry(cells: list[Cell]) -> Entry:
+    first = cells[0]
+    sums = [c.summary or {} for c in cells]
+    by_seed = {c.seed: float(s["test"]["top1"]) for c, s in zip(cells, sums, strict=True)}
+    params = _mean(s.get("params") for s in sums)
+    return Entry(
+        backbone=first.backbone,
+        dataset=first.dataset,
+        domain=first.domain or "other",
+        fraction=first.fraction,
+        top1=t_interval([by_seed[s] for s in sorted(by_seed)]),
+        top1_by_seed=by_seed,
+        macro_f1=_mean(s["test"].get("macro_f1") for s in sums),
+        params_m=None if params is None else params / 1e6,
+        gmacs=_mean(s.get("gmacs") for s in sums),
+        gpu_hours=_mean(s.get("gpu_hours") for s in sums),
+        train_seconds=_mean(s.get("train_seconds") for s in sums),
+        images_per_second=_mean(s.get("images_per_second") for s in sums),
+        leaky=any(s.get("select_on") == "test" for s in sums),
+    )
+
+
+def _rank_board(dataset: str, fraction: float, entries: list[Entry]) -> Board:
+    r = ranks({e.backbone: e.top1.mean for e in entries})
+    entries.sort(key=lambda e: (r[e.backbone], e.backbone))
+    for e in entries:
+        e.rank = r[e.backbone]
+    leader = entries[0]
+    for e in entries[1:]:
+        e.vs_leader = paired_test(leader.top1_by_seed, e.top1_by_seed)
+    return Board(dataset, leader.domain, fraction, entries)
+
+
+def _standings(boards: list[Board]) -> list[Standing]:
+    table = mean_ranks([{e.backbone: e.rank for e in b.entries} for b in boards])
+    top1: dict[str, list[float]] = {}
+    for b in boards:
+        for e in b.entries:
+            top1.setdefault(e.backbone, []).append(e.top1.mean)
+    out = [
+        Standing(name, mr, n, math.fsum(top1[name]) / len(top1[name]))
+        for name, (mr, n) in table.items()
+    ]
+    # More datasets first among equal mean ranks: a rank on one set is weaker evidence.
+    out.sort(key=lambda s: (s.mean_rank, -s.n_datasets, -s.mean_top1, s.backbone))
+    return out
+
+
+def _mean(values: Iterable) -> float | None:
+    nums = [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    return math.fsum(nums) / len(nums) if nums else None
