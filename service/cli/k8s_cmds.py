@@ -1,0 +1,173 @@
+"""render, submit, status, logs, cancel: specs as Kubernetes Jobs.
+
+``render`` needs no cluster (pure: service.k8s.render); the others go through
+service.k8s.client, the only module that imports the ``kubernetes`` package.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from service.cli._app import app, edge, err
+from service.cli.spec_cmds import _load_or_exit
+
+DEFAULT_NAMESPACE = "backbones"
+
+_namespace_opt = typer.Option(
+    None, "--namespace", "-n", help="Namespace (default: the spec's resources.namespace)."
+)
+_context_opt = typer.Option(None, "--context", help="kubeconfig context (default: current).")
+
+
+def _cluster(namespace: str, context: str | None):
+    from service.k8s.client import Cluster
+
+    return Cluster.connect(namespace, context)
+
+
+def _render(spec_file: Path, image: str | None, namespace: str | None):
+    from service.k8s.render import render_job, warnings_for
+
+    spec = _load_or_exit(spec_file)
+    job = render_job(spec, image=image, namespace=namespace)
+    for warning in warnings_for(spec):
+        err(f"warning: {warning}")
+    return spec, job
+
+
+@app.command()
+def render(
+    spec_file: Path = typer.Argument(..., help="FineTune or Study spec (JSON)."),
+    image: str = typer.Option(
+        None, "--image", help="Container image, pinned by tag or digest (default: this release)."
+    ),
+    output: str = typer.Option("yaml", "--output", "-o", help="yaml or json."),
+    namespace: str = _namespace_opt,
+) -> None:
+    """Print the Kubernetes Job for a spec: `backbones render spec.json | kubectl apply -f -`."""
+    from service.k8s.render import to_json, to_yaml
+
+    with edge():
+        if output not in ("yaml", "json"):
+            err(f"error: --output: must be 'yaml' or 'json', got {output!r}")
+            raise typer.Exit(2)
+        _, job = _render(spec_file, image, namespace)
+        sys.stdout.write(to_yaml(job) if output == "yaml" else to_json(job))
+
+
+@app.command()
+def submit(
+    spec_file: Path = typer.Argument(..., help="FineTune or Study spec (JSON)."),
+    image: str = typer.Option(None, "--image", help="Container image, pinned by tag or digest."),
+    namespace: str = _namespace_opt,
+    replace: bool = typer.Option(
+        False, "--replace", help="A Job of this name runs another spec: delete it, then create."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Server-side dry run: admission and validation, nothing stored."
+    ),
+    yes: bool = typer.Option(False, "--yes", help="Submit even above the study's max_gpu_hours."),
+    context: str = _context_opt,
+) -> None:
+    """Create the Job for a spec (kubeconfig or in-cluster credentials)."""
+    from service.budget import check_budget
+    from service.k8s.ops import submit as do_submit
+    from service.spec import Study
+
+    with edge():
+        spec, job = _render(spec_file, image, namespace)
+        if isinstance(spec, Study):
+            # Reads dataset manifests on S3 when it can: a tighter estimate than validate's.
+            est = check_budget(spec, yes, online=True)
+            hours = f"~{est.gpu_hours:.1f} GPU-hours on {est.reference_gpu}"
+            err(f"study {spec.name}: {spec.n_cells} cells, {hours}")
+        cluster = _cluster(job["metadata"]["namespace"], context)
+        typer.echo(do_submit(cluster, job, replace=replace, dry_run=dry_run).line())
+
+
+@app.command()
+def status(
+    name: str = typer.Argument(None, help="Job name (a FineTune's or Study's name)."),
+    study: str = typer.Option(None, "--study", help="All Jobs of this study."),
+    namespace: str = typer.Option(DEFAULT_NAMESPACE, "--namespace", "-n", help="Namespace."),
+    context: str = _context_opt,
+) -> None:
+    """Phase, progress, ETA, best validation accuracy, attempts and age of each run."""
+    from service.k8s.ops import check_selection, status_rows
+
+    with edge():
+        check_selection(name, study)
+        rows = status_rows(_cluster(namespace, context), name, study)
+        print_rows(rows)
+
+
+def print_rows(rows) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from service.k8s.ops import duration
+
+    if not rows:
+        typer.echo("no backbones Jobs found")
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("JOB", "RUN", "PHASE", "PROGRESS", "ETA", "BEST VAL", "ATTEMPTS", "AGE"):
+        table.add_column(col, justify="right" if col in ("PROGRESS", "BEST VAL") else "left")
+    for r in rows:
+        table.add_row(
+            r.job if r.index is None else f"{r.job}[{r.index}]",
+            r.run,
+            r.phase,
+            "-" if r.progress is None else f"{100 * r.progress:.0f}%",
+            duration(r.eta_seconds),
+            "-" if r.best_val_top1 is None else f"{100 * r.best_val_top1:.1f}%",
+            str(r.attempts),
+            duration(r.age_seconds),
+        )
+    Console(soft_wrap=True).print(table)
+    for r in rows:
+        if r.error:
+            err(f"{r.run}: {r.error}")
+
+
+@app.command()
+def logs(
+    name: str = typer.Argument(..., help="Job name."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the pod ends."),
+    index: int = typer.Option(None, "--index", help="Cell of a Study (JOB_COMPLETION_INDEX)."),
+    namespace: str = typer.Option(DEFAULT_NAMESPACE, "--namespace", "-n", help="Namespace."),
+    context: str = _context_opt,
+) -> None:
+    """Print the worker's log (the newest pod of the Job, or of one Study cell)."""
+    from service.k8s.ops import pick_pod
+    from service.k8s.render import CONTAINER, spec_from_job
+    from service.study import cells_of
+
+    with edge():
+        cluster = _cluster(namespace, context)
+        job = cluster.get_job(name)
+        cells = len(cells_of(spec_from_job(job)))
+        pod = pick_pod(cluster.job_pods(name), f"{namespace}/{name}", index, cells)
+        for chunk in cluster.pod_log(pod, CONTAINER, follow=follow):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+
+@app.command()
+def cancel(
+    name: str = typer.Argument(None, help="Job name."),
+    study: str = typer.Option(None, "--study", help="Every Job of this study."),
+    namespace: str = typer.Option(DEFAULT_NAMESPACE, "--namespace", "-n", help="Namespace."),
+    context: str = _context_opt,
+) -> None:
+    """Delete Jobs; their pods get SIGTERM, write a checkpoint and exit. Outputs stay."""
+    from service.k8s.ops import cancel as do_cancel
+    from service.k8s.ops import check_selection
+
+    with edge():
+        check_selection(name, study, required=True)
+        for n in do_cancel(_cluster(namespace, context), name, study):
+            typer.echo(f"cancelled Job {namespace}/{n} (pods checkpoint and stop; outputs stay)")

@@ -1,0 +1,389 @@
+"""Spec -> Kubernetes Job: pure functions that return plain dicts (no ``kubernetes`` import).
+
+A FineTune becomes a batch/v1 Job with one pod; a Study becomes ONE Indexed Job whose pod with
+``JOB_COMPLETION_INDEX`` i runs ``expand(study)[i]``. The validated spec travels inside the Job
+as ``BACKBONES_SPEC`` (its canonical ``to_json()``); the pod parses it with the same model, so
+nothing is re-assembled from a dozen env vars.
+
+Everything here is deterministic in the spec and the image: the golden files in k8s/examples/
+are a fresh render, byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from service.errors import EXIT_USER, UserError
+from service.spec import FineTune, Study
+from service.study import cells_of
+
+IMAGE_REPO = "ghcr.io/backbones/backbones"
+CONTAINER = "worker"
+UID = 10001
+CACHE_DIR = "/cache"
+LABEL_PREFIX = "backbones.dev"
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"
+SPEC_HASH = f"{LABEL_PREFIX}/spec-hash"
+
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("backbones")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0.0.0"
+
+
+def default_image() -> str:
+    """This release's image: the tag is the package version, so CLI and pod always agree."""
+    return f"{IMAGE_REPO}:{package_version()}"
+
+
+def check_image(image: str) -> str:
+    """Refuse images that are not pinned: ``:latest`` or no tag at all can change under a run."""
+    if "@sha256:" in image:
+        return image
+    last = image.rsplit("/", 1)[-1]
+    tag = last.split(":", 1)[1] if ":" in last else None
+    if tag is None or tag == "latest":
+        raise UserError(
+            f"image: {image!r} is not pinned; use a version tag or an @sha256: digest "
+            f"(e.g. {default_image()})"
+        )
+    return image
+
+
+def label_value(text: str) -> str:
+    """A valid label value (<= 63 chars of [A-Za-z0-9-_.], alphanumeric at both ends).
+
+    Long values keep a readable head and end in a short hash so distinct names stay distinct;
+    the full text goes into an annotation of the same key.
+    """
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-_.")
+    if len(slug) > 63 or not slug:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+        slug = f"{slug[:54].rstrip('-_.')}-{digest}".lstrip("-")
+    assert _LABEL_VALUE.fullmatch(slug), slug
+    return slug
+
+
+def spec_hash_of(spec: FineTune | Study) -> str:
+    """What determines the results (not resources or metrics): equal hash, same Job.
+
+    ``submit`` compares it with the running Job's annotation to tell a re-submit from a change.
+    """
+    if isinstance(spec, FineTune):
+        return spec.spec_hash
+    data = spec.model_dump(
+        mode="json",
+        include={"name", "backbones", "datasets", "seeds", "train_fractions", "protocol"},
+    )
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _identity(spec: FineTune | Study) -> dict[str, str]:
+    """Full names of what the Job runs (annotations); labels get sanitised copies."""
+    cells = cells_of(spec)
+    backbones = sorted({c.backbone.model for c in cells})
+    datasets = sorted({c.dataset.short_name for c in cells})
+    out = {
+        "run": spec.run_id if isinstance(spec, FineTune) else "",
+        "study": spec.study or "" if isinstance(spec, FineTune) else spec.name,
+        # A Study over several backbones has no single backbone: the label is left out and the
+        # annotation lists them all.
+        "backbone": ",".join(backbones),
+        "dataset": ",".join(datasets),
+    }
+    return {k: v for k, v in out.items() if v}
+
+
+def labels_of(spec: FineTune | Study) -> dict[str, str]:
+    labels = {
+        "app.kubernetes.io/name": "backbones",
+        "app.kubernetes.io/component": "worker",
+        "app.kubernetes.io/managed-by": "backbones",
+        "app.kubernetes.io/instance": spec.name,
+        "app.kubernetes.io/version": label_value(package_version()),
+    }
+    for key, value in _identity(spec).items():
+        if "," not in value:
+            labels[f"{LABEL_PREFIX}/{key}"] = label_value(value)
+    return labels
+
+
+def annotations_of(spec: FineTune | Study) -> dict[str, str]:
+    out = {f"{LABEL_PREFIX}/{k}": v for k, v in _identity(spec).items()}
+    out[SPEC_HASH] = spec_hash_of(spec)
+    if isinstance(spec, Study):
+        out[f"{LABEL_PREFIX}/cells"] = str(spec.n_cells)
+    return out
+
+
+def _needs_hub(spec: FineTune | Study) -> bool:
+    return any(c.backbone.weights == "timm" for c in cells_of(spec))
+
+
+def _command(gpus: int) -> list[str]:
+    if gpus > 1:
+        # One process per GPU on this node; --standalone runs a local rendezvous (no etcd).
+        return ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "-m", "service.worker"]
+    return ["backbones", "worker"]
+
+
+def _env(spec: FineTune | Study, image: str) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "BACKBONES_SPEC", "value": spec.to_json()},
+        {"name": "BACKBONES_IMAGE", "value": image},
+        {"name": "BACKBONES_JOB", "value": spec.name},
+        {"name": "BACKBONES_SPEC_HASH", "value": spec_hash_of(spec)},
+        {"name": "BACKBONES_CACHE", "value": CACHE_DIR},
+        {"name": "BACKBONES_NAMESPACE", "valueFrom": _field("metadata.namespace")},
+        {"name": "BACKBONES_POD", "valueFrom": _field("metadata.name")},
+        {"name": "BACKBONES_NODE", "valueFrom": _field("spec.nodeName")},
+        # The root filesystem is read-only: every library cache goes to a writable emptyDir.
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
+        {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "TORCH_HOME", "value": f"{CACHE_DIR}/torch"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    # The image defaults to offline. Weights from S3 or a random init: fail fast instead of
+    # retrying the hub for ~47 s; weights: "timm" needs the hub.
+    env.append({"name": "HF_HUB_OFFLINE", "value": "0" if _needs_hub(spec) else "1"})
+    secret = spec.storage.credentials_secret
+    if secret:
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+    return env
+
+
+def _field(path: str) -> dict[str, Any]:
+    return {"fieldRef": {"fieldPath": path}}
+
+
+def _resources(spec: FineTune | Study) -> dict[str, Any]:
+    r = spec.resources
+    amounts: dict[str, str] = {"cpu": r.cpu, "memory": r.memory}
+    limits = dict(amounts)
+    if r.gpus > 0:
+        limits["nvidia.com/gpu"] = str(r.gpus)
+    # Requests equal limits: a training pod that is throttled or OOM-killed mid-epoch wastes
+    # more than the headroom saves.
+    return {"requests": amounts, "limits": limits}
+
+
+def _container(spec: FineTune | Study, image: str) -> dict[str, Any]:
+    c: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": image,
+        # Re-checks the tag's digest on each start; layers stay cached on the node.
+        "imagePullPolicy": "Always",
+        "command": _command(spec.resources.gpus),
+        # Relative paths in a spec (./runs) land in the writable /tmp emptyDir.
+        "workingDir": "/tmp",
+        "env": _env(spec, image),
+        "resources": _resources(spec),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "cache", "mountPath": CACHE_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if spec.metrics.port:
+        c["ports"] = [{"name": "metrics", "containerPort": spec.metrics.port, "protocol": "TCP"}]
+    return c
+
+
+def _pod_spec(spec: FineTune | Study, image: str) -> dict[str, Any]:
+    r = spec.resources
+    pod: dict[str, Any] = {
+        # podFailurePolicy requires Never; the Job controller does the retrying.
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": r.termination_grace_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "fsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [_container(spec, image)],
+        "volumes": [
+            {"name": "cache", "emptyDir": {"sizeLimit": r.cache_size}},
+            {"name": "tmp", "emptyDir": {}},
+            # DataLoader workers pass batches through shared memory; the default 64 MiB is too
+            # small. Memory-backed: it counts against the container's memory limit.
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": r.shm_size}},
+        ],
+    }
+    if r.service_account:
+        pod["serviceAccountName"] = r.service_account
+    if r.node_selector:
+        pod["nodeSelector"] = dict(r.node_selector)
+    if r.tolerations:
+        pod["tolerations"] = [dict(t) for t in r.tolerations]
+    if r.affinity:
+        pod["affinity"] = r.affinity
+    return pod
+
+
+def _pod_failure_policy(study: bool) -> dict[str, Any]:
+    return {
+        "rules": [
+            # Preemption, eviction, node drain: not the run's fault; retry without counting.
+            {
+                "action": "Ignore",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            },
+            # Exit 2 = bad spec or bad data: retrying only burns GPU hours. In a Study only that
+            # cell fails (a corrupt dataset must not cancel the other datasets' cells).
+            {
+                "action": "FailIndex" if study else "FailJob",
+                "onExitCodes": {
+                    "containerName": CONTAINER,
+                    "operator": "In",
+                    "values": [EXIT_USER],
+                },
+            },
+        ]
+    }
+
+
+def render_job(
+    spec: FineTune | Study, image: str | None = None, namespace: str | None = None
+) -> dict[str, Any]:
+    """The batch/v1 Job for a spec, ready for ``kubectl apply -f -``."""
+    image = check_image(image or spec.resources.image or default_image())
+    r = spec.resources
+    labels = labels_of(spec)
+    annotations = annotations_of(spec)
+    pod_annotations = dict(annotations)
+    if spec.metrics.port:
+        # For clusters without the Prometheus operator (k8s/podmonitor.yaml covers those with).
+        pod_annotations |= {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(spec.metrics.port),
+            "prometheus.io/path": "/metrics",
+        }
+    job_labels = dict(labels)
+    job: dict[str, Any] = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": spec.name,
+            "namespace": namespace or r.namespace,
+            "labels": job_labels,
+            "annotations": annotations,
+        },
+        "spec": {},
+    }
+    js: dict[str, Any] = job["spec"]
+    if isinstance(spec, Study):
+        cells = spec.n_cells
+        js |= {
+            "completionMode": "Indexed",
+            "completions": cells,
+            "parallelism": min(r.parallelism or cells, cells),
+            "backoffLimitPerIndex": r.backoff_limit,
+            # More than half of the grid failing for good is systemic (bad image, bad bucket):
+            # stop instead of burning GPU hours on the rest.
+            "maxFailedIndexes": (cells + 1) // 2,
+        }
+    else:
+        js |= {"completions": 1, "parallelism": 1, "backoffLimit": r.backoff_limit}
+    js["podFailurePolicy"] = _pod_failure_policy(isinstance(spec, Study))
+    # A replacement pod starts only once the old one is gone: two workers never write the same
+    # run's checkpoints at once.
+    js["podReplacementPolicy"] = "Failed"
+    if r.active_deadline_seconds:
+        js["activeDeadlineSeconds"] = r.active_deadline_seconds
+    js["ttlSecondsAfterFinished"] = r.ttl_seconds_after_finished
+    if r.queue:
+        # Kueue admits the Job by unsuspending it when quota frees up.
+        js["suspend"] = True
+        job_labels[KUEUE_QUEUE] = r.queue
+        if r.priority_class:
+            job_labels[KUEUE_PRIORITY] = r.priority_class
+    js["template"] = {
+        "metadata": {"labels": dict(labels), "annotations": pod_annotations},
+        "spec": _pod_spec(spec, image),
+    }
+    return job
+
+
+def warnings_for(spec: FineTune | Study) -> list[str]:
+    """Things that render fine but will not do what a person expects on a cluster."""
+    from service.storage import is_s3
+
+    out = []
+    if not is_s3(spec.output.uri):
+        out.append(
+            f"output.uri {spec.output.uri!r} is a local path: results stay inside the pod and "
+            "are lost when it ends; use s3://"
+        )
+    uris = {c.dataset.uri for c in cells_of(spec)} | {
+        c.backbone.weights for c in cells_of(spec) if c.backbone.weights.endswith(".safetensors")
+    }
+    for uri in sorted(uris):
+        if not is_s3(uri) and not uri.startswith("builtin://"):
+            out.append(f"{uri!r} is a local path: the pod sees only what the image contains")
+    if (is_s3(spec.output.uri) or any(is_s3(u) for u in uris)) and not (
+        spec.storage.credentials_secret
+    ):
+        out.append(
+            "storage.credentials_secret is empty: the pod gets no S3 keys (fine only with "
+            "node or workload identity)"
+        )
+    return out
+
+
+def spec_from_job(job: dict[str, Any]) -> FineTune | Study:
+    """The spec a rendered (or fetched, camelCase) Job carries in BACKBONES_SPEC."""
+    from service.spec import parse_spec
+
+    for c in job["spec"]["template"]["spec"]["containers"]:
+        for e in c.get("env") or []:
+            if e.get("name") == "BACKBONES_SPEC" and e.get("value"):
+                return parse_spec(json.loads(e["value"]))
+    name = job.get("metadata", {}).get("name", "?")
+    raise UserError(f"Job {name} carries no BACKBONES_SPEC: not made by backbones render")
+
+
+def to_yaml(obj: dict[str, Any]) -> str:
+    import yaml
+
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    def _str(dumper: yaml.SafeDumper, s: str) -> yaml.Node:
+        # The spec JSON is multi-line: a block scalar keeps it readable in the manifest.
+        style = "|" if "\n" in s else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", s, style=style)
+
+    _Dumper.add_representer(str, _str)
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+
+
+def to_json(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, indent=2) + "\n"
