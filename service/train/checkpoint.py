@@ -1,0 +1,125 @@
+"""Checkpoints through the Store: atomic, loadable with ``torch.load(weights_only=True)``.
+
+A checkpoint holds everything that decides the rest of the run (model, optimizer, scheduler,
+EMA, recipe phase, early-stopping state, RNG states, epoch and step), so a resumed run continues
+bit-for-bit on CPU. Its content is tensors and plain containers only: the safe unpickler can read
+it, and nothing in it can execute code. The best weights live in their own safetensors file,
+written when validation improves and named by the epoch that produced them; each checkpoint
+names the best file it belongs to, so "reload the best" works after a resume.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+
+import numpy as np
+import torch
+
+from service.outputs import CHECKPOINTS, RunOutputs
+
+FORMAT = 1
+_CKPT = re.compile(r"ckpt-(\d{5})-(\d{6})\.pt$")
+_BEST = re.compile(r"best-(\d{5})-(\d{6})\.safetensors$")
+
+
+def ckpt_key(epoch: int, step: int) -> str:
+    """``epoch`` = epochs completed; ``step`` = steps done in the next one (0 at an epoch end)."""
+    return f"{CHECKPOINTS}ckpt-{epoch:05d}-{step:06d}.pt"
+
+
+def best_key(epoch: int, step: int = 0) -> str:
+    return f"{CHECKPOINTS}best-{epoch:05d}-{step:06d}.safetensors"
+
+
+def rng_state() -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def to_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def from_bytes(data: bytes, device="cpu"):
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+
+
+class Checkpointer:
+    """Writes, lists, prunes and loads the checkpoints of one run."""
+
+    def __init__(self, outputs: RunOutputs, keep: int):
+        self.outputs = outputs
+        self.store = outputs.store
+        self.keep = keep
+        self._best_of: dict[str, str | None] = {}  # checkpoint key -> best key it refers to
+
+    def latest(self) -> str | None:
+        keys = [k for k in self.outputs.checkpoints() if _CKPT.search(k)]
+        return keys[-1] if keys else None
+
+    def load(self, key: str, device="cpu") -> dict:
+        state = from_bytes(self.store.read_bytes(key), device)
+        self._best_of[key] = state.get("best_key")
+        return state
+
+    def save(self, state: dict, epoch: int, step: int) -> str:
+        key = ckpt_key(epoch, step)
+        self.store.write_bytes(key, to_bytes({"format": FORMAT, **state}))
+        self._best_of[key] = state.get("best_key")
+        self._prune()
+        return key
+
+    def save_best(self, weights: dict, epoch: int, step: int = 0) -> str:
+        from safetensors.torch import save
+
+        key = best_key(epoch, step)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        self.store.write_bytes(key, save(tensors, metadata={"epoch": str(epoch)}))
+        return key
+
+    def load_weights(self, key: str) -> dict:
+        from safetensors.torch import load
+
+        return load(self.store.read_bytes(key))
+
+    def _prune(self) -> None:
+        ckpts = [k for k in self.outputs.checkpoints() if _CKPT.search(k)]
+        for old in ckpts[: -self.keep]:
+            self.store.delete(old)
+            self._best_of.pop(old, None)
+        kept = ckpts[-self.keep :]
+        if any(k not in self._best_of for k in kept):
+            return  # a kept checkpoint of an earlier attempt may need an older best file
+        needed = {self._best_of[k] for k in kept}
+        newest = max((b for b in needed if b), default=None)
+        for key in self.store.list(CHECKPOINTS):
+            # Best files newer than every checkpoint belong to the epoch being written now.
+            if _BEST.search(key) and key not in needed and (newest is None or key < newest):
+                self.store.delete(key)

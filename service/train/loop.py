@@ -1,0 +1,470 @@
+"""The fit loop. ``Trainer.fit`` reads like the recipe:
+
+    resume from the latest checkpoint, if any
+    for each epoch: train steps -> validate -> early stopping / next phase -> checkpoint
+    reload the best weights, evaluate test once, write best.safetensors, then summary.json
+
+Everything recipe-specific comes from ``recipes.Recipe``; everything the outside world sees goes
+through the ``Observer`` (status.json, progress bar, Prometheus) and ``RunOutputs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from service.errors import Interrupted, RetriableError
+from service.events import Observer, Progress
+from service.outputs import BEST, SUMMARY, RunOutputs
+from service.train import evaluate
+from service.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from service.train.recipes import Recipe, make_optimizer, make_scheduler
+
+SYNC_EVERY = 10  # steps between host syncs for the progress bar (a sync stalls the GPU queue)
+
+
+@dataclass
+class State:
+    """What a checkpoint restores besides the modules: where the run is and what it has seen."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # steps completed in the current epoch (non-zero only mid-epoch)
+    global_step: int = 0
+    phase_index: int = 0
+    best_top1: float = -1.0
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    best_key: str | None = None
+    bad_epochs: int = 0
+    train_seconds: float = 0.0
+    train_images: int = 0
+    stop_reason: str | None = None
+    records: list[dict] = field(default_factory=list)
+    partial: dict = field(default_factory=dict)  # mid-epoch accumulators
+
+
+@dataclass
+class Loaders:
+    train: Any
+    select: Any  # validation split (or test, when select_on='test')
+    test: Any
+
+
+@dataclass
+class Runtime:
+    """How to run on this device: decided once by the worker."""
+
+    device: torch.device
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        recipe: Recipe,
+        loaders: Loaders,
+        runtime: Runtime,
+        outputs: RunOutputs,
+        checkpointer: Checkpointer,
+        observer: Observer,
+        progress: Progress,
+        stop: threading.Event,
+        max_minutes: float | None = None,
+        lease=None,
+        summary_base: dict | None = None,
+    ):
+        self.model = model
+        self.recipe = recipe
+        self.loaders = loaders
+        self.rt = runtime
+        self.outputs = outputs
+        self.ckpt = checkpointer
+        self.observer = observer
+        self.progress = progress
+        self.stop = stop
+        self.max_seconds = max_minutes * 60 if max_minutes else None
+        self.lease = lease
+        self.summary_base = summary_base or {}
+        self.state = State()
+        self.steps_per_epoch = len(loaders.train)
+        self._attempt_start = time.perf_counter()
+        self._prepare_model()
+        self.forward = self._wrap(model)
+        self.ema = self._make_ema()
+        self._new_phase_optimizer()
+
+    # ------------------------------------------------------------------ the recipe, top down
+
+    def fit(self) -> dict:
+        self.resume()
+        self._phase("Training")
+        while not self.finished():
+            self.train_epoch()
+            val = self.validate()
+            self.end_epoch(val)
+            self.checkpoint()
+        return self.finish()
+
+    def finished(self) -> bool:
+        s = self.state
+        if s.stop_reason:
+            return True
+        if s.epoch >= self.recipe.max_epochs:
+            s.stop_reason = "max_epochs"
+        elif s.phase_index >= len(self.recipe.phases):
+            s.stop_reason = "plateau"
+        elif self._out_of_time():
+            s.stop_reason = "max_minutes"
+        return s.stop_reason is not None
+
+    def train_epoch(self) -> None:
+        s = self.state
+        self._set_train_mode()
+        acc = self._accumulators()
+        tick = time.perf_counter()
+        for x, y in self.loaders.train.epoch(s.epoch, start_step=s.step):
+            got = time.perf_counter()
+            loss, correct, n = self.train_step(x, y)
+            acc["loss_sum"] += loss.detach().float() * n
+            acc["correct"] += correct
+            acc["seen"] += n
+            s.step += 1
+            s.global_step += 1
+            done = time.perf_counter()
+            acc["seconds"] += done - tick
+            self._on_step(acc, seconds=done - tick, wait=got - tick, images=y.shape[0])
+            tick = done
+            if self.stop.is_set():
+                s.partial = acc
+                self.checkpoint()
+                raise Interrupted(
+                    f"stopped at epoch {s.epoch + 1} step {s.step}; checkpoint written, "
+                    "the next attempt resumes from it"
+                )
+            if self._out_of_time():
+                s.stop_reason = "max_minutes"
+                break
+        s.partial = {}
+        self._epoch_acc = acc
+        s.train_seconds += acc["seconds"]
+        s.train_images += acc["seen"]
+        if s.stop_reason is None:
+            s.epoch += 1
+            s.step = 0
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor):
+        if self.rt.world_size > 1:  # every rank sees the global batch; each takes its share
+            x, y = x[self.rt.rank :: self.rt.world_size], y[self.rt.rank :: self.rt.world_size]
+        if self.rt.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.rt.autocast():
+            out = self.forward(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=self.recipe.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.state.global_step)
+        return loss, (out.argmax(1) == y).sum(), y.shape[0]
+
+    def validate(self) -> dict | None:
+        if self.state.stop_reason is not None:
+            return None  # a partial epoch is not compared with full ones
+        logits, labels = evaluate.predict(
+            self.eval_model, self.loaders.select.epoch(0), autocast=self.rt.autocast
+        )
+        return evaluate.quick_metrics(logits, labels)
+
+    def end_epoch(self, val: dict | None) -> None:
+        """Record the epoch, keep the best weights, and apply the phase's stopping rule."""
+        if val is None:
+            return
+        s, phase = self.state, self.recipe.phases[self.state.phase_index]
+        improved = val["top1"] > s.best_top1 or (
+            val["top1"] == s.best_top1 and val["loss"] < s.best_loss
+        )
+        if improved:
+            s.best_top1, s.best_loss, s.best_epoch = val["top1"], val["loss"], s.epoch
+            s.bad_epochs = 0
+            if self.rt.is_main:
+                s.best_key = self.ckpt.save_best(self._eval_weights(), s.epoch)
+        else:
+            s.bad_epochs += 1
+        self._record(phase.name, val, improved)
+        if phase.until_plateau and s.bad_epochs >= self.recipe.patience:
+            s.phase_index += 1
+            s.bad_epochs = 0
+            if s.phase_index < len(self.recipe.phases):
+                if self.recipe.phases[s.phase_index].reload_best:
+                    self._load_best()
+                self._new_phase_optimizer()
+
+    def checkpoint(self) -> None:
+        if not self.rt.is_main:
+            return
+        if self.lease is not None and not self.lease.held():
+            raise RetriableError(f"{self.outputs.uri}: lost the run lease to another worker")
+        t0 = time.perf_counter()
+        self.ckpt.save(self.state_dict(), self.state.epoch, self.state.step)
+        self.observer.on_checkpoint(self.progress, seconds=time.perf_counter() - t0)
+
+    def finish(self) -> dict:
+        s = self.state
+        self._phase("Evaluating")
+        if s.best_key is not None:
+            self._load_best()
+        logits, labels = evaluate.predict(
+            self.eval_model, self.loaders.test.epoch(0), autocast=self.rt.autocast
+        )
+        test = evaluate.full_metrics(logits, labels)
+        if not self.rt.is_main:
+            return {}
+        self._phase("Uploading")
+        from safetensors.torch import save
+
+        weights = {k: v.detach().cpu().contiguous() for k, v in self._eval_weights().items()}
+        self.outputs.store.write_bytes(BEST, save(weights))
+        summary = self._summary(test)
+        self.outputs.write_json(SUMMARY, summary)  # last: its presence means "done"
+        self.progress.progress = 1.0
+        self.progress.eta_seconds = 0.0
+        self._phase("Succeeded")
+        self.observer.on_end(self.progress, summary)
+        return summary
+
+    # ------------------------------------------------------------------ checkpoint content
+
+    def state_dict(self) -> dict:
+        return {
+            "state": _plain(asdict(self.state)),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "rng": rng_state(),
+            "attempt": self.progress.attempt,
+            "best_key": self.state.best_key,
+        }
+
+    def resume(self) -> None:
+        key = self.ckpt.latest()
+        if key is None:
+            return
+        ckpt = self.ckpt.load(key, device=self.rt.device)
+        self.state = State(**ckpt["state"])
+        self.model.load_state_dict(ckpt["model"])
+        self._new_phase_optimizer()
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.ema is not None and ckpt["ema"] is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
+        set_rng_state(ckpt["rng"])
+        self.progress.attempt = int(ckpt.get("attempt", 0)) + 1
+        self._sync_progress()
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def _eval_weights(self) -> dict:
+        return self.eval_model.state_dict()
+
+    def _load_best(self) -> None:
+        weights = self.ckpt.load_weights(self.state.best_key)
+        self.eval_model.load_state_dict(weights)
+        if self.ema is not None:  # the next phase trains from the selected weights
+            self.model.load_state_dict(weights)
+
+    def _prepare_model(self) -> None:
+        model = self.model.to(self.rt.device)
+        if self.rt.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if self.recipe.freeze_backbone:
+            head = set(map(id, head_module(model).parameters()))
+            for p in model.parameters():
+                p.requires_grad_(id(p) in head)
+
+    def _wrap(self, model):
+        forward = model
+        if self.rt.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            forward = DDP(model, device_ids=ids)
+        if self.rt.compile:
+            forward = torch.compile(forward)
+        return forward
+
+    def _make_ema(self):
+        if not self.recipe.ema:
+            return None
+        from timm.utils import ModelEmaV3
+
+        # Warmup: with a few hundred steps a plain 0.999 average would still be the init.
+        return ModelEmaV3(self.model, decay=self.recipe.ema_decay, use_warmup=True)
+
+    def _new_phase_optimizer(self) -> None:
+        phase = self.recipe.phases[min(self.state.phase_index, len(self.recipe.phases) - 1)]
+        fused = self.rt.device.type == "cuda"
+        self.optimizer = make_optimizer(phase, self.model.parameters(), fused=fused)
+        self.scheduler = make_scheduler(phase, self.optimizer, self.recipe, self.steps_per_epoch)
+
+    def _set_train_mode(self) -> None:
+        # A linear probe keeps the whole backbone in eval mode: frozen means BatchNorm too.
+        self.model.train(not self.recipe.freeze_backbone)
+
+    def _accumulators(self) -> dict:
+        if self.state.partial:
+            return dict(self.state.partial)
+        zero = torch.zeros((), device=self.rt.device)
+        return {"loss_sum": zero.clone(), "correct": zero.clone().long(), "seen": 0, "seconds": 0.0}
+
+    def _out_of_time(self) -> bool:
+        if self.max_seconds is None:
+            return False
+        return self.state.train_seconds + self._epoch_seconds_so_far() >= self.max_seconds
+
+    def _epoch_seconds_so_far(self) -> float:
+        acc = getattr(self, "_live_acc", None)
+        return acc["seconds"] if acc else 0.0
+
+    def _on_step(self, acc: dict, *, seconds: float, wait: float, images: int) -> None:
+        self._live_acc = acc
+        p, s = self.progress, self.state
+        p.step = s.step
+        if s.step % SYNC_EVERY == 0 or s.step == self.steps_per_epoch:
+            p.train_loss = float(acc["loss_sum"]) / max(acc["seen"], 1)
+            p.images_per_second = acc["seen"] / max(acc["seconds"], 1e-9)
+            self._update_eta(s.epoch + s.step / max(self.steps_per_epoch, 1))
+        self.observer.on_step(p, seconds=seconds, wait_seconds=wait, images=images)
+
+    def _record(self, phase_name: str, val: dict, improved: bool) -> None:
+        acc, s = self._epoch_acc, self.state
+        self._live_acc = None
+        seen = max(acc["seen"], 1)
+        record = {
+            "epoch": s.epoch,
+            "phase": phase_name,
+            "train_loss": float(acc["loss_sum"]) / seen,
+            "train_top1": float(acc["correct"]) / seen,
+            "val_loss": val["loss"],
+            "val_top1": val["top1"],
+            "val_macro_f1": val["macro_f1"],
+            "improved": improved,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_seconds": acc["seconds"],
+            "images_per_second": acc["seen"] / max(acc["seconds"], 1e-9),
+        }
+        s.records.append(record)
+        if self.rt.is_main:
+            self.outputs.write_metrics(s.records)
+        self.progress.val_top1 = val["top1"]
+        self._sync_progress()
+        self.observer.on_epoch(self.progress, record)
+
+    def _sync_progress(self) -> None:
+        p, s = self.progress, self.state
+        p.epoch, p.step, p.max_epochs = s.epoch, s.step, self.recipe.max_epochs
+        p.steps_per_epoch = self.steps_per_epoch
+        p.best_val_top1 = s.best_top1 if s.best_top1 >= 0 else None
+        phase = self.recipe.phases[min(s.phase_index, len(self.recipe.phases) - 1)]
+        p.recipe_phase = phase.name
+        if s.records:
+            p.train_loss = s.records[-1]["train_loss"]
+            p.val_top1 = s.records[-1]["val_top1"]
+            p.images_per_second = s.records[-1]["images_per_second"]
+        self._update_eta(s.epoch)
+
+    def _update_eta(self, epochs_done: float) -> None:
+        p, s = self.progress, self.state
+        p.progress = min(epochs_done / self.recipe.max_epochs, 1.0)
+        seconds = s.train_seconds + self._epoch_seconds_so_far()
+        if epochs_done > 0 and seconds > 0:
+            per_epoch = seconds / epochs_done
+            p.eta_seconds = per_epoch * max(self.recipe.max_epochs - epochs_done, 0.0)
+
+    def _phase(self, phase: str) -> None:
+        self.progress.phase = phase  # type: ignore[assignment]
+        self.observer.on_phase(self.progress)
+
+    def _summary(self, test: dict) -> dict:
+        s = self.state
+        seconds = s.train_seconds
+        gpus = self.rt.world_size if self.rt.device.type == "cuda" else 0
+        return {
+            **self.summary_base,
+            "test": test,
+            "best_epoch": s.best_epoch,
+            "epochs_run": len(s.records),
+            "best_val_top1": s.best_top1 if s.best_top1 >= 0 else None,
+            "stop_reason": s.stop_reason,
+            "train_seconds": seconds,
+            "gpu_hours": seconds * gpus / 3600,
+            "images_per_second": s.train_images / seconds if seconds else None,
+            "peak_memory_bytes": peak_memory_bytes(self.rt.device),
+            "device": device_name(self.rt.device),
+            "num_gpus": gpus,
+            "attempts": self.progress.attempt,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+
+def head_module(model) -> torch.nn.Module:
+    """The classifier: timm's get_classifier(), else the last Linear layer (torchvision)."""
+    if hasattr(model, "get_classifier"):
+        return model.get_classifier()
+    from service.models import _last_linear
+
+    return _last_linear(model)[1]
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def _plain(obj):
+    """Tensors stay tensors; everything else becomes a primitive the safe unpickler accepts."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    return obj

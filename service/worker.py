@@ -1,0 +1,450 @@
+"""The worker: the composition root of one training process (``python -m service.worker``).
+
+The Kubernetes pod runs it with the spec in ``BACKBONES_SPEC`` (a Study pod picks its cell by
+``JOB_COMPLETION_INDEX``); ``backbones run`` calls ``run_cell`` for each cell on this machine.
+It wires spec -> data -> model -> trainer -> outputs, and turns errors into the exit codes of the
+Job contract: 0 done, 2 bad spec or data (never retried), 75 retry (preempted, storage down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.errors import (
+    EXIT_OK,
+    EXIT_RETRY,
+    EXIT_USER,
+    BackbonesError,
+    Interrupted,
+    RetriableError,
+    UserError,
+)
+from service.events import Observer, Observers, Progress
+from service.outputs import ENV, SPEC, SUMMARY, RunOutputs
+from service.spec import FineTune, SpecError, Study, loads_spec
+from service.storage import open_store
+
+log = logging.getLogger("backbones.worker")
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    uri: str  # where the outputs are
+    summary: dict
+    skipped: bool = False  # already complete
+
+
+# ------------------------------------------------------------------------------------------
+# Spec and cell selection
+# ------------------------------------------------------------------------------------------
+
+
+def read_spec(path: str | None) -> FineTune | Study:
+    """The spec from ``--spec FILE``, else from ``$BACKBONES_SPEC`` (JSON text)."""
+    try:
+        if path:
+            text = Path(path).read_text(encoding="utf-8")
+        else:
+            text = os.environ.get("BACKBONES_SPEC", "")
+            if not text.strip():
+                raise UserError("no spec: pass --spec FILE or set BACKBONES_SPEC to the spec JSON")
+        return loads_spec(text)
+    except SpecError as e:
+        raise UserError(f"{path or 'BACKBONES_SPEC'}: {e}") from None
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror or e}") from None
+
+
+def pick_cell(spec: FineTune | Study) -> FineTune:
+    if isinstance(spec, FineTune):
+        return spec
+    from service.study import expand
+
+    cells = expand(spec)
+    raw = os.environ.get("JOB_COMPLETION_INDEX")
+    if raw is None:
+        raise UserError(
+            f"Study {spec.name!r}: a worker runs one cell; set JOB_COMPLETION_INDEX "
+            f"(0-{len(cells) - 1}) or use `backbones run` for every cell"
+        )
+    try:
+        index = int(raw)
+    except ValueError:
+        raise UserError(f"JOB_COMPLETION_INDEX must be an integer, got {raw!r}") from None
+    if not 0 <= index < len(cells):
+        raise UserError(f"JOB_COMPLETION_INDEX {index} is out of range 0-{len(cells) - 1}")
+    return cells[index]
+
+
+# ------------------------------------------------------------------------------------------
+# One run
+# ------------------------------------------------------------------------------------------
+
+
+def run_outputs(spec: FineTune) -> RunOutputs:
+    return RunOutputs(open_store(spec.output.uri, spec.storage).child(spec.run_id))
+
+
+def check_previous(spec: FineTune, outputs: RunOutputs, *, force: bool) -> dict | None:
+    """The summary when this very spec already completed; refuse another spec's outputs."""
+    summary = outputs.summary()
+    previous = summary or outputs.read_json(SPEC)
+    if previous is not None:
+        old_hash = previous.get("spec_hash") or _hash_of(previous)
+        if old_hash != spec.spec_hash:
+            if not force:
+                raise UserError(
+                    f"{outputs.uri} holds the outputs of a different spec (spec hash {old_hash}, "
+                    f"this one {spec.spec_hash}); change output.uri or name, or pass --force "
+                    "to overwrite them"
+                )
+            wipe(outputs)
+            return None
+        if summary is not None:
+            if not force:
+                return summary
+            wipe(outputs)
+    return None
+
+
+def _hash_of(spec_json: dict) -> str | None:
+    try:
+        return FineTune.model_validate(spec_json).spec_hash
+    except Exception:
+        return None
+
+
+def wipe(outputs: RunOutputs) -> None:
+    """Start over (--force): delete the run's files, checkpoints included."""
+    for key in outputs.store.list(""):
+        if key != "lock.json":
+            outputs.store.delete(key)
+
+
+def cache_root(spec: FineTune, override: Path | None) -> Path:
+    from service.models import default_cache_dir
+
+    if override is not None:
+        return Path(override)
+    return Path(spec.storage.cache_dir) if spec.storage.cache_dir else default_cache_dir()
+
+
+def run_cell(
+    spec: FineTune,
+    *,
+    force: bool = False,
+    cache_dir: Path | None = None,
+    observers: list[Observer] | None = None,
+    stop: threading.Event | None = None,
+) -> Outcome:
+    """Run (or resume, or skip) one FineTune. Raises UserError / RetriableError / Interrupted."""
+    outputs = run_outputs(spec)
+    done = check_previous(spec, outputs, force=force)
+    if done is not None:
+        return Outcome(spec.run_id, outputs.uri, done, skipped=True)
+
+    from service.lease import Lease
+
+    dist = distributed_env()
+    lease = Lease(outputs.store) if dist.rank == 0 else None
+    progress = Progress(run_id=spec.run_id, max_epochs=spec.protocol.max_epochs)
+    observer = Observers(*(observers or [])) if dist.rank == 0 else Observer()
+    if dist.rank == 0:
+        from service.status import StatusObserver
+
+        observer.observers.insert(0, StatusObserver(outputs))
+        observer.observers.extend(_prometheus(spec))
+    stop = stop or threading.Event()
+    with contextlib.ExitStack() as stack:
+        if lease is not None:
+            stack.enter_context(lease)
+        try:
+            summary = _train(spec, outputs, progress, observer, stop, cache_dir, dist, lease)
+        except BaseException as e:
+            _fail(progress, observer, e)
+            raise
+        finally:
+            observer.close()
+    return Outcome(spec.run_id, outputs.uri, summary)
+
+
+def _fail(progress: Progress, observer: Observer, e: BaseException) -> None:
+    """Record why the run stopped: Failed for a bad input or a bug, Pending when it resumes."""
+    if isinstance(e, Interrupted | KeyboardInterrupt):
+        progress.phase = "Pending"
+        progress.error = str(e) or "interrupted"
+    else:
+        progress.phase = "Failed"
+        progress.error = one_line(e)
+    try:
+        observer.on_phase(progress)
+        observer.on_end(progress, None)
+    except Exception:
+        pass
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if isinstance(e, BackbonesError) else f"{type(e).__name__}: {text}"
+
+
+def _train(spec, outputs, progress, observer, stop, cache_dir, dist, lease) -> dict:
+    from service import models
+    from service.data import BatchLoader, prepare
+    from service.train import Loaders, Trainer, recipe_for, runtime_for
+    from service.train.checkpoint import Checkpointer
+
+    p = spec.protocol
+    if dist.rank == 0:
+        outputs.write_json(SPEC, {**json.loads(spec.to_json()), "spec_hash": spec.spec_hash})
+    observer.on_phase(progress)  # Pending
+
+    # Data: fetch (S3 only), decode once into the cache, split.
+    progress.phase = "Downloading"
+    observer.on_phase(progress)
+    cache = cache_root(spec, cache_dir)
+    local = None
+    if spec.dataset.uri.startswith("s3://"):
+        from service.storage.fetch import fetch_dataset
+
+        local = fetch_dataset(spec, cache, observer)
+    data = prepare(spec, cache, local_path=local, observer=observer)
+
+    # Model: seeded, so the head's init is the same on every attempt and every machine.
+    rt = runtime_for(p, dist)
+    seed_everything(p.seed)
+    built = models.build(spec.backbone, len(data.classes), cache_dir=cache, storage=spec.storage)
+    mean, std = (built.mean, built.std) if p.normalize == "pretrained" else (data.mean, data.std)
+
+    recipe = recipe_for(p)
+    n_train = len(data.train)
+    loader = dict(device=rt.device, mean=mean, std=std, seed=p.seed)
+    loaders = Loaders(
+        train=BatchLoader(
+            data.train,
+            p.batch_size,
+            shuffle=True,
+            augment=recipe.augment,
+            drop_last=n_train > p.batch_size,  # a 1-image last batch breaks BatchNorm
+            **loader,
+        ),
+        select=BatchLoader(
+            data.test if p.select_on == "test" else data.val,
+            p.batch_size,
+            shuffle=False,
+            augment=False,
+            **loader,
+        ),
+        test=BatchLoader(data.test, p.batch_size, shuffle=False, augment=False, **loader),
+    )
+    params = models.count_params(built.model)
+    gmacs = _gmacs(spec, built.model, rt)
+    if dist.rank == 0:
+        outputs.write_json(ENV, environment(spec, rt, data, built, mean, std))
+
+    summary_base = {
+        "run_id": spec.run_id,
+        "name": spec.name,
+        "study": spec.study,
+        "spec_hash": spec.spec_hash,
+        "backbone": spec.backbone.model,
+        "weights": spec.backbone.weights,
+        "dataset": spec.dataset.short_name,
+        "domain": spec.dataset.domain,
+        "recipe": p.recipe,
+        "seed": p.seed,
+        "train_fraction": spec.dataset.train_fraction,
+        "select_on": p.select_on,
+        "classes": list(data.classes),
+        "n_train": n_train,
+        "n_val": len(data.val),
+        "n_test": len(data.test),
+        "params": params,
+        "gmacs": gmacs,
+    }
+    if p.select_on == "test":
+        summary_base["warning"] = (
+            "select_on=test: the test split picked the checkpoint and stopped training (the "
+            "paper's protocol); test figures are optimistic"
+        )
+    trainer = Trainer(
+        model=built.model,
+        recipe=recipe,
+        loaders=loaders,
+        runtime=rt,
+        outputs=outputs,
+        checkpointer=Checkpointer(outputs, spec.output.keep_checkpoints),
+        observer=observer,
+        progress=progress,
+        stop=stop,
+        max_minutes=p.max_minutes,
+        lease=lease,
+        summary_base=summary_base,
+    )
+    return trainer.fit()
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _gmacs(spec: FineTune, model, rt) -> float | None:
+    from service.models import catalog_entry, measure_gmacs
+
+    entry = catalog_entry(spec.backbone.model)
+    hw = spec.protocol.hw
+    if entry is not None and entry.gmacs and hw == (entry.input_size, entry.input_size):
+        return entry.gmacs
+    try:
+        return round(measure_gmacs(model.to(rt.device), hw, rt.device), 6)
+    except Exception as e:  # a counting failure must not fail the run
+        log.warning("could not count MACs: %s", e)
+        return None
+
+
+def environment(spec, rt, data, built, mean, std) -> dict:
+    import numpy
+    import timm
+    import torch
+    import torchvision
+
+    from service.train.loop import device_name
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "device": device_name(rt.device),
+        "precision": "bf16" if rt.bf16 else "fp32",
+        "world_size": rt.world_size,
+        "seed": spec.protocol.seed,
+        "data_content_hash": data.content_hash,
+        "val_source": data.val_source,
+        "normalize": {"by": spec.protocol.normalize, "mean": list(mean), "std": list(std)},
+        "model_source": built.source,
+        "weights": built.weights,
+        "weights_sha256": built.weights_sha256,
+        "host": platform.node(),
+        "image": os.environ.get("BACKBONES_IMAGE"),
+    }
+
+
+def _prometheus(spec: FineTune) -> list[Observer]:
+    if spec.metrics.port == 0 and not spec.metrics.pushgateway_url:
+        return []
+    try:
+        from service.metrics import PrometheusObserver
+    except ImportError:
+        return []
+    return [
+        PrometheusObserver(
+            spec, port=spec.metrics.port, pushgateway_url=spec.metrics.pushgateway_url
+        )
+    ]
+
+
+# ------------------------------------------------------------------------------------------
+# Distributed (torchrun) and signals
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+
+def distributed_env() -> DistEnv:
+    """torchrun's environment; a plain process is rank 0 of 1."""
+    return DistEnv(
+        rank=int(os.environ.get("RANK", "0")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+    )
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event):
+    """SIGTERM (Kubernetes preemption) and SIGINT set ``stop``: the trainer checkpoints at the
+    next step and raises Interrupted. A second SIGINT interrupts at once."""
+
+    def handler(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# ------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.worker", description=__doc__)
+    parser.add_argument("--spec", help="spec file (default: $BACKBONES_SPEC)")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return work(args.spec, cache_dir=args.cache_dir, force=args.force)
+
+
+def work(
+    spec_path: str | None,
+    *,
+    cache_dir: Path | None = None,
+    force: bool = False,
+    observers: list[Observer] | None = None,
+) -> int:
+    """Run the worker's one cell; return the exit code (errors as one line on stderr)."""
+    stop = threading.Event()
+    try:
+        spec = pick_cell(read_spec(spec_path))
+        with stop_on_signals(stop):
+            outcome = run_cell(
+                spec, force=force, cache_dir=cache_dir, observers=observers, stop=stop
+            )
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER
+    except RetriableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RETRY
+    if outcome.skipped:
+        print(f"{outcome.run_id}: already complete ({outcome.uri}/{SUMMARY})")
+    else:
+        print(f"{outcome.run_id}: done, test top-1 {outcome.summary['test']['top1']:.4f}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
