@@ -31,7 +31,8 @@ _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".npz", ".h5", ".hdf5")
 
 class _Section(BaseModel):
     # Unknown keys are errors, not silently ignored: a typo in `patience` must not train for days.
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # NaN and Infinity parse as JSON numbers in Python; no field of a spec means them.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,6 +68,8 @@ class Backbone(_Section):
         if v in ("none", "timm") or v.endswith(".safetensors"):
             if "://" in v and not v.startswith(("s3://", "file://")):
                 raise ValueError(f"weights URI must be s3:// or a local path, got {v!r}")
+            if v.startswith("s3://") and not urlparse(v).netloc:
+                raise ValueError(f"s3:// URI needs a bucket, got {v!r}")
             return v
         raise ValueError(
             f"must be 'none', 'timm', or a path or s3:// URI of a .safetensors file, got {v!r}"
@@ -285,9 +288,15 @@ class Output(_Section):
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        scheme = urlparse(v).scheme
-        if scheme not in ("", "s3", "file") and not re.match(r"^[a-zA-Z]:[\\/]", v):
-            raise ValueError(f"unsupported scheme {scheme + '://'!r}; use s3:// or a local path")
+        parsed = urlparse(v)
+        if parsed.scheme not in ("", "s3", "file") and not re.match(r"^[a-zA-Z]:[\\/]", v):
+            raise ValueError(
+                f"unsupported scheme {parsed.scheme + '://'!r}; use s3:// or a local path"
+            )
+        if parsed.scheme == "s3" and not parsed.netloc:
+            raise ValueError(f"s3:// URI needs a bucket, got {v!r}")
+        if not v.strip():
+            raise ValueError("must not be empty")
         return v
 
 
@@ -616,6 +625,8 @@ _CREDENTIAL_KEY = re.compile(
     r"(secret|password|passwd|token|access_?key|session_?key|private_?key|credentials?$)", re.I
 )
 _URL_WITH_PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]*@", re.I)
+# An AWS access key id pasted into any value (AKIA: long-term, ASIA: temporary).
+_AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
 
 
 def _find_literal_credentials(data: Any, path: str = "") -> list[tuple[str, str]]:
@@ -634,26 +645,33 @@ def _find_literal_credentials(data: Any, path: str = "") -> list[tuple[str, str]
     elif isinstance(data, list):
         for i, value in enumerate(data):
             found.extend(_find_literal_credentials(value, f"{path}.{i}"))
-    elif isinstance(data, str) and _URL_WITH_PASSWORD.match(data):
+    elif isinstance(data, str) and (_URL_WITH_PASSWORD.match(data) or _AWS_KEY_ID.search(data)):
         found.append((path, hint))
     return found
+
+
+_TOO_DEEP = "malformed spec: JSON nested too deeply"
 
 
 def parse_spec(data: Any) -> FineTune | Study:
     """Validate a decoded JSON document. Raises SpecError naming each bad field."""
     if not isinstance(data, dict):
         raise SpecError([("", f"a spec must be a JSON object, got {type(data).__name__}")])
-    secrets = _find_literal_credentials(data)
+    try:
+        secrets = _find_literal_credentials(data)
+    except RecursionError:
+        raise SpecError([("", _TOO_DEEP)]) from None
     if secrets:
         raise SpecError(secrets)
     kind = data.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         from service.suggest import did_you_mean
 
         msg = (
             "required field is missing"
             if kind is None
-            else f"must be 'FineTune' or 'Study', got {kind!r}"
+            else "must be 'FineTune' or 'Study', got "
+            + (repr(kind) if isinstance(kind, str) else json.dumps(kind))[:80]
         )
         if isinstance(kind, str):
             msg += did_you_mean(kind, list(KINDS), quote=True)
@@ -675,6 +693,8 @@ def loads_spec(text: str) -> FineTune | Study:
         raise SpecError(
             [("", f"line {e.lineno}, column {e.colno}: malformed JSON: {e.msg}")]
         ) from None
+    except RecursionError:
+        raise SpecError([("", _TOO_DEEP)]) from None
     return parse_spec(data)
 
 

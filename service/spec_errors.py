@@ -66,8 +66,14 @@ def _fmt(v: Any) -> str:
     )
 
 
+def _bound(v: Any) -> Any:
+    """``0`` rather than ``0.0`` in "must be > 0": bounds of float fields are typed as floats."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
 def _message(err: dict[str, Any]) -> str:
-    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    kind, value = err["type"], err.get("input")
+    ctx = {k: _bound(v) for k, v in (err.get("ctx") or {}).items()}
     if kind == "greater_than":
         return f"must be > {ctx['gt']}, got {_fmt(value)}"
     if kind == "greater_than_equal":
@@ -94,6 +100,10 @@ def _message(err: dict[str, Any]) -> str:
         return f"must be an object, got {type(value).__name__}"
     if kind == "list_type":
         return f"must be a list, got {type(value).__name__}"
+    if kind == "finite_number":
+        return f"must be a finite number, got {_fmt(value)}"
+    if kind == "too_long":
+        return f"must have at most {ctx['max_length']} item(s), got {ctx.get('actual_length')}"
     if kind == "value_error":
         return str(ctx.get("error", err["msg"]))
     return err["msg"][0].lower() + err["msg"][1:]
@@ -116,7 +126,13 @@ def problems_from(
     error: ValidationError, root: type[BaseModel], data: Any
 ) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
-    for err in _dedupe_union(error.errors(include_url=False)):
+    # Report in the order the keys appear in the document, as a person reads it.
+    order = {k: i for i, k in enumerate(data)} if isinstance(data, dict) else {}
+    errors = sorted(
+        _dedupe_union(error.errors(include_url=False)),
+        key=lambda e: order.get(e["loc"][0], len(order)) if e["loc"] else -1,
+    )
+    for err in errors:
         loc = err["loc"]
         if err["type"] == "extra_forbidden":
             parent = _model_at(root, loc[:-1])
