@@ -1,0 +1,95 @@
+"""report, recommend: read a study's outputs and say which backbone to use (no torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from service.cli._app import app, edge
+from service.errors import UserError
+
+_URI_HELP = (
+    "The study's output prefix: its output.uri (local folder or s3://bucket/prefix) or the "
+    "<study> folder under it."
+)
+_SPEC_HELP = (
+    "The Study spec: lists the expected cells exactly, so missing ones are named (else the "
+    "grid is inferred from the outputs); its storage section reaches S3."
+)
+
+
+def _study(path: Path | None):
+    if path is None:
+        return None
+    from service.spec import SpecError, Study, load_spec
+
+    try:
+        spec = load_spec(path)
+    except SpecError as e:
+        raise UserError(f"{path}: {e}") from None
+    if not isinstance(spec, Study):
+        raise UserError(f"{path}: --spec needs a Study spec, got kind {spec.kind!r}")
+    return spec
+
+
+@app.command()
+def report(
+    uri: str = typer.Argument(..., help=_URI_HELP),
+    out: Path = typer.Option(Path("report"), "--out", help="Folder for the report files."),
+    spec: Path | None = typer.Option(None, "--spec", help=_SPEC_HELP),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw the PNG figures."),
+) -> None:
+    """Write leaderboard.csv/.json, report.md and a self-contained report.html for a study."""
+    from service.report import build_report
+
+    with edge():
+        study = _study(spec)
+        written = build_report(
+            uri, out, study=study, storage=study.storage if study else None, plots=plots
+        )
+        c = written.report.counts
+        typer.echo(
+            f"{c['done']}/{c['cells']} cells done: {c['failed']} failed, {c['incomplete']} not "
+            f"finished, {c['missing']} missing, {c['unreadable']} unreadable "
+            f"({c['datasets']} datasets, {c['backbones']} backbones)"
+        )
+        if written.report.leaky_runs:
+            typer.echo(
+                f"warning: {len(written.report.leaky_runs)} run(s) selected on the test split "
+                "(leaky); see the report"
+            )
+        for path in written.files:
+            typer.echo(f"wrote {path}")
+
+
+@app.command()
+def recommend(
+    uri: str = typer.Argument(..., help=_URI_HELP),
+    dataset: str = typer.Option(..., "--dataset", help="Dataset short name, as in run ids."),
+    max_gmacs: float | None = typer.Option(
+        None, "--max-gmacs", min=0, help="Only backbones with at most this many GMACs per image."
+    ),
+    max_params: float | None = typer.Option(
+        None, "--max-params", min=0, help="Only backbones with at most this many million params."
+    ),
+    fraction: float | None = typer.Option(
+        None, "--fraction", help="Train fraction to judge on; default the dataset's largest."
+    ),
+    spec: Path | None = typer.Option(None, "--spec", help=_SPEC_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
+) -> None:
+    """The best backbone for a dataset within limits, and the runners-up not significantly worse."""
+    from service.recommend import format_text
+    from service.recommend import recommend as pick
+    from service.report import load
+
+    with edge():
+        study = _study(spec)
+        _, rep = load(uri, study=study, storage=study.storage if study else None)
+        rec = pick(rep, dataset, max_gmacs=max_gmacs, max_params=max_params, fraction=fraction)
+        if as_json:
+            typer.echo(json.dumps(rec.to_dict(), indent=2))
+        else:
+            typer.echo(format_text(rec))
