@@ -111,6 +111,32 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def scan_layout(src: Path) -> dict[str, list[Item]]:
+    """The images of ``src`` as they lie: {train, val?, test?} for an ImageFolder, or
+    {"all": ...} for one folder of class subfolders."""
+    src = Path(src)
+    if not src.is_dir():
+        raise UserError(f"{src}: not a folder (expected an ImageFolder or class subfolders)")
+    subdirs = {p.name.lower(): p for p in _class_dirs(src)}
+    split_dirs = {SPLIT_ALIASES[n]: p for n, p in subdirs.items() if n in SPLIT_ALIASES}
+    if "train" in split_dirs:
+        splits = {
+            split: [i for c in _class_dirs(d) for i in _class_items(c)]
+            for split, d in sorted(split_dirs.items())
+        }
+        _check_classes(src, splits)
+        return splits
+    if split_dirs:
+        raise UserError(
+            f"{src}: has {', '.join(sorted(split_dirs))}/ but no train/ (an ImageFolder needs "
+            "train/<class>/ folders)"
+        )
+    items = [i for c in _class_dirs(src) for i in _class_items(c)]
+    if not items:
+        raise UserError(f"{src}: no images found in class subfolders (<class>/<image>)")
+    return {"all": items}
+
+
 def scan(
     src: Path,
     *,
@@ -120,36 +146,22 @@ def scan(
 ) -> dict[str, list[Item]]:
     """The images of ``src`` by split: an ImageFolder with train/ (val/) test/, or one folder of
     class subfolders split stratified by ``test_fraction`` / ``val_fraction`` and ``seed``."""
-    src = Path(src)
-    if not src.is_dir():
-        raise UserError(f"{src}: not a folder (expected an ImageFolder or class subfolders)")
-    subdirs = {p.name.lower(): p for p in _class_dirs(src)}
-    split_dirs = {SPLIT_ALIASES[n]: p for n, p in subdirs.items() if n in SPLIT_ALIASES}
-    if "train" in split_dirs:
+    layout = scan_layout(src)
+    if "all" not in layout:
         if test_fraction is not None or val_fraction is not None:
             raise UserError(
-                f"{src}: already split into {', '.join(sorted(split_dirs))}/; "
+                f"{src}: already split into {', '.join(sorted(layout))}/; "
                 "--test-fraction/--val-fraction apply to one folder of class subfolders"
             )
-        splits = {}
-        for split, d in sorted(split_dirs.items()):
-            splits[split] = [i for c in _class_dirs(d) for i in _class_items(c)]
-        _check_classes(src, splits)
-        return splits
-    if split_dirs:
-        raise UserError(
-            f"{src}: has {', '.join(sorted(split_dirs))}/ but no train/ (an ImageFolder needs "
-            "train/<class>/ folders)"
-        )
-    by_class = {c.name: _class_items(c) for c in _class_dirs(src)}
-    by_class = {c: items for c, items in by_class.items() if items}
-    if not by_class:
-        raise UserError(f"{src}: no images found in class subfolders (<class>/<image>)")
+        return layout
     if test_fraction is None:
         raise UserError(
             f"{src}: one folder of class subfolders has no test split; pass --test-fraction "
             "(and optionally --val-fraction) to carve stratified splits"
         )
+    by_class: dict[str, list[Item]] = {}
+    for item in layout["all"]:
+        by_class.setdefault(item.cls, []).append(item)
     return stratified_split(by_class, test_fraction, val_fraction or 0.0, seed)
 
 

@@ -1,0 +1,137 @@
+"""``backbones weights push MODEL DEST``: pretrained weights into S3, for air-gapped clusters.
+
+MODEL is a timm model name (its ImageNet weights are downloaded from the Hugging Face hub, so
+run this where the hub is reachable) or a local file (``.safetensors`` as is; ``.pt``/``.pth``/
+``.bin`` state dicts are loaded with ``weights_only=True`` and converted). The object is always
+safetensors, never a pickle, and a ``<key>.sha256`` sidecar (``sha256sum`` format) lets the
+worker's ``fetch_weights`` verify what it downloads. Point a spec at it with
+``"backbone": {"weights": "s3://…/model.safetensors"}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from service.errors import UserError
+from service.storage import open_store
+
+if TYPE_CHECKING:
+    from service.spec import Storage
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass
+class Pushed:
+    uri: str
+    sha256: str
+    size: int
+    tensors: int
+    source: str
+
+
+def destination(model: str, dest: str) -> tuple[str, str]:
+    """(parent URI, object name): DEST itself when it names a .safetensors file, else
+    ``DEST/<model>.safetensors``."""
+    if dest.endswith(".safetensors"):
+        parent, _, name = dest.rpartition("/")
+        return parent or ".", name
+    stem = Path(model).stem if Path(model).suffix else model
+    return dest.rstrip("/") or ".", f"{stem.replace('/', '_').replace(':', '_')}.safetensors"
+
+
+def push_weights(model: str, dest: str, storage: Storage | None = None) -> Pushed:
+    parent, name = destination(model, dest)
+    with tempfile.TemporaryDirectory(prefix="backbones-weights-") as tmp:
+        path = Path(tmp) / name
+        local = Path(model).expanduser()
+        if local.is_file():
+            tensors, source = _from_file(local, path)
+        elif local.suffix in (".safetensors", *PICKLE_SUFFIXES) or "/" in model:
+            raise UserError(f"{model}: no such file")
+        else:
+            tensors, source = _from_timm(model, path)
+        sha = _sha256(path)
+        store = open_store(parent, storage)
+        store.upload_file(path, name)
+        store.write_bytes(name + ".sha256", f"{sha}  {name}\n".encode())
+        return Pushed(
+            uri=f"{store.uri.rstrip('/')}/{name}",
+            sha256=sha,
+            size=path.stat().st_size,
+            tensors=tensors,
+            source=source,
+        )
+
+
+def _from_file(src: Path, out: Path) -> tuple[int, str]:
+    if src.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(src), "pt") as f:
+                n = len(list(f.keys()))
+        except Exception as e:
+            raise UserError(f"{src}: not a readable safetensors file ({e})") from None
+        out.write_bytes(src.read_bytes())
+        return n, str(src)
+    if src.suffix in PICKLE_SUFFIXES:
+        import torch
+
+        try:
+            obj = torch.load(src, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(
+                f"{src}: cannot load as a plain state dict (weights_only=True): {type(e).__name__}"
+            ) from None
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        return _save(obj, out, str(src)), str(src)
+    raise UserError(f"{src}: expected a .safetensors, .pt, .pth or .bin file")
+
+
+def _from_timm(model: str, out: Path) -> tuple[int, str]:
+    import timm
+
+    if not timm.is_model(model):
+        raise UserError(f"{model}: not a timm model name and not a local file")
+    try:
+        net = timm.create_model(model, pretrained=True)
+    except Exception as e:
+        raise UserError(
+            f"{model}: cannot download pretrained weights from the Hugging Face hub "
+            f"({type(e).__name__}); where the hub is unreachable, push a local .safetensors "
+            "or .pth file instead"
+        ) from None
+    tag = getattr(net, "pretrained_cfg", {}).get("hf_hub_id") or model
+    return _save(net.state_dict(), out, model), f"timm:{tag}"
+
+
+def _save(state: object, out: Path, where: str) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"{where}: not a state dict of tensors")
+    tensors = {}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise UserError(f"{where}: entry {k!r} is not a tensor")
+        # Clone: safetensors refuses tensors that share storage (tied weights).
+        tensors[str(k)] = v.detach().contiguous().clone()
+    save_file(tensors, str(out))
+    return len(tensors)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
