@@ -1,0 +1,312 @@
+"""``prepare``: a FineTune's dataset -> decoded, split ``Prepared`` tensors.
+
+Steps: resolve the source to a ``Catalog`` (no decoding) -> find or build the decoded cache
+``<cache_dir>/decoded/v1/<content hash>-<H>x<W>.npy`` (every image decoded once, in parallel,
+written to a temporary file and renamed when complete) -> split (test, val, subsample) on labels
+only -> slice the cache into ``Split`` tensors -> train channel statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+
+from service.data import decode as decoding
+from service.data import sources, splits
+from service.data.archive import is_archive, safe_extract
+from service.data.types import Prepared, Split
+from service.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DECODE_VERSION = "v1"  # bump when decoding rules change: old caches are then ignored
+# Decoded caches up to this size are read into memory; larger ones stay memory-mapped.
+MEMORY_LIMIT_BYTES = int(os.environ.get("BACKBONES_DATA_MEMORY_LIMIT", 4 << 30))
+MAX_MEMBER_BYTES = 1 << 30  # one file inside an archive
+MAX_ARCHIVE_TOTAL_BYTES = 1 << 40  # also capped by the free disk space at extraction
+DEFAULT_BUILTIN_TEST_FRACTION = 0.2
+_ROWS_PER_TASK = 64
+
+
+def _workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(32, cores or 1))
+
+
+def prepare(spec, cache_dir: Path, *, local_path: Path | None = None, observer=None) -> Prepared:
+    """Resolve, decode (once; cached), split and subsample ``spec.dataset``.
+
+    ``local_path`` is what the storage layer fetched for an s3:// URI: an ImageFolder folder, a
+    packed folder with manifest.json, or an archive file. Raises UserError naming the file or
+    class on bad data.
+    """
+    ds, hw, seed = spec.dataset, tuple(spec.protocol.hw), spec.protocol.seed
+    cache_dir = Path(cache_dir)
+    catalog = resolve(ds, cache_dir, local_path)
+    t0 = time.perf_counter()
+    images, path, hit = decoded_cache(catalog, cache_dir, hw)
+    decode_seconds = time.perf_counter() - t0
+    idx, val_source, test_source = assign_splits(catalog, ds, seed)
+
+    def split(name: str) -> Split:
+        return _split(images, catalog, idx[name])
+
+    train = split("train")
+    mean, std = channel_stats(train.images)
+    log.info(
+        "dataset %s: %d train / %d val / %d test, %d classes, decode %s in %.1fs",
+        catalog.where,
+        len(idx["train"]),
+        len(idx["val"]),
+        len(idx["test"]),
+        len(catalog.classes),
+        "cached" if hit else "done",
+        decode_seconds,
+    )
+    return Prepared(
+        train=train,
+        val=split("val"),
+        test=split("test"),
+        classes=list(catalog.classes),
+        mean=mean,
+        std=std,
+        content_hash=catalog.content_hash,
+        val_source=val_source,
+        source_kind=catalog.kind,
+        cache_path=str(path),
+        cache_hit=hit,
+        decode_seconds=decode_seconds,
+        test_source=test_source,
+        notes=catalog.notes,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Resolve
+# --------------------------------------------------------------------------------------------
+
+
+def resolve(ds, cache_dir: Path, local_path: Path | None = None) -> sources.Catalog:
+    """The dataset's catalog, from its URI or from what storage fetched for it."""
+    uri = ds.uri
+    parsed = urlparse(uri)
+    if parsed.scheme == "builtin":
+        if parsed.netloc != "digits":
+            raise UserError(f"dataset.uri: unknown builtin dataset {uri!r}")
+        return sources.scan_digits()
+    if local_path is None:
+        if parsed.scheme == "s3":
+            raise UserError(f"dataset.uri: {uri} must be fetched to local disk before prepare")
+        local_path = Path(parsed.path if parsed.scheme == "file" else uri).expanduser()
+    path = Path(local_path)
+    if not path.exists():
+        raise UserError(f"dataset.uri: {uri}: no such file or folder")
+    if path.is_dir():
+        if (path / "manifest.json").is_file():
+            return sources.scan_packed(path, label=uri)
+        return sources.scan_folder(path, label=uri)
+    name = path.name.lower()
+    if name.endswith(".npz"):
+        return sources.scan_npz(path, ds.images_key, ds.labels_key)
+    if name.endswith((".h5", ".hdf5")):
+        return sources.scan_h5(path, ds.images_key, ds.labels_key)
+    if is_archive(name):
+        digest = sources.file_sha256(path)
+        dest = cache_dir / "extracted" / digest
+        if not dest.is_dir():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(cache_dir).free
+            safe_extract(
+                path,
+                dest,
+                max_member_bytes=MAX_MEMBER_BYTES,
+                max_total_bytes=min(MAX_ARCHIVE_TOTAL_BYTES, int(free * 0.95)),
+            )
+        catalog = sources.scan_folder(dest, kind="archive", label=path.name)
+        catalog.content_hash = digest  # the archive's bytes pin its content
+        return catalog
+    raise UserError(
+        f"dataset.uri: {uri}: unsupported file type (expected a folder, .tar, .tar.gz, .zip, "
+        ".npz or .h5)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Decode once, cache
+# --------------------------------------------------------------------------------------------
+
+
+def cache_file(cache_dir: Path, content_hash: str, hw: tuple[int, int]) -> Path:
+    return cache_dir / "decoded" / DECODE_VERSION / f"{content_hash}-{hw[0]}x{hw[1]}.npy"
+
+
+def decoded_cache(
+    catalog: sources.Catalog, cache_dir: Path, hw: tuple[int, int]
+) -> tuple[np.ndarray, Path, bool]:
+    """All images of the catalog, decoded, (N, 3, H, W) uint8; and whether it was cached."""
+    workers = _workers()
+    if catalog.items is not None and not catalog.content_hash:
+        catalog.content_hash = sources.hash_items(catalog.items, workers)
+    path = cache_file(cache_dir, catalog.content_hash, hw)
+    shape = (len(catalog), 3, *hw)
+    if path.is_file():
+        arr = _open(path)
+        if arr is not None and arr.shape == shape and arr.dtype == np.uint8:
+            return arr, path, True
+        log.warning("ignoring unreadable or mismatched decoded cache %s", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        _decode_all(catalog, out, hw, workers)
+        out.flush()
+        del out
+        os.replace(tmp, path)  # atomic: a killed run never leaves a complete-looking cache
+    finally:
+        tmp.unlink(missing_ok=True)
+    arr = _open(path)
+    assert arr is not None
+    return arr, path, False
+
+
+def _open(path: Path) -> np.ndarray | None:
+    try:
+        if path.stat().st_size <= MEMORY_LIMIT_BYTES:
+            return np.load(path)
+        # Copy-on-write map: writable for torch.from_numpy, never writes back to the file.
+        return np.load(path, mmap_mode="c")
+    except (ValueError, OSError):
+        return None
+
+
+def _decode_all(catalog: sources.Catalog, out: np.ndarray, hw, workers: int) -> None:
+    n = len(catalog)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # parallelism comes from the pool; avoid oversubscription
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as ex:
+            if catalog.items is not None:
+                items = catalog.items
+
+                def task(i: int, j: int) -> None:
+                    for k in range(i, j):
+                        x = decoding.decode(items[k].read(), items[k].ref, hw)
+                        out[k] = x.numpy()
+
+            else:
+                read_rows = catalog.read_rows
+                assert read_rows is not None
+
+                def task(i: int, j: int) -> None:
+                    rows = torch.from_numpy(np.ascontiguousarray(read_rows(i, j)))
+                    out[i:j] = decoding.resize(decoding._to_rgb(rows), hw).numpy()
+
+            size = _ROWS_PER_TASK if catalog.items is not None else 512
+            futures = [ex.submit(task, i, j) for i, j in sources.iter_chunks(n, size)]
+            try:
+                for f in futures:
+                    f.result()  # the first failure, in catalog order
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# Split
+# --------------------------------------------------------------------------------------------
+
+
+def assign_splits(
+    catalog: sources.Catalog, ds, seed: int
+) -> tuple[dict[str, np.ndarray], str, str]:
+    """Positions of train/val/test in the catalog, and how val and test came about."""
+    parts, labels, classes = catalog.parts, catalog.labels, catalog.classes
+    test_fraction = ds.test_fraction
+    if catalog.kind == "builtin" and test_fraction is None:
+        test_fraction = DEFAULT_BUILTIN_TEST_FRACTION
+    if "all" in parts or "test" not in parts:
+        pool = parts.get("all", parts.get("train"))
+        if test_fraction is None:
+            what = (
+                "has class folders but no train/ and test/ split"
+                if "all" in parts
+                else ("has no test split")
+            )
+            if catalog.kind in ("npz", "h5"):
+                what = "has no test split (arrays)"
+            raise UserError(
+                f"{catalog.where} {what}: set dataset.test_fraction to carve a stratified test "
+                "split (seed 0, the same for every run)"
+            )
+        keep, take = splits.carve(
+            labels[pool],
+            test_fraction,
+            0,
+            "test",
+            classes,
+            f"test split (test_fraction={test_fraction})",
+        )
+        train, test = pool[keep], pool[take]
+        test_source = f"carved (test_fraction={test_fraction}, seed=0)"
+    else:
+        if test_fraction is not None:
+            raise UserError(
+                f"dataset.test_fraction: {catalog.where} has its own test split; leave "
+                "test_fraction empty"
+            )
+        train, test = parts["train"], parts["test"]
+        test_source = "test/"
+    if "val" in parts:
+        val, val_source = parts["val"], "val/"
+    else:
+        vf = ds.val_fraction
+        keep, take = splits.carve(
+            labels[train], vf, seed, "val", classes, f"validation split (val_fraction={vf})"
+        )
+        train, val = train[keep], train[take]
+        val_source = f"carved from train (val_fraction={vf}, seed={seed})"
+    if ds.train_fraction < 1 or ds.samples_per_class is not None:
+        train = train[
+            splits.subsample(labels[train], ds.train_fraction, ds.samples_per_class, seed)
+        ]
+    return {"train": train, "val": val, "test": test}, val_source, test_source
+
+
+def _split(images: np.ndarray, catalog: sources.Catalog, idx: np.ndarray) -> Split:
+    idx = np.asarray(idx, dtype=np.int64)
+    if len(idx) and idx[-1] - idx[0] + 1 == len(idx):
+        arr = images[idx[0] : idx[-1] + 1]  # contiguous: a view, no copy of a mapped cache
+    else:
+        arr = images[idx]
+    return Split(
+        images=torch.from_numpy(arr),
+        labels=torch.from_numpy(catalog.labels[idx].copy()),
+        refs=[catalog.refs[i] for i in idx.tolist()],
+    )
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std on a 0-1 scale, accumulated in float64, chunk by chunk."""
+    n = images.shape[0]
+    s = torch.zeros(3, dtype=torch.float64)
+    ss = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, n, 256):
+        x = images[i : i + 256].to(torch.float64)
+        s += x.sum(dim=(0, 2, 3))
+        ss += (x * x).sum(dim=(0, 2, 3))
+    count = max(1, n * images.shape[2] * images.shape[3])
+    mean = s / count
+    var = (ss / count - mean * mean).clamp(min=0)
+    std = var.sqrt().clamp(min=1.0)  # constant channels: avoid dividing by ~0
+    return tuple((mean / 255).tolist()), tuple((std / 255).tolist())

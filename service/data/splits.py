@@ -1,0 +1,64 @@
+"""Stratified, seeded splitting and subsampling on label arrays (pure numpy, no images).
+
+Every function returns index arrays in ascending order, so the same inputs give the same
+output on every machine. Each class is handled on its own (exact per-class stratification,
+unlike a global rounding), from one permutation per class drawn from a generator seeded by
+(seed, purpose): taking a prefix of that permutation makes a 10% subset a subset of the 50% one
+for the same seed, so learning curves compare nested training sets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from service.errors import UserError
+
+
+def _rng(seed: int, purpose: str) -> np.random.Generator:
+    digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _class_perms(labels: np.ndarray, seed: int, purpose: str) -> list[np.ndarray]:
+    """For each class present, in class order: its indices in a seeded random order."""
+    rng = _rng(seed, purpose)
+    return [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels) if c >= 0]
+
+
+def _round(x: float) -> int:
+    return int(np.floor(x + 0.5))  # half up, not banker's rounding
+
+
+def carve(
+    labels: np.ndarray, fraction: float, seed: int, purpose: str, classes: list[str], what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (kept, carved): ``fraction`` of every class goes to ``carved``.
+
+    Each class with at least two images gives at least one to each side; a class with a single
+    image cannot be split and is refused, naming the class and ``what`` is being carved.
+    """
+    kept, carved = [], []
+    for idx in _class_perms(labels, seed, purpose):
+        n = len(idx)
+        if n < 2:
+            raise UserError(
+                f"class {classes[labels[idx[0]]]!r} has only {n} image: too few to carve a "
+                f"{what}; add images or provide the split as a folder"
+            )
+        k = min(max(_round(fraction * n), 1), n - 1)
+        carved.append(idx[:k])
+        kept.append(idx[k:])
+    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(carved))
+
+
+def subsample(labels: np.ndarray, fraction: float, per_class: int | None, seed: int) -> np.ndarray:
+    """Stratified subset: ``fraction`` of each class (at least 1), then at most ``per_class``."""
+    out = []
+    for idx in _class_perms(labels, seed, "subsample"):
+        n = len(idx) if fraction >= 1 else max(1, _round(fraction * len(idx)))
+        if per_class is not None:
+            n = min(n, per_class)
+        out.append(idx[:n])
+    return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
