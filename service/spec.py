@@ -581,6 +581,20 @@ class Study(_Spec):
             len(self.backbones) * len(self.datasets) * len(self.seeds) * len(self.train_fractions)
         )
 
+    def to_json(self) -> str:
+        """Canonical JSON that parses back: protocol.seed and datasets[].train_fraction stay
+        out, since _grid refuses them once set (seeds and fractions are top-level)."""
+        data = self.model_dump(
+            mode="json",
+            by_alias=True,
+            exclude={
+                "schema_": True,
+                "protocol": {"seed"},
+                "datasets": {"__all__": {"train_fraction"}},
+            },
+        )
+        return json.dumps(data, indent=2, sort_keys=False)
+
 
 Spec = FineTune | Study
 KINDS: dict[str, type[FineTune] | type[Study]] = {"FineTune": FineTune, "Study": Study}
