@@ -1,0 +1,243 @@
+"""`backbones validate`, `expand` and `schema` through typer's runner: what a user sees."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from service import checks
+from service.cli import _app, app
+from service.cli.spec_cmds import schemas
+from service.spec import load_spec
+from service.study import expand
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = str(REPO / "jobspecs" / "quickstart.json")
+PAPER = str(REPO / "jobspecs" / "paper-study.json")
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _no_debug_leak():
+    """--debug sets process-wide state; keep it from leaking between tests."""
+    before = dict(_app._state)
+    yield
+    _app._state.clear()
+    _app._state.update(before)
+
+
+def write(tmp_path: Path, name: str, doc) -> str:
+    path = tmp_path / name
+    if isinstance(doc, bytes):
+        path.write_bytes(doc)
+    else:
+        path.write_text(doc if isinstance(doc, str) else json.dumps(doc, indent=2))
+    return str(path)
+
+
+def finetune(**patch) -> dict:
+    doc = {
+        "kind": "FineTune",
+        "name": "run",
+        "backbone": {"model": "test_resnet", "weights": "none"},
+        "dataset": {"uri": "builtin://digits"},
+    }
+    for dotted, value in patch.items():
+        section, key = dotted.split("__")
+        doc.setdefault(section, {})[key] = value
+    return doc
+
+
+def validate(*args: str):
+    return runner.invoke(app, ["validate", *args])
+
+
+# ---- validate: the ok lines --------------------------------------------------------------------
+
+
+def test_validate_prints_ok_with_kind_and_name_for_a_finetune():
+    result = validate(QUICKSTART)
+    assert result.exit_code == 0
+    assert result.stdout == f"ok: {QUICKSTART} (FineTune quickstart)\n"
+
+
+def test_validate_prints_the_cell_count_of_a_study():
+    result = validate(PAPER)
+    assert result.exit_code == 0
+    n = len(expand(load_spec(PAPER)))
+    assert result.stdout.startswith(f"ok: {PAPER} (Study paper, {n} cells")
+    assert result.stdout.endswith(")\n")
+
+
+def test_validate_checks_every_file_and_exits_2_if_any_is_invalid(tmp_path):
+    bad = write(tmp_path, "bad.json", finetune(protocol__batch_size=-4))
+    result = validate(QUICKSTART, bad)
+    assert result.exit_code == 2
+    assert result.stdout == f"ok: {QUICKSTART} (FineTune quickstart)\n"
+    assert result.stderr == f"{bad}: protocol.batch_size: must be > 0, got -4\n"
+
+
+# ---- validate: one line per problem, no traceback -----------------------------------------------
+
+
+def test_each_problem_is_one_line_naming_file_and_field(tmp_path):
+    bad = write(tmp_path, "bad.json", finetune(protocol__batch_size=-4, resources__gpus=-1))
+    result = validate(bad)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"{bad}: protocol.batch_size: must be > 0, got -4",
+        f"{bad}: resources.gpus: must be >= 0, got -1",
+    ]
+
+
+def test_unknown_key_gets_did_you_mean(tmp_path):
+    bad = write(tmp_path, "typo.json", finetune(protocol__batchsize=64))
+    assert validate(bad).stderr == (
+        f"{bad}: protocol.batchsize: unknown field; did you mean 'protocol.batch_size'?\n"
+    )
+
+
+def test_backbone_name_close_to_a_catalog_name_gets_did_you_mean(tmp_path):
+    doc = finetune()
+    doc["backbone"]["model"] = "convnext_tiy"
+    bad = write(tmp_path, "model.json", doc)
+    result = validate(bad)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"{bad}: backbone.model: unknown model 'convnext_tiy'; did you mean 'convnext_tiny'?\n"
+    )
+
+
+def test_study_backbone_problems_name_the_list_index(tmp_path):
+    doc = {
+        "kind": "Study",
+        "name": "s",
+        "backbones": [{"model": "resnet50"}, {"model": "regnety_32"}],
+        "datasets": [{"uri": "builtin://digits"}],
+    }
+    bad = write(tmp_path, "study.json", doc)
+    assert validate(bad).stderr == (
+        f"{bad}: backbones.1.model: unknown model 'regnety_32'; did you mean 'regnety_032'?\n"
+    )
+
+
+def test_an_unavailable_catalog_backbone_is_refused_with_the_reason(tmp_path):
+    doc = finetune()
+    doc["backbone"]["model"] = "wavemix"
+    result = validate(write(tmp_path, "w.json", doc))
+    assert result.exit_code == 2
+    assert "backbone.model: 'wavemix' is not available: in neither timm nor" in result.stderr
+
+
+def test_malformed_json_reports_line_and_column(tmp_path):
+    bad = write(tmp_path, "broken.json", '{\n  "kind": "FineTune",\n  "name": "x",\n}\n')
+    result = validate(bad)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"{bad}: line 4, column 1: malformed JSON: Expecting property name enclosed in double "
+        "quotes\n"
+    )
+
+
+def test_a_missing_file_is_one_line_not_a_traceback(tmp_path):
+    missing = str(tmp_path / "nope.json")
+    result = validate(missing)
+    assert result.exit_code == 2
+    assert result.stderr == f"{missing}: No such file or directory\n"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "[]", "null", '"spec"', "{", '{"kind": 3}', b"\xff\xfe{}", '{"kind": "Study"}'],
+)
+def test_no_traceback_for_any_bad_input(tmp_path, text):
+    result = validate(write(tmp_path, "x.json", text))
+    assert result.exit_code == 2
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+
+
+def test_debug_shows_the_traceback_that_is_hidden_otherwise(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    quiet = runner.invoke(app, ["schema", "--out", str(blocker)])
+    assert quiet.exit_code == 2 and quiet.stderr.startswith("error: ")
+    assert isinstance(quiet.exception, SystemExit)
+    loud = runner.invoke(app, ["--debug", "schema", "--out", str(blocker)])
+    assert isinstance(loud.exception, FileExistsError)
+
+
+# ---- validate: fast and torch-free; --deep asks timm --------------------------------------------
+
+
+def test_validate_imports_neither_torch_nor_timm():
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from service.cli import app\n"
+        f"r = CliRunner().invoke(app, ['validate', {QUICKSTART!r}, {PAPER!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "heavy = sorted(m for m in ('torch', 'timm', 'torchvision', 'boto3') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_deep_checks_names_against_timm_itself(tmp_path, monkeypatch):
+    """Shallow validate reads a shipped name list; --deep asks timm's registry."""
+    doc = finetune()
+    doc["backbone"]["model"] = "resnet18"  # in timm, not in the catalog
+    spec = write(tmp_path, "r18.json", doc)
+    monkeypatch.setattr(checks, "timm_names", lambda: frozenset())  # a stale shipped list
+    assert validate(spec).exit_code == 2
+    assert validate("--deep", spec).exit_code == 0
+
+
+def test_deep_refuses_a_name_timm_does_not_know(tmp_path):
+    doc = finetune()
+    doc["backbone"]["model"] = "resnet_5O"
+    bad = write(tmp_path, "bad.json", doc)
+    result = validate("--deep", bad)
+    assert result.exit_code == 2
+    assert (
+        result.stderr
+        == f"{bad}: backbone.model: unknown model 'resnet_5O'; did you mean 'resnet50'?\n"
+    )
+
+
+# ---- expand and schema --------------------------------------------------------------------------
+
+
+def test_expand_prints_one_json_line_per_cell_in_execution_order():
+    result = runner.invoke(app, ["expand", PAPER])
+    assert result.exit_code == 0
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    cells = expand(load_spec(PAPER))
+    assert [line["index"] for line in lines] == list(range(len(cells)))
+    assert [line["run_id"] for line in lines] == [c.run_id for c in cells]
+    assert lines[0]["run_id"] == "paper/cifar10/resnet50/seed0-frac1.0"
+    assert lines[0]["spec"]["kind"] == "FineTune" and lines[0]["spec"]["study"] == "paper"
+
+
+def test_expand_of_a_finetune_is_the_run_itself():
+    lines = runner.invoke(app, ["expand", QUICKSTART]).stdout.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["run_id"] == "quickstart"
+
+
+def test_expand_of_an_invalid_spec_prints_its_problems_and_exits_2(tmp_path):
+    bad = write(tmp_path, "bad.json", finetune(protocol__batch_size=0))
+    result = runner.invoke(app, ["expand", bad])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == f"{bad}: protocol.batch_size: must be > 0, got 0\n"
+
+
+def test_schema_writes_both_kinds(tmp_path):
+    result = runner.invoke(app, ["schema", "--out", str(tmp_path)])
+    assert result.exit_code == 0
+    for fname, body in schemas().items():
+        assert json.loads((tmp_path / fname).read_text()) == body
+        assert f"wrote {tmp_path / fname}" in result.stdout
