@@ -1,0 +1,107 @@
+"""Synthetic study outputs for the report tests, in the workers' exact layout:
+``<out>/<study>/<dataset>/<backbone>/seed<S>-frac<F>/summary.json`` (+ status.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+T975 = {1: 12.706204736174698, 2: 4.302652729911275, 3: 3.182446305284263}  # t(0.975, df)
+
+
+def cell_dir(out: Path, study: str, dataset: str, backbone: str, seed: int, frac: float) -> Path:
+    return out / study / dataset / backbone / f"seed{seed}-frac{float(frac)}"
+
+
+def summary(
+    study: str,
+    dataset: str,
+    backbone: str,
+    seed: int,
+    top1: float,
+    *,
+    frac: float = 1.0,
+    domain: str = "natural",
+    macro_f1: float | None = None,
+    params: int = 1_000_000,
+    gmacs: float = 1.0,
+    train_seconds: float = 60.0,
+    select_on: str = "val",
+    best_val_top1: float | None = None,
+) -> dict:
+    return {
+        "run_id": f"{study}/{dataset}/{backbone}/seed{seed}-frac{float(frac)}",
+        "name": f"{study}-{dataset}-{backbone}-s{seed}",
+        "study": study,
+        "spec_hash": "0" * 16,
+        "backbone": backbone,
+        "weights": "none",
+        "dataset": dataset,
+        "domain": domain,
+        "recipe": "standard",
+        "seed": seed,
+        "train_fraction": frac,
+        "select_on": select_on,
+        "classes": ["a", "b"],
+        "n_train": 100,
+        "n_val": 10,
+        "n_test": 50,
+        "test": {
+            "top1": top1,
+            "top5": None,
+            "macro_f1": top1 - 0.01 if macro_f1 is None else macro_f1,
+            "balanced_accuracy": top1,
+            "per_class_recall": [top1, top1],
+            "confusion_matrix": [[1, 0], [0, 1]],
+            "ece": 0.05,
+            "auroc": None,
+            "loss": 0.5,
+        },
+        "best_epoch": 1,
+        "epochs_run": 2,
+        "best_val_top1": top1 if best_val_top1 is None else best_val_top1,
+        "params": params,
+        "gmacs": gmacs,
+        "train_seconds": train_seconds,
+        "gpu_hours": train_seconds / 3600,
+        "images_per_second": 1000.0 / gmacs,
+        "peak_memory_bytes": 1 << 20,
+        "device": "cpu",
+        "num_gpus": 0,
+        "finished_at": "2026-11-27T00:00:00Z",
+    }
+
+
+def write_summary(out: Path, s: dict) -> Path:
+    d = cell_dir(out, s["study"], s["dataset"], s["backbone"], s["seed"], s["train_fraction"])
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "status.json").write_text(json.dumps({"run_id": s["run_id"], "phase": "Succeeded"}))
+    (d / "summary.json").write_text(json.dumps(s))
+    return d
+
+
+def write_status(out: Path, study, dataset, backbone, seed, frac=1.0, **status) -> Path:
+    d = cell_dir(out, study, dataset, backbone, seed, frac)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "status.json").write_text(json.dumps({"run_id": str(d), **status}))
+    return d
+
+
+def write_grid(out: Path, study: str, values: dict, **kw) -> None:
+    """values: {(dataset, backbone): [top1 per seed 0..]} (a None entry skips that seed)."""
+    for (dataset, backbone), accs in values.items():
+        for seed, acc in enumerate(accs):
+            if acc is not None:
+                write_summary(out, summary(study, dataset, backbone, seed, acc, **kw))
+
+
+def study_json(name: str, datasets, backbones, seeds, out: Path, fractions=(1.0,)) -> dict:
+    return {
+        "kind": "Study",
+        "name": name,
+        "backbones": [{"model": b, "weights": "none"} for b in backbones],
+        "datasets": [{"uri": f"s3://bucket/{d}/", "name": d, "domain": dom} for d, dom in datasets],
+        "seeds": list(seeds),
+        "train_fractions": list(fractions),
+        "output": {"uri": str(out)},
+    }

@@ -1,0 +1,64 @@
+"""The report's statistics on numbers small enough to check by hand."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+
+from service.report.stats import mean_ranks, paired_test, ranks, t_interval
+from tests.reportutil import T975
+
+
+def test_t_interval_uses_student_t_with_n_minus_1_degrees_of_freedom():
+    values = [0.80, 0.84, 0.83, 0.85]
+    iv = t_interval(values)
+    mean, sd = statistics.fmean(values), statistics.stdev(values)
+    half = T975[3] * sd / math.sqrt(4)
+    assert (iv.mean, iv.low, iv.high, iv.n) == pytest.approx((mean, mean - half, mean + half, 4))
+
+
+def test_t_interval_of_one_value_has_no_bounds():
+    iv = t_interval([0.7])
+    assert (iv.mean, iv.low, iv.high, iv.sd, iv.n) == (0.7, None, None, None, 1)
+
+
+def test_paired_test_needs_two_shared_seeds():
+    result = paired_test({0: 0.9, 1: 0.8}, {1: 0.7, 2: 0.6})
+    assert (result.n, result.p_value, result.verdict) == (1, None, "n too small")
+    assert result.describe() == "n too small (1 shared seed)"
+
+
+def test_paired_test_with_a_constant_nonzero_difference_is_distinguishable():
+    # exact binary fractions, so the three differences are exactly equal
+    result = paired_test({0: 0.75, 1: 0.5, 2: 0.25}, {0: 0.5, 1: 0.25, 2: 0.0})
+    assert result.verdict == "distinguishable" and result.p_value == 0.0
+
+
+def test_paired_test_of_identical_results_is_not_distinguishable():
+    result = paired_test({0: 0.9, 1: 0.8}, {0: 0.9, 1: 0.8})
+    assert (result.p_value, result.verdict) == (1.0, "not distinguishable")
+
+
+def test_paired_test_only_pairs_the_seeds_both_have():
+    a = {0: 0.90, 1: 0.92, 2: 0.91, 3: 0.10}
+    b = {0: 0.85, 1: 0.86, 2: 0.84}
+    assert paired_test(a, b).n == 3
+    assert paired_test(a, b).mean_diff == pytest.approx(0.06)
+
+
+def test_ranks_put_the_highest_first_and_share_ties():
+    assert ranks({"a": 0.9, "b": 0.95, "c": 0.9, "d": 0.1}) == {
+        "b": 1.0,
+        "a": 2.5,
+        "c": 2.5,
+        "d": 4.0,
+    }
+
+
+def test_mean_ranks_count_the_datasets_each_backbone_was_ranked_on():
+    assert mean_ranks([{"a": 1, "b": 2}, {"a": 2, "b": 1}, {"a": 1}]) == {
+        "a": (pytest.approx(4 / 3), 3),
+        "b": (1.5, 2),
+    }
