@@ -65,10 +65,14 @@ def _decode_torchvision(data: bytes, fmt: str) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
     raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    if fmt == "JPEG":
-        # RGB mode: libjpeg expands gray and converts (Adobe-inverted) CMYK, like PIL does.
-        return decode_jpeg(raw, mode=ImageReadMode.RGB)
-    x = decode_png(raw, mode=ImageReadMode.UNCHANGED)
+    # torchvision 0.29 deprecates its codecs in favour of TorchCodec; with the pinned versions
+    # they are still the fastest JPEG/PNG path, and PIL takes over the day they are gone.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if fmt == "JPEG":
+            # RGB mode: libjpeg expands gray and converts (Adobe-inverted) CMYK, like PIL does.
+            return decode_jpeg(raw, mode=ImageReadMode.RGB)
+        x = decode_png(raw, mode=ImageReadMode.UNCHANGED)
     return _to_rgb(x)
 
 
@@ -103,19 +107,19 @@ def _decode_pil(data: bytes, ref: str) -> torch.Tensor:
         im = im.convert("RGBA")
         mode = "RGBA"
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        arr = np.asarray(im).astype(np.int32) >> 8
+        arr = np.array(im).astype(np.int32) >> 8
         return _to_rgb(torch.from_numpy(arr.astype(np.uint8))[None])
     if mode == "I":  # 32-bit int; in practice 16-bit samples (PNG/TIFF): high byte of 16
-        arr = np.clip(np.asarray(im), 0, 65535).astype(np.int32) >> 8
+        arr = np.clip(np.array(im), 0, 65535).astype(np.int32) >> 8
         return _to_rgb(torch.from_numpy(arr.astype(np.uint8))[None])
     if mode in _ALPHA_MODES:
-        rgba = np.asarray(im.convert("RGBA"))
+        rgba = np.array(im.convert("RGBA"))
         return _to_rgb(torch.from_numpy(np.ascontiguousarray(rgba.transpose(2, 0, 1))))
     if mode == "L":
-        arr = np.asarray(im)
+        arr = np.array(im)
         return _to_rgb(torch.from_numpy(np.ascontiguousarray(arr))[None])
     # RGB, CMYK, 1, YCbCr, LAB, HSV, F, ...: PIL's own conversion to RGB.
-    rgb = np.asarray(im.convert("RGB"))
+    rgb = np.array(im.convert("RGB"))
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
 
 

@@ -1,0 +1,89 @@
+"""Tiny datasets made on the fly for the data tests (16-32 px, a few dozen images)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from service.spec import parse_spec
+
+
+def image_bytes(seed: int, size=(24, 20), fmt: str = "PNG", mode: str = "RGB") -> bytes:
+    """A small random-looking image; distinct per seed so content hashes differ."""
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    im = Image.fromarray(arr).convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+def make_imagefolder(
+    root: Path,
+    splits: dict[str, dict[str, int]],
+    fmt: str = "PNG",
+    seed: int = 0,
+) -> Path:
+    """``splits = {"train": {"cat": 6, "dog": 6}, "test": {...}}``; ``""`` for no split level."""
+    ext = {"PNG": "png", "JPEG": "jpg"}[fmt]
+    k = seed * 10_000
+    for split, classes in splits.items():
+        for cls, n in classes.items():
+            d = root / split / cls if split else root / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                k += 1
+                (d / f"{cls}_{i:03d}.{ext}").write_bytes(image_bytes(k, fmt=fmt))
+    return root
+
+
+def spec_for(uri, **dataset) -> object:
+    protocol = dataset.pop("protocol", {})
+    return parse_spec(
+        {
+            "kind": "FineTune",
+            "name": "t",
+            "backbone": {"model": "test_resnet", "weights": "none"},
+            "dataset": {"uri": str(uri), **dataset},
+            "protocol": {"image_size": 16, "batch_size": 8, **protocol},
+        }
+    )
+
+
+def make_packed(root: Path, splits: dict[str, dict[str, int]], extra_members=()) -> Path:
+    """The layout of `backbones dataset push`: manifest.json + shards/<split>-00000.tar."""
+    (root / "shards").mkdir(parents=True)
+    classes = sorted({c for per in splits.values() for c in per})
+    manifest = {
+        "format": "backbones-packed/v1",
+        "name": root.name,
+        "classes": classes,
+        "splits": {},
+        "shards": [],
+    }
+    k = 0
+    for split, per in splits.items():
+        key = f"shards/{split}-00000.tar"
+        with tarfile.open(root / key, "w") as tf:
+            for cls, n in per.items():
+                for i in range(n):
+                    k += 1
+                    _add(tf, f"{cls}/{cls}_{i:03d}.png", image_bytes(1000 + k))
+            if split == "train":
+                for name, data in extra_members:
+                    _add(tf, name, data)
+        manifest["splits"][split] = {"count": sum(per.values()), "per_class": per}
+        manifest["shards"].append({"key": key, "split": split, "count": sum(per.values())})
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
