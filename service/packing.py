@@ -150,7 +150,7 @@ def scan(
     if "all" not in layout:
         if test_fraction is not None or val_fraction is not None:
             raise UserError(
-                f"{src}: already split into {', '.join(sorted(layout))}/; "
+                f"{src}: already split into {', '.join(s + '/' for s in sorted(layout))}; "
                 "--test-fraction/--val-fraction apply to one folder of class subfolders"
             )
         return layout
