@@ -1,0 +1,166 @@
+"""The GPU-hours estimate of a Study and the submit refusal above max_gpu_hours."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from service.budget import (
+    DEFAULT_GMACS,
+    DEFAULT_TRAIN_IMAGES,
+    REFERENCE_GPUS,
+    check_budget,
+    dataset_size,
+    estimate,
+    estimate_gpu_hours,
+)
+from service.catalog import get as catalog_get
+from service.cli import app
+from service.errors import UserError
+from service.spec import parse_spec
+
+runner = CliRunner()
+A100 = REFERENCE_GPUS["A100-80GB"]
+
+
+def study(**over) -> dict:
+    base = {
+        "kind": "Study",
+        "name": "b",
+        "backbones": [{"model": "resnet50"}],
+        "datasets": [{"uri": "s3://bucket/eurosat/", "expected_images": 20_000}],
+        "seeds": [0],
+        "protocol": {"max_epochs": 10},
+    }
+    return {**base, **over}
+
+
+def hours_by_hand(gmacs, train_pool, val_fraction, test, epochs, fraction=1.0):
+    """The documented formula, written out: epochs × (train + val/3) + test/3, in seconds."""
+    ips = min(A100.gmac_images_per_second / gmacs, A100.max_images_per_second)
+    val = round(train_pool * val_fraction)
+    train = round((train_pool - val) * fraction)
+    return (epochs * (train / ips + val / (3 * ips)) + test / (3 * ips)) / 3600
+
+
+def test_estimate_from_catalog_gmacs_and_the_size_hint():
+    spec = parse_spec(study())
+    gmacs = catalog_get("resnet50").gmacs  # at 224 px, the study's default size
+    expected = hours_by_hand(gmacs, 20_000, 0.1, 5_000, 10)
+    assert estimate_gpu_hours(spec) == pytest.approx(expected)
+    cell = estimate(spec).cells[0]
+    assert (cell.gmacs_source, cell.images_source) == ("catalog", "dataset.expected_images")
+    assert (cell.train_images, cell.eval_images, cell.test_images) == (18_000, 2_000, 5_000)
+
+
+def test_gmacs_scale_with_pixels_of_the_image_size():
+    small = estimate(parse_spec(study(protocol={"max_epochs": 10, "image_size": 112})))
+    assert small.cells[0].gmacs == pytest.approx(catalog_get("resnet50").gmacs / 4)
+
+
+def test_seeds_and_fractions_multiply_the_cost():
+    one = estimate_gpu_hours(parse_spec(study()))
+    three = estimate_gpu_hours(parse_spec(study(seeds=[0, 1, 2])))
+    assert three == pytest.approx(3 * one)
+    half = estimate(parse_spec(study(train_fractions=[0.5, 1.0])))
+    assert [c.train_images for c in half.cells] == [9_000, 18_000]
+
+
+def test_unknown_model_costs_the_conservative_default():
+    spec = parse_spec(study(backbones=[{"model": "not_in_the_catalog"}]))
+    cell = estimate(spec).cells[0]
+    assert (cell.gmacs, cell.gmacs_source) == (DEFAULT_GMACS, "default (not in catalog)")
+
+
+def test_an_s3_dataset_is_not_read_offline_and_falls_back_to_the_default(monkeypatch):
+    import service.storage
+
+    def no_network(*_a, **_k):
+        raise AssertionError("the offline estimate opened a store")
+
+    monkeypatch.setattr(service.storage, "open_store", no_network)
+    spec = parse_spec(study(datasets=[{"uri": "s3://bucket/unknown/"}]))
+    cell = estimate(spec).cells[0]
+    assert cell.images_source == f"default {DEFAULT_TRAIN_IMAGES} (set dataset.expected_images)"
+    assert cell.train_images == round(DEFAULT_TRAIN_IMAGES * 0.9)
+
+
+def test_a_local_manifest_gives_the_split_sizes(tmp_path):
+    manifest = {
+        "format": "backbones-packed/v1",
+        "classes": ["a", "b"],
+        "splits": {"train": {"count": 900}, "val": {"count": 100}, "test": {"count": 300}},
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    spec = parse_spec(study(datasets=[{"uri": str(tmp_path), "name": "packed"}]))
+    cell = estimate(spec).cells[0]
+    assert (cell.images_source, cell.train_images, cell.eval_images, cell.test_images) == (
+        "manifest",
+        900,
+        100,
+        300,
+    )
+
+
+def test_a_local_imagefolder_is_counted(tmp_path):
+    for split, n in (("train", 6), ("test", 2)):
+        for cls in ("cat", "dog"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                (d / f"{i}.jpg").write_bytes(b"x")
+    size = dataset_size(parse_spec(study(datasets=[{"uri": str(tmp_path)}])).datasets[0])
+    assert (size.train, size.test, size.classes, size.source) == (12, 4, 2, "counted (ImageFolder)")
+
+
+def test_builtin_digits_has_its_known_size():
+    spec = parse_spec(study(datasets=[{"uri": "builtin://digits", "test_fraction": 0.2}]))
+    size = dataset_size(spec.datasets[0])
+    assert (size.train, size.test) == (1797 - 359, 359)
+
+
+def test_cpu_only_study_costs_no_gpu_hours():
+    spec = parse_spec(study(resources={"gpus": 0}))
+    assert estimate_gpu_hours(spec) == 0.0
+
+
+def test_submit_refuses_above_max_gpu_hours_with_the_estimate():
+    spec = parse_spec(study(seeds=[0, 1, 2], max_gpu_hours=0.01))
+    hours = estimate_gpu_hours(spec)
+    with pytest.raises(UserError) as e:
+        check_budget(spec, yes=False)
+    assert str(e.value) == (
+        f"study 'b': estimated {hours:.1f} GPU-hours (3 cells on A100-80GB) exceeds "
+        "max_gpu_hours 0.01; pass --yes to submit anyway"
+    )
+
+
+def test_yes_overrides_the_budget_and_a_study_under_budget_passes():
+    over = parse_spec(study(max_gpu_hours=0.01))
+    assert check_budget(over, yes=True).gpu_hours > 0.01
+    under = parse_spec(study(max_gpu_hours=1000))
+    assert check_budget(under, yes=False).gpu_hours < 1000
+
+
+def test_validate_prints_cells_and_gpu_hours(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(study(seeds=[0, 1])))
+    hours = estimate_gpu_hours(parse_spec(study(seeds=[0, 1])))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"ok: {path} (Study b, 2 cells, ~{hours:.1f} GPU-hours)"
+
+
+def test_the_estimate_never_imports_torch():
+    code = (
+        "import sys, json; from service.spec import parse_spec; from service.budget import "
+        "estimate_gpu_hours; "
+        f"estimate_gpu_hours(parse_spec(json.loads({json.dumps(json.dumps(study()))}))); "
+        "print('torch' in sys.modules, 'timm' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
