@@ -643,6 +643,16 @@ _URL_WITH_PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]*@", re.I
 _AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_$-]{1,64}")
+
+
+def loc_part(key: Any) -> str:
+    """A key as it appears in a field path: plain keys as they are, odd ones JSON-quoted, so a
+    key with a newline or a dot can never break the one-line error format."""
+    key = str(key)
+    return key if _PLAIN_KEY.fullmatch(key) else json.dumps(key[:64])
+
+
 def _find_literal_credentials(data: Any, path: str = "") -> list[tuple[str, str]]:
     hint = (
         "literal credentials are not allowed in a spec; put them in a Kubernetes Secret "
@@ -651,7 +661,7 @@ def _find_literal_credentials(data: Any, path: str = "") -> list[tuple[str, str]
     found: list[tuple[str, str]] = []
     if isinstance(data, dict):
         for key, value in data.items():
-            sub = f"{path}.{key}" if path else str(key)
+            sub = f"{path}.{loc_part(key)}" if path else loc_part(key)
             if key != "credentials_secret" and _CREDENTIAL_KEY.search(str(key)):
                 found.append((sub, hint))
             else:

@@ -18,7 +18,9 @@ from service.suggest import did_you_mean
 
 
 def _loc_str(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc)
+    from service.spec import loc_part
+
+    return ".".join(loc_part(p) for p in loc)
 
 
 def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -61,9 +63,10 @@ def _keys(model: type[BaseModel]) -> list[str]:
 
 
 def _fmt(v: Any) -> str:
-    return (
+    text = (
         repr(v) if isinstance(v, str) else str(v).replace("True", "true").replace("False", "false")
     )
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _bound(v: Any) -> Any:
@@ -144,6 +147,6 @@ def problems_from(
         # Model-level validators name their field in the message ("protocol.seed: ...").
         head, _, rest = message.partition(": ")
         if rest and re.fullmatch(r"[A-Za-z_$][\w.$]*", head):
-            loc, message = (*loc, head), rest
+            loc, message = (*loc, *head.split(".")), rest
         problems.append((_loc_str(loc), message))
     return problems

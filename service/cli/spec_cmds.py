@@ -44,8 +44,8 @@ def validate(
                 from service.budget import estimate_gpu_hours
 
                 line += f", ~{estimate_gpu_hours(spec):.1f} GPU-hours"
-            except ImportError:
-                pass
+            except (ImportError, ArithmeticError, ValueError):
+                pass  # the estimate is a courtesy; absurd sizes must not fail validation
             typer.echo(line + ")")
         else:
             typer.echo(f"ok: {path} (FineTune {spec.name})")
