@@ -141,10 +141,9 @@ def _fetch_folder(store: S3Store, cache: Path, on_download: Callable | None) -> 
     for o in objects:
         _check_key(store, o["key"])
     listing = json.dumps([(o["key"], o["size"], o["etag"]) for o in objects]).encode()
-    final = (
-        cache / f"{_slug(store.prefix.rsplit('/', 1)[-1] or store.bucket)}-"
-        + (hashlib.sha256(store.uri.encode() + listing).hexdigest()[:20])
-    )
+    name = _slug(store.prefix.rsplit("/", 1)[-1] or store.bucket)
+    digest = hashlib.sha256(store.uri.encode() + listing).hexdigest()[:20]
+    final = cache / f"{name}-{digest}"
     pairs = [(o["key"], o["size"]) for o in objects]
     if _complete(final, pairs):
         return final
