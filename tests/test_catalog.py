@@ -75,6 +75,19 @@ def test_every_available_entry_has_its_figures_and_their_source():
             assert 50 < e.imagenet_top1 < 100, e.name
 
 
+def test_committed_catalog_matches_the_figures_typed_in_its_generator(repo_root):
+    """scripts/make_catalog.py holds the hand-typed figures; rerun it after editing them."""
+    import importlib.util
+
+    path = repo_root / "scripts" / "make_catalog.py"
+    spec = importlib.util.spec_from_file_location("make_catalog", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    typed = [(e["name"], e["family"], e["weights"], e["top1"]) for e in script.ENTRIES]
+    committed = [(e.name, e.family, e.weights, e.imagenet_top1) for e in catalog.entries()]
+    assert committed == typed
+
+
 def test_get_returns_none_for_a_name_outside_the_catalog():
     assert catalog.get("resnet18") is None
 
