@@ -122,7 +122,7 @@ def scan_layout(src: Path) -> dict[str, list[Item]]:
     if "train" in split_dirs:
         splits = {
             split: [i for c in _class_dirs(d) for i in _class_items(c)]
-            for split, d in sorted(split_dirs.items())
+            for split, d in sorted(split_dirs.items(), key=lambda kv: SPLITS.index(kv[0]))
         }
         _check_classes(src, splits)
         return splits
