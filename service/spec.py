@@ -709,16 +709,49 @@ def parse_spec(data: Any) -> FineTune | Study:
         raise SpecError(problems_from(e, model, data)) from None
 
 
+class _Object(dict):
+    """A decoded JSON object that remembers keys it saw twice (json keeps the last silently)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object:
+    obj = _Object(pairs)
+    if len(obj) < len(pairs):
+        keys = [k for k, _ in pairs]
+        obj.duplicates = tuple(dict.fromkeys(k for k in keys if keys.count(k) > 1))
+    return obj
+
+
+def _duplicate_keys(data: Any, path: str = "") -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    if isinstance(data, dict):
+        for key in getattr(data, "duplicates", ()):
+            loc = f"{path}.{loc_part(key)}" if path else loc_part(key)
+            found.append((loc, "duplicate key (JSON readers silently keep only the last value)"))
+        for key, value in data.items():
+            found.extend(
+                _duplicate_keys(value, f"{path}.{loc_part(key)}" if path else loc_part(key))
+            )
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            found.extend(_duplicate_keys(value, f"{path}.{i}"))
+    return found
+
+
 def loads_spec(text: str) -> FineTune | Study:
-    """Parse JSON text; malformed JSON reports line and column."""
+    """Parse JSON text; malformed JSON reports line and column, a key given twice its path."""
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_object)
+        duplicates = _duplicate_keys(data)
     except json.JSONDecodeError as e:
         raise SpecError(
             [("", f"line {e.lineno}, column {e.colno}: malformed JSON: {e.msg}")]
         ) from None
     except RecursionError:
         raise SpecError([("", _TOO_DEEP)]) from None
+    if duplicates:
+        raise SpecError(duplicates)
     return parse_spec(data)
 
 

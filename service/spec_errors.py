@@ -125,6 +125,16 @@ def _dedupe_union(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _other_kind_hint(key: str, root: type[BaseModel]) -> str:
+    """``seeds`` in a FineTune: say it belongs to a Study, and the other way round."""
+    from service.spec import KINDS
+
+    for kind, model in KINDS.items():
+        if model is not root and key in _keys(model):
+            return f" in a {root.__name__}; it belongs to kind: {kind}"
+    return ""
+
+
 def problems_from(
     error: ValidationError, root: type[BaseModel], data: Any
 ) -> list[tuple[str, str]]:
@@ -141,6 +151,8 @@ def problems_from(
             parent = _model_at(root, loc[:-1])
             prefix = _loc_str(loc[:-1]) + "." if len(loc) > 1 else ""
             hint = did_you_mean(str(loc[-1]), _keys(parent), prefix=prefix) if parent else ""
+            if not hint and len(loc) == 1:
+                hint = _other_kind_hint(str(loc[0]), root)
             problems.append((_loc_str(loc), "unknown field" + hint))
             continue
         message = _message(err)

@@ -185,6 +185,8 @@ FINETUNE_CASES = [
     ({"protocl": {}}, "protocl: unknown field; did you mean 'protocol'?"),
     ({"resources.gpu": 1}, "resources.gpu: unknown field; did you mean 'resources.gpus'?"),
     ({"protocol.zzz": 1}, "protocol.zzz: unknown field"),
+    ({"seeds": [0, 1]}, "seeds: unknown field in a FineTune; it belongs to kind: Study"),
+    ({"protocol.a b": 1}, 'protocol."a b": unknown field'),
     # types and enums
     (
         {"protocol.recipe": "fast"},
@@ -268,6 +270,15 @@ def test_malformed_json_reports_line_and_column():
         loads_spec('{\n  "kind": "FineTune",\n  "name": "x"\n  "backbone": {}\n}')
     assert info.value.problems == [
         ("", "line 4, column 3: malformed JSON: Expecting ',' delimiter")
+    ]
+
+
+def test_a_key_given_twice_is_refused_not_silently_overwritten():
+    text = json.dumps(FINETUNE).replace('"batch_size": 64', '"batch_size": 64, "batch_size": 8')
+    with pytest.raises(SpecError) as info:
+        loads_spec(text)
+    assert info.value.problems == [
+        ("protocol.batch_size", "duplicate key (JSON readers silently keep only the last value)")
     ]
 
 
