@@ -150,6 +150,11 @@ def test_a_missing_file_is_one_line_not_a_traceback(tmp_path):
     assert result.stderr == f"{missing}: No such file or directory\n"
 
 
+def test_a_binary_file_is_one_line(tmp_path):
+    bad = write(tmp_path, "bin.json", b"\xff\xfe{}")
+    assert validate(bad).stderr == f"{bad}: not UTF-8 text (byte 0xff at offset 0)\n"
+
+
 @pytest.mark.parametrize(
     "text",
     ["", "[]", "null", '"spec"', "{", '{"kind": 3}', b"\xff\xfe{}", '{"kind": "Study"}'],

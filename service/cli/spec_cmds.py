@@ -31,8 +31,10 @@ def validate(
             problems = check_models(spec, deep=deep)
         except SpecError as e:
             problems = e.problems
-        except (OSError, UnicodeDecodeError) as e:
-            problems = [("", getattr(e, "strerror", None) or str(e))]
+        except UnicodeDecodeError as e:
+            problems = [("", f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})")]
+        except OSError as e:
+            problems = [("", e.strerror or str(e))]
         if problems:
             failed = True
             for loc, msg in problems:
