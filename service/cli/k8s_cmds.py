@@ -127,7 +127,9 @@ def print_rows(rows) -> None:
             str(r.attempts),
             duration(r.age_seconds),
         )
-    Console(soft_wrap=True).print(table)
+    # Piped output keeps whole run ids (rich would cut them to 80 columns).
+    console = Console() if sys.stdout.isatty() else Console(width=400)
+    console.print(table)
     for r in rows:
         if r.error:
             err(f"{r.run}: {r.error}")

@@ -96,10 +96,19 @@ def connect(context: str | None = None) -> tuple[Any, Any]:
 class Cluster:
     """Jobs and their pods in one namespace."""
 
-    def __init__(self, batch: Any, core: Any, namespace: str):
+    def __init__(
+        self,
+        batch: Any,
+        core: Any,
+        namespace: str,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.batch = batch
         self.core = core
         self.namespace = namespace
+        self._sleep = sleep
+        self._clock = clock
 
     @classmethod
     def connect(cls, namespace: str, context: str | None = None) -> Cluster:
@@ -143,22 +152,15 @@ class Cluster:
                 name=name, namespace=self.namespace, propagation_policy=propagation
             )
 
-    def wait_deleted(
-        self,
-        name: str,
-        timeout: float,
-        poll: float = 2.0,
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        deadline = clock() + timeout
+    def wait_deleted(self, name: str, timeout: float, poll: float = 2.0) -> None:
+        deadline = self._clock() + timeout
         while self.find_job(name) is not None:
-            if clock() >= deadline:
+            if self._clock() >= deadline:
                 raise RetriableError(
                     f"Failed to replace {self._job(name)}: still terminating after "
                     f"{timeout:.0f} s; run submit --replace again"
                 )
-            sleep(poll)
+            self._sleep(poll)
 
     # ---- Pods ---------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ def submit(
     job: dict[str, Any],
     replace: bool = False,
     dry_run: bool = False,
-    wait_timeout: float = 600.0,
+    wait_timeout: float | None = None,
 ) -> Submitted:
     """Create the Job; the same spec again is a no-op; a changed spec needs ``replace``."""
     name = job["metadata"]["name"]
@@ -65,7 +65,8 @@ def submit(
             return Submitted("dry-run", cluster.namespace, name)
         cluster.delete_job(name, propagation="Foreground")
         # Its pods get SIGTERM and checkpoint first; creating before they are gone would 409.
-        cluster.wait_deleted(name, timeout=wait_timeout)
+        grace = existing["spec"]["template"]["spec"].get("terminationGracePeriodSeconds") or 30
+        cluster.wait_deleted(name, timeout=wait_timeout or grace + 120)
         cluster.create_job(job)
         return Submitted("replaced", cluster.namespace, name)
     cluster.create_job(job, dry_run=dry_run)
