@@ -161,7 +161,9 @@ def test_one_gpu_runs_the_worker_with_a_gpu_limit():
 def test_several_gpus_run_the_worker_under_torchrun_one_process_per_gpu():
     c = container(job_of(finetune(resources={"gpus": 4})))
     assert c["command"] == [
-        "torchrun",
+        "python",
+        "-m",
+        "service.k8s.launch",  # torchrun that keeps a rank's exit code 2
         "--standalone",
         "--nproc-per-node=4",
         "-m",

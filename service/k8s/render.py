@@ -132,8 +132,17 @@ def _needs_hub(spec: FineTune | Study) -> bool:
 
 def _command(gpus: int) -> list[str]:
     if gpus > 1:
-        # One process per GPU on this node; --standalone runs a local rendezvous (no etcd).
-        return ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "-m", "service.worker"]
+        # torchrun, one process per GPU, --standalone: a local rendezvous (no etcd). Through
+        # service.k8s.launch, which keeps a rank's exit code 2 (plain torchrun exits 1).
+        return [
+            "python",
+            "-m",
+            "service.k8s.launch",
+            "--standalone",
+            f"--nproc-per-node={gpus}",
+            "-m",
+            "service.worker",
+        ]
     return ["backbones", "worker"]
 
 

@@ -1,0 +1,37 @@
+"""``torchrun`` that keeps the worker's exit code: the pod command when resources.gpus > 1.
+
+torchrun exits 1 whenever a rank fails, whatever the rank's own code. That would hide exit
+code 2 (bad spec or data) from the Job's podFailurePolicy, and Kubernetes would retry a run that
+cannot succeed. This wrapper runs torchrun unchanged and maps a failed launch back onto the
+worker contract: 2 if any rank said "user error", else 75 (retriable).
+
+    python -m service.k8s.launch --standalone --nproc-per-node=4 -m service.worker
+"""
+
+from __future__ import annotations
+
+import sys
+
+from service.errors import EXIT_OK, EXIT_RETRY, EXIT_USER
+
+
+def exit_code(rank_codes: list[int]) -> int:
+    """One pod exit code from the failed ranks' codes (negative: killed by a signal)."""
+    return EXIT_USER if EXIT_USER in rank_codes else EXIT_RETRY
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        print(f"launch: ranks failed with exit codes {codes}", file=sys.stderr)
+        return exit_code(codes)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
