@@ -117,3 +117,14 @@ def test_full_crop_without_flip_is_the_identity(split, monkeypatch):
     x, _ = _batches(_loader(split, augment=False, shuffle=False))[0]
     for a, b in zip(x_aug, x, strict=True):
         assert torch.allclose(a, b, atol=1e-5) or torch.allclose(a, b.flip(-1), atol=1e-5)
+
+
+def test_ranks_split_each_global_batch_without_overlap(split):
+    full = _batches(_loader(split, drop_last=True), epoch=1)
+    parts = [
+        _batches(_loader(split, drop_last=True, rank=r, world_size=2), epoch=1) for r in (0, 1)
+    ]
+    for step, (_, y) in enumerate(full):
+        ys = [parts[r][step][1] for r in (0, 1)]
+        assert [len(v) for v in ys] == [4, 4]
+        assert sorted(torch.cat(ys).tolist()) == sorted(y.tolist())

@@ -259,6 +259,18 @@ def test_second_prepare_decodes_nothing(folder, cache, count_decodes):
     assert torch.equal(a.test.images, b.test.images)
 
 
+def test_second_prepare_rereads_no_file_to_prove_the_content_unchanged(folder, cache, monkeypatch):
+    from service.data import sources
+
+    hashed = []
+    real = sources.file_sha256
+    monkeypatch.setattr(sources, "file_sha256", lambda p: hashed.append(p) or real(p))
+    a = prepare(spec_for(folder), cache)
+    assert len(hashed) == 39
+    b = prepare(spec_for(folder), cache)
+    assert len(hashed) == 39 and a.content_hash == b.content_hash
+
+
 def test_cache_is_keyed_by_resolution(folder, cache, count_decodes):
     prepare(spec_for(folder), cache)
     p = prepare(spec_for(folder, protocol={"image_size": [24, 20]}), cache)

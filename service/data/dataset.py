@@ -106,20 +106,29 @@ def resolve(ds, cache_dir: Path, local_path: Path | None = None) -> sources.Cata
         if parsed.scheme == "s3":
             raise UserError(f"dataset.uri: {uri} must be fetched to local disk before prepare")
         local_path = Path(parsed.path if parsed.scheme == "file" else uri).expanduser()
-    path = Path(local_path)
+    path = Path(local_path).absolute()
     if not path.exists():
         raise UserError(f"dataset.uri: {uri}: no such file or folder")
+    memo = sources.HashMemo(cache_dir, str(path))
+
+    def sha(p: Path) -> str:
+        digest = memo.sha256(p)
+        memo.save()
+        return digest
+
     if path.is_dir():
         if (path / "manifest.json").is_file():
             return sources.scan_packed(path, label=uri)
-        return sources.scan_folder(path, label=uri)
+        catalog = sources.scan_folder(path, label=uri)
+        catalog.hash_memo = memo
+        return catalog
     name = path.name.lower()
     if name.endswith(".npz"):
-        return sources.scan_npz(path, ds.images_key, ds.labels_key)
+        return sources.scan_npz(path, ds.images_key, ds.labels_key, sha)
     if name.endswith((".h5", ".hdf5")):
-        return sources.scan_h5(path, ds.images_key, ds.labels_key)
+        return sources.scan_h5(path, ds.images_key, ds.labels_key, sha)
     if is_archive(name):
-        digest = sources.file_sha256(path)
+        digest = sha(path)
         dest = cache_dir / "extracted" / digest
         if not dest.is_dir():
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +163,7 @@ def decoded_cache(
     """All images of the catalog, decoded, (N, 3, H, W) uint8; and whether it was cached."""
     workers = _workers()
     if catalog.items is not None and not catalog.content_hash:
-        catalog.content_hash = sources.hash_items(catalog.items, workers)
+        catalog.content_hash = sources.hash_items(catalog.items, workers, catalog.hash_memo)
     path = cache_file(cache_dir, catalog.content_hash, hw)
     shape = (len(catalog), 3, *hw)
     if path.is_file():

@@ -45,9 +45,18 @@ class BatchLoader:
         seed: int,
         drop_last: bool = False,
         resident: bool | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ):
+        """``batch_size`` is global: under DDP each of ``world_size`` ranks takes every
+        ``world_size``-th sample of each global batch (use drop_last=True when training, so no
+        rank ever gets an empty batch). ``resident``: keep the uint8 split on the GPU (None:
+        when it takes at most RESIDENT_SHARE of free GPU memory)."""
         if batch_size <= 0:
             raise ValueError("batch_size must be > 0")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.rank, self.world_size = rank, world_size
         self.split = split
         self.batch_size = batch_size
         self.device = torch.device(device)
@@ -86,6 +95,8 @@ class BatchLoader:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches ``start_step`` .. ``len(self) - 1`` of ``epoch``: (float images, labels)."""
         order = self.order(epoch)
+        if self._on_device:
+            order = order.to(self.device)
         steps = range(max(0, start_step), len(self))
         if not steps:
             return
@@ -101,8 +112,9 @@ class BatchLoader:
 
     def _fetch(self, order: torch.Tensor, step: int):
         idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+        if self.world_size > 1:
+            idx = idx[self.rank :: self.world_size]
         if self._on_device:
-            idx = idx.to(self.device, non_blocking=True)
             return self._images.index_select(0, idx), self._labels.index_select(0, idx)
         if not self._cuda:
             return self._images.index_select(0, idx), self._labels.index_select(0, idx)

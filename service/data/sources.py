@@ -60,6 +60,7 @@ class Catalog:
     # Arrays (digits, npz, h5): read(start, stop) -> uint8 (n, C, h, w), C in 1..4.
     read_rows: Callable[[int, int], np.ndarray] | None = None
     where: str = ""  # the dataset, as named in errors
+    hash_memo: HashMemo | None = None  # speeds up content hashing of folders
     notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -177,25 +178,64 @@ def scan_folder(root: Path, kind: str = "imagefolder", label: str | None = None)
     )
 
 
-def hash_items(items: list[Item], workers: int) -> str:
+def hash_items(items: list[Item], workers: int, memo: HashMemo | None = None) -> str:
     """sha256 over (ref, sha256 of bytes) of every item, in catalog order."""
-
-    def one(it: Item) -> bytes:
-        return hashlib.sha256(it.read()).digest()
+    digest = memo.sha256 if memo is not None else file_sha256
 
     h = hashlib.sha256(b"backbones-imagefolder/v1\0")
     with ThreadPoolExecutor(max_workers=workers) as ex:
-        for it, digest in zip(items, ex.map(one, items, chunksize=64), strict=True):
-            h.update(it.ref.encode() + b"\0" + digest)
+        paths = [it.path for it in items]
+        for it, hexdigest in zip(items, ex.map(digest, paths, chunksize=64), strict=True):
+            h.update(it.ref.encode() + b"\0" + hexdigest.encode())
+    if memo is not None:
+        memo.save()
     return h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+class HashMemo:
+    """File sha256s remembered by (size, mtime) in the cache folder, as build tools do.
+
+    The decoded cache is keyed by content, and proving content unchanged would otherwise mean
+    reading every byte of the dataset on every run. A file whose size or modification time
+    changed is read again.
+    """
+
+    def __init__(self, cache_dir: Path, scope: str):
+        name = hashlib.sha256(scope.encode()).hexdigest()[:32]
+        self.path = cache_dir / "hashes" / f"{name}.json"
+        try:
+            self.entries: dict[str, list] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.dirty = False
+
+    def sha256(self, path: str | Path) -> str:
+        key = str(path)
+        st = os.stat(key)
+        hit = self.entries.get(key)
+        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            return hit[2]
+        digest = file_sha256(key)
+        self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
+        self.dirty = True
+        return digest
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.entries))
+        os.replace(tmp, self.path)  # concurrent writers: the last one wins, both are valid
+        self.dirty = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,7 +368,7 @@ def scan_digits() -> Catalog:
     return _array_catalog("builtin", "builtin://digits", labels, lambda i, j: images[i:j, None], h)
 
 
-def scan_npz(path: Path, images_key: str, labels_key: str) -> Catalog:
+def scan_npz(path: Path, images_key: str, labels_key: str, sha=file_sha256) -> Catalog:
     where = path.name
     try:
         z = np.load(path, allow_pickle=False)
@@ -344,11 +384,11 @@ def scan_npz(path: Path, images_key: str, labels_key: str) -> Catalog:
         names = z["classes"] if "classes" in z.files else None
     _check_rows(images, labels, where)
     return _array_catalog(
-        "npz", where, labels, _to_nchw(images, where, images_key), file_sha256(path), names
+        "npz", where, labels, _to_nchw(images, where, images_key), sha(path), names
     )
 
 
-def scan_h5(path: Path, images_key: str, labels_key: str) -> Catalog:
+def scan_h5(path: Path, images_key: str, labels_key: str, sha=file_sha256) -> Catalog:
     import h5py
 
     where = path.name
@@ -364,9 +404,7 @@ def scan_h5(path: Path, images_key: str, labels_key: str) -> Catalog:
     images, labels = f[images_key], np.asarray(f[labels_key])
     _check_rows(images, labels, where)
     # The h5 file stays open while rows are read (chunk by chunk; Galaxy10 is 2.7 GB).
-    return _array_catalog(
-        "h5", where, labels, _to_nchw(images, where, images_key), file_sha256(path)
-    )
+    return _array_catalog("h5", where, labels, _to_nchw(images, where, images_key), sha(path))
 
 
 def _check_rows(images, labels, where: str) -> None:
