@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -37,3 +38,47 @@ def test_a_rank_exiting_2_under_torchrun_exits_the_pod_with_2(tmp_path):
     )
     assert launched.returncode == 2, launched.stderr[-2000:]
     assert "launch: ranks failed with exit codes [2]" in launched.stderr
+
+
+def test_sigterm_reaches_every_rank_and_the_pod_exits_retriable(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "def stop(*_):\n"
+        "    print(f\"rank {os.environ['RANK']} checkpointed\", flush=True)\n"
+        "    sys.exit(75)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service.k8s.launch",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(script),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        ready = 0
+        while ready < 2:
+            line = proc.stdout.readline()
+            assert line, "launcher ended early: " + proc.stderr.read()[-2000:]
+            ready += line.strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, err[-2000:]
+    assert sorted(line for line in out.splitlines() if "checkpointed" in line) == [
+        "rank 0 checkpointed",
+        "rank 1 checkpointed",
+    ]
+    assert "launch: stopped by signal SIGTERM" in err

@@ -21,11 +21,17 @@ def exit_code(rank_codes: list[int]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     try:
         run(parse_args(argv))
+    except SignalException as e:
+        # SIGTERM (preemption, cancel): torchrun has passed it on to the ranks, which
+        # checkpoint and stop. The run resumes later.
+        print(f"launch: stopped by signal {e.sigval.name}", file=sys.stderr)
+        return EXIT_RETRY
     except ChildFailedError as e:
         codes = [f.exitcode for f in e.failures.values()]
         print(f"launch: ranks failed with exit codes {codes}", file=sys.stderr)
