@@ -45,6 +45,7 @@ def test_sigterm_reaches_every_rank_and_the_pod_exits_retriable(tmp_path):
     script.write_text(
         "import os, signal, sys, time\n"
         "def stop(*_):\n"
+        "    time.sleep(1)  # writing the checkpoint\n"
         "    print(f\"rank {os.environ['RANK']} checkpointed\", flush=True)\n"
         "    sys.exit(75)\n"
         "signal.signal(signal.SIGTERM, stop)\n"

@@ -159,13 +159,14 @@ def test_one_gpu_runs_the_worker_with_a_gpu_limit():
 
 
 def test_several_gpus_run_the_worker_under_torchrun_one_process_per_gpu():
-    c = container(job_of(finetune(resources={"gpus": 4})))
+    c = container(job_of(finetune(resources={"gpus": 4, "termination_grace_seconds": 300})))
     assert c["command"] == [
         "python",
         "-m",
         "service.k8s.launch",  # torchrun that keeps a rank's exit code 2
         "--standalone",
         "--nproc-per-node=4",
+        "--shutdown-timeout=290",  # ranks get the grace period to checkpoint, less a margin
         "-m",
         "service.worker",
     ]
@@ -447,3 +448,12 @@ def test_local_paths_in_a_cluster_spec_are_warned_about():
 
 def test_a_namespace_override_moves_the_job():
     assert job_of(finetune(), namespace="team-a")["metadata"]["namespace"] == "team-a"
+
+
+def test_pass_through_fields_from_a_spec_file_render_as_plain_yaml(tmp_path):
+    affinity = {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(finetune(resources={"affinity": affinity, "tolerations": [{}]})))
+    result = CliRunner().invoke(app, ["render", str(path)])
+    assert result.exit_code == 0, result.output
+    assert pod(yaml.safe_load(result.stdout))["affinity"] == affinity

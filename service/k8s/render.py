@@ -130,16 +130,19 @@ def _needs_hub(spec: FineTune | Study) -> bool:
     return any(c.backbone.weights == "timm" for c in cells_of(spec))
 
 
-def _command(gpus: int) -> list[str]:
+def _command(gpus: int, grace: int) -> list[str]:
     if gpus > 1:
         # torchrun, one process per GPU, --standalone: a local rendezvous (no etcd). Through
         # service.k8s.launch, which keeps a rank's exit code 2 (plain torchrun exits 1).
+        # torchrun SIGKILLs ranks 30 s after forwarding SIGTERM unless told otherwise: give them
+        # the pod's grace period, less a margin for the launcher itself to exit.
         return [
             "python",
             "-m",
             "service.k8s.launch",
             "--standalone",
             f"--nproc-per-node={gpus}",
+            f"--shutdown-timeout={max(1, grace - 10)}",
             "-m",
             "service.worker",
         ]
@@ -174,6 +177,10 @@ def _env(spec: FineTune | Study, image: str) -> list[dict[str, Any]]:
     return env
 
 
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
 def _field(path: str) -> dict[str, Any]:
     return {"fieldRef": {"fieldPath": path}}
 
@@ -195,7 +202,7 @@ def _container(spec: FineTune | Study, image: str) -> dict[str, Any]:
         "image": image,
         # Re-checks the tag's digest on each start; layers stay cached on the node.
         "imagePullPolicy": "Always",
-        "command": _command(spec.resources.gpus),
+        "command": _command(spec.resources.gpus, spec.resources.termination_grace_seconds),
         # Relative paths in a spec (./runs) land in the writable /tmp emptyDir.
         "workingDir": "/tmp",
         "env": _env(spec, image),
@@ -248,12 +255,13 @@ def _pod_spec(spec: FineTune | Study, image: str) -> dict[str, Any]:
     }
     if r.service_account:
         pod["serviceAccountName"] = r.service_account
+    # Passed through as plain JSON values (the spec loader may hand over dict subclasses).
     if r.node_selector:
-        pod["nodeSelector"] = dict(r.node_selector)
+        pod["nodeSelector"] = _plain(r.node_selector)
     if r.tolerations:
-        pod["tolerations"] = [dict(t) for t in r.tolerations]
+        pod["tolerations"] = _plain(r.tolerations)
     if r.affinity:
-        pod["affinity"] = r.affinity
+        pod["affinity"] = _plain(r.affinity)
     return pod
 
 
