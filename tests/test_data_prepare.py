@@ -125,8 +125,8 @@ def test_packed_layout_reads_members_from_the_shards(tmp_path, cache):
 def test_packed_member_outside_class_file_is_refused(tmp_path, cache, name):
     root = make_packed(tmp_path / "packed", TWO_SPLITS, extra_members=[(name, image_bytes(9))])
     assert _err(spec_for(root), cache) == (
-        f"shards/train-00000.tar: member {name!r} is not <class>/<file> with a class listed in "
-        "manifest.json"
+        f"{root}: shards/train-00000.tar: member {name!r} is not <class>/<file> with a class "
+        "listed in manifest.json"
     )
 
 
@@ -222,8 +222,8 @@ def test_tiny_fractions_keep_one_image_per_class(folder, cache):
 def test_a_class_with_one_image_cannot_give_a_validation_image(tmp_path, cache):
     root = make_imagefolder(tmp_path / "d", {"train": {"a": 5, "b": 1}, "test": {"a": 1, "b": 1}})
     assert _err(spec_for(root), cache) == (
-        "class 'b' has only 1 image: too few to carve a validation split (val_fraction=0.1); "
-        "add images or provide the split as a folder"
+        f"{root}: class 'b' has only 1 image: too few to carve a validation split "
+        "(val_fraction=0.1); add images or provide the split as a folder"
     )
 
 
@@ -316,33 +316,33 @@ def test_large_caches_are_memory_mapped(folder, cache, monkeypatch):
 def test_undecodable_file_is_named(folder, cache):
     (folder / "train/dog/notes.txt").write_text("not an image")
     assert _err(spec_for(folder), cache) == (
-        "train/dog/notes.txt: not an image (unrecognised file format)"
+        f"{folder}: train/dog/notes.txt: not an image (unrecognised file format)"
     )
 
 
 def test_zero_byte_file_is_named(folder, cache):
     (folder / "test/eel/empty.png").write_bytes(b"")
-    assert _err(spec_for(folder), cache) == "test/eel/empty.png: empty file (0 bytes)"
+    assert _err(spec_for(folder), cache) == f"{folder}: test/eel/empty.png: empty file (0 bytes)"
 
 
 def test_truncated_jpeg_is_named(folder, cache):
     data = image_bytes(7, size=(32, 32), fmt="JPEG")
     (folder / "train/cat/cut.jpg").write_bytes(data[: len(data) // 2])
     assert _err(spec_for(folder), cache).startswith(
-        "train/cat/cut.jpg: cannot decode image: truncated or corrupt image"
+        f"{folder}: train/cat/cut.jpg: cannot decode image: truncated or corrupt image"
     )
 
 
 def test_empty_class_is_named(folder, cache):
     (folder / "train/fox").mkdir()
     (folder / "test/fox").mkdir()
-    assert _err(spec_for(folder), cache) == "class 'fox' in train/ has no images"
+    assert _err(spec_for(folder), cache) == f"{folder}: class 'fox' in train/ has no images"
 
 
 def test_single_class_is_refused(tmp_path, cache):
     root = make_imagefolder(tmp_path / "one", {"train": {"cat": 4}, "test": {"cat": 2}})
     assert _err(spec_for(root), cache) == (
-        "train/ has a single class 'cat': classification needs at least 2 classes"
+        f"{root}: train/ has a single class 'cat': classification needs at least 2 classes"
     )
 
 
@@ -351,7 +351,7 @@ def test_train_test_class_mismatch_names_the_classes(tmp_path, cache):
         tmp_path / "mm", {"train": {"a": 3, "b": 3, "c": 3}, "test": {"a": 1, "b": 1, "d": 1}}
     )
     assert _err(spec_for(root), cache) == (
-        "train/test class mismatch: only in train/: c; only in test/: d"
+        f"{root}: train/test class mismatch: only in train/: c; only in test/: d"
     )
 
 
@@ -376,4 +376,4 @@ def test_zip_of_a_broken_dataset_names_the_member(tmp_path, cache):
                     k += 1
                     zf.writestr(f"d/{split}/{c}/{i}.png", image_bytes(k))
         zf.writestr("d/train/b/zero.png", b"")
-    assert _err(spec_for(a), cache) == "train/b/zero.png: empty file (0 bytes)"
+    assert _err(spec_for(a), cache) == "d.zip: train/b/zero.png: empty file (0 bytes)"

@@ -12,7 +12,9 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -51,10 +53,11 @@ def prepare(spec, cache_dir: Path, *, local_path: Path | None = None, observer=N
     ds, hw, seed = spec.dataset, tuple(spec.protocol.hw), spec.protocol.seed
     cache_dir = Path(cache_dir)
     catalog = resolve(ds, cache_dir, local_path)
-    t0 = time.perf_counter()
-    images, path, hit = decoded_cache(catalog, cache_dir, hw)
-    decode_seconds = time.perf_counter() - t0
-    idx, val_source, test_source = assign_splits(catalog, ds, seed)
+    with naming(catalog.where):
+        t0 = time.perf_counter()
+        images, path, hit = decoded_cache(catalog, cache_dir, hw)
+        decode_seconds = time.perf_counter() - t0
+        idx, val_source, test_source = assign_splits(catalog, ds, seed)
 
     def split(name: str) -> Split:
         return _split(images, catalog, idx[name])
@@ -89,6 +92,18 @@ def prepare(spec, cache_dir: Path, *, local_path: Path | None = None, observer=N
     )
 
 
+@contextmanager
+def naming(where: str) -> Iterator[None]:
+    """Prefix data errors with the dataset they are about (a Study trains on many)."""
+    try:
+        yield
+    except UserError as e:
+        msg = str(e)
+        if msg.startswith((where, "dataset.")):
+            raise
+        raise UserError(f"{where}: {msg}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # Resolve
 # --------------------------------------------------------------------------------------------
@@ -110,6 +125,12 @@ def resolve(ds, cache_dir: Path, local_path: Path | None = None) -> sources.Cata
     if not path.exists():
         raise UserError(f"dataset.uri: {uri}: no such file or folder")
     memo = sources.HashMemo(cache_dir, str(path))
+    with naming(uri if path.is_dir() else path.name):
+        return _scan(ds, path, cache_dir, memo)
+
+
+def _scan(ds, path: Path, cache_dir: Path, memo: sources.HashMemo) -> sources.Catalog:
+    uri = ds.uri
 
     def sha(p: Path) -> str:
         digest = memo.sha256(p)
