@@ -59,6 +59,7 @@ def test_sigterm_reaches_every_rank_and_the_pod_exits_retriable(tmp_path):
             "service.k8s.launch",
             "--standalone",
             "--nproc-per-node=2",
+            "--shutdown-timeout=20",  # as render passes it: the grace period less a margin
             str(script),
         ],
         stdout=subprocess.PIPE,
