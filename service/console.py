@@ -95,3 +95,28 @@ def _duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class LineObserver(Observer):
+    """One plain line per epoch and phase: for pod logs and pipes, where a bar is noise."""
+
+    def __init__(self, stream=None):
+        import sys
+
+        self.stream = stream or sys.stdout
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def on_phase(self, p: Progress) -> None:
+        extra = f" (attempt {p.attempt})" if p.phase == "Training" and p.attempt > 1 else ""
+        self._print(f"{p.run_id}: {p.phase}{extra}")
+
+    def on_epoch(self, p: Progress, record: dict) -> None:
+        eta = "-" if p.eta_seconds is None else _duration(p.eta_seconds)
+        self._print(
+            f"{p.run_id}: epoch {p.epoch}/{p.max_epochs} [{record['phase']}] "
+            f"loss {record['train_loss']:.4f} val acc {record['val_top1']:.4f} "
+            f"(best {_fmt(p.best_val_top1, '.4f')}) {record['images_per_second']:.0f} img/s "
+            f"ETA {eta}"
+        )

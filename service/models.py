@@ -80,6 +80,10 @@ def build(
     from service.checks import check_model_name
 
     name, weights = backbone.model, backbone.weights
+    entry = catalog_entry(name)
+    if entry is not None and not getattr(entry, "available", True):
+        note = getattr(entry, "note", "") or "no builder ships with backbones"
+        raise UserError(f"backbone.model: {name!r} is in the catalog but cannot be built: {note}")
     source = catalog_source(name)
     if source != "torchvision":
         problem = check_model_name(name, deep=True)

@@ -1,0 +1,110 @@
+"""run, worker: train on this machine, with the same code the Kubernetes pod runs."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import typer
+
+from service.cli._app import app, edge, err
+from service.errors import EXIT_USER, UserError
+from service.spec import SpecError, load_spec
+
+
+@app.command()
+def run(
+    spec_file: Path = typer.Argument(..., metavar="SPEC", help="FineTune or Study spec (JSON)."),
+    force: bool = typer.Option(
+        False, "--force", help="Overwrite the outputs of a completed or different run."
+    ),
+    cache_dir: Path | None = typer.Option(
+        None,
+        "--cache-dir",
+        help="Dataset and weights cache (default: $BACKBONES_CACHE or ~/.cache/backbones).",
+    ),
+) -> None:
+    """Run a spec here (every cell of a Study, in order); resumes from checkpoints."""
+    try:
+        spec = load_spec(spec_file)
+    except SpecError as e:
+        for loc, msg in e.problems:
+            err(f"{spec_file}: {loc}: {msg}" if loc else f"{spec_file}: {msg}")
+        raise typer.Exit(EXIT_USER) from None
+    with edge():
+        from service.study import cells_of
+        from service.worker import run_cell, stop_on_signals
+
+        try:
+            cells = cells_of(spec)
+        except ValueError as e:
+            raise UserError(f"{spec_file}: {e}") from None
+        stop = threading.Event()
+        with stop_on_signals(stop):
+            for i, cell in enumerate(cells, 1):
+                if len(cells) > 1:
+                    typer.echo(f"[{i}/{len(cells)}] {cell.run_id}")
+                outcome = run_cell(
+                    cell, force=force, cache_dir=cache_dir, observers=_observers(cell), stop=stop
+                )
+                if outcome.skipped:
+                    typer.echo(f"{cell.run_id}: already complete ({outcome.uri})")
+                    continue
+                t = outcome.summary["test"]
+                typer.echo(
+                    f"{cell.run_id}: test top-1 {t['top1']:.4f}, macro-F1 {t['macro_f1']:.4f}, "
+                    f"{outcome.summary['train_seconds']:.1f} s training"
+                )
+                list_outputs(outcome.uri, cell)
+
+
+@app.command()
+def worker(
+    spec_file: Path | None = typer.Option(
+        None, "--spec", help="Spec file; default: the JSON in $BACKBONES_SPEC."
+    ),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Dataset cache folder."),
+    force: bool = typer.Option(False, "--force", help="Overwrite outputs of another spec."),
+) -> None:
+    """The container's entry point: run one cell (a Study picks $JOB_COMPLETION_INDEX)."""
+    from service.worker import work
+
+    code = work(
+        str(spec_file) if spec_file else None,
+        cache_dir=cache_dir,
+        force=force,
+        observers=_observers(None),
+    )
+    raise typer.Exit(code)
+
+
+def _observers(cell) -> list:
+    from service.console import ConsoleObserver, LineObserver
+
+    if sys.stderr.isatty():
+        return [ConsoleObserver(label=cell.run_id if cell is not None else "")]
+    return [LineObserver()]
+
+
+def list_outputs(uri: str, cell) -> None:
+    from service.worker import run_outputs
+
+    store = run_outputs(cell).store
+    typer.echo(f"outputs in {uri}:")
+    for key in store.list(""):
+        if key.startswith(".") or key == "lock.json":
+            continue
+        size = ""
+        path = Path(uri) / key
+        if path.is_file():
+            size = f"  {_size(path.stat().st_size)}"
+        typer.echo(f"  {key}{size}")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,140 @@
+"""Each recipe learns on tiny data, and a run leaves the outputs DESIGN.md promises."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from service.worker import run_cell
+from tests.trainutil import run_dir, tiny_spec
+
+SUMMARY_KEYS = {
+    "run_id", "name", "study", "spec_hash", "backbone", "weights", "dataset", "domain", "recipe",
+    "seed", "train_fraction", "select_on", "classes", "n_train", "n_val", "n_test", "test",
+    "best_epoch", "epochs_run", "best_val_top1", "params", "gmacs", "train_seconds", "gpu_hours",
+    "images_per_second", "peak_memory_bytes", "device", "num_gpus", "finished_at",
+}  # fmt: skip
+TEST_KEYS = {
+    "top1", "top5", "macro_f1", "balanced_accuracy", "per_class_recall", "confusion_matrix",
+    "ece", "auroc", "loss",
+}  # fmt: skip
+METRIC_KEYS = {
+    "epoch", "phase", "train_loss", "train_top1", "val_loss", "val_top1", "val_macro_f1", "lr",
+    "epoch_seconds", "images_per_second",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def standard_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("standard")
+    spec = tiny_spec(tmp, name="std", max_epochs=3, ema=True, ema_decay=0.99, warmup_epochs=1)
+    outcome = run_cell(spec, cache_dir=tmp / "cache")
+    return spec, outcome.summary
+
+
+def test_standard_recipe_with_ema_learns_digits(standard_run):
+    _, summary = standard_run
+    assert summary["test"]["top1"] > 0.5  # chance is 0.1
+
+
+def test_summary_has_every_contract_field(standard_run):
+    spec, summary = standard_run
+    assert set(summary) >= SUMMARY_KEYS
+    assert set(summary["test"]) >= TEST_KEYS
+    assert summary["spec_hash"] == spec.spec_hash
+    assert summary["classes"] == [str(i) for i in range(10)]
+    assert summary["n_train"] + summary["n_val"] + summary["n_test"] == 1797
+    test = summary["test"]
+    assert len(test["confusion_matrix"]) == 10
+    assert sum(map(sum, test["confusion_matrix"])) == summary["n_test"]
+    assert test["top5"] >= test["top1"]
+    assert test["auroc"] is None  # only for two classes
+    assert summary["epochs_run"] == 3
+    assert summary["gmacs"] > 0
+    assert summary["num_gpus"] == 0
+
+
+def test_metrics_jsonl_has_a_line_per_epoch(standard_run):
+    spec, _ = standard_run
+    lines = (run_dir(spec) / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert all(set(r) >= METRIC_KEYS for r in records)
+    assert {r["phase"] for r in records} == {"cosine"}
+    assert records[0]["lr"] > records[-1]["lr"]  # cosine decay
+
+
+def test_status_json_says_succeeded(standard_run):
+    spec, _ = standard_run
+    status = json.loads((run_dir(spec) / "status.json").read_text())
+    assert status["phase"] == "Succeeded"
+    assert status["progress"] == 1.0
+    assert status["epoch"] == 3
+    assert status["attempt"] == 1
+    assert {"run_id", "max_epochs", "eta_seconds", "best_val_top1", "error", "updated_at"} <= set(
+        status
+    )
+
+
+def test_env_json_records_versions_seeds_and_hashes(standard_run):
+    spec, _ = standard_run
+    env = json.loads((run_dir(spec) / "env.json").read_text())
+    assert env["torch"] == torch.__version__
+    assert env["seed"] == 0
+    assert len(env["data_content_hash"]) >= 16
+    assert env["device"].startswith("cpu")
+    assert {"python", "timm", "torchvision", "weights_sha256"} <= set(env)
+
+
+def test_best_weights_are_written_as_safetensors(standard_run):
+    from safetensors.torch import load_file
+
+    spec, _ = standard_run
+    weights = load_file(str(run_dir(spec) / "best.safetensors"))
+    assert weights["fc.weight"].shape == (10, 96)
+
+
+def test_paper_recipe_switches_to_sgd_after_a_plateau(tmp_path):
+    # patience 1: the first epoch without improvement switches to SGD from the best weights.
+    spec = tiny_spec(tmp_path, name="paper", recipe="paper", patience=1, max_epochs=5)
+    summary = run_cell(spec, cache_dir=tmp_path / "cache").summary
+    records = [json.loads(x) for x in (run_dir(spec) / "metrics.jsonl").read_text().splitlines()]
+    phases = [r["phase"] for r in records]
+    assert phases[0] == "adamw"
+    assert summary["test"]["top1"] > 0.5
+    if "sgd" in phases:  # the switch happened: AdamW never comes back
+        assert phases == sorted(phases)  # 'adamw' < 'sgd'
+    assert summary["select_on"] == "val"
+
+
+def test_linear_probe_trains_only_the_head(tmp_path, standard_run):
+    from safetensors.torch import load_file
+
+    # Probe the features of the fine-tuned standard run, loaded as a safetensors backbone.
+    features = run_dir(standard_run[0]) / "best.safetensors"
+    spec = tiny_spec(tmp_path, name="probe", recipe="linear_probe", max_epochs=2)
+    spec.backbone.weights = str(features)
+    summary = run_cell(spec, cache_dir=tmp_path / "cache").summary
+    init = load_file(str(features))
+    best = load_file(str(run_dir(spec) / "best.safetensors"))
+    assert torch.equal(best["conv1.0.weight"], init["conv1.0.weight"])
+    assert torch.equal(best["layer1.0.bn1.running_mean"], init["layer1.0.bn1.running_mean"])
+    assert not torch.equal(best["fc.weight"], init["fc.weight"])
+    assert summary["test"]["top1"] > 0.5  # chance is 0.1
+
+
+def test_select_on_test_is_recorded_as_a_leak(tmp_path):
+    spec = tiny_spec(tmp_path, name="leak", select_on="test", max_epochs=1)
+    summary = run_cell(spec, cache_dir=tmp_path / "cache").summary
+    assert summary["select_on"] == "test"
+    assert "optimistic" in summary["warning"]
+
+
+def test_wall_clock_limit_stops_training_and_still_evaluates(tmp_path):
+    spec = tiny_spec(tmp_path, name="timed", max_epochs=50, max_minutes=0.0001)
+    summary = run_cell(spec, cache_dir=tmp_path / "cache").summary
+    assert summary["stop_reason"] == "max_minutes"
+    assert summary["epochs_run"] < 50
+    assert 0 <= summary["test"]["top1"] <= 1

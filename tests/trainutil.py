@@ -1,0 +1,93 @@
+"""Helpers shared by the training tests: tiny specs that train in seconds on two cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from service.spec import FineTune, parse_spec
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_spec(tmp_path: Path, *, name: str = "tiny", **protocol) -> FineTune:
+    """test_resnet on builtin digits at 16 px: ~0.3 s an epoch here."""
+    proto = {
+        "recipe": "standard",
+        "image_size": 16,
+        "batch_size": 64,
+        "max_epochs": 2,
+        "warmup_epochs": 0,
+        "device": "cpu",
+        **protocol,
+    }
+    return parse_spec(
+        {
+            "kind": "FineTune",
+            "name": name,
+            "backbone": {"model": "test_resnet", "weights": "none"},
+            "dataset": {"uri": "builtin://digits", "test_fraction": 0.2},
+            "protocol": proto,
+            "output": {"uri": str(tmp_path / "runs")},
+            "metrics": {"port": 0},
+        }
+    )
+
+
+def write_spec(tmp_path: Path, spec: FineTune, fname: str = "spec.json") -> Path:
+    path = tmp_path / fname
+    path.write_text(spec.to_json())
+    return path
+
+
+def worker_env(tmp_path: Path) -> dict:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "BACKBONES_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "2",
+        "PYTHONPATH": str(REPO),
+    }
+
+
+def start_worker(tmp_path: Path, spec_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.worker", "--spec", str(spec_path)],
+        cwd=REPO,
+        env=worker_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run_worker(
+    tmp_path: Path, spec_path: Path, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service.worker", "--spec", str(spec_path)],
+        cwd=REPO,
+        env=worker_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_dir(spec: FineTune) -> Path:
+    return Path(spec.output.uri) / spec.run_id
+
+
+def summary(spec: FineTune) -> dict:
+    return json.loads((run_dir(spec) / "summary.json").read_text())
+
+
+RESULT_KEYS = ("test", "best_epoch", "epochs_run", "best_val_top1", "n_train", "n_val", "n_test")
+
+
+def results(s: dict) -> dict:
+    """The parts of a summary that must not depend on interruptions (timings do)."""
+    return {k: s[k] for k in RESULT_KEYS}
