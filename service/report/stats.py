@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import warnings
@@ -65,11 +66,17 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Inter
     mean = math.fsum(values) / n
     if n < 2:
         return Interval(mean, None, None, None, n)
+    sd = statistics.stdev(values)
+    half = _t_quantile((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, sd, n)
+
+
+@functools.lru_cache(maxsize=64)
+def _t_quantile(q: float, df: int) -> float:
+    # scipy's ppf costs ~1 ms a call; a study has hundreds of groups but few distinct n.
     from scipy.stats import t
 
-    sd = statistics.stdev(values)
-    half = float(t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
-    return Interval(mean, mean - half, mean + half, sd, n)
+    return float(t.ppf(q, df))
 
 
 def paired_test(a: Mapping[int, float], b: Mapping[int, float], alpha: float = ALPHA) -> Paired:
