@@ -457,3 +457,12 @@ def test_pass_through_fields_from_a_spec_file_render_as_plain_yaml(tmp_path):
     result = CliRunner().invoke(app, ["render", str(path)])
     assert result.exit_code == 0, result.output
     assert pod(yaml.safe_load(result.stdout))["affinity"] == affinity
+
+
+def test_a_cache_dir_outside_the_writable_volumes_is_warned_about():
+    data = finetune(storage={"cache_dir": "/data/cache"})
+    assert warnings_for(parse_spec(data)) == [
+        "storage.cache_dir '/data/cache': in the pod only /cache (the cache emptyDir) and /tmp "
+        "are writable; leave it empty to use $BACKBONES_CACHE"
+    ]
+    assert warnings_for(parse_spec(finetune(storage={"cache_dir": "/cache/x"}))) == []

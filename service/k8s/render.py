@@ -365,6 +365,16 @@ def warnings_for(spec: FineTune | Study) -> list[str]:
     for uri in sorted(uris):
         if not is_s3(uri) and not uri.startswith("builtin://"):
             out.append(f"{uri!r} is a local path: the pod sees only what the image contains")
+    cache = spec.storage.cache_dir
+    if (
+        cache
+        and not cache.startswith((CACHE_DIR + "/", "/tmp/"))
+        and cache not in (CACHE_DIR, "/tmp")
+    ):
+        out.append(
+            f"storage.cache_dir {cache!r}: in the pod only {CACHE_DIR} (the cache emptyDir) and "
+            "/tmp are writable; leave it empty to use $BACKBONES_CACHE"
+        )
     if (is_s3(spec.output.uri) or any(is_s3(u) for u in uris)) and not (
         spec.storage.credentials_secret
     ):
