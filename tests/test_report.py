@@ -18,6 +18,7 @@ from service.errors import UserError
 from service.report import build_report
 from service.report.collect import collect
 from service.spec import parse_spec
+from service.study import expand
 from tests.reportutil import (
     T975,
     study_json,
@@ -169,6 +170,23 @@ def test_failed_incomplete_unreadable_and_missing_cells_are_listed_with_reasons(
     assert "| st/d1/c/seed2-frac1.0 | missing | no output |" in md
     # b is still ranked, on the one seed it finished
     assert _rows(tmp_path / "rep")[("d1", "b")]["n"] == 1
+
+
+def test_a_summary_from_another_spec_is_not_ranked(tmp_path):
+    out = tmp_path / "runs"
+    spec = parse_spec(study_json("st", [("d1", "natural")], ["a"], [0, 1], out))
+    write_grid(out, "st", {("d1", "a"): [0.9]})
+    old = summary("st", "d1", "a", 1, 0.99)
+    write_summary(out, {**old, "spec_hash": "feedfacefeedface"})
+    col = collect(str(out), study=spec)
+    stale = col.cells[1]
+    expected = expand(spec)[1].spec_hash
+    assert (stale.state, stale.reason) == (
+        "stale",
+        f"summary.json is from another spec (spec_hash feedfacefeedface, the study expects "
+        f"{expected}); re-run the cell",
+    )
+    assert [c.seed for c in col.done] == [0]
 
 
 def test_a_backbone_with_no_output_at_all_is_named_when_the_spec_is_given(tmp_path):

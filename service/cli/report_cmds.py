@@ -52,8 +52,9 @@ def report(
         c = written.report.counts
         typer.echo(
             f"{c['done']}/{c['cells']} cells done: {c['failed']} failed, {c['incomplete']} not "
-            f"finished, {c['missing']} missing, {c['unreadable']} unreadable "
-            f"({c['datasets']} datasets, {c['backbones']} backbones)"
+            f"finished, {c['missing']} missing, {c['unreadable']} unreadable"
+            + (f", {c['stale']} from another spec" if c["stale"] else "")
+            + f" ({c['datasets']} datasets, {c['backbones']} backbones)"
         )
         if written.report.leaky_runs:
             typer.echo(

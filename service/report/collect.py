@@ -28,7 +28,7 @@ from service.errors import UserError
 from service.spec import Storage, Study, run_id_for
 from service.storage import NotFound, Store, open_store
 
-State = Literal["done", "failed", "incomplete", "missing", "unreadable"]
+State = Literal["done", "failed", "incomplete", "missing", "unreadable", "stale"]
 
 SUMMARY, STATUS, SPEC = "summary.json", "status.json", "spec.json"
 _CELL_FILE = re.compile(
@@ -52,6 +52,7 @@ class Cell:
     summary: dict | None = None
     status: dict | None = None
     domain: str | None = None
+    spec_hash: str | None = None  # what the study spec expects, when it is known
 
     @property
     def ok(self) -> bool:
@@ -124,6 +125,7 @@ def _collect_with_spec(store: Store, study: Study, workers: int) -> Collection:
                 seed=ft.protocol.seed,
                 fraction=ft.dataset.train_fraction,
                 domain=domains[ft.dataset.short_name],
+                spec_hash=ft.spec_hash,
             )
         )
     notes = []
@@ -239,6 +241,15 @@ def _read_cell(store: Store, cell: Cell, present: set[str]) -> None:
         problem = _check_summary(summary)
         if problem:
             cell.state, cell.reason = "unreadable", f"summary.json: {problem}"
+            return
+        found = (summary or {}).get("spec_hash")
+        if summary is not None and cell.spec_hash and found and found != cell.spec_hash:
+            # Trained under another protocol (the spec changed since): not comparable.
+            cell.state = "stale"
+            cell.reason = (
+                f"summary.json is from another spec (spec_hash {found}, the study expects "
+                f"{cell.spec_hash}); re-run the cell"
+            )
             return
         if summary is not None:
             cell.state, cell.reason, cell.summary = "done", None, summary

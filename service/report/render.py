@@ -18,6 +18,7 @@ from pathlib import Path
 
 from service.report.tables import Board, Entry, Report
 
+FIGURES = ("pareto.png", "fractions.png")
 CSV_COLUMNS = [
     "study",
     "dataset",
@@ -236,7 +237,9 @@ def blocks(report: Report, figures: dict[str, bytes]) -> list:
         P(
             f"Source: {report.uri} — generated {when}. {c['cells']} cells expected: {c['done']} "
             f"done, {c['failed']} failed, {c['incomplete']} not finished, {c['missing']} "
-            f"missing, {c['unreadable']} unreadable. {c['datasets']} dataset(s), "
+            f"missing, {c['unreadable']} unreadable"
+            + (f", {c['stale']} from another spec" if c["stale"] else "")
+            + f". {c['datasets']} dataset(s), "
             f"{c['backbones']} backbone(s)."
         )
     )
@@ -467,6 +470,9 @@ def write(report: Report, out_dir: Path, figures: dict[str, bytes]) -> list[Path
     put("leaderboard.json", json.dumps(to_json(report), indent=2) + "\n")
     for name, png in figures.items():
         put(name, png)
+    for name in FIGURES:
+        if name not in figures:  # a figure of an earlier report would contradict this one
+            (out_dir / name).unlink(missing_ok=True)
     items = blocks(report, figures)
     put("report.md", to_markdown(items))
     put("report.html", to_html(items, f"Backbone study report: {report.study or report.uri}"))

@@ -157,6 +157,7 @@ def build(collection: Collection, *, now: float | None = None) -> Report:
         "incomplete": sum(c.state == "incomplete" for c in collection.cells),
         "missing": sum(c.state == "missing" for c in collection.cells),
         "unreadable": sum(c.state == "unreadable" for c in collection.cells),
+        "stale": sum(c.state == "stale" for c in collection.cells),
         "datasets": len({c.dataset for c in collection.cells}),
         "backbones": len({c.backbone for c in collection.cells}),
     }
