@@ -128,3 +128,14 @@ def test_ranks_split_each_global_batch_without_overlap(split):
         ys = [parts[r][step][1] for r in (0, 1)]
         assert [len(v) for v in ys] == [4, 4]
         assert sorted(torch.cat(ys).tolist()) == sorted(y.tolist())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("resident", [True, False])
+def test_cuda_batches_equal_cpu_batches(split, resident):
+    cpu = _batches(_loader(split, augment=True), epoch=1)
+    gpu = _batches(_loader(split, augment=True, device="cuda", resident=resident), epoch=1)
+    for (xc, yc), (xg, yg) in zip(cpu, gpu, strict=True):
+        assert xg.is_cuda and yg.is_cuda
+        assert torch.equal(yc, yg.cpu())
+        assert torch.allclose(xc, xg.cpu(), atol=1e-4)

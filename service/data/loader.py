@@ -60,6 +60,9 @@ class BatchLoader:
         self.split = split
         self.batch_size = batch_size
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # 'cuda' and 'cuda:0' compare unequal; pin the index so device checks hold.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.shuffle, self.augment, self.seed, self.drop_last = shuffle, augment, seed, drop_last
         self.n = len(split.labels)
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -73,7 +76,7 @@ class BatchLoader:
         if self._cuda and (resident if resident is not None else self._fits_on_device()):
             self._images = split.images.to(self.device)
             self._labels = split.labels.to(self.device)
-        self._on_device = self._images.device == self.device
+        self._on_device = self._images.device == self.device  # resident (or CPU training)
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
 
     def _fits_on_device(self) -> bool:
@@ -114,9 +117,7 @@ class BatchLoader:
         idx = order[step * self.batch_size : (step + 1) * self.batch_size]
         if self.world_size > 1:
             idx = idx[self.rank :: self.world_size]
-        if self._on_device:
-            return self._images.index_select(0, idx), self._labels.index_select(0, idx)
-        if not self._cuda:
+        if self._on_device:  # CPU training, or the split is resident on the GPU
             return self._images.index_select(0, idx), self._labels.index_select(0, idx)
         # Gather straight into pinned buffers, copy on a side stream: the copy runs while the
         # GPU computes the previous batch. The caching host allocator keeps a buffer alive
