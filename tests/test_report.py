@@ -324,3 +324,10 @@ def test_report_reads_a_study_from_s3(tmp_path, s3_bucket, s3_storage):
     rows = _rows(tmp_path / "rep")
     assert rows[("d2", "b")]["top1_mean"] == pytest.approx(np.mean(VALUES[("d2", "b")]))
     assert len(rows) == 6
+    spec = parse_spec(
+        study_json(
+            "st", DOMAINS.items(), ["a", "b", "c", "d"], [0, 1, 2], f"s3://{s3_bucket}/results"
+        )
+    )
+    col = collect(f"s3://{s3_bucket}/results", study=spec, storage=s3_storage)
+    assert (len(col.done), [c.key for c in col.problems][:1]) == (18, ["st/d1/d/seed0-frac1.0"])

@@ -83,10 +83,13 @@ def collect(
     *,
     study: Study | None = None,
     storage: Storage | None = None,
-    workers: int = MAX_WORKERS,
+    workers: int | None = None,
 ) -> Collection:
     """Every cell under ``uri``, read in parallel; the expected grid from ``study`` if given."""
     store = open_store(uri, storage)
+    if workers is None:
+        # The S3 client keeps 2 × max_concurrency connections: use them all, no more.
+        workers = 2 * storage.max_concurrency if storage is not None else MAX_WORKERS
     if study is not None:
         return _collect_with_spec(store, study, workers)
     return _collect_inferred(store, workers)
