@@ -211,6 +211,8 @@ class PrometheusObserver(Observer):
         r.register(_DeviceMemory(labels))
 
         self._gpus = gpus
+        self._gpus_now = gpus or 0
+        self._children: dict[Gauge, Gauge] = {}
         self._last_tick = time.monotonic()
         self._busy = False
         self._pushed_phase: str | None = None
@@ -232,25 +234,31 @@ class PrometheusObserver(Observer):
                 e.strerror or e,
             )
 
-    def _gpu_number(self) -> int:
-        """GPUs in use: CUDA initialised in this process -> its world size (one GPU per rank)."""
-        if self._gpus is None:
-            torch = sys.modules.get("torch")
-            on_gpu = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
-            if not on_gpu:
-                return 0  # not decided yet: CUDA may start later in the run
-            self._gpus = int(os.environ.get("WORLD_SIZE", "1"))
-        return self._gpus
+    def _refresh_gpus(self) -> None:
+        """GPUs in use: CUDA initialised here -> the world size (one GPU per rank), else 0.
+
+        Checked at phase changes and epochs, not every step: CUDA starts before training.
+        """
+        if self._gpus is not None:
+            self._gpus_now = self._gpus
+            return
+        torch = sys.modules.get("torch")
+        on_gpu = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
+        self._gpus_now = int(os.environ.get("WORLD_SIZE", "1")) if on_gpu else 0
 
     def _tick(self) -> None:
         """Account GPU-seconds since the last event while the run holds its GPUs."""
         now = time.monotonic()
-        if self._busy:
-            gpus = self._gpu_number()
-            if gpus:
-                self._gpu_seconds.inc((now - self._last_tick) * gpus)
-            self._gpu_count.set(gpus)
+        if self._busy and self._gpus_now:
+            self._gpu_seconds.inc((now - self._last_tick) * self._gpus_now)
         self._last_tick = now
+
+    def _child(self, gauge: Gauge):
+        """The run's series of a gauge created on its first value (cached: labels() locks)."""
+        child = self._children.get(gauge)
+        if child is None:
+            child = self._children[gauge] = gauge.labels(**self.labels)
+        return child
 
     def _update(self, p: Progress) -> None:
         self._epoch.set(p.epoch)
@@ -264,7 +272,7 @@ class PrometheusObserver(Observer):
             (self._ips, p.images_per_second),
         ):
             if value is not None:
-                gauge.labels(**self.labels).set(value)
+                self._child(gauge).set(value)
 
     def _set_phase(self, phase: str) -> None:
         for p, child in self._phase.items():
@@ -293,6 +301,8 @@ class PrometheusObserver(Observer):
 
     def on_phase(self, progress: Progress) -> None:
         self._tick()
+        self._refresh_gpus()
+        self._gpu_count.set(self._gpus_now)
         self._busy = progress.phase in _BUSY
         self._set_phase(progress.phase)
         self._update(progress)
@@ -311,12 +321,14 @@ class PrometheusObserver(Observer):
 
     def on_epoch(self, progress: Progress, record: dict) -> None:
         self._tick()
+        self._refresh_gpus()
+        self._gpu_count.set(self._gpus_now)
         self._update(progress)
 
     def on_checkpoint(self, progress: Progress, *, seconds: float) -> None:
         self._tick()
         self._ckpt.observe(seconds)
-        self._ckpt_ok.labels(**self.labels).set(time.time())
+        self._child(self._ckpt_ok).set(time.time())
 
     def on_download(self, nbytes: int) -> None:
         self._downloaded.inc(nbytes)
@@ -327,8 +339,8 @@ class PrometheusObserver(Observer):
         self._set_phase(progress.phase)
         self._update(progress)
         if progress.phase == "Succeeded":
-            self._eta.labels(**self.labels).set(0)
-            self._success.labels(**self.labels).set(time.time())
+            self._child(self._eta).set(0)
+            self._child(self._success).set(time.time())
         self._pushed_phase = progress.phase
         self.push()
 
