@@ -274,8 +274,8 @@ def estimate(
     result.notes.append(f"throughput: {gpu.source}")
     scale = 0.0 if gpus == 0 else (1.0 if gpus == 1 else 1.0 / MULTI_GPU_EFFICIENCY)
     train_cost = EVAL_COST if proto.recipe == "linear_probe" else 1.0
-    for dataset in study.datasets:
-        size = dataset_size(dataset, online=online, storage=storage or study.storage)
+    sizes = _sizes(study, online=online, storage=storage or study.storage)
+    for dataset, size in zip(study.datasets, sizes, strict=True):
         for backbone in study.backbones:
             gmacs, gmacs_source = model_gmacs(backbone.model, hw)
             train_ips = min(gpu.gmac_images_per_second / gmacs, gpu.max_images_per_second)
@@ -312,6 +312,18 @@ def estimate(
                     )
                 )
     return result
+
+
+def _sizes(study: Study, *, online: bool, storage) -> list[DatasetSize]:
+    """Dataset sizes; online, the S3 manifests are read in parallel, so an unreachable endpoint
+    costs one bounded timeout, not one per dataset."""
+    datasets = study.datasets
+    if not online or len(datasets) == 1:
+        return [dataset_size(d, online=online, storage=storage) for d in datasets]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, len(datasets))) as pool:
+        return list(pool.map(lambda d: dataset_size(d, online=True, storage=storage), datasets))
 
 
 def estimate_gpu_hours(study: Study) -> float:

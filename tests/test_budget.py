@@ -164,3 +164,21 @@ def test_the_estimate_never_imports_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
+
+
+@pytest.mark.integration
+def test_online_the_manifest_on_s3_gives_the_sizes(s3_bucket, s3_storage):
+    manifest = {"classes": ["a", "b"], "splits": {"train": {"count": 4000}, "test": {"count": 800}}}
+    from service.storage import open_store
+
+    store = open_store(f"s3://{s3_bucket}/eurosat/", s3_storage)
+    store.write_bytes("manifest.json", json.dumps(manifest).encode())
+    spec = parse_spec(study(datasets=[{"uri": f"s3://{s3_bucket}/eurosat/"}]))
+    offline = estimate(spec).cells[0]
+    online = estimate(spec, online=True, storage=s3_storage).cells[0]
+    assert offline.images_source.startswith("default")
+    assert (online.images_source, online.train_images, online.test_images) == (
+        "manifest",
+        3600,
+        800,
+    )
