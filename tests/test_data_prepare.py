@@ -308,6 +308,16 @@ def test_large_caches_are_memory_mapped(folder, cache, monkeypatch):
     arr = dataset_mod._open(Path(p.cache_path))
     assert isinstance(arr, np.memmap)
     assert p.test.images.shape == (9, 3, 16, 16)
+    from service.data import BatchLoader
+
+    loader = BatchLoader(
+        p.test, 4, device="cpu", mean=p.mean, std=p.std, shuffle=True, augment=True, seed=0
+    )
+    assert sum(len(y) for _, y in loader.epoch(0)) == 9
+
+
+def test_file_uri_is_a_local_path(folder, cache):
+    assert len(prepare(spec_for(f"file://{folder}"), cache).train) == 27
 
 
 # -- bad data: one line naming the file or class ----------------------------------------------
