@@ -127,8 +127,9 @@ def build(collection: Collection, *, now: float | None = None) -> Report:
     for e in entries:
         boards.setdefault((e.dataset, e.fraction), []).append(e)
     board_list = []
+    # Per dataset, the full training split first: it is the one ranked across datasets.
     for (dataset, fraction), es in sorted(
-        boards.items(), key=lambda kv: (ds_order.get(kv[0][0], len(ds_order)), kv[0])
+        boards.items(), key=lambda kv: (ds_order.get(kv[0][0], len(ds_order)), kv[0][0], -kv[0][1])
     ):
         board_list.append(_rank_board(dataset, fraction, es))
 
