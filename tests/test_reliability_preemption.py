@@ -1,0 +1,115 @@
+"""Preemption (issue 8, point 1): a run killed at random points, or asked to stop, loses nothing.
+
+A preemptible GPU node can vanish at any instruction (SIGKILL: no chance to clean up) or be
+drained (SIGTERM, then SIGKILL after the grace period). Either way the restarted worker must
+finish with exactly the result an uninterrupted run gets.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+
+import pytest
+
+from service.errors import EXIT_RETRY
+from service.storage.local import LocalStore
+from tests.fixtures.faults import (
+    assert_intact,
+    assert_not_complete,
+    error_lines,
+    kill_points,
+    results,
+    run,
+    start,
+    stop,
+    tiny_spec,
+    trip_cmd,
+    wait_for,
+    worker_cmd,
+    write_spec,
+)
+
+pytestmark = pytest.mark.integration
+
+SEED = 8  # fixed: the same kill points on every machine and every run
+KILLS = 5
+EPOCHS = 3
+
+
+def _store(spec) -> LocalStore:
+    return LocalStore(f"{spec.output.uri}/{spec.run_id}")
+
+
+def _steps_per_epoch(clean: dict) -> int:
+    return clean["n_train"] // 32  # batch 32, drop_last
+
+
+def test_sigkill_at_five_random_steps_and_after_evaluation_then_restart_gives_the_clean_summary(
+    tmp_path, tiny_cache, clean_tiny
+):
+    spec = tiny_spec(tmp_path, "killed", epochs=EPOCHS)
+    path, store = write_spec(tmp_path, spec), _store(spec)
+    points = kill_points(SEED, KILLS, _steps_per_epoch(clean_tiny) * EPOCHS)
+    log = []
+    for at in points:
+        killed = run(trip_cmd(path, at_step=at), tiny_cache)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert "trip: signal 9 at" in killed.stdout
+        assert_not_complete(store)
+        checked = assert_intact(store)
+        ckpts = [k for k in store.list("checkpoints/") if k.endswith(".pt")]
+        log.append({"step": at, "checkpoints_left": ckpts, **checked})
+    # The sixth kill: evaluation done, best weights and summary not yet written.
+    killed = run(trip_cmd(path, at_phase="Uploading"), tiny_cache)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert_not_complete(store)
+    assert_intact(store)
+
+    done = run(worker_cmd(path), tiny_cache)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(store.read_bytes("summary.json"))
+    assert results(summary) == results(clean_tiny)  # test metrics, confusion matrix, best epoch
+    assert_intact(store, clean_tiny)
+    print(json.dumps({"kill_steps": points, "after_each": log, "attempts": summary["attempts"]}))
+
+
+def test_sigterm_mid_epoch_checkpoints_within_the_grace_period_and_exits_75(
+    tmp_path, tiny_cache, clean_tiny
+):
+    spec = tiny_spec(tmp_path, "drained", epochs=EPOCHS)
+    path, store = write_spec(tmp_path, spec), _store(spec)
+    proc = start(worker_cmd(path), tiny_cache)
+    try:
+        wait_for(lambda: any(k.endswith(".pt") for k in store.list("checkpoints/")), proc)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # what the kubelet sends when the node is drained
+        _, stderr = proc.communicate(timeout=spec.resources.termination_grace_seconds)
+        took = time.monotonic() - sent
+    finally:
+        stop(proc)
+    assert proc.returncode == EXIT_RETRY, stderr
+    [line] = error_lines(stderr)
+    m = re.fullmatch(
+        r"error: stopped at epoch (\d+) step (\d+); checkpoint written, "
+        r"the next attempt resumes from it",
+        line,
+    )
+    assert m, line
+    epoch, step = int(m[1]), int(m[2])
+    assert step > 0  # mid-epoch
+    assert f"checkpoints/ckpt-{epoch - 1:05d}-{step:06d}.pt" in store.list("checkpoints/")
+    status = json.loads(store.read_bytes("status.json"))
+    assert (status["phase"], status["attempt"]) == ("Pending", 1)
+    assert_not_complete(store)
+    assert_intact(store)
+
+    again = run(worker_cmd(path), tiny_cache)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(store.read_bytes("summary.json"))
+    assert summary["attempts"] == 2
+    assert json.loads(store.read_bytes("status.json"))["attempt"] == 2
+    assert results(summary) == results(clean_tiny)
+    print(json.dumps({"sigterm_to_exit_s": round(took, 2), "epoch": epoch, "step": step}))
