@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -52,7 +53,14 @@ FAMILIES = {
 
 
 class LingeringObserver(PrometheusObserver):
-    """Keeps serving after the run closes it, so Prometheus scrapes the final state."""
+    """Keeps serving after the worker closes it, so Prometheus scrapes the final state too;
+    remembers the final Progress."""
+
+    final: Progress | None = None
+
+    def on_end(self, progress, summary):
+        super().on_end(progress, summary)
+        self.final = Progress(**progress.to_dict())
 
     def close(self) -> None:
         pass
@@ -69,77 +77,65 @@ class ScrapedRun:
     start: float
     end: float
     final: Progress
+    status: dict
 
 
-def run_spec(port: int, pushgateway_url: str) -> FineTune:
+def run_spec(output: Path) -> FineTune:
+    """A tiny real fine-tune: test_resnet on a third of sklearn digits at 16 px, 3 epochs.
+
+    metrics.port 0: the worker adds no exporter of its own; the test passes one in.
+    """
     return parse_spec(
         {
             "kind": "FineTune",
             "name": "mon",
             "study": "monitoring",
             "backbone": {"model": "test_resnet", "weights": "none"},
-            "dataset": {"uri": "builtin://digits", "test_fraction": 0.2},
-            "protocol": {"recipe": "standard", "image_size": 16, "max_epochs": 3},
-            "metrics": {"port": port, "pushgateway_url": pushgateway_url},
+            "dataset": {"uri": "builtin://digits", "test_fraction": 0.2, "train_fraction": 0.3},
+            "protocol": {
+                "recipe": "standard",
+                "image_size": 16,
+                "batch_size": 32,
+                "max_epochs": 3,
+                "device": "cpu",
+            },
+            "output": {"uri": str(output)},
+            "metrics": {"port": 0},
         }
     )
 
 
-def drive_synthetic(spec: FineTune, observer: PrometheusObserver, seconds: float) -> Progress:
-    """The event sequence of a 3-epoch run, spread over ``seconds`` so scrapes see it move."""
-    p = Progress(run_id=spec.run_id, max_epochs=3, steps_per_epoch=10)
-    observer.on_phase(p)
-    p.phase = "Downloading"
-    observer.on_phase(p)
-    observer.on_download(1 << 20)
-    p.phase = "Training"
-    observer.on_phase(p)
-    pause = seconds / 30
-    for epoch in range(3):
-        for step in range(10):
-            time.sleep(pause)
-            p.step = step + 1
-            p.progress = (epoch + p.step / 10) / 3
-            p.train_loss = 2.0 / (1 + epoch + p.step / 10)
-            p.images_per_second = 1000.0
-            p.eta_seconds = (1 - p.progress) * seconds
-            observer.on_step(p, seconds=pause, wait_seconds=pause / 10, images=64)
-        p.epoch, p.step = epoch + 1, 0
-        p.val_top1 = 0.5 + 0.1 * epoch
-        p.best_val_top1 = p.val_top1
-        observer.on_epoch(p, {"epoch": p.epoch, "val_top1": p.val_top1})
-        observer.on_checkpoint(p, seconds=0.01)
-    for phase in ("Evaluating", "Uploading", "Succeeded"):
-        p.phase = phase
-        observer.on_phase(p)
-    p.progress, p.eta_seconds = 1.0, 0.0
-    observer.on_end(p, {"run_id": spec.run_id})
-    observer.close()
-    return p
-
-
 @pytest.fixture(scope="module")
-def scraped(pushgateway, start_prometheus) -> ScrapedRun:
+def scraped(pushgateway, start_prometheus, tmp_path_factory) -> ScrapedRun:
+    import torch
+
+    from service.worker import run_cell, run_outputs
+
+    root = tmp_path_factory.mktemp("run")
     port = free_port()
     prometheus = start_prometheus([f"127.0.0.1:{port}"], pushgateway=pushgateway.url)
-    spec = run_spec(port, pushgateway.url)
+    spec = run_spec(root / "out")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("BACKBONES_IMAGE", IMAGE)
         observer = LingeringObserver(
-            spec, port=port, pushgateway_url=spec.metrics.pushgateway_url, addr="127.0.0.1"
+            spec, port=port, pushgateway_url=pushgateway.url, addr="127.0.0.1"
         )
+    threads = torch.get_num_threads()
     try:
         # The first scrape lands a few seconds after start: wait for it before the run starts.
         assert prometheus.wait_for('up{job="backbones"} == 1'), "Prometheus never scraped the run"
+        torch.set_num_threads(1)  # two shared cores: one thread trains fastest here
         start = time.time()
-        final = drive_synthetic(spec, observer, seconds=4.0)
+        run_cell(spec, cache_dir=root / "cache", observers=[observer])
         # Both copies of the final state: the scraped one and the pushed one.
         for copy in ('instance!=""', 'instance=""'):
             assert prometheus.wait_for(f"backbones_run_last_success_timestamp_seconds{{{copy}}}"), (
                 f"no {copy} copy of the final state"
             )
-        yield ScrapedRun(prometheus, pushgateway, spec, start, time.time(), final)
+        status = run_outputs(spec).status()
+        yield ScrapedRun(prometheus, pushgateway, spec, start, time.time(), observer.final, status)
     finally:
+        torch.set_num_threads(threads)
         observer.shutdown()
 
 
@@ -167,7 +163,7 @@ def test_the_scraped_labels_name_the_run(scraped):
     assert labels == {
         "__name__": "backbones_run_info",
         "job": "backbones",
-        "run": "monitoring/digits/test_resnet/seed0-frac1.0",
+        "run": "monitoring/digits/test_resnet/seed0-frac0.3",
         "study": "monitoring",
         "backbone": "test_resnet",
         "dataset": "digits",
@@ -177,20 +173,50 @@ def test_the_scraped_labels_name_the_run(scraped):
     }
 
 
-def test_the_scraped_numbers_are_the_progress_numbers(scraped):
-    def last(name: str, **labels: str) -> float:
-        matchers = "".join(f', {k}="{v}"' for k, v in labels.items())
-        (series,) = scraped.prometheus.query(f'{name}{{instance!=""{matchers}}}')
-        return float(series["value"][1])
+def last(scraped: ScrapedRun, name: str, **labels: str) -> float:
+    """The scraped (not pushed) value of a series now."""
+    matchers = "".join(f', {k}="{v}"' for k, v in labels.items())
+    (series,) = scraped.prometheus.query(f'{name}{{instance!=""{matchers}}}')
+    return float(series["value"][1])
 
+
+def test_the_scraped_numbers_are_the_final_progress(scraped):
     p = scraped.final
-    assert last("backbones_progress_ratio") == p.progress == 1.0
-    assert last("backbones_epoch") == p.epoch
-    assert last("backbones_eta_seconds") == 0
-    assert last("backbones_validation_top1_best_ratio") == pytest.approx(p.best_val_top1)
-    assert last("backbones_train_loss") == pytest.approx(p.train_loss)
-    assert last("backbones_attempt") == p.attempt
-    assert last("backbones_run_phase", phase="Succeeded") == 1
+    assert p.phase == "Succeeded"
+    assert last(scraped, "backbones_run_phase", phase="Succeeded") == 1
+    assert last(scraped, "backbones_progress_ratio") == p.progress == 1.0
+    assert last(scraped, "backbones_epoch") == p.epoch == 3
+    assert last(scraped, "backbones_eta_seconds") == 0
+    assert last(scraped, "backbones_validation_top1_ratio") == pytest.approx(p.val_top1)
+    assert last(scraped, "backbones_validation_top1_best_ratio") == pytest.approx(p.best_val_top1)
+    assert last(scraped, "backbones_train_loss") == pytest.approx(p.train_loss)
+    assert last(scraped, "backbones_train_images_per_second") == pytest.approx(p.images_per_second)
+    assert last(scraped, "backbones_attempt") == p.attempt == 1
+
+
+def test_status_json_carries_the_same_numbers(scraped):
+    status = scraped.status
+    assert status["phase"] == "Succeeded"
+    assert last(scraped, "backbones_progress_ratio") == status["progress"]
+    assert last(scraped, "backbones_epoch") == status["epoch"]
+    assert last(scraped, "backbones_attempt") == status["attempt"]
+    assert last(scraped, "backbones_validation_top1_best_ratio") == pytest.approx(
+        status["best_val_top1"]
+    )
+
+
+def test_every_step_and_checkpoint_is_counted(scraped):
+    # 3 epochs of the third of digits' train split (about 390 images) in batches of 32.
+    steps = last(scraped, "backbones_step_duration_seconds_count")
+    assert steps == last(scraped, "backbones_step_duration_seconds_bucket", le="+Inf")
+    assert steps >= 3 * 10
+    assert last(scraped, "backbones_train_images_total") >= steps * 16
+    assert last(scraped, "backbones_checkpoint_duration_seconds_count") == 3
+    assert (
+        0
+        < last(scraped, "backbones_input_wait_seconds_total")
+        < last(scraped, "backbones_step_duration_seconds_sum")
+    )
 
 
 def test_the_run_is_pushed_as_one_group_keyed_by_job_and_run(scraped):
