@@ -182,3 +182,19 @@ def test_online_the_manifest_on_s3_gives_the_sizes(s3_bucket, s3_storage):
         3600,
         800,
     )
+
+
+def test_cli_budget_prints_the_breakdown_per_dataset_backbone_and_fraction(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(study(seeds=[0, 1], train_fractions=[0.5, 1.0])))
+    est = estimate(parse_spec(study(seeds=[0, 1], train_fractions=[0.5, 1.0])))
+    result = runner.invoke(app, ["budget", str(path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"study b: 4 cells, ~{est.gpu_hours:.1f} GPU-hours on A100-80GB"
+    assert lines[1].startswith("  eurosat resnet50 frac 0.5 × 2 seeds: ")
+    assert "9000 train images [dataset.expected_images]" in lines[1]
+    assert "note: epochs: protocol.max_epochs (10), a ceiling" in lines
+    data = json.loads(runner.invoke(app, ["budget", str(path), "--json"]).output)
+    assert data["gpu_hours"] == pytest.approx(est.gpu_hours)
+    assert [c["train_fraction"] for c in data["cells"]] == [0.5, 1.0]

@@ -94,3 +94,35 @@ def recommend(
             typer.echo(json.dumps(rec.to_dict(), indent=2))
         else:
             typer.echo(format_text(rec))
+
+
+@app.command()
+def budget(
+    spec_file: Path = typer.Argument(..., metavar="STUDY", help="A Study spec (JSON)."),
+    online: bool = typer.Option(
+        False, "--online", help="Also read dataset manifests on S3 (default: offline)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the breakdown as JSON."),
+) -> None:
+    """GPU-hours of a Study per dataset × backbone × fraction, and how they were estimated."""
+    from service.budget import estimate
+
+    with edge():
+        study = _study(spec_file)
+        est = estimate(study, online=online)
+        if as_json:
+            typer.echo(json.dumps(est.to_dict(), indent=2))
+            return
+        typer.echo(
+            f"study {study.name}: {study.n_cells} cells, ~{est.gpu_hours:.1f} GPU-hours on "
+            f"{est.reference_gpu}"
+        )
+        for c in est.cells:
+            typer.echo(
+                f"  {c.dataset} {c.backbone} frac {c.train_fraction:g} × {c.seeds} seeds: "
+                f"{c.gpu_hours:.2f} GPU-h ({c.gmacs:.3g} GMACs [{c.gmacs_source}], "
+                f"{c.train_images} train images [{c.images_source}], {c.epochs} epochs, "
+                f"{c.images_per_second:.0f} img/s)"
+            )
+        for note in est.notes:
+            typer.echo(f"note: {note}")
