@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -37,27 +38,49 @@ def tiny_spec(tmp_path: Path, *, name: str = "tiny", **protocol) -> FineTune:
     )
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Train on one thread: the machine's two cores are shared, and torch's OpenMP threads slow
+    down ~10x when oversubscribed. Also keeps in-process and subprocess runs bit-identical."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_here(spec: FineTune, **kw):
+    """``run_cell`` in this process, on one thread."""
+    from service.worker import run_cell
+
+    with one_thread():
+        return run_cell(spec, **kw)
+
+
 def write_spec(tmp_path: Path, spec: FineTune, fname: str = "spec.json") -> Path:
     path = tmp_path / fname
     path.write_text(spec.to_json())
     return path
 
 
-def worker_env(tmp_path: Path) -> dict:
+def worker_env(tmp_path: Path, cache: Path | None = None) -> dict:
     return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
-        "BACKBONES_CACHE": str(tmp_path / "cache"),
-        "OMP_NUM_THREADS": "2",
+        "BACKBONES_CACHE": str(cache or tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(REPO),
     }
 
 
-def start_worker(tmp_path: Path, spec_path: Path) -> subprocess.Popen:
+def start_worker(tmp_path: Path, spec_path: Path, cache: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "service.worker", "--spec", str(spec_path)],
         cwd=REPO,
-        env=worker_env(tmp_path),
+        env=worker_env(tmp_path, cache),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -65,12 +88,12 @@ def start_worker(tmp_path: Path, spec_path: Path) -> subprocess.Popen:
 
 
 def run_worker(
-    tmp_path: Path, spec_path: Path, timeout: float = 300
+    tmp_path: Path, spec_path: Path, cache: Path | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "service.worker", "--spec", str(spec_path)],
         cwd=REPO,
-        env=worker_env(tmp_path),
+        env=worker_env(tmp_path, cache),
         capture_output=True,
         text=True,
         timeout=timeout,
