@@ -137,3 +137,66 @@ def test_wall_clock_limit_stops_training_and_still_evaluates(tmp_path):
     assert summary["stop_reason"] == "max_minutes"
     assert summary["epochs_run"] < 50
     assert 0 <= summary["test"]["top1"] <= 1
+
+
+def _scripted_trainer(tmp_path, **protocol):
+    """A Trainer on a 4->2 linear model whose validation results the test dictates."""
+    import threading
+
+    from service.events import Observer, Progress
+    from service.outputs import RunOutputs
+    from service.spec import Protocol
+    from service.storage.local import LocalStore
+    from service.train import Loaders, Runtime, Trainer, recipe_for
+    from service.train.checkpoint import Checkpointer
+
+    outputs = RunOutputs(LocalStore(tmp_path))
+    trainer = Trainer(
+        model=torch.nn.Linear(4, 2),
+        recipe=recipe_for(Protocol(**protocol)),
+        loaders=Loaders(train=[None] * 3, select=None, test=None),
+        runtime=Runtime(device=torch.device("cpu")),
+        outputs=outputs,
+        checkpointer=Checkpointer(outputs, keep=2),
+        observer=Observer(),
+        progress=Progress(run_id="scripted"),
+        stop=threading.Event(),
+    )
+
+    def epoch(top1: float) -> None:
+        trainer.state.epoch += 1
+        zero = torch.zeros(())
+        trainer._epoch_acc = {"loss_sum": zero, "correct": zero, "seen": 1, "seconds": 1.0}
+        trainer.end_epoch({"top1": top1, "loss": 1.0, "macro_f1": top1})
+
+    return trainer, epoch
+
+
+def test_paper_plateau_reloads_the_best_weights_into_sgd_then_stops(tmp_path):
+    trainer, epoch = _scripted_trainer(tmp_path, recipe="paper", patience=2, max_epochs=100)
+    epoch(0.5)
+    best = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    torch.nn.init.zeros_(trainer.model.weight)  # training moves on, away from the best
+    epoch(0.4)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    epoch(0.4)  # second epoch without improvement: AdamW's plateau
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    assert trainer.optimizer.param_groups[0]["momentum"] == 0.9
+    assert torch.equal(trainer.model.weight, best["weight"])
+    assert not trainer.finished()
+    epoch(0.45)
+    epoch(0.45)  # SGD's plateau
+    assert trainer.finished()
+    assert trainer.state.stop_reason == "plateau"
+    assert [r["phase"] for r in trainer.state.records] == ["adamw"] * 3 + ["sgd"] * 2
+    assert trainer.state.best_epoch == 1
+
+
+def test_standard_recipe_runs_its_epochs_without_early_stopping(tmp_path):
+    trainer, epoch = _scripted_trainer(tmp_path, recipe="standard", patience=1, max_epochs=4)
+    for top1 in (0.5, 0.4, 0.3):
+        epoch(top1)
+        assert not trainer.finished()
+    epoch(0.2)
+    assert trainer.finished() and trainer.state.stop_reason == "max_epochs"
+    assert trainer.state.best_epoch == 1

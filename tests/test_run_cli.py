@@ -1,0 +1,104 @@
+"""`backbones run`: trains here, lists its outputs, and reports bad data as one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from service.cli import app
+from tests.trainutil import one_thread, tiny_spec, write_spec
+
+
+def _image(path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((12, 12, 3), value, dtype=np.uint8)).save(path)
+
+
+def _folder(root, classes=("cat", "dog"), test_classes=None, per_class=4):
+    for split, names in (("train", classes), ("test", test_classes or classes)):
+        for c, name in enumerate(names):
+            for i in range(per_class):
+                _image(root / split / name / f"{i}.png", 40 * c + i)
+    return root
+
+
+def _run(tmp_path, dataset_uri: str | None = None, *args: str, **protocol):
+    spec = tiny_spec(tmp_path, **{"max_epochs": 1, **protocol})
+    if dataset_uri is not None:
+        spec.dataset.uri = dataset_uri
+        spec.dataset.test_fraction = None
+    with one_thread():
+        return CliRunner().invoke(
+            app,
+            ["run", str(write_spec(tmp_path, spec)), "--cache-dir", str(tmp_path / "c"), *args],
+        )
+
+
+def test_run_trains_and_lists_the_outputs(tmp_path):
+    r = _run(tmp_path)
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    at = lines.index(f"outputs in {tmp_path / 'runs' / 'tiny'}:")
+    assert lines[at - 1].startswith("tiny: test top-1 ")
+    listed = [line.split()[0] for line in lines[at + 1 :]]
+    assert listed[0] == "best.safetensors"
+    for name in ("env.json", "metrics.jsonl", "spec.json", "status.json", "summary.json"):
+        assert name in listed
+    assert any(name.startswith("checkpoints/ckpt-") for name in listed)
+
+
+def test_run_of_a_completed_spec_is_skipped(tmp_path):
+    assert _run(tmp_path).exit_code == 0
+    r = _run(tmp_path)
+    assert r.exit_code == 0
+    assert r.stdout.strip() == f"tiny: already complete ({tmp_path / 'runs' / 'tiny'})"
+
+
+def test_run_of_another_spec_at_the_same_output_refuses_unless_forced(tmp_path):
+    assert _run(tmp_path).exit_code == 0
+    r = _run(tmp_path, None, seed=1)
+    assert r.exit_code == 2
+    assert r.stderr.startswith(f"error: {tmp_path / 'runs' / 'tiny'} holds the outputs of a ")
+    assert r.stderr.strip().endswith("or pass --force to overwrite them")
+    r = _run(tmp_path, None, "--force", seed=1)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert summary["seed"] == 1
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda root: (_folder(root), (root / "train" / "cat" / "bad.png").write_bytes(b"no")),
+            "bad.png",
+        ),
+        (lambda root: (_folder(root), (root / "train" / "bird").mkdir()), "'bird'"),
+        (lambda root: _folder(root, test_classes=("cat", "cow")), "class mismatch"),
+        (lambda root: _folder(root, classes=("cat",)), "single class 'cat'"),
+    ],
+    ids=["undecodable-file", "empty-class", "train-test-mismatch", "single-class"],
+)
+def test_bad_data_is_one_line_and_exit_2(tmp_path, make, message):
+    make(tmp_path / "data")
+    r = _run(tmp_path, str(tmp_path / "data"))
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ")
+    assert message in lines[0]
+    status = json.loads((tmp_path / "runs" / "tiny" / "status.json").read_text())
+    assert status["phase"] == "Failed"
+    assert status["error"] == lines[0].removeprefix("error: ")
+
+
+def test_invalid_spec_names_the_field(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"kind": "FineTune", "name": "x", "backbone": {"model": "m"}}))
+    r = CliRunner().invoke(app, ["run", str(path)])
+    assert r.exit_code == 2
+    assert r.stderr.strip() == f"{path}: dataset: required field is missing"
