@@ -157,15 +157,28 @@ def test_wrong_credentials_fail_the_run_in_one_line_with_exit_2(digits_s3, weed,
     assert "this-is-not-the-secret" not in r.output
 
 
-def test_a_hostile_archive_object_is_refused_naming_the_member(digits_s3, weed, tmp_path):
+def _symlink(tar: tarfile.TarFile) -> str:
+    link = tarfile.TarInfo("train/a/passwd.png")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    tar.addfile(link)
+    return link.name
+
+
+def _traversal(tar: tarfile.TarFile) -> str:
+    evil = tarfile.TarInfo("train/../../../tmp/evil.png")
+    evil.size = 3
+    tar.addfile(evil, io.BytesIO(b"abc"))
+    return evil.name
+
+
+@pytest.mark.parametrize("hostile", [_symlink, _traversal], ids=["symlink", "traversal"])
+def test_a_hostile_archive_object_is_refused_naming_the_member(digits_s3, weed, tmp_path, hostile):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         ok = tarfile.TarInfo("train/a/x.png")
         ok.size = 3
         tar.addfile(ok, io.BytesIO(b"abc"))
-        link = tarfile.TarInfo("train/a/passwd.png")
-        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        tar.addfile(link)
+        member = hostile(tar)
     bucket = digits_s3["bucket"]
     S3Store(f"s3://{bucket}/evil/", Storage(endpoint_url=weed.endpoint)).write_bytes(
         "evil.tar", buf.getvalue()
@@ -176,7 +189,8 @@ def test_a_hostile_archive_object_is_refused_naming_the_member(digits_s3, weed, 
     )
     assert r.exit_code == EXIT_USER, r.output
     line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: evil.tar: refusing member 'train/a/passwd.png': ")
+    assert line.startswith(f"error: evil.tar: refusing member {member!r}: ")
+    assert not (tmp_path / "tmp" / "evil.png").exists()
 
 
 def test_an_s3_outage_mid_run_loses_nothing(digits_s3, weed):
