@@ -1,0 +1,97 @@
+"""The pod's entry point: where the spec comes from, which cell it runs, and its exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from service import worker
+from service.errors import UserError
+from service.spec import parse_spec
+from tests.trainutil import one_thread, tiny_spec
+
+
+def _study(tmp_path) -> dict:
+    return {
+        "kind": "Study",
+        "name": "grid",
+        "backbones": [{"model": "test_resnet", "weights": "none"}],
+        "datasets": [{"uri": "builtin://digits", "test_fraction": 0.2}],
+        "seeds": [0, 1],
+        "protocol": {"image_size": 16, "max_epochs": 1, "device": "cpu"},
+        "output": {"uri": str(tmp_path / "runs")},
+        "metrics": {"port": 0},
+    }
+
+
+def test_spec_comes_from_the_environment_when_no_file_is_given(monkeypatch, tmp_path):
+    spec = tiny_spec(tmp_path)
+    monkeypatch.setenv("BACKBONES_SPEC", spec.to_json())
+    assert worker.read_spec(None) == spec
+
+
+def test_no_spec_at_all_is_a_user_error(monkeypatch):
+    monkeypatch.delenv("BACKBONES_SPEC", raising=False)
+    with pytest.raises(UserError, match=r"^no spec: pass --spec FILE or set BACKBONES_SPEC"):
+        worker.read_spec(None)
+
+
+def test_an_invalid_spec_in_the_environment_names_the_field(monkeypatch):
+    monkeypatch.setenv("BACKBONES_SPEC", json.dumps({"kind": "FineTune", "name": "x"}))
+    with pytest.raises(UserError, match=r"^BACKBONES_SPEC: backbone: required field is missing"):
+        worker.read_spec(None)
+
+
+def test_a_study_pod_runs_the_cell_of_its_completion_index(monkeypatch, tmp_path):
+    study = parse_spec(_study(tmp_path))
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    cell = worker.pick_cell(study)
+    assert (cell.study, cell.protocol.seed) == ("grid", 1)
+
+
+@pytest.mark.parametrize("index", [None, "2", "x"])
+def test_a_study_without_a_valid_completion_index_is_a_user_error(monkeypatch, tmp_path, index):
+    if index is None:
+        monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
+    else:
+        monkeypatch.setenv("JOB_COMPLETION_INDEX", index)
+    with pytest.raises(UserError, match="JOB_COMPLETION_INDEX"):
+        worker.pick_cell(parse_spec(_study(tmp_path)))
+
+
+def test_worker_exit_codes_done_then_already_complete(monkeypatch, tmp_path, capsys):
+    spec = tiny_spec(tmp_path, max_epochs=1)
+    monkeypatch.setenv("BACKBONES_SPEC", spec.to_json())
+    with one_thread():
+        assert worker.work(None, cache_dir=tmp_path / "c") == 0
+        assert worker.work(None, cache_dir=tmp_path / "c") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("tiny: done, test top-1 ")
+    assert out[1] == f"tiny: already complete ({tmp_path / 'runs' / 'tiny'}/summary.json)"
+
+
+def test_worker_exit_code_2_for_bad_input_with_failed_status(monkeypatch, tmp_path, capsys):
+    spec = tiny_spec(tmp_path)
+    spec.backbone.model = "test_resnett"
+    monkeypatch.setenv("BACKBONES_SPEC", spec.to_json())
+    with one_thread():
+        assert worker.work(None, cache_dir=tmp_path / "c") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: backbone.model: unknown model 'test_resnett'; did you mean 'test_resnet'?"
+    status = json.loads((tmp_path / "runs" / "tiny" / "status.json").read_text())
+    assert status["phase"] == "Failed"
+    assert status["error"] == err.removeprefix("error: ")
+
+
+def test_no_prometheus_observer_when_port_is_0_and_no_pushgateway(tmp_path):
+    assert worker._prometheus(tiny_spec(tmp_path)) == []
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    spec = tiny_spec(tmp_path)
+    monkeypatch.setenv("BACKBONES_CACHE", str(tmp_path / "env"))
+    assert worker.cache_root(spec, None) == tmp_path / "env"
+    assert worker.cache_root(spec, tmp_path / "flag") == tmp_path / "flag"
+    spec.storage.cache_dir = str(tmp_path / "spec")
+    assert worker.cache_root(spec, None) == tmp_path / "spec"
