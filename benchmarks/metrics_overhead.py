@@ -10,7 +10,8 @@ process so drift and noise hit all of them alike:
 in blocks of a few steps (the scraper runs only during 'scraped' blocks). Then times
 ``PrometheusObserver.on_step`` alone, the exporter's whole per-step cost, against the measured
 step, and one scrape of /metrics. Prints median step times, the overhead of each mode against
-``off``, and the per-step cost as a share of the step.
+``off`` (overall, and as the median of block-by-block ratios within a repetition), and the
+per-step cost as a share of the step.
 
     python benchmarks/metrics_overhead.py [--steps 5] [--reps 60] [--scrape-hz 1] [--threads 1]
 """
@@ -125,12 +126,15 @@ def main() -> None:
     train_steps(model, opt, batches[:5], observers["off"], progress)  # warm-up
     scraper.start()
     steps: dict[str, list[float]] = {mode: [] for mode in observers}
+    blocks: dict[str, list[float]] = {mode: [] for mode in observers}  # mean step per block
     for rep in range(args.reps):
         order = list(observers) if rep % 2 == 0 else list(reversed(observers))
         for mode in order:
             if mode == "scraped":
                 scraper.active.set()
-            steps[mode] += train_steps(model, opt, batches, observers[mode], progress)
+            times = train_steps(model, opt, batches, observers[mode], progress)
+            steps[mode] += times
+            blocks[mode].append(statistics.fmean(times))
             scraper.active.clear()
     scraper.halt.set()
     scraper.join()
@@ -155,9 +159,17 @@ def main() -> None:
         f"{args.reps} interleaved blocks of {args.steps} steps per mode; "
         f"{scraper.count} scrapes of the 'scraped' endpoint"
     )
-    print(f"{'mode':<8} {'median step':>12} {'overhead vs off':>16}")
+    # Paired: each block against the 'off' block of the same repetition, so load drift cancels.
+    paired = {
+        mode: statistics.median(b / o - 1 for b, o in zip(blocks[mode], blocks["off"], strict=True))
+        for mode in observers
+    }
+    print(f"{'mode':<8} {'median step':>12} {'vs off':>8} {'paired median':>14}")
     for mode, m in med.items():
-        print(f"{mode:<8} {m * 1e3:>10.2f} ms {100 * (m / med['off'] - 1):>+15.2f}%")
+        print(
+            f"{mode:<8} {m * 1e3:>9.2f} ms {100 * (m / med['off'] - 1):>+7.2f}% "
+            f"{100 * paired[mode]:>+13.2f}%"
+        )
     print(
         f"one scrape (HTTP GET included) takes {render * 1e3:.2f} ms: every 15 s that is "
         f"{100 * render / 15:.4f}% of the process' time"

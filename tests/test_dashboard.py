@@ -165,6 +165,24 @@ def test_gpu_panels_join_dcgm_series_by_pod(dashboard):
     assert exprs  # the mapping above is built from every target
 
 
+def alert_rules_yaml() -> str:
+    """The rule file docs/monitoring.md suggests (its fenced block starting with 'groups:')."""
+    text = (K8S.parent / "docs" / "monitoring.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if b.startswith("groups:")]
+    return block
+
+
+def test_the_documented_alert_rules_pass_promtool(tmp_path):
+    from tests.conftest import require
+
+    promtool = require("promtool", "ships with the prometheus Debian package")
+    rules = tmp_path / "rules.yml"
+    rules.write_text(alert_rules_yaml())
+    out = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS: 5 rules found" in out.stdout
+
+
 def test_shipped_as_a_configmap_with_the_grafana_sidecar_label():
     kubectl = shutil.which("kubectl")
     if kubectl is None:
