@@ -1,0 +1,97 @@
+"""Concurrency (issue 8, point 3): two workers on one run id — one trains, the other refuses.
+
+A Job retried while a slow node still runs the old pod, or the same spec submitted twice, puts
+two real ``backbones worker`` processes on one output folder. The lease (service/lease.py,
+unit-tested in tests/test_lease.py) lets one proceed; the other exits 75 (retry later) in one
+line, and its retry finds the summary and does nothing. The outputs are those of a clean run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from service.errors import EXIT_OK, EXIT_RETRY
+from service.storage.local import LocalStore
+from tests.fixtures.faults import (
+    assert_intact,
+    error_lines,
+    results,
+    run,
+    start,
+    stop,
+    tiny_spec,
+    wait_for,
+    worker_cmd,
+    write_spec,
+)
+
+pytestmark = pytest.mark.integration
+
+HELD = re.compile(
+    r"error: (?P<uri>\S+): run is held by another worker \((?P<owner>[^,]+), "
+    r"heartbeat \d+s ago\); retry later"
+)
+
+
+def _store(spec) -> LocalStore:
+    return LocalStore(f"{spec.output.uri}/{spec.run_id}")
+
+
+def test_a_second_worker_on_a_running_run_exits_75_and_the_first_finishes_cleanly(
+    tmp_path, tiny_cache, clean_tiny
+):
+    spec = tiny_spec(tmp_path, "shared")
+    path, store = write_spec(tmp_path, spec), _store(spec)
+    first = start(worker_cmd(path), tiny_cache)
+    try:
+        wait_for(lambda: any(k.endswith(".pt") for k in store.list("checkpoints/")), first)
+        holder = json.loads(store.read_bytes("lock.json"))
+        second = run(worker_cmd(path), tiny_cache)
+        _, err = first.communicate(timeout=300)
+    finally:
+        stop(first)
+    assert second.returncode == EXIT_RETRY, second.stderr
+    [line] = error_lines(second.stderr)
+    m = HELD.fullmatch(line)
+    assert m, line
+    assert m["owner"] == holder["owner"] and str(first.pid) in m["owner"]
+    assert first.returncode == EXIT_OK, err
+    summary = json.loads(store.read_bytes("summary.json"))
+    assert results(summary) == results(clean_tiny)
+    assert summary["attempts"] == 1  # the second worker never touched the run
+    assert_intact(store, clean_tiny)
+    assert "lock.json" not in store.list("")  # released
+
+    retried = run(worker_cmd(path), tiny_cache)  # Kubernetes retries the refused pod
+    assert retried.returncode == EXIT_OK, retried.stderr
+    assert "already complete" in retried.stdout
+    assert json.loads(store.read_bytes("summary.json")) == summary  # untouched
+
+
+def test_two_workers_started_together_one_trains_one_refuses(tmp_path, tiny_cache, clean_tiny):
+    spec = tiny_spec(tmp_path, "raced")
+    path, store = write_spec(tmp_path, spec), _store(spec)
+    procs = [start(worker_cmd(path), tiny_cache) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            stop(p)
+    codes = sorted(p.returncode for p in procs)
+    # Normally [0, 75]; if the loser reached the lease only after the winner finished, it
+    # found the summary and exited 0 as "already complete" — never a second training.
+    assert codes in ([EXIT_OK, EXIT_RETRY], [EXIT_OK, EXIT_OK]), outs
+    if codes == [EXIT_OK, EXIT_RETRY]:
+        loser = outs[[p.returncode for p in procs].index(EXIT_RETRY)]
+        [line] = error_lines(loser[1])
+        assert HELD.fullmatch(line), line
+    else:
+        assert sum("already complete" in out for out, _ in outs) == 1
+    summary = json.loads(store.read_bytes("summary.json"))
+    assert summary["attempts"] == 1
+    assert results(summary) == results(clean_tiny)
+    assert_intact(store, clean_tiny)
+    print(json.dumps({"exit_codes": codes}))
