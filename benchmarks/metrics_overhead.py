@@ -160,15 +160,21 @@ def main() -> None:
         f"{scraper.count} scrapes of the 'scraped' endpoint"
     )
     # Paired: each block against the 'off' block of the same repetition, so load drift cancels.
-    paired = {
-        mode: statistics.median(b / o - 1 for b, o in zip(blocks[mode], blocks["off"], strict=True))
+    ratios = {
+        mode: [b / o - 1 for b, o in zip(blocks[mode], blocks["off"], strict=True)]
         for mode in observers
     }
-    print(f"{'mode':<8} {'median step':>12} {'vs off':>8} {'paired median':>14}")
+    paired = {mode: statistics.median(r) for mode, r in ratios.items()}
+    # Standard error of a median: 1.2533 sigma / sqrt(n).
+    stderr = {
+        mode: 1.2533 * statistics.stdev(r) / len(r) ** 0.5 if len(r) > 1 else 0.0
+        for mode, r in ratios.items()
+    }
+    print(f"{'mode':<8} {'median step':>12} {'vs off':>8} {'paired median':>14} {'+-':>7}")
     for mode, m in med.items():
         print(
             f"{mode:<8} {m * 1e3:>9.2f} ms {100 * (m / med['off'] - 1):>+7.2f}% "
-            f"{100 * paired[mode]:>+13.2f}%"
+            f"{100 * paired[mode]:>+13.2f}% {100 * stderr[mode]:>6.2f}%"
         )
     print(
         f"one scrape (HTTP GET included) takes {render * 1e3:.2f} ms: every 15 s that is "
