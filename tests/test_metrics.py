@@ -251,3 +251,47 @@ def test_an_unreachable_pushgateway_warns_once_and_the_run_goes_on(spec, caplog)
 
 def test_without_pushgateway_nothing_is_pushed(observer, spec):
     assert observer.push() is False
+
+
+class FakeCuda:
+    """What the exporter reads from ``torch.cuda`` on a GPU (no GPU on CI machines)."""
+
+    @staticmethod
+    def is_available():
+        return True
+
+    @staticmethod
+    def is_initialized():
+        return True
+
+    @staticmethod
+    def memory_allocated():
+        return 3 << 30
+
+    @staticmethod
+    def memory_reserved():
+        return 4 << 30
+
+    @staticmethod
+    def max_memory_allocated():
+        return 5 << 30
+
+
+@pytest.fixture
+def on_gpu(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=FakeCuda))
+
+
+def test_on_cuda_device_memory_is_read_at_scrape_time(observer, on_gpu):
+    assert value(observer, "backbones_device_memory_allocated_bytes") == 3 << 30
+    assert value(observer, "backbones_device_memory_reserved_bytes") == 4 << 30
+    assert value(observer, "backbones_device_memory_peak_bytes") == 5 << 30
+
+
+def test_on_cuda_the_gpus_are_the_world_size(observer, spec, on_gpu, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    observer.on_phase(training(spec))
+    assert value(observer, "backbones_gpus") == 4
