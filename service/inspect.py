@@ -224,7 +224,9 @@ def render(c: dict) -> str:
 
 
 def inspect_uri(uri: str, storage: Storage | None = None, cache_dir: Path | None = None) -> dict:
-    return card(open_local(uri, storage, cache_dir))
+    c = card(open_local(uri, storage, cache_dir))
+    c["root"] = uri  # the name a person gave, not the cache folder it was fetched into
+    return c
 
 
 def to_json(c: dict) -> str:
