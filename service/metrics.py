@@ -291,7 +291,7 @@ class PrometheusObserver(Observer):
                 timeout=PUSH_TIMEOUT_SECONDS,
             )
             return True
-        except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
+        except Exception as e:  # monitoring must never fail a run: refused, timeout, HTTP 400
             if not self._push_warned:
                 self._push_warned = True
                 log.warning("metrics: push to %s failed (%s); going on", self.pushgateway_url, e)
