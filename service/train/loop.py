@@ -24,7 +24,7 @@ from service.errors import Interrupted, RetriableError
 from service.events import Observer, Progress
 from service.outputs import BEST, SUMMARY, RunOutputs
 from service.train import evaluate
-from service.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from service.train.checkpoint import Checkpointer, best_key, rng_state, set_rng_state
 from service.train.recipes import Recipe, make_optimizer, make_scheduler
 
 SYNC_EVERY = 10  # steps between host syncs for the progress bar (a sync stalls the GPU queue)
@@ -119,13 +119,64 @@ class Trainer:
 
     def fit(self) -> dict:
         self.resume()
+        if self.stop.is_set():
+            raise Interrupted("stopped before training started; the next attempt starts here")
         self._phase("Training")
         while not self.finished():
             self.train_epoch()
             val = self.validate()
             self.end_epoch(val)
             self.checkpoint()
+            if self._should_stop()[0]:
+                raise Interrupted(
+                    f"stopped after epoch {self.state.epoch}; checkpoint written, "
+                    "the next attempt resumes from it"
+                )
         return self.finish()
+
+    def _should_stop(self) -> tuple[bool, bool]:
+        """(SIGTERM seen, wall-clock limit hit): agreed by every rank, so none is left waiting
+        in an all-reduce for a rank that stopped."""
+        flags = (self.stop.is_set(), self._out_of_time())
+        if self.rt.world_size == 1:
+            return flags
+        import torch.distributed as dist
+
+        t = torch.tensor([float(f) for f in flags], device=self.rt.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t[0]), bool(t[1])
+
+    def _reduce(self, acc: dict) -> dict:
+        """Training loss and accuracy over every rank's share of the epoch."""
+        if self.rt.world_size == 1:
+            return acc
+        import torch.distributed as dist
+
+        t = torch.stack(
+            [
+                acc["loss_sum"].float(),
+                acc["correct"].float(),
+                torch.tensor(float(acc["seen"]), device=self.rt.device),
+            ]
+        )
+        dist.all_reduce(t)
+        return {**acc, "loss_sum": t[0], "correct": t[1], "seen": int(t[2].item())}
+
+    def _broadcast(self, obj):
+        """Rank 0's value on every rank: decisions (best, plateau) must not diverge."""
+        if self.rt.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _barrier(self) -> None:
+        if self.rt.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def finished(self) -> bool:
         s = self.state
@@ -156,18 +207,19 @@ class Trainer:
             acc["seconds"] += done - tick
             self._on_step(acc, seconds=done - tick, wait=got - tick, images=y.shape[0])
             tick = done
-            if self.stop.is_set():
+            stop, out_of_time = self._should_stop()
+            if stop:
                 s.partial = acc
                 self.checkpoint()
                 raise Interrupted(
                     f"stopped at epoch {s.epoch + 1} step {s.step}; checkpoint written, "
                     "the next attempt resumes from it"
                 )
-            if self._out_of_time():
+            if out_of_time:
                 s.stop_reason = "max_minutes"
                 break
         s.partial = {}
-        self._epoch_acc = acc
+        self._epoch_acc = self._reduce(acc)
         s.train_seconds += acc["seconds"]
         s.train_images += acc["seen"]
         if s.stop_reason is None:
@@ -196,7 +248,7 @@ class Trainer:
         logits, labels = evaluate.predict(
             self.eval_model, self.loaders.select.epoch(0), autocast=self.rt.autocast
         )
-        return evaluate.quick_metrics(logits, labels)
+        return self._broadcast(evaluate.quick_metrics(logits, labels))
 
     def end_epoch(self, val: dict | None) -> None:
         """Record the epoch, keep the best weights, and apply the phase's stopping rule."""
@@ -209,8 +261,10 @@ class Trainer:
         if improved:
             s.best_top1, s.best_loss, s.best_epoch = val["top1"], val["loss"], s.epoch
             s.bad_epochs = 0
+            s.best_key = best_key(s.epoch)
             if self.rt.is_main:
-                s.best_key = self.ckpt.save_best(self._eval_weights(), s.epoch)
+                self.ckpt.save_best(self._eval_weights(), s.epoch)
+            self._barrier()  # other ranks may read it back (reload best)
         else:
             s.bad_epochs += 1
         self._record(phase.name, val, improved)
