@@ -10,10 +10,10 @@ JPEG decoding costs what it costs on real data):
       DataLoader(num_workers=2), decoding every JPEG every epoch;
   (c) pure compute: the same steps on batches already in memory as float tensors.
 
-Arms run in interleaved rounds (c, a, b, c, a, b, ...) after one warm-up round, and the median
-epoch per arm is reported, so load from other processes hits every arm alike.
+Arms run in interleaved rounds (c, a, b, c, a, b, ...) after one warm-up round, so load from
+other processes hits every arm alike; the best and the median epoch per arm are reported.
 
-    python benchmarks/epoch_throughput.py            # 5,000 images, 3 rounds
+    python benchmarks/epoch_throughput.py            # 5,000 images, 3 timed rounds
     python benchmarks/epoch_throughput.py --quick    # 600 images, 1 round: a smoke test
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -90,6 +91,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="timed epochs per arm")
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--model", default="test_resnet")
+    ap.add_argument(
+        "--data-dir",
+        type=Path,
+        help="keep the generated JPEGs here and reuse them on the next run (default: a temp dir)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.images, args.rounds = 600, 1
@@ -107,13 +113,22 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     hw = (args.resolution, args.resolution)
     with tempfile.TemporaryDirectory(prefix="epoch-throughput-") as tmp:
-        root, cache = Path(tmp) / "images", Path(tmp) / "cache"
-        t0 = time.perf_counter()
-        nbytes = make_jpegs(root, args.images, args.size, args.classes)
-        print(
-            f"generated {args.images} JPEGs of {args.size}x{args.size} px "
-            f"({nbytes / args.images / 1024:.1f} KiB each) in {time.perf_counter() - t0:.1f}s"
-        )
+        cache = Path(tmp) / "cache"
+        root = args.data_dir or Path(tmp) / "images"
+        existing = list(root.glob("class*/*.jpg")) if root.is_dir() else []
+        if len(existing) == args.images:
+            nbytes = sum(p.stat().st_size for p in existing)
+            print(f"reusing {args.images} JPEGs in {root}")
+        else:
+            if existing:
+                shutil.rmtree(root)
+            t0 = time.perf_counter()
+            nbytes = make_jpegs(root, args.images, args.size, args.classes)
+            print(
+                f"generated {args.images} JPEGs of {args.size}x{args.size} px in "
+                f"{time.perf_counter() - t0:.1f}s"
+            )
+        print(f"mean JPEG size {nbytes / args.images / 1024:.1f} KiB")
 
         # (a) one-time cost: hash the files, decode every image once, write the cache.
         t0 = time.perf_counter()
@@ -185,24 +200,32 @@ def main() -> None:
             if r > 0:
                 print(f"round {r}: " + ", ".join(f"({k}) {v[-1]:.2f}s" for k, v in times.items()))
 
-    med = {k: statistics.median(v) for k, v in times.items()}
     steps = len(premade)
     print()
     print(
         f"model {args.model}, batch {args.batch_size}, {args.resolution}x{args.resolution} px, "
         f"{args.images} images ({steps} steps/epoch), {torch.get_num_threads()} threads, "
-        f"median of {args.rounds} epoch(s)"
+        f"{args.rounds} timed epoch(s) per arm"
     )
     labels = {
         "a": "(a) backbones pipeline  ",
         "b": "(b) paper-style pipeline",
         "c": "(c) pure compute        ",
     }
+    # The fastest epoch is the one least disturbed by other processes (timeit's rule); the
+    # median shows how typical it is. Ratios are given for both.
+    best = {k: min(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
     for k in ("a", "b", "c"):
-        print(f"{labels[k]} {med[k]:7.2f} s/epoch  {args.images / med[k]:8.0f} images/s")
-    print(f"a/c = {med['a'] / med['c']:.3f}  (goal: <= 1.10)")
-    print(f"b/a = {med['b'] / med['a']:.2f}  (goal: ~2)")
-    print(f"b/c = {med['b'] / med['c']:.2f}")
+        print(
+            f"{labels[k]} best {best[k]:7.2f} s/epoch ({args.images / best[k]:6.0f} images/s), "
+            f"median {med[k]:7.2f} s"
+        )
+    for name, t in (("best", best), ("median", med)):
+        print(
+            f"{name:>6}: a/c = {t['a'] / t['c']:.3f} (goal <= 1.10)   b/a = {t['b'] / t['a']:.2f} "
+            f"(goal ~2)   b/c = {t['b'] / t['c']:.2f}"
+        )
 
 
 if __name__ == "__main__":
