@@ -118,6 +118,11 @@ def check_previous(spec: FineTune, outputs: RunOutputs, *, force: bool) -> dict 
     return None
 
 
+def _same_summary(spec: FineTune, outputs: RunOutputs) -> dict | None:
+    summary = outputs.summary()
+    return summary if summary and summary.get("spec_hash") == spec.spec_hash else None
+
+
 def _hash_of(spec_json: dict) -> str | None:
     try:
         return FineTune.model_validate(spec_json).spec_hash
@@ -150,13 +155,16 @@ def run_cell(
 ) -> Outcome:
     """Run (or resume, or skip) one FineTune. Raises UserError / RetriableError / Interrupted."""
     outputs = run_outputs(spec)
-    done = check_previous(spec, outputs, force=force)
+    dist = distributed_env()
+    if dist.rank == 0:
+        done = check_previous(spec, outputs, force=force)
+    else:  # rank 0 alone decides (and wipes, with --force); the others follow its outcome
+        done = _same_summary(spec, outputs) if not force else None
     if done is not None:
         return Outcome(spec.run_id, outputs.uri, done, skipped=True)
 
     from service.lease import Lease
 
-    dist = distributed_env()
     lease = Lease(outputs.store) if dist.rank == 0 else None
     progress = Progress(run_id=spec.run_id, max_epochs=spec.protocol.max_epochs)
     observer = Observers(*(observers or [])) if dist.rank == 0 else Observer()
@@ -206,23 +214,26 @@ def _train(spec, outputs, progress, observer, stop, cache_dir, dist, lease) -> d
     from service.train.checkpoint import Checkpointer
 
     p = spec.protocol
+    rt = runtime_for(p, dist)  # joins the process group under torchrun
     if dist.rank == 0:
         outputs.write_json(SPEC, {**json.loads(spec.to_json()), "spec_hash": spec.spec_hash})
     observer.on_phase(progress)  # Pending
 
-    # Data: fetch (S3 only), decode once into the cache, split.
+    # Data: fetch (S3 only), decode once into the cache, split. Under torchrun rank 0 fills
+    # the node's cache first; the other ranks then find it there.
     progress.phase = "Downloading"
     observer.on_phase(progress)
     cache = cache_root(spec, cache_dir)
-    local = None
-    if spec.dataset.uri.startswith("s3://"):
-        from service.storage.fetch import fetch_dataset
+    data = None
+    for turn in (0, 1) if dist.world_size > 1 else (dist.rank,):
+        if (dist.rank == 0) == (turn == 0):
+            data = _prepare(spec, cache, observer, prepare)
+        if dist.world_size > 1:
+            import torch.distributed
 
-        local = fetch_dataset(spec, cache, observer)
-    data = prepare(spec, cache, local_path=local, observer=observer)
+            torch.distributed.barrier()
 
     # Model: seeded, so the head's init is the same on every attempt and every machine.
-    rt = runtime_for(p, dist)
     seed_everything(p.seed)
     built = models.build(spec.backbone, len(data.classes), cache_dir=cache, storage=spec.storage)
     mean, std = (built.mean, built.std) if p.normalize == "pretrained" else (data.mean, data.std)
@@ -293,6 +304,15 @@ def _train(spec, outputs, progress, observer, stop, cache_dir, dist, lease) -> d
         summary_base=summary_base,
     )
     return trainer.fit()
+
+
+def _prepare(spec, cache: Path, observer, prepare):
+    local = None
+    if spec.dataset.uri.startswith("s3://"):
+        from service.storage.fetch import fetch_dataset
+
+        local = fetch_dataset(spec, cache, observer)
+    return prepare(spec, cache, local_path=local, observer=observer)
 
 
 def seed_everything(seed: int) -> None:
@@ -386,6 +406,19 @@ def distributed_env() -> DistEnv:
 
 
 @contextlib.contextmanager
+def _process_group():
+    """Leave torchrun's process group cleanly (if one was joined) however the run ends."""
+    try:
+        yield
+    finally:
+        if "torch.distributed" in sys.modules:
+            import torch.distributed as tdist
+
+            if tdist.is_available() and tdist.is_initialized():
+                tdist.destroy_process_group()
+
+
+@contextlib.contextmanager
 def stop_on_signals(stop: threading.Event):
     """SIGTERM (Kubernetes preemption) and SIGINT set ``stop``: the trainer checkpoints at the
     next step and raises Interrupted. A second SIGINT interrupts at once."""
@@ -429,7 +462,7 @@ def work(
     stop = threading.Event()
     try:
         spec = pick_cell(read_spec(spec_path))
-        with stop_on_signals(stop):
+        with stop_on_signals(stop), _process_group():
             outcome = run_cell(
                 spec, force=force, cache_dir=cache_dir, observers=observers, stop=stop
             )

@@ -293,9 +293,9 @@ class Trainer:
         logits, labels = evaluate.predict(
             self.eval_model, self.loaders.test.epoch(0), autocast=self.rt.autocast
         )
-        test = evaluate.full_metrics(logits, labels)
+        test = self._broadcast(evaluate.full_metrics(logits, labels))
         if not self.rt.is_main:
-            return {}
+            return self._summary(test)  # for the rank's log line; only rank 0 writes
         self._phase("Uploading")
         from safetensors.torch import save
 
