@@ -102,3 +102,50 @@ def test_invalid_spec_names_the_field(tmp_path):
     r = CliRunner().invoke(app, ["run", str(path)])
     assert r.exit_code == 2
     assert r.stderr.strip() == f"{path}: dataset: required field is missing"
+
+
+def test_run_of_a_study_runs_every_cell_in_order(tmp_path):
+    study = {
+        "kind": "Study",
+        "name": "grid",
+        "backbones": [{"model": "test_resnet", "weights": "none"}],
+        "datasets": [{"uri": "builtin://digits", "test_fraction": 0.2}],
+        "seeds": [0, 1],
+        "protocol": {"image_size": 16, "max_epochs": 1, "device": "cpu"},
+        "output": {"uri": str(tmp_path / "runs")},
+        "metrics": {"port": 0},
+    }
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(study))
+    with one_thread():
+        r = CliRunner().invoke(app, ["run", str(path), "--cache-dir", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    heads = [line for line in r.stdout.splitlines() if line.startswith("[")]
+    assert heads == [
+        "[1/2] grid/digits/test_resnet/seed0-frac1.0",
+        "[2/2] grid/digits/test_resnet/seed1-frac1.0",
+    ]
+    for seed in (0, 1):
+        cell = tmp_path / "runs" / "grid" / "digits" / "test_resnet" / f"seed{seed}-frac1.0"
+        assert json.loads((cell / "summary.json").read_text())["seed"] == seed
+
+
+def test_the_progress_bar_shows_epoch_batch_loss_val_accuracy_speed_and_eta():
+    import io
+
+    from rich.console import Console
+
+    from service.console import ConsoleObserver
+    from service.events import Progress
+
+    out = io.StringIO()
+    bar = ConsoleObserver(Console(file=out, force_terminal=True, width=150), label="run")
+    p = Progress(run_id="run", max_epochs=10, epoch=3, step=5, steps_per_epoch=20)
+    p.train_loss, p.images_per_second, p.val_top1, p.best_val_top1 = 0.1234, 812.0, 0.9, 0.91
+    p.eta_seconds, p.recipe_phase = 125.0, "cosine"
+    bar.on_step(p, seconds=0.1, wait_seconds=0.0, images=64)
+    bar.close()
+    text = out.getvalue()
+    for shown in ("run epochs", "3/10", "5/20", "loss 0.1234", "812 img/s", "val acc 0.9000",
+                  "(best 0.9100)", "ETA 2:05"):  # fmt: skip
+        assert shown in text, shown
