@@ -17,7 +17,7 @@ from service.errors import EXIT_OK, EXIT_RETRY
 from service.storage.local import LocalStore
 from tests.fixtures.faults import (
     assert_intact,
-    error_lines,
+    one_error_line,
     results,
     run,
     start,
@@ -54,7 +54,7 @@ def test_a_second_worker_on_a_running_run_exits_75_and_the_first_finishes_cleanl
     finally:
         stop(first)
     assert second.returncode == EXIT_RETRY, second.stderr
-    [line] = error_lines(second.stderr)
+    line = one_error_line(second.stderr)
     m = HELD.fullmatch(line)
     assert m, line
     assert m["owner"] == holder["owner"] and str(first.pid) in m["owner"]
@@ -86,7 +86,7 @@ def test_two_workers_started_together_one_trains_one_refuses(tmp_path, tiny_cach
     assert codes in ([EXIT_OK, EXIT_RETRY], [EXIT_OK, EXIT_OK]), outs
     if codes == [EXIT_OK, EXIT_RETRY]:
         loser = outs[[p.returncode for p in procs].index(EXIT_RETRY)]
-        [line] = error_lines(loser[1])
+        line = one_error_line(loser[1])
         assert HELD.fullmatch(line), line
     else:
         assert sum("already complete" in out for out, _ in outs) == 1

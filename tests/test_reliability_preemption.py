@@ -19,8 +19,8 @@ from service.storage.local import LocalStore
 from tests.fixtures.faults import (
     assert_intact,
     assert_not_complete,
-    error_lines,
     kill_points,
+    one_error_line,
     results,
     run,
     start,
@@ -91,7 +91,7 @@ def test_sigterm_mid_epoch_checkpoints_within_the_grace_period_and_exits_75(
     finally:
         stop(proc)
     assert proc.returncode == EXIT_RETRY, stderr
-    [line] = error_lines(stderr)
+    line = one_error_line(stderr)
     m = re.fullmatch(
         r"error: stopped at epoch (\d+) step (\d+); checkpoint written, "
         r"the next attempt resumes from it",

@@ -22,7 +22,7 @@ from tests.fixtures.faults import (
     FaultyProxy,
     assert_intact,
     assert_not_complete,
-    error_lines,
+    one_error_line,
     run,
     start,
     stop,
@@ -112,7 +112,7 @@ def test_s3_down_for_20_seconds_mid_run_completes_or_fails_retriably_and_the_ret
     first = proc.returncode
     assert first in (EXIT_OK, EXIT_RETRY), stderr
     if first == EXIT_RETRY:
-        [line] = error_lines(stderr)  # one line, no traceback
+        line = one_error_line(stderr)
         assert line.startswith(f"error: {spec.output.uri}{spec.run_id}/"), line
         assert_not_complete(store)
         assert_intact(store)  # every checkpoint written before or during the outage loads
@@ -163,7 +163,7 @@ def test_a_full_cache_disk_is_a_retriable_one_line_failure(
     store = _store(spec, weed)
     r = run(worker_cmd(write_spec(tmp_path, spec)), cache, **weed.env())
     assert r.returncode == EXIT_RETRY, r.stderr
-    [line] = error_lines(r.stderr)
+    line = one_error_line(r.stderr)
     assert line.startswith(f"error: {cache}") and "No space left on device" in line, line
     assert_not_complete(store)
     assert_intact(store)
