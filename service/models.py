@@ -9,6 +9,7 @@ backbone trains fine and just reports worse numbers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -136,21 +137,41 @@ def _build_timm(name: str, num_classes: int, weights: str, path: Path | None) ->
 
 def _create_from_hub(name: str, num_classes: int):
     import timm
+    from huggingface_hub import constants
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if not offline and not hub_reachable():
-        # Unreachable hub: only a cached copy can help, and huggingface_hub retries ~47 s before
-        # giving up; offline mode answers from the cache in a blink.
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        offline = True
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in (
+        "1",
+        "true",
+        "yes",
+    )
     try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes)
+        with _offline(not offline and not hub_reachable()) as forced:
+            # An unreachable hub: only a cached copy can help, and huggingface_hub retries for
+            # ~47 s before giving up; offline mode answers from the cache in a blink.
+            offline = offline or forced
+            return timm.create_model(name, pretrained=True, num_classes=num_classes)
     except Exception as e:  # hub errors come in many classes (OSError, LocalEntryNotFound, ...)
         why = "the Hugging Face hub is unreachable" if offline else str(e).splitlines()[0]
         raise UserError(
             f"backbone.weights: cannot download ImageNet weights for {name!r} from the hub "
             f"({why}); {PUSH_HINT}"
         ) from None
+
+
+@contextlib.contextmanager
+def _offline(on: bool):
+    """huggingface_hub reads HF_HUB_OFFLINE once, at import: flip its constant for this call."""
+    if not on:
+        yield False
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield True
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:

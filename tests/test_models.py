@@ -57,10 +57,17 @@ def test_hub_weights_offline_fail_fast_and_say_how_to_get_weights(monkeypatch):
 
 
 def test_unreachable_hub_is_detected_without_waiting_for_retries(monkeypatch):
+    from huggingface_hub import constants
+
+    # Online mode, as in a pod without HF_HUB_OFFLINE: the hub would retry for ~47 s here.
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the probe: refused at once
+    t0 = time.monotonic()
     with pytest.raises(UserError, match="the Hugging Face hub is unreachable"):
         models.build(Backbone(model="test_resnet", weights="timm"), 10)
+    assert time.monotonic() - t0 < 10
+    assert constants.HF_HUB_OFFLINE is False  # restored for the rest of the process
 
 
 def test_safetensors_weights_load_through_timm_and_the_head_is_new(tmp_path):
