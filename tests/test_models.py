@@ -121,3 +121,26 @@ def test_gmacs_are_measured_at_the_working_size():
     large = models.measure_gmacs(built.model, (64, 64), "cpu")
     assert small > 0
     assert large == pytest.approx(4 * small, rel=0.05)
+
+
+def test_s3_weights_are_downloaded_once_into_the_cache(tmp_path, monkeypatch):
+    from moto import mock_aws
+
+    from service.storage import open_store
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AK")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SK")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    path = _saved_backbone(tmp_path / "w.safetensors")
+    with mock_aws():
+        import boto3
+
+        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="weights")
+        open_store("s3://weights/imagenet").upload_file(path, "test_resnet.safetensors")
+        uri = "s3://weights/imagenet/test_resnet.safetensors"
+        built = models.build(Backbone(model="test_resnet", weights=uri), 3, cache_dir=tmp_path)
+        assert torch.all(built.model.state_dict()["conv1.0.weight"] == 0.5)
+        assert built.weights_sha256 == models.sha256_file(path)
+        cached = models.resolve_weights_file(uri, cache_dir=tmp_path)
+        assert cached.is_relative_to(tmp_path / "weights")
+        assert cached.read_bytes() == path.read_bytes()

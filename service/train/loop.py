@@ -246,7 +246,7 @@ class Trainer:
         if self.state.stop_reason is not None:
             return None  # a partial epoch is not compared with full ones
         logits, labels = evaluate.predict(
-            self.eval_model, self.loaders.select.epoch(0), autocast=self.rt.autocast
+            self.eval_model, self._eval_batches(self.loaders.select), autocast=self.rt.autocast
         )
         return self._broadcast(evaluate.quick_metrics(logits, labels))
 
@@ -291,7 +291,7 @@ class Trainer:
         if s.best_key is not None:
             self._load_best()
         logits, labels = evaluate.predict(
-            self.eval_model, self.loaders.test.epoch(0), autocast=self.rt.autocast
+            self.eval_model, self._eval_batches(self.loaders.test), autocast=self.rt.autocast
         )
         test = self._broadcast(evaluate.full_metrics(logits, labels))
         if not self.rt.is_main:
@@ -344,6 +344,12 @@ class Trainer:
     @property
     def eval_model(self) -> torch.nn.Module:
         return self.ema.module if self.ema is not None else self.model
+
+    def _eval_batches(self, loader):
+        for x, y in loader.epoch(0):
+            if self.rt.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y
 
     def _eval_weights(self) -> dict:
         return self.eval_model.state_dict()
