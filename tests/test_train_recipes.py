@@ -87,6 +87,22 @@ def test_env_json_records_versions_seeds_and_hashes(standard_run):
     assert {"python", "timm", "torchvision", "weights_sha256"} <= set(env)
 
 
+def test_spec_json_is_the_spec_as_the_worker_parsed_it(standard_run):
+    from service.spec import parse_spec
+
+    spec, _ = standard_run
+    assert parse_spec(json.loads((run_dir(spec) / "spec.json").read_text())) == spec
+
+
+def test_only_the_newest_checkpoints_and_their_best_weights_are_kept(standard_run):
+    spec, _ = standard_run
+    names = sorted(p.name for p in (run_dir(spec) / "checkpoints").iterdir())
+    ckpts = [n for n in names if n.startswith("ckpt-")]
+    assert ckpts == ["ckpt-00002-000000.pt", "ckpt-00003-000000.pt"]  # keep_checkpoints: 2
+    assert all(n.startswith("best-") for n in set(names) - set(ckpts))
+    assert len(names) - len(ckpts) <= 2
+
+
 def test_best_weights_are_written_as_safetensors(standard_run):
     from safetensors.torch import load_file
 
