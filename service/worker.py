@@ -216,7 +216,8 @@ def _train(spec, outputs, progress, observer, stop, cache_dir, dist, lease) -> d
     p = spec.protocol
     rt = runtime_for(p, dist)  # joins the process group under torchrun
     if dist.rank == 0:
-        outputs.write_json(SPEC, json.loads(spec.to_json()))  # parse_spec reads it back as is
+        # The spec as parsed, plus its hash (drop "spec_hash" before parse_spec).
+        outputs.write_json(SPEC, {**json.loads(spec.to_json()), "spec_hash": spec.spec_hash})
     observer.on_phase(progress)  # Pending
 
     # Data: fetch (S3 only), decode once into the cache, split. Under torchrun rank 0 fills

@@ -87,11 +87,13 @@ def test_env_json_records_versions_seeds_and_hashes(standard_run):
     assert {"python", "timm", "torchvision", "weights_sha256"} <= set(env)
 
 
-def test_spec_json_is_the_spec_as_the_worker_parsed_it(standard_run):
+def test_spec_json_is_the_spec_as_the_worker_parsed_it_with_its_hash(standard_run):
     from service.spec import parse_spec
 
     spec, _ = standard_run
-    assert parse_spec(json.loads((run_dir(spec) / "spec.json").read_text())) == spec
+    written = json.loads((run_dir(spec) / "spec.json").read_text())
+    assert written.pop("spec_hash") == spec.spec_hash
+    assert parse_spec(written) == spec
 
 
 def test_only_the_newest_checkpoints_and_their_best_weights_are_kept(standard_run):
