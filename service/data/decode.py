@@ -9,6 +9,8 @@ Rules (documented in docs/performance.md, asserted in tests/test_data_decode.py)
   black whatever colour the file stores under them.
 - 16-bit samples keep their high byte (``v >> 8``), as PIL and most viewers do.
 - CMYK becomes RGB with the inverted-CMYK formula of libjpeg/PIL.
+- EXIF orientation is not applied (neither PIL nor the paper's ImageFolder applies it), so
+  pixels are used as stored.
 - The image is then squashed to (H, W) with antialiased bilinear resampling (the paper resizes
   without keeping the aspect ratio; so do we).
 - Images larger than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are
