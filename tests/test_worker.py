@@ -95,3 +95,16 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
     assert worker.cache_root(spec, tmp_path / "flag") == tmp_path / "flag"
     spec.storage.cache_dir = str(tmp_path / "spec")
     assert worker.cache_root(spec, None) == tmp_path / "spec"
+
+
+def test_an_unreadable_checkpoint_is_a_user_error_naming_it(monkeypatch, tmp_path, capsys):
+    spec = tiny_spec(tmp_path, max_epochs=1)
+    ckpt = tmp_path / "runs" / "tiny" / "checkpoints" / "ckpt-00001-000000.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"PK\x03\x04 truncated")
+    monkeypatch.setenv("BACKBONES_SPEC", spec.to_json())
+    with one_thread():
+        assert worker.work(None, cache_dir=tmp_path / "c") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {ckpt}: not a readable checkpoint (")
+    assert err.endswith("); delete it to start over")

@@ -11,12 +11,14 @@ names the best file it belongs to, so "reload the best" works after a resume.
 from __future__ import annotations
 
 import io
+import pickle
 import random
 import re
 
 import numpy as np
 import torch
 
+from service.errors import UserError
 from service.outputs import CHECKPOINTS, RunOutputs
 
 FORMAT = 1
@@ -85,7 +87,22 @@ class Checkpointer:
         return keys[-1] if keys else None
 
     def load(self, key: str, device="cpu") -> dict:
-        state = from_bytes(self.store.read_bytes(key), device)
+        where = f"{self.store.uri.rstrip('/')}/{key}"
+        try:
+            state = from_bytes(self.store.read_bytes(key), device)
+        except pickle.UnpicklingError:
+            # The safe unpickler met something other than tensors and containers: never run it.
+            raise UserError(
+                f"{where}: refused: the checkpoint holds objects other than tensors and plain "
+                "containers (it was not written by backbones); delete it to start over"
+            ) from None
+        except (RuntimeError, EOFError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"{where}: not a readable checkpoint ({first}); delete it to start over"
+            ) from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise UserError(f"{where}: not a backbones checkpoint of format {FORMAT}")
         self._best_of[key] = state.get("best_key")
         return state
 
