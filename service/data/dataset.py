@@ -185,7 +185,7 @@ def decoded_cache(
     workers = _workers()
     if catalog.items is not None and not catalog.content_hash:
         catalog.content_hash = sources.hash_items(catalog.items, workers, catalog.hash_memo)
-    path = cache_file(cache_dir, catalog.content_hash, hw)
+    path = cache_file(cache_dir, catalog.cache_key or catalog.content_hash, hw)
     shape = (len(catalog), 3, *hw)
     if path.is_file():
         arr = _open(path)

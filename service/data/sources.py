@@ -61,6 +61,9 @@ class Catalog:
     read_rows: Callable[[int, int], np.ndarray] | None = None
     where: str = ""  # the dataset, as named in errors
     hash_memo: HashMemo | None = None  # speeds up content hashing of folders
+    # What the decoded cache is keyed by, when more than the content decides the pixels (an
+    # array file holding several image arrays): empty means content_hash.
+    cache_key: str = ""
     notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -383,9 +386,11 @@ def scan_npz(path: Path, images_key: str, labels_key: str, sha=file_sha256) -> C
         images, labels = z[images_key], z[labels_key]
         names = z["classes"] if "classes" in z.files else None
     _check_rows(images, labels, where)
-    return _array_catalog(
+    catalog = _array_catalog(
         "npz", where, labels, _to_nchw(images, where, images_key), sha(path), names
     )
+    catalog.cache_key = _keyed(catalog.content_hash, images_key)
+    return catalog
 
 
 def scan_h5(path: Path, images_key: str, labels_key: str, sha=file_sha256) -> Catalog:
@@ -405,6 +410,10 @@ def scan_h5(path: Path, images_key: str, labels_key: str, sha=file_sha256) -> Ca
     _check_rows(images, labels, where)
     # The h5 file stays open while rows are read (chunk by chunk; Galaxy10 is 2.7 GB).
     return _array_catalog("h5", where, labels, _to_nchw(images, where, images_key), sha(path))
+
+
+def _keyed(content_hash: str, images_key: str) -> str:
+    return hashlib.sha256(f"{content_hash}\0{images_key}".encode()).hexdigest()
 
 
 def _check_rows(images, labels, where: str) -> None:
