@@ -162,12 +162,12 @@ def test_h5_galaxy10_style(tmp_path, cache):
 
 def test_npz_cache_is_keyed_by_the_images_array_too(tmp_path, cache):
     images, labels = _arrays()
+    images = np.ascontiguousarray(images[:, :16, :16])  # the working size: no resampling
     np.savez(tmp_path / "arr.npz", a=images, b=255 - images, labels=labels)
     a = prepare(spec_for(tmp_path / "arr.npz", images_key="a", test_fraction=0.25), cache)
     b = prepare(spec_for(tmp_path / "arr.npz", images_key="b", test_fraction=0.25), cache)
     assert a.content_hash == b.content_hash and not b.cache_hit
-    inverted = 255 - a.test.images.int()
-    assert (b.test.images.int() - inverted).abs().max() <= 1  # resampling rounds each its way
+    assert torch.equal(b.test.images, 255 - a.test.images)
 
 
 def test_npz_with_a_missing_key_names_it(tmp_path, cache):
