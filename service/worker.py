@@ -371,6 +371,13 @@ def environment(spec, rt, data, built, mean, std) -> dict:
     }
 
 
+def console_observers(label: str = "") -> list[Observer]:
+    """A rich progress bar on a terminal; one plain line per epoch in pod logs and pipes."""
+    from service.console import ConsoleObserver, LineObserver
+
+    return [ConsoleObserver(label=label)] if sys.stderr.isatty() else [LineObserver()]
+
+
 def _prometheus(spec: FineTune) -> list[Observer]:
     if spec.metrics.port == 0 and not spec.metrics.pushgateway_url:
         return []
@@ -449,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return work(args.spec, cache_dir=args.cache_dir, force=args.force)
+    return work(
+        args.spec, cache_dir=args.cache_dir, force=args.force, observers=console_observers()
+    )
 
 
 def work(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 from pathlib import Path
 
@@ -80,11 +79,9 @@ def worker(
 
 
 def _observers(cell) -> list:
-    from service.console import ConsoleObserver, LineObserver
+    from service.worker import console_observers
 
-    if sys.stderr.isatty():
-        return [ConsoleObserver(label=cell.run_id if cell is not None else "")]
-    return [LineObserver()]
+    return console_observers(cell.run_id if cell is not None else "")
 
 
 def list_outputs(uri: str, cell) -> None:
