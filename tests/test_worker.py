@@ -108,3 +108,35 @@ def test_an_unreadable_checkpoint_is_a_user_error_naming_it(monkeypatch, tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {ckpt}: not a readable checkpoint (")
     assert err.endswith("); delete it to start over")
+
+
+def test_observers_see_every_phase_in_order_and_an_event_per_epoch(tmp_path):
+    from service.events import Observer
+    from tests.trainutil import run_here
+
+    class Recorder(Observer):
+        def __init__(self):
+            self.phases, self.epochs, self.steps, self.checkpoints = [], [], 0, 0
+
+        def on_phase(self, progress):
+            self.phases.append(progress.phase)
+
+        def on_step(self, progress, **kw):
+            self.steps += 1
+
+        def on_epoch(self, progress, record):
+            self.epochs.append((progress.epoch, record["epoch"]))
+
+        def on_checkpoint(self, progress, **kw):
+            self.checkpoints += 1
+
+    seen = Recorder()
+    outcome = run_here(
+        tiny_spec(tmp_path, max_epochs=2), cache_dir=tmp_path / "c", observers=[seen]
+    )
+    assert seen.phases == [
+        "Pending", "Downloading", "Training", "Evaluating", "Uploading", "Succeeded",
+    ]  # fmt: skip
+    assert seen.epochs == [(1, 1), (2, 2)]
+    assert seen.checkpoints == 2
+    assert seen.steps == 2 * (outcome.summary["n_train"] // 64)
