@@ -260,6 +260,7 @@ def test_an_archive_bomb_larger_than_the_cache_disk_is_refused_before_filling_it
     assert sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) < 1 << 20
 
 
+@pytest.mark.integration
 def test_a_pushed_dataset_whose_shard_does_not_match_its_manifest_is_refused(
     tmp_path, s3_env, s3_bucket, seaweed
 ):
