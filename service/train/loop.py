@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from service.errors import Interrupted, RetriableError
 from service.events import Observer, Progress
 from service.outputs import BEST, SUMMARY, RunOutputs
-from service.train import evaluate
+from service.train import distributed, evaluate
 from service.train.checkpoint import Checkpointer, best_key, rng_state, set_rng_state
 from service.train.recipes import Recipe, make_optimizer, make_scheduler
 
@@ -135,48 +135,8 @@ class Trainer:
         return self.finish()
 
     def _should_stop(self) -> tuple[bool, bool]:
-        """(SIGTERM seen, wall-clock limit hit): agreed by every rank, so none is left waiting
-        in an all-reduce for a rank that stopped."""
-        flags = (self.stop.is_set(), self._out_of_time())
-        if self.rt.world_size == 1:
-            return flags
-        import torch.distributed as dist
-
-        t = torch.tensor([float(f) for f in flags], device=self.rt.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t[0]), bool(t[1])
-
-    def _reduce(self, acc: dict) -> dict:
-        """Training loss and accuracy over every rank's share of the epoch."""
-        if self.rt.world_size == 1:
-            return acc
-        import torch.distributed as dist
-
-        t = torch.stack(
-            [
-                acc["loss_sum"].float(),
-                acc["correct"].float(),
-                torch.tensor(float(acc["seen"]), device=self.rt.device),
-            ]
-        )
-        dist.all_reduce(t)
-        return {**acc, "loss_sum": t[0], "correct": t[1], "seen": int(t[2].item())}
-
-    def _broadcast(self, obj):
-        """Rank 0's value on every rank: decisions (best, plateau) must not diverge."""
-        if self.rt.world_size == 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def _barrier(self) -> None:
-        if self.rt.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        """(SIGTERM seen, wall-clock limit hit), agreed by every rank."""
+        return distributed.any_flags((self.stop.is_set(), self._out_of_time()), self.rt)
 
     def finished(self) -> bool:
         s = self.state
@@ -219,9 +179,9 @@ class Trainer:
                 s.stop_reason = "max_minutes"
                 break
         s.partial = {}
-        self._epoch_acc = self._reduce(acc)
+        self._epoch_acc = distributed.sum_counts(acc, self.rt)
         s.train_seconds += acc["seconds"]
-        s.train_images += acc["seen"]
+        s.train_images += self._epoch_acc["seen"]
         if s.stop_reason is None:
             s.epoch += 1
             s.step = 0
@@ -248,7 +208,7 @@ class Trainer:
         logits, labels = evaluate.predict(
             self.eval_model, self._eval_batches(self.loaders.select), autocast=self.rt.autocast
         )
-        return self._broadcast(evaluate.quick_metrics(logits, labels))
+        return distributed.broadcast(evaluate.quick_metrics(logits, labels), self.rt)
 
     def end_epoch(self, val: dict | None) -> None:
         """Record the epoch, keep the best weights, and apply the phase's stopping rule."""
@@ -264,7 +224,7 @@ class Trainer:
             s.best_key = best_key(s.epoch)
             if self.rt.is_main:
                 self.ckpt.save_best(self._eval_weights(), s.epoch)
-            self._barrier()  # other ranks may read it back (reload best)
+            distributed.barrier(self.rt)  # other ranks may read it back (reload best)
         else:
             s.bad_epochs += 1
         self._record(phase.name, val, improved)
@@ -293,7 +253,7 @@ class Trainer:
         logits, labels = evaluate.predict(
             self.eval_model, self._eval_batches(self.loaders.test), autocast=self.rt.autocast
         )
-        test = self._broadcast(evaluate.full_metrics(logits, labels))
+        test = distributed.broadcast(evaluate.full_metrics(logits, labels), self.rt)
         if not self.rt.is_main:
             return self._summary(test)  # for the rank's log line; only rank 0 writes
         self._phase("Uploading")
@@ -399,10 +359,13 @@ class Trainer:
         self.model.train(not self.recipe.freeze_backbone)
 
     def _accumulators(self) -> dict:
-        if self.state.partial:
-            return dict(self.state.partial)
         zero = torch.zeros((), device=self.rt.device)
-        return {"loss_sum": zero.clone(), "correct": zero.clone().long(), "seen": 0, "seconds": 0.0}
+        fresh = {"loss_sum": zero.clone(), "correct": zero.clone().long(), "seen": 0}
+        if not self.state.partial:
+            return {**fresh, "seconds": 0.0}
+        if not self.rt.is_main:  # the checkpoint holds rank 0's sums; rank 0 alone carries them
+            return {**self.state.partial, **fresh}
+        return dict(self.state.partial)
 
     def _out_of_time(self) -> bool:
         if self.max_seconds is None:
