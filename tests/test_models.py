@@ -115,6 +115,13 @@ def test_torchvision_catalog_models_get_their_last_linear_layer_replaced(monkeyp
     assert built.model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
 
 
+def test_the_catalogs_torchvision_entry_is_built_by_torchvision():
+    built = models.build(Backbone(model="shufflenet_v2_x2_0", weights="none"), 5)
+    assert built.source == "torchvision"
+    assert built.model.fc.out_features == 5
+    assert built.mean == models.IMAGENET_MEAN  # for normalize: pretrained
+
+
 def test_gmacs_are_measured_at_the_working_size():
     built = models.build(Backbone(model="test_resnet", weights="none"), 10)
     small = models.measure_gmacs(built.model, (32, 32), "cpu")
