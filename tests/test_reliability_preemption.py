@@ -57,11 +57,11 @@ def test_sigkill_at_five_random_steps_and_after_evaluation_then_restart_gives_th
     for at in points:
         killed = run(trip_cmd(path, at_step=at), tiny_cache)
         assert killed.returncode == -signal.SIGKILL, killed.stderr
-        assert "trip: signal 9 at" in killed.stdout
+        [trip] = [x for x in killed.stdout.splitlines() if x.startswith("trip: signal 9 at")]
         assert_not_complete(store)
         checked = assert_intact(store)
         ckpts = [k for k in store.list("checkpoints/") if k.endswith(".pt")]
-        log.append({"step": at, "checkpoints_left": ckpts, **checked})
+        log.append({"step": at, "where": trip, "checkpoints_left": ckpts, **checked})
     # The sixth kill: evaluation done, best weights and summary not yet written.
     killed = run(trip_cmd(path, at_phase="Uploading"), tiny_cache)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -72,6 +72,7 @@ def test_sigkill_at_five_random_steps_and_after_evaluation_then_restart_gives_th
     assert done.returncode == 0, done.stderr
     summary = json.loads(store.read_bytes("summary.json"))
     assert results(summary) == results(clean_tiny)  # test metrics, confusion matrix, best epoch
+    assert summary["attempts"] > 1  # it resumed from checkpoints, not from scratch
     assert_intact(store, clean_tiny)
     print(json.dumps({"kill_steps": points, "after_each": log, "attempts": summary["attempts"]}))
 
