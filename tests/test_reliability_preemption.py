@@ -114,3 +114,52 @@ def test_sigterm_mid_epoch_checkpoints_within_the_grace_period_and_exits_75(
     assert json.loads(store.read_bytes("status.json"))["attempt"] == 2
     assert results(summary) == results(clean_tiny)
     print(json.dumps({"sigterm_to_exit_s": round(took, 2), "epoch": epoch, "step": step}))
+
+
+_WRITER = """
+import sys
+from service.storage.local import LocalStore
+store, n = LocalStore(sys.argv[1]), 0
+print("writing", flush=True)
+while True:  # alternate two 32 MiB checkpoints under one key until killed
+    n += 1
+    store.write_bytes("checkpoints/ckpt-00001-000000.pt", bytes([n % 2 + 1]) * (32 << 20))
+"""
+
+
+def test_sigkill_in_the_middle_of_checkpoint_writes_never_leaves_a_torn_checkpoint(tmp_path):
+    """Kills that land inside a write (not at a step boundary): the key holds the old bytes or
+    the new ones, whole; a leftover temp file is never listed as a checkpoint."""
+    import random
+    import subprocess
+    import sys
+
+    from tests.fixtures.faults import REPO, env
+
+    delays = [random.Random(SEED + i).uniform(0.05, 1.0) for i in range(KILLS)]
+    store = LocalStore(tmp_path / "run")
+    torn = 0  # kills that landed inside a write: each leaves a temp file behind
+    for delay in delays:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(tmp_path / "run")],
+            cwd=REPO,
+            env=env(tmp_path / "cache"),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout.readline() == "writing\n"
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            stop(proc)
+        parts = len(list((tmp_path / "run").rglob("*.part")))
+        torn = parts
+        keys = store.list("checkpoints/")
+        assert all(k.endswith(".pt") for k in keys)
+        if keys:
+            data = store.read_bytes("checkpoints/ckpt-00001-000000.pt")
+            assert len(data) == 32 << 20 and data.count(data[:1]) == len(data)
+    assert torn >= 1, "no kill landed inside a write: the test proved nothing"
+    print(json.dumps({"kill_delays_s": [round(d, 3) for d in delays], "inside_a_write": torn}))
