@@ -95,3 +95,33 @@ def test_two_workers_started_together_one_trains_one_refuses(tmp_path, tiny_cach
     assert results(summary) == results(clean_tiny)
     assert_intact(store, clean_tiny)
     print(json.dumps({"exit_codes": codes}))
+
+
+def test_the_lease_holds_on_s3_too(tmp_path, tiny_cache, clean_tiny, s3_env, s3_bucket):
+    """The same race with the outputs in SeaweedFS: the lease is an ``If-None-Match: *`` PUT."""
+    from service.spec import Storage
+    from service.storage.s3 import S3Store
+
+    spec = tiny_spec(
+        tmp_path,
+        "shared-s3",
+        output=f"s3://{s3_bucket}/runs/",
+        storage={"endpoint_url": s3_env.endpoint},
+    )
+    path = write_spec(tmp_path, spec)
+    store = S3Store(f"{spec.output.uri}{spec.run_id}", Storage(endpoint_url=s3_env.endpoint))
+    first = start(worker_cmd(path), tiny_cache, **s3_env.env())
+    try:
+        wait_for(lambda: any(k.endswith(".pt") for k in store.list("checkpoints/")), first)
+        second = run(worker_cmd(path), tiny_cache, **s3_env.env())
+        _, err = first.communicate(timeout=300)
+    finally:
+        stop(first)
+    assert second.returncode == EXIT_RETRY, second.stderr
+    assert HELD.fullmatch(one_error_line(second.stderr))
+    assert first.returncode == EXIT_OK, err
+    summary = json.loads(store.read_bytes("summary.json"))
+    assert summary["attempts"] == 1
+    assert results(summary) == results(clean_tiny)
+    assert_intact(store, clean_tiny)
+    assert "lock.json" not in store.list("")
