@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import time
 
 import pytest
 
@@ -125,3 +127,46 @@ def test_the_lease_holds_on_s3_too(tmp_path, tiny_cache, clean_tiny, s3_env, s3_
     assert results(summary) == results(clean_tiny)
     assert_intact(store, clean_tiny)
     assert "lock.json" not in store.list("")
+
+
+def test_a_frozen_worker_that_wakes_after_a_takeover_corrupts_nothing(
+    tmp_path, tiny_cache, clean_tiny
+):
+    """A zombie: the first worker freezes (SIGSTOP: a stalled node, a network partition) past
+    the lease TTL; a second worker takes the run over and finishes it; then the first wakes up.
+    It must notice it lost the lease and stop (75) without touching the finished outputs."""
+    spec = tiny_spec(tmp_path, "zombie")
+    path, store = write_spec(tmp_path, spec), _store(spec)
+    ttl = {"BACKBONES_LEASE_TTL": "2"}
+    first = start(worker_cmd(path), tiny_cache, **ttl)
+    try:
+        wait_for(lambda: any(k.endswith(".pt") for k in store.list("checkpoints/")), first)
+        first.send_signal(signal.SIGSTOP)
+        time.sleep(3)  # past the TTL: the frozen worker's heartbeat is stale
+        second = run(worker_cmd(path), tiny_cache, **ttl)
+        assert second.returncode == EXIT_OK, second.stderr
+        finished = {k: store.read_bytes(k) for k in ("summary.json", "metrics.jsonl")}
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=300)
+    finally:
+        stop(first)
+    assert first.returncode == EXIT_RETRY, err
+    assert one_error_line(err) == (
+        f"error: {spec.output.uri}/{spec.run_id}: lost the run lease to another worker"
+    )
+    # The finished run is exactly as the second worker left it.
+    status = json.loads(store.read_bytes("status.json"))
+    problems = [
+        f"{k} rewritten by the woken worker" for k in finished if store.read_bytes(k) != finished[k]
+    ]
+    if [m["epoch"] for m in _metrics(store)] != [1, 2, 3]:
+        problems.append(f"metrics.jsonl epochs {[m['epoch'] for m in _metrics(store)]}")
+    if status["phase"] != "Succeeded":
+        problems.append(f"status.json phase {status['phase']!r} ({status.get('error')})")
+    assert problems == [], "\n".join(problems)
+    assert results(json.loads(finished["summary.json"])) == results(clean_tiny)
+    assert_intact(store, clean_tiny)
+
+
+def _metrics(store) -> list[dict]:
+    return [json.loads(x) for x in store.read_bytes("metrics.jsonl").splitlines() if x.strip()]
