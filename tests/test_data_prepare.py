@@ -397,3 +397,12 @@ def test_zip_of_a_broken_dataset_names_the_member(tmp_path, cache):
                     zf.writestr(f"d/{split}/{c}/{i}.png", image_bytes(k))
         zf.writestr("d/train/b/zero.png", b"")
     assert _err(spec_for(a), cache) == "d.zip: train/b/zero.png: empty file (0 bytes)"
+
+
+def test_importing_the_package_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, service.data; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
