@@ -119,11 +119,13 @@ def test_sigterm_mid_epoch_checkpoints_within_the_grace_period_and_exits_75(
 _WRITER = """
 import sys
 from service.storage.local import LocalStore
-store, n = LocalStore(sys.argv[1]), 0
+store = LocalStore(sys.argv[1])
+blobs = [bytes([1]) * (32 << 20), bytes([2]) * (32 << 20)]
 print("writing", flush=True)
+n = 0
 while True:  # alternate two 32 MiB checkpoints under one key until killed
     n += 1
-    store.write_bytes("checkpoints/ckpt-00001-000000.pt", bytes([n % 2 + 1]) * (32 << 20))
+    store.write_bytes("checkpoints/ckpt-00001-000000.pt", blobs[n % 2])
 """
 
 

@@ -61,7 +61,11 @@ def test_a_code_carrying_pickle_as_the_newest_checkpoint_is_refused(tmp_path):
     assert r.exit_code == EXIT_USER, (r.output, r.exception)
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1, lines
-    assert lines[0].startswith("error: ") and "checkpoints/ckpt-00099-000000.pt" in lines[0]
+    assert lines == [
+        f"error: {store.uri.rstrip('/')}/checkpoints/ckpt-00099-000000.pt: refused: the "
+        "checkpoint holds objects other than tensors and plain containers (it was not written "
+        "by backbones); delete it to start over"
+    ]
     assert "summary.json" not in store.list("")
     assert json.loads(store.read_bytes("status.json"))["phase"] == "Failed"
 
