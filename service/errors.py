@@ -33,3 +33,22 @@ class RetriableError(BackbonesError):
 
 class Interrupted(RetriableError):
     """SIGTERM/SIGINT arrived; a checkpoint was written and the run can resume."""
+
+
+class DiskFull(RetriableError):
+    """The node's disk (usually the dataset cache) is full: another node, or a larger
+    emptyDir, may succeed, so it is retriable and not the user's fault."""
+
+
+def disk_full(e: OSError, where: str | None = None) -> DiskFull | None:
+    """A one-line DiskFull for ENOSPC/EDQUOT, else None. ``where`` names the folder when the
+    OS error carries no file name (a write on an open file)."""
+    import errno
+
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    path = e.filename or where or "disk"
+    return DiskFull(
+        f"{path}: {e.strerror or 'No space left on device'} (free space in the dataset cache, "
+        "or raise resources.cache_size)"
+    )

@@ -141,3 +141,45 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class LeaseLost(RetriableError):
+    """Another worker took this run over: this one must not write anything more."""
+
+
+class LeasedStore:
+    """The run's store as seen by the lease holder: every write first checks the lease is ours.
+
+    A worker frozen past the TTL (a stalled node, a partition) wakes up to find another worker
+    has taken over, perhaps finished. Checking here, beneath every writer (checkpoints, best
+    weights, metrics.jsonl, status.json), means none of them can clobber the new holder's files
+    whatever they were about to do. Reads pass straight through.
+    """
+
+    def __init__(self, store: Store, lease: Lease):
+        self.store = store
+        self.lease = lease
+        self.uri = store.uri
+
+    def _check(self) -> None:
+        if not self.lease.held():
+            raise LeaseLost(f"{self.uri}: lost the run lease to another worker")
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._check()
+        self.store.write_bytes(key, data)
+
+    def upload_file(self, path, key: str) -> None:
+        self._check()
+        self.store.upload_file(path, key)
+
+    def delete(self, key: str) -> None:
+        self._check()
+        self.store.delete(key)
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        self._check()
+        return self.store.create_exclusive(key, data)
+
+    def __getattr__(self, name: str):  # read_bytes, exists, list, download_file, child
+        return getattr(self.store, name)

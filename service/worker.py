@@ -28,6 +28,7 @@ from service.errors import (
     Interrupted,
     RetriableError,
     UserError,
+    disk_full,
 )
 from service.events import Observer, Observers, Progress
 from service.outputs import ENV, SPEC, SUMMARY, RunOutputs
@@ -163,9 +164,11 @@ def run_cell(
     if done is not None:
         return Outcome(spec.run_id, outputs.uri, done, skipped=True)
 
-    from service.lease import Lease
+    from service.lease import Lease, LeasedStore
 
     lease = Lease(outputs.store) if dist.rank == 0 else None
+    if lease is not None:  # from here on, every write checks the lease is still ours
+        outputs = RunOutputs(LeasedStore(outputs.store, lease))
     progress = Progress(run_id=spec.run_id, max_epochs=spec.protocol.max_epochs)
     observer = Observers(*(observers or [])) if dist.rank == 0 else Observer()
     if dist.rank == 0:
@@ -178,7 +181,7 @@ def run_cell(
         if lease is not None:
             stack.enter_context(lease)
         try:
-            summary = _train(spec, outputs, progress, observer, stop, cache_dir, dist, lease)
+            summary = _train(spec, outputs, progress, observer, stop, cache_dir, dist)
         except BaseException as e:
             _fail(progress, observer, e)
             raise
@@ -207,7 +210,7 @@ def one_line(e: BaseException) -> str:
     return text if isinstance(e, BackbonesError) else f"{type(e).__name__}: {text}"
 
 
-def _train(spec, outputs, progress, observer, stop, cache_dir, dist, lease) -> dict:
+def _train(spec, outputs, progress, observer, stop, cache_dir, dist) -> dict:
     from service import models
     from service.data import BatchLoader, prepare
     from service.train import Loaders, Trainer, recipe_for, runtime_for
@@ -301,7 +304,6 @@ def _train(spec, outputs, progress, observer, stop, cache_dir, dist, lease) -> d
         progress=progress,
         stop=stop,
         max_minutes=p.max_minutes,
-        lease=lease,
         summary_base=summary_base,
     )
     return trainer.fit()
@@ -470,12 +472,19 @@ def work(
 ) -> int:
     """Run the worker's one cell; return the exit code (errors as one line on stderr)."""
     stop = threading.Event()
+    spec = None
     try:
         spec = pick_cell(read_spec(spec_path))
         with stop_on_signals(stop), _process_group():
             outcome = run_cell(
                 spec, force=force, cache_dir=cache_dir, observers=observers, stop=stop
             )
+    except OSError as e:
+        full = disk_full(e, str(cache_root(spec, cache_dir)) if spec is not None else None)
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return EXIT_RETRY
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -72,15 +73,13 @@ def test_sigterm_reaches_every_rank_and_the_pod_exits_retriable(tmp_path):
         while ready < 2:
             line = proc.stdout.readline()
             assert line, "launcher ended early: " + proc.stderr.read()[-2000:]
-            ready += line.strip() == "ready"
+            ready += line.count("ready")  # the ranks share one pipe: lines may interleave
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 75, err[-2000:]
-    assert sorted(line for line in out.splitlines() if "checkpointed" in line) == [
-        "rank 0 checkpointed",
-        "rank 1 checkpointed",
-    ]
+    # Two ranks print to one pipe: their lines may interleave, so match, don't split.
+    assert sorted(re.findall(r"rank (\d) checkpointed", out)) == ["0", "1"]
     assert "launch: stopped by signal SIGTERM" in err

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import typer
 
-from service.errors import EXIT_USER, BackbonesError
+from service.errors import EXIT_USER, BackbonesError, disk_full
 
 app = typer.Typer(
     name="backbones",
@@ -56,6 +56,10 @@ def edge() -> Iterator[None]:
     except OSError as e:
         if debug_enabled():
             raise
+        full = disk_full(e)
+        if full is not None:
+            err(f"error: {full}")
+            raise typer.Exit(full.exit_code) from None
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         err(f"error: {where}{e.strerror or e}")
         raise typer.Exit(EXIT_USER) from None

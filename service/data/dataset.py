@@ -139,7 +139,7 @@ def _scan(ds, path: Path, cache_dir: Path, memo: sources.HashMemo) -> sources.Ca
 
     if path.is_dir():
         if (path / "manifest.json").is_file():
-            return sources.scan_packed(path, label=uri)
+            return sources.scan_packed(path, label=uri, sha=sha)
         catalog = sources.scan_folder(path, label=uri)
         catalog.hash_memo = memo
         return catalog
@@ -196,6 +196,7 @@ def decoded_cache(
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        _reserve(tmp)
         _decode_all(catalog, out, hw, workers)
         out.flush()
         del out
@@ -205,6 +206,16 @@ def decoded_cache(
     arr = _open(path)
     assert arr is not None
     return arr, path, False
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the memmap's blocks now. A sparse file on a full disk fails later, inside a
+    page fault, as SIGBUS: no message, no exit code. Reserved, it fails here with ENOSPC."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path.parent)) from None
 
 
 def _open(path: Path) -> np.ndarray | None:

@@ -246,7 +246,12 @@ class HashMemo:
 # --------------------------------------------------------------------------------------------
 
 
-def scan_packed(root: Path, label: str | None = None) -> Catalog:
+def scan_packed(
+    root: Path, label: str | None = None, sha: Callable[[Path], str] | None = None
+) -> Catalog:
+    """Index the members of a pushed dataset's shards. With ``sha`` (a memoised file hash),
+    every shard is checked against manifest.json first: a modified or corrupt shard must
+    never train silently."""
     where = label or str(root)
     raw = (root / "manifest.json").read_bytes()
     try:
@@ -270,6 +275,13 @@ def scan_packed(root: Path, label: str | None = None) -> Catalog:
             if key.startswith("/") or ".." in key.split("/"):
                 raise UserError(f"{where}/manifest.json: shard key {key!r} escapes the dataset")
             path = root / key
+            if sha is not None and shard.get("sha256"):
+                got = sha(path)
+                if got != shard["sha256"]:
+                    raise UserError(
+                        f"{key}: sha256 {got[:12]}… does not match manifest.json "
+                        f"({str(shard['sha256'])[:12]}…): corrupt or modified shard"
+                    )
             found = []
             with tarfile.open(path, mode="r:") as tf:
                 for m in tf:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from service.errors import Interrupted, RetriableError
+from service.errors import Interrupted
 from service.events import Observer, Progress
 from service.outputs import BEST, SUMMARY, RunOutputs
 from service.train import distributed, evaluate
@@ -92,7 +92,6 @@ class Trainer:
         progress: Progress,
         stop: threading.Event,
         max_minutes: float | None = None,
-        lease=None,
         summary_base: dict | None = None,
     ):
         self.model = model
@@ -105,7 +104,6 @@ class Trainer:
         self.progress = progress
         self.stop = stop
         self.max_seconds = max_minutes * 60 if max_minutes else None
-        self.lease = lease
         self.summary_base = summary_base or {}
         self.state = State()
         self.steps_per_epoch = len(loaders.train)
@@ -239,8 +237,6 @@ class Trainer:
     def checkpoint(self) -> None:
         if not self.rt.is_main:
             return
-        if self.lease is not None and not self.lease.held():
-            raise RetriableError(f"{self.outputs.uri}: lost the run lease to another worker")
         t0 = time.perf_counter()
         self.ckpt.save(self.state_dict(), self.state.epoch, self.state.step)
         self.observer.on_checkpoint(self.progress, seconds=time.perf_counter() - t0)
