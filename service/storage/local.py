@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
 from service.storage import NotFound
+
+
+@contextlib.contextmanager
+def _staged(path: Path, data: bytes) -> Iterator[str]:
+    """A complete, fsynced temp file beside ``path`` (same filesystem, so rename is atomic);
+    removed afterwards unless the caller moved it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        yield tmp
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _root(uri: str) -> Path:
@@ -34,33 +52,19 @@ class LocalStore:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         # Write beside the target, fsync, then rename: readers see old or new, never partial.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+        with _staged(path, data) as tmp:
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Write ``key`` only if absent; False when it exists. Atomic (link fails if present)."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with _staged(path, data) as tmp:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+        return True
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
