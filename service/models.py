@@ -287,14 +287,11 @@ def resolve_weights_file(
     """A local path for ``uri``; s3:// objects are downloaded (once) into the cache."""
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
-        from service.storage import open_store
+        # Cached per ETag and verified against the .sha256 sidecar `weights push` writes, so
+        # weights re-pushed under the same URI are fetched again, never used stale.
+        from service.storage.fetch import fetch_weights
 
-        parent, _, key = uri.rstrip("/").rpartition("/")
-        digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-        target = Path(cache_dir or default_cache_dir()) / "weights" / digest / key
-        if not target.is_file():
-            open_store(parent, storage).download_file(key, target)
-        return target
+        return fetch_weights(uri, storage, Path(cache_dir or default_cache_dir()))
     path = Path(parsed.path if parsed.scheme == "file" else uri).expanduser()
     if not path.is_file():
         raise UserError(f"backbone.weights: {path}: no such file")
