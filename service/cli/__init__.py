@@ -5,18 +5,18 @@ kubernetes) are imported inside the commands that need them, so ``backbones vali
 fast and torch-free.
 """
 
+# ruff: noqa: I001  (import order is the help order)
 from __future__ import annotations
 
+# Registration order is help order: spec tools, local runs, data, Kubernetes, results.
+from service.cli import (  # noqa: F401  (imported for their @app.command registrations)
+    spec_cmds,
+    catalog_cmds,
+    run_cmds,
+    data_cmds,
+    k8s_cmds,
+    report_cmds,
+)
 from service.cli._app import app, main
-
-# Registration order is help order.
-from service.cli import spec_cmds  # noqa: F401  isort: skip
-
-for _optional in ("catalog_cmds", "run_cmds", "data_cmds", "k8s_cmds", "report_cmds"):
-    try:
-        __import__(f"service.cli.{_optional}")
-    except ModuleNotFoundError as _e:  # a command group not built yet
-        if _e.name != f"service.cli.{_optional}":
-            raise
 
 __all__ = ["app", "main"]
