@@ -112,16 +112,14 @@ def _message(err: dict[str, Any]) -> str:
     return err["msg"][0].lower() + err["msg"][1:]
 
 
-def _dedupe_union(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``image_size`` is ``int | [h, w]``: pydantic reports both branches; keep one line."""
-    out, seen = [], set()
+def _one_per_field(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """At most one line per field: the first problem pydantic found there."""
+    seen: set[tuple] = set()
+    out = []
     for err in errors:
-        loc = tuple(p for p in err["loc"] if p not in ("int", "tuple[int,int]"))
-        # A union member name sits in the loc (e.g. 'int'); report at the field itself.
-        if loc in seen:
-            continue
-        seen.add(loc)
-        out.append({**err, "loc": loc})
+        if err["loc"] not in seen:
+            seen.add(err["loc"])
+            out.append(err)
     return out
 
 
@@ -142,7 +140,7 @@ def problems_from(
     # Report in the order the keys appear in the document, as a person reads it.
     order = {k: i for i, k in enumerate(data)} if isinstance(data, dict) else {}
     errors = sorted(
-        _dedupe_union(error.errors(include_url=False)),
+        _one_per_field(error.errors(include_url=False)),
         key=lambda e: order.get(e["loc"][0], len(order)) if e["loc"] else -1,
     )
     for err in errors:

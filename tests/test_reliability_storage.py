@@ -31,22 +31,11 @@ from tests.fixtures.faults import (
     worker_cmd,
     write_spec,
 )
-from tests.fixtures.seaweed import SeaweedServer
 from tests.s3util import digits_tree
 
 pytestmark = pytest.mark.integration
 
 OUTAGE_SECONDS = 20
-
-
-@pytest.fixture(scope="module")
-def weed(tmp_path_factory):
-    """Our own server: the outage test stops and restarts it (same data dir and ports)."""
-    from tests.conftest import require
-
-    server = SeaweedServer(tmp_path_factory.mktemp("weed-faults"), require("weed")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

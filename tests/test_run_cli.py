@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from service.cli import app
-from tests.trainutil import one_thread, tiny_spec, write_spec
+from tests.trainutil import one_thread, tiny_spec, tiny_study, write_spec
 
 
 def _image(path, value: int) -> None:
@@ -105,16 +105,7 @@ def test_invalid_spec_names_the_field(tmp_path):
 
 
 def test_run_of_a_study_runs_every_cell_in_order(tmp_path):
-    study = {
-        "kind": "Study",
-        "name": "grid",
-        "backbones": [{"model": "test_resnet", "weights": "none"}],
-        "datasets": [{"uri": "builtin://digits", "test_fraction": 0.2}],
-        "seeds": [0, 1],
-        "protocol": {"image_size": 16, "max_epochs": 1, "device": "cpu"},
-        "output": {"uri": str(tmp_path / "runs")},
-        "metrics": {"port": 0},
-    }
+    study = tiny_study(tmp_path)
     path = tmp_path / "study.json"
     path.write_text(json.dumps(study))
     with one_thread():

@@ -19,7 +19,6 @@ from service.errors import EXIT_RETRY, EXIT_USER
 from service.push import push
 from service.spec import Storage, parse_spec
 from service.storage.s3 import S3Store
-from tests.fixtures.seaweed import SeaweedServer
 from tests.s3util import digits_tree
 from tests.trainutil import results, run_worker, start_worker
 
@@ -54,16 +53,6 @@ def _spec(dataset: str, output: str, endpoint: str, name: str = "s3run", epochs:
 def _write(tmp: Path, spec, fname: str) -> Path:
     (tmp / fname).write_text(spec.to_json())
     return tmp / fname
-
-
-@pytest.fixture(scope="module")
-def weed(tmp_path_factory):
-    """This module's own server: the outage test stops and restarts it."""
-    from tests.conftest import require
-
-    server = SeaweedServer(tmp_path_factory.mktemp("weed"), require("weed")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

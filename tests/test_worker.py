@@ -9,20 +9,7 @@ import pytest
 from service import worker
 from service.errors import UserError
 from service.spec import parse_spec
-from tests.trainutil import one_thread, tiny_spec
-
-
-def _study(tmp_path) -> dict:
-    return {
-        "kind": "Study",
-        "name": "grid",
-        "backbones": [{"model": "test_resnet", "weights": "none"}],
-        "datasets": [{"uri": "builtin://digits", "test_fraction": 0.2}],
-        "seeds": [0, 1],
-        "protocol": {"image_size": 16, "max_epochs": 1, "device": "cpu"},
-        "output": {"uri": str(tmp_path / "runs")},
-        "metrics": {"port": 0},
-    }
+from tests.trainutil import one_thread, tiny_spec, tiny_study
 
 
 def test_spec_comes_from_the_environment_when_no_file_is_given(monkeypatch, tmp_path):
@@ -44,7 +31,7 @@ def test_an_invalid_spec_in_the_environment_names_the_field(monkeypatch):
 
 
 def test_a_study_pod_runs_the_cell_of_its_completion_index(monkeypatch, tmp_path):
-    study = parse_spec(_study(tmp_path))
+    study = parse_spec(tiny_study(tmp_path))
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
     cell = worker.pick_cell(study)
     assert (cell.study, cell.protocol.seed) == ("grid", 1)
@@ -57,7 +44,7 @@ def test_a_study_without_a_valid_completion_index_is_a_user_error(monkeypatch, t
     else:
         monkeypatch.setenv("JOB_COMPLETION_INDEX", index)
     with pytest.raises(UserError, match="JOB_COMPLETION_INDEX"):
-        worker.pick_cell(parse_spec(_study(tmp_path)))
+        worker.pick_cell(parse_spec(tiny_study(tmp_path)))
 
 
 def test_worker_exit_codes_done_then_already_complete(monkeypatch, tmp_path, capsys):

@@ -38,6 +38,20 @@ def tiny_spec(tmp_path: Path, *, name: str = "tiny", **protocol) -> FineTune:
     )
 
 
+def tiny_study(tmp_path: Path) -> dict:
+    """A two-cell Study document (test_resnet × digits × seeds 0 and 1, one epoch)."""
+    return {
+        "kind": "Study",
+        "name": "grid",
+        "backbones": [{"model": "test_resnet", "weights": "none"}],
+        "datasets": [{"uri": "builtin://digits", "test_fraction": 0.2}],
+        "seeds": [0, 1],
+        "protocol": {"image_size": 16, "max_epochs": 1, "device": "cpu"},
+        "output": {"uri": str(tmp_path / "runs")},
+        "metrics": {"port": 0},
+    }
+
+
 @contextlib.contextmanager
 def one_thread():
     """Train on one thread: the machine's two cores are shared, and torch's OpenMP threads slow
