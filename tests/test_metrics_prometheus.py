@@ -8,6 +8,7 @@ the scrape target's ``instance`` and once as the pushed copy without it.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -271,8 +272,12 @@ def dashboard_targets() -> list[tuple[str, str]]:
 @pytest.mark.parametrize(("target", "expr"), dashboard_targets(), ids=lambda v: v)
 def test_every_dashboard_expression_returns_data(scraped, target, expr):
     query = substitute(expr, scraped)
-    # Range queries over the run, as Grafana's panels ask; instant panels read the last point.
-    series = scraped.prometheus.query_range(query, scraped.start - 1, time.time(), step=1)
+    # Range queries over the run, as Grafana's panels ask. The step grid is anchored at the
+    # end (now), not at the start: a grid from the start can stop up to a step short of the
+    # scrape that saw the final values, and a 3 s run sets some gauges only at its end.
+    end = time.time()
+    start = end - math.ceil(end - scraped.start + 1)
+    series = scraped.prometheus.query_range(query, start, end, step=1)
     if any(name in expr for name in FOREIGN) or "backbones_device_memory" in expr:
         return  # DCGM / kube-state-metrics / CUDA-only series: it parsed and ran, that is all
     assert series, f"{target}: no data for {query}"
