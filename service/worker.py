@@ -180,6 +180,9 @@ def run_cell(
     with contextlib.ExitStack() as stack:
         if lease is not None:
             stack.enter_context(lease)
+            # Holding the lease, whatever half-written files are here are a dead writer's.
+            if n := outputs.store.discard_partials():
+                log.info("%s: discarded %d partial writes of an earlier attempt", spec.run_id, n)
         try:
             summary = _train(spec, outputs, progress, observer, stop, cache_dir, dist)
         except BaseException as e:
@@ -191,10 +194,15 @@ def run_cell(
 
 
 def _fail(progress: Progress, observer: Observer, e: BaseException) -> None:
-    """Record why the run stopped: Failed for a bad input or a bug, Pending when it resumes."""
+    """Record why the run stopped: Failed for a bad input or a bug; Pending when a retry (the
+    Job's next attempt, or the user's next `backbones run`) resumes it, so status.json and the
+    phase gauge never say Failed about a run that is only waiting for storage or a node."""
     if isinstance(e, Interrupted | KeyboardInterrupt):
         progress.phase = "Pending"
         progress.error = str(e) or "interrupted"
+    elif isinstance(e, RetriableError) or (isinstance(e, OSError) and disk_full(e) is not None):
+        progress.phase = "Pending"
+        progress.error = one_line(e)
     else:
         progress.phase = "Failed"
         progress.error = one_line(e)

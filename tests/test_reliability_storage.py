@@ -156,3 +156,6 @@ def test_a_full_cache_disk_is_a_retriable_one_line_failure(
     assert line.startswith(f"error: {cache}") and "No space left on device" in line, line
     assert_not_complete(store)
     assert_intact(store)
+    # A retry resumes it: status.json says so rather than "Failed".
+    status = json.loads(store.read_bytes("status.json"))
+    assert status["phase"] == "Pending" and "No space left on device" in status["error"], status

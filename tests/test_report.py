@@ -153,6 +153,10 @@ def test_failed_incomplete_unreadable_and_missing_cells_are_listed_with_reasons(
     write_status(out, "st", "d1", "b", 1, phase="Failed", error="CUDA out of memory", attempt=1)
     write_status(out, "st", "d1", "b", 2, phase="Training", epoch=3, max_epochs=10)
     bad = write_status(out, "st", "d1", "c", 0, phase="Succeeded")
+    write_status(
+        out, "st", "d1", "c", 2, phase="Pending", epoch=2, max_epochs=10,
+        error="s3://b/runs/: endpoint unreachable after 5 attempts",
+    )  # fmt: skip
     (bad / "summary.json").write_text("{not json")
     build_report(str(out), tmp_path / "rep", study=spec, plots=False)
 
@@ -163,11 +167,15 @@ def test_failed_incomplete_unreadable_and_missing_cells_are_listed_with_reasons(
     assert reasons[("c", 0)][0] == "unreadable"
     assert reasons[("c", 0)][1].startswith("summary.json: not valid JSON")
     assert reasons[("c", 1)] == ("missing", "no output")
-    assert reasons[("c", 2)] == ("missing", "no output")
+    assert reasons[("c", 2)] == (
+        "incomplete",
+        "not finished: phase Pending, epoch 2/10; stopped: s3://b/runs/: endpoint unreachable"
+        " after 5 attempts",
+    )
     assert len(problems) == 5
     md = (tmp_path / "rep/report.md").read_text()
     assert "| st/d1/b/seed1-frac1.0 | failed | failed: CUDA out of memory |" in md
-    assert "| st/d1/c/seed2-frac1.0 | missing | no output |" in md
+    assert "| st/d1/c/seed1-frac1.0 | missing | no output |" in md
     # b is still ranked, on the one seed it finished
     assert _rows(tmp_path / "rep")[("d1", "b")]["n"] == 1
 

@@ -50,6 +50,22 @@ def test_list_of_a_folder_key_does_not_match_siblings_with_the_same_prefix(store
     assert store.list("nothing/") == []
 
 
+def test_discard_partials_aborts_open_multipart_uploads_under_its_prefix_only(
+    store, seaweed, s3_bucket
+):
+    # What a worker killed mid-upload of a large checkpoint leaves: parts, stored but unlisted.
+    raw = seaweed.client()
+    for key in ("runs/r1/checkpoints/big.pt", "runs/r10/checkpoints/big.pt"):
+        upload = raw.create_multipart_upload(Bucket=s3_bucket, Key=key)
+        raw.upload_part(
+            Bucket=s3_bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 64
+        )
+    assert store.list() == []
+    assert store.discard_partials() == 1
+    left = raw.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+    assert [u["Key"] for u in left] == ["runs/r10/checkpoints/big.pt"]  # a sibling run's
+
+
 def test_delete_removes_an_object_or_a_whole_folder(store):
     for key in ("checkpoints/a.pt", "checkpoints/b.pt", "keep.json"):
         store.write_bytes(key, b"1")

@@ -71,6 +71,38 @@ def test_worker_exit_code_2_for_bad_input_with_failed_status(monkeypatch, tmp_pa
     assert status["error"] == err.removeprefix("error: ")
 
 
+def test_a_resumed_run_discards_the_half_written_files_of_a_killed_attempt(tmp_path):
+    from tests.trainutil import run_here
+
+    # What a SIGKILL between write and rename leaves beside its target (LocalStore._staged).
+    run = tmp_path / "runs" / "tiny"
+    leftovers = [run / ".status.json.k2j4.part", run / "checkpoints" / ".ckpt-1.pt.9x1.part"]
+    for f in leftovers:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"half")
+    with one_thread():
+        run_here(tiny_spec(tmp_path, max_epochs=1), cache_dir=tmp_path / "c")
+    assert not any(f.exists() for f in leftovers)
+    assert not list(run.rglob("*.part"))
+
+
+def test_a_retriable_failure_leaves_the_run_pending_not_failed(monkeypatch, tmp_path):
+    from service.errors import RetriableError
+
+    def storage_down(*a, **kw):
+        raise RetriableError("s3://b/d/: endpoint unreachable after 5 attempts")
+
+    monkeypatch.setattr(worker, "_prepare", storage_down)
+    spec = tiny_spec(tmp_path, max_epochs=1)
+    monkeypatch.setenv("BACKBONES_SPEC", spec.to_json())
+    assert worker.work(None, cache_dir=tmp_path / "c") == 75
+    status = json.loads((tmp_path / "runs" / "tiny" / "status.json").read_text())
+    assert (status["phase"], status["error"]) == (
+        "Pending",
+        "s3://b/d/: endpoint unreachable after 5 attempts",
+    )
+
+
 def test_no_prometheus_observer_when_port_is_0_and_no_pushgateway(tmp_path):
     assert worker._prometheus(tiny_spec(tmp_path)) == []
 

@@ -306,7 +306,9 @@ def _status_reason(status: dict | None) -> tuple[State, str]:
         return "incomplete", "status says Succeeded but summary.json is missing"
     epoch, cap = status.get("epoch"), status.get("max_epochs")
     where = f", epoch {epoch}/{cap}" if epoch is not None and cap else ""
-    return "incomplete", f"not finished: phase {phase}{where}"
+    # A retriable stop (preempted, storage down) is Pending with its error: say why it waits.
+    why = f"; stopped: {status['error']}" if status.get("error") else ""
+    return "incomplete", f"not finished: phase {phase}{where}{why}"
 
 
 def _parallel(fn: Callable, items: list, workers: int) -> list:

@@ -108,5 +108,15 @@ class LocalStore:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, path)
 
+    def discard_partials(self) -> int:
+        # A SIGKILL between mkstemp and rename leaves a `.NAME.*.part` beside its target;
+        # list() already hides them, this reclaims the space.
+        if not self.root.is_dir():
+            return 0
+        partials = [p for p in self.root.rglob(".*.part") if p.is_file()]
+        for p in partials:
+            p.unlink(missing_ok=True)
+        return len(partials)
+
     def child(self, subpath: str) -> LocalStore:
         return LocalStore(self._path(subpath))

@@ -385,6 +385,25 @@ class S3Store:
             Path(tmp).unlink(missing_ok=True)
             raise self._fail(e, key) from None
 
+    def discard_partials(self) -> int:
+        """Abort multipart uploads left open under this prefix: a worker killed mid-upload
+        leaves its parts stored (and billed) but invisible to listing, until aborted."""
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        aborted = 0
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+                    aborted += 1
+        except Exception as e:
+            raise self._fail(e, "") from None
+        return aborted
+
     def child(self, subpath: str) -> S3Store:
         sub = self._key(subpath.strip("/"))
         return S3Store(f"s3://{self.bucket}/{sub}", self.storage, _client=self._client_obj)
