@@ -757,4 +757,10 @@ def loads_spec(text: str) -> FineTune | Study:
 
 def load_spec(path: str | Path) -> FineTune | Study:
     """Read and validate a spec file. Raises SpecError (or OSError for an unreadable file)."""
-    return loads_spec(Path(path).read_text(encoding="utf-8"))
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # a binary file passed by mistake: say so, in one line
+        problem = f"not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})"
+        raise SpecError([("", problem)]) from None
+    return loads_spec(text)

@@ -32,7 +32,7 @@ from service.errors import (
 )
 from service.events import Observer, Observers, Progress
 from service.outputs import ENV, SPEC, SUMMARY, RunOutputs
-from service.spec import FineTune, SpecError, Study, loads_spec
+from service.spec import FineTune, SpecError, Study, load_spec, loads_spec
 from service.storage import open_store
 
 log = logging.getLogger("backbones.worker")
@@ -55,11 +55,10 @@ def read_spec(path: str | None) -> FineTune | Study:
     """The spec from ``--spec FILE``, else from ``$BACKBONES_SPEC`` (JSON text)."""
     try:
         if path:
-            text = Path(path).read_text(encoding="utf-8")
-        else:
-            text = os.environ.get("BACKBONES_SPEC", "")
-            if not text.strip():
-                raise UserError("no spec: pass --spec FILE or set BACKBONES_SPEC to the spec JSON")
+            return load_spec(path)
+        text = os.environ.get("BACKBONES_SPEC", "")
+        if not text.strip():
+            raise UserError("no spec: pass --spec FILE or set BACKBONES_SPEC to the spec JSON")
         return loads_spec(text)
     except SpecError as e:
         raise UserError(f"{path or 'BACKBONES_SPEC'}: {e}") from None

@@ -155,6 +155,35 @@ def test_a_binary_file_is_one_line(tmp_path):
     assert validate(bad).stderr == f"{bad}: not UTF-8 text (byte 0xff at offset 0)\n"
 
 
+# Every command that takes a spec file, not only validate: the same one line and exit 2.
+SPEC_COMMANDS = [
+    ["run"], ["worker", "--spec"], ["expand"], ["render"], ["submit"], ["budget"],
+    ["report", "nowhere", "--spec"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", SPEC_COMMANDS, ids=lambda c: c[0])
+@pytest.mark.parametrize("what", ["missing", "folder", "binary"])
+def test_every_spec_command_refuses_an_unreadable_spec_file_in_one_line(
+    tmp_path, command, what
+):
+    path = {
+        "missing": tmp_path / "nope.json",
+        "folder": tmp_path,
+        "binary": Path(write(tmp_path, "bin.json", b"\xff\xfe{}")),
+    }[what]
+    result = runner.invoke(app, [*command, str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    why = {
+        "missing": "No such file or directory",
+        "folder": "Is a directory",
+        "binary": "not UTF-8 text (byte 0xff at offset 0)",
+    }[what]
+    (line,) = result.stderr.splitlines()
+    assert line.removeprefix("error: ") == f"{path}: {why}"
+
+
 @pytest.mark.parametrize(
     "text",
     ["", "[]", "null", '"spec"', "{", '{"kind": 3}', b"\xff\xfe{}", '{"kind": "Study"}'],

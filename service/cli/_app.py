@@ -6,6 +6,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import typer
 
@@ -62,6 +63,19 @@ def edge() -> Iterator[None]:
             raise typer.Exit(full.exit_code) from None
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         err(f"error: {where}{e.strerror or e}")
+        raise typer.Exit(EXIT_USER) from None
+
+
+def load_or_exit(path: Path):
+    """Load a spec for a command that needs a valid one; print its problems (one line each,
+    naming the file and field) and exit 2 otherwise. An unreadable file reaches edge()."""
+    from service.spec import SpecError, load_spec
+
+    try:
+        return load_spec(path)
+    except SpecError as e:
+        for loc, msg in e.problems:
+            err(f"{path}: {loc}: {msg}" if loc else f"{path}: {msg}")
         raise typer.Exit(EXIT_USER) from None
 
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import typer
 
-from service.cli._app import app, edge, err
-from service.cli.spec_cmds import _load_or_exit
+from service.cli._app import app, edge, err, load_or_exit
 
 DEFAULT_NAMESPACE = "backbones"
 
@@ -31,7 +30,7 @@ def _cluster(namespace: str, context: str | None):
 def _render(spec_file: Path, image: str | None, namespace: str | None):
     from service.k8s.render import render_job, warnings_for
 
-    spec = _load_or_exit(spec_file)
+    spec = load_or_exit(spec_file)
     job = render_job(spec, image=image, namespace=namespace)
     for warning in warnings_for(spec):
         err(f"warning: {warning}")

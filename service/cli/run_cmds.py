@@ -7,9 +7,8 @@ from pathlib import Path
 
 import typer
 
-from service.cli._app import app, edge, err
-from service.errors import EXIT_USER, UserError
-from service.spec import SpecError, load_spec
+from service.cli._app import app, edge, load_or_exit
+from service.errors import UserError
 
 
 @app.command()
@@ -25,13 +24,8 @@ def run(
     ),
 ) -> None:
     """Run a spec here (every cell of a Study, in order); resumes from checkpoints."""
-    try:
-        spec = load_spec(spec_file)
-    except SpecError as e:
-        for loc, msg in e.problems:
-            err(f"{spec_file}: {loc}: {msg}" if loc else f"{spec_file}: {msg}")
-        raise typer.Exit(EXIT_USER) from None
     with edge():
+        spec = load_or_exit(spec_file)
         from service.study import cells_of
         from service.worker import run_cell, stop_on_signals
 

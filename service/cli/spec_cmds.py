@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from service.cli._app import app, edge, err
+from service.cli._app import app, edge, err, load_or_exit
 from service.errors import EXIT_USER
 from service.spec import SpecError, load_spec
 
@@ -31,8 +31,6 @@ def validate(
             problems = check_models(spec, deep=deep)
         except SpecError as e:
             problems = e.problems
-        except UnicodeDecodeError as e:
-            problems = [("", f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})")]
         except OSError as e:
             problems = [("", e.strerror or str(e))]
         if problems:
@@ -86,7 +84,7 @@ def expand(file: Path = typer.Argument(..., help="A Study (or FineTune) spec."))
     from service.study import cells_of
 
     with edge():
-        spec = _load_or_exit(file)
+        spec = load_or_exit(file)
         for i, cell in enumerate(cells_of(spec)):
             typer.echo(
                 json.dumps(
@@ -98,13 +96,3 @@ def expand(file: Path = typer.Argument(..., help="A Study (or FineTune) spec."))
                     }
                 )
             )
-
-
-def _load_or_exit(path: Path):
-    """Load a spec for a command that needs a valid one; print its problems otherwise."""
-    try:
-        return load_spec(path)
-    except SpecError as e:
-        for loc, msg in e.problems:
-            err(f"{path}: {loc}: {msg}" if loc else f"{path}: {msg}")
-        raise typer.Exit(EXIT_USER) from None
