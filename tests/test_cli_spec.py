@@ -164,9 +164,7 @@ SPEC_COMMANDS = [
 
 @pytest.mark.parametrize("command", SPEC_COMMANDS, ids=lambda c: c[0])
 @pytest.mark.parametrize("what", ["missing", "folder", "binary"])
-def test_every_spec_command_refuses_an_unreadable_spec_file_in_one_line(
-    tmp_path, command, what
-):
+def test_every_spec_command_refuses_an_unreadable_spec_file_in_one_line(tmp_path, command, what):
     path = {
         "missing": tmp_path / "nope.json",
         "folder": tmp_path,
