@@ -181,9 +181,9 @@ class LeasedStore:
         self._check()
         return self.store.create_exclusive(key, data)
 
-    def discard_partials(self) -> int:
+    def discard_partials(self, **kw) -> int:
         self._check()
-        return self.store.discard_partials()
+        return self.store.discard_partials(**kw)
 
     def __getattr__(self, name: str):  # read_bytes, exists, list, download_file, child
         return getattr(self.store, name)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 
 from service import worker
 from service.errors import UserError
 from service.spec import parse_spec
-from tests.trainutil import one_thread, tiny_spec, tiny_study
+from tests.trainutil import one_thread, run_here, tiny_spec, tiny_study
 
 
 def test_spec_comes_from_the_environment_when_no_file_is_given(monkeypatch, tmp_path):
@@ -72,18 +74,20 @@ def test_worker_exit_code_2_for_bad_input_with_failed_status(monkeypatch, tmp_pa
 
 
 def test_a_resumed_run_discards_the_half_written_files_of_a_killed_attempt(tmp_path):
-    from tests.trainutil import run_here
-
-    # What a SIGKILL between write and rename leaves beside its target (LocalStore._staged).
+    # What a SIGKILL between write and rename leaves beside its target (LocalStore._staged),
+    # an hour ago; and a contender's lease file being staged right now, which must survive.
     run = tmp_path / "runs" / "tiny"
     leftovers = [run / ".status.json.k2j4.part", run / "checkpoints" / ".ckpt-1.pt.9x1.part"]
-    for f in leftovers:
+    in_flight = run / ".lock.json.a8f3.part"
+    for f in [*leftovers, in_flight]:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(b"half")
+    for f in leftovers:
+        os.utime(f, (time.time() - 3600, time.time() - 3600))
     with one_thread():
         run_here(tiny_spec(tmp_path, max_epochs=1), cache_dir=tmp_path / "c")
     assert not any(f.exists() for f in leftovers)
-    assert not list(run.rglob("*.part"))
+    assert list(run.rglob("*.part")) == [in_flight]
 
 
 def test_a_retriable_failure_leaves_the_run_pending_not_failed(monkeypatch, tmp_path):
@@ -131,7 +135,6 @@ def test_an_unreadable_checkpoint_is_a_user_error_naming_it(monkeypatch, tmp_pat
 
 def test_observers_see_every_phase_in_order_and_an_event_per_epoch(tmp_path):
     from service.events import Observer
-    from tests.trainutil import run_here
 
     class Recorder(Observer):
         def __init__(self):

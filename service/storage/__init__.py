@@ -21,6 +21,12 @@ if TYPE_CHECKING:
     from service.spec import Storage
 
 
+# A partial write this old has no live writer: staging a file takes milliseconds, a multipart
+# upload of a checkpoint minutes at most. Younger ones may be a contender's lease file, in
+# flight while the lease holder sweeps, and are left alone.
+PARTIAL_MAX_AGE = 600.0
+
+
 class NotFound(UserError):
     """The key does not exist in the store."""
 
@@ -40,9 +46,9 @@ class Store(Protocol):
     def upload_file(self, path: str | Path, key: str) -> None: ...
     def download_file(self, key: str, path: str | Path) -> None: ...
     def child(self, subpath: str) -> Store: ...
-    def discard_partials(self) -> int:
+    def discard_partials(self, older_than: float = PARTIAL_MAX_AGE) -> int:
         """Remove what writers killed mid-write left behind (local temp files, unfinished
-        multipart uploads); only safe while holding the run's lease. Returns how many."""
+        multipart uploads) at least ``older_than`` seconds ago. Returns how many."""
         ...
 
 

@@ -6,11 +6,12 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-from service.storage import NotFound
+from service.storage import PARTIAL_MAX_AGE, NotFound
 
 
 @contextlib.contextmanager
@@ -108,15 +109,19 @@ class LocalStore:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, path)
 
-    def discard_partials(self) -> int:
+    def discard_partials(self, older_than: float = PARTIAL_MAX_AGE) -> int:
         # A SIGKILL between mkstemp and rename leaves a `.NAME.*.part` beside its target;
         # list() already hides them, this reclaims the space.
         if not self.root.is_dir():
             return 0
-        partials = [p for p in self.root.rglob(".*.part") if p.is_file()]
-        for p in partials:
-            p.unlink(missing_ok=True)
-        return len(partials)
+        cutoff = time.time() - older_than
+        discarded = 0
+        for p in self.root.rglob(".*.part"):
+            with contextlib.suppress(FileNotFoundError):  # its writer finished meanwhile
+                if p.is_file() and p.stat().st_mtime < cutoff:
+                    p.unlink()
+                    discarded += 1
+        return discarded
 
     def child(self, subpath: str) -> LocalStore:
         return LocalStore(self._path(subpath))

@@ -24,12 +24,13 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from service.errors import RetriableError, UserError
-from service.storage import NotFound
+from service.storage import PARTIAL_MAX_AGE, NotFound
 
 if TYPE_CHECKING:
     from service.spec import Storage
@@ -385,10 +386,11 @@ class S3Store:
             Path(tmp).unlink(missing_ok=True)
             raise self._fail(e, key) from None
 
-    def discard_partials(self) -> int:
+    def discard_partials(self, older_than: float = PARTIAL_MAX_AGE) -> int:
         """Abort multipart uploads left open under this prefix: a worker killed mid-upload
         leaves its parts stored (and billed) but invisible to listing, until aborted."""
         prefix = f"{self.prefix}/" if self.prefix else ""
+        cutoff = time.time() - older_than
         aborted = 0
         try:
             pages = self.client.get_paginator("list_multipart_uploads").paginate(
@@ -396,6 +398,8 @@ class S3Store:
             )
             for page in pages:
                 for upload in page.get("Uploads", []):
+                    if upload["Initiated"].timestamp() >= cutoff:
+                        continue  # maybe still being written
                     self.client.abort_multipart_upload(
                         Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                     )
