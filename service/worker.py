@@ -179,9 +179,7 @@ def run_cell(
     with contextlib.ExitStack() as stack:
         if lease is not None:
             stack.enter_context(lease)
-            # Holding the lease, whatever half-written files are here are a dead writer's.
-            if n := outputs.store.discard_partials():
-                log.info("%s: discarded %d partial writes of an earlier attempt", spec.run_id, n)
+            _discard_partials(spec, outputs)
         try:
             summary = _train(spec, outputs, progress, observer, stop, cache_dir, dist)
         except BaseException as e:
@@ -190,6 +188,17 @@ def run_cell(
         finally:
             observer.close()
     return Outcome(spec.run_id, outputs.uri, summary)
+
+
+def _discard_partials(spec: FineTune, outputs: RunOutputs) -> None:
+    """Holding the lease, old half-written files here are a dead attempt's: reclaim them.
+    Housekeeping only: a bucket policy without s3:ListBucketMultipartUploads, or a storage
+    hiccup, costs a warning, never the run."""
+    try:
+        if n := outputs.store.discard_partials():
+            log.info("%s: discarded %d partial writes of an earlier attempt", spec.run_id, n)
+    except BackbonesError as e:
+        log.warning("%s: could not discard partial writes: %s", spec.run_id, e)
 
 
 def _fail(progress: Progress, observer: Observer, e: BaseException) -> None:

@@ -90,6 +90,19 @@ def test_a_resumed_run_discards_the_half_written_files_of_a_killed_attempt(tmp_p
     assert list(run.rglob("*.part")) == [in_flight]
 
 
+def test_a_store_that_refuses_the_sweep_costs_a_warning_not_the_run(monkeypatch, tmp_path, caplog):
+    from service.storage.local import LocalStore
+
+    def denied(self, **kw):  # a bucket policy without s3:ListBucketMultipartUploads
+        raise UserError("s3://b/runs/tiny/: access denied (AccessDenied)")
+
+    monkeypatch.setattr(LocalStore, "discard_partials", denied)
+    with one_thread():
+        outcome = run_here(tiny_spec(tmp_path, max_epochs=1), cache_dir=tmp_path / "c")
+    assert not outcome.skipped and outcome.summary["test"]["top1"] >= 0
+    assert "could not discard partial writes: s3://b/runs/tiny/: access denied" in caplog.text
+
+
 def test_a_retriable_failure_leaves_the_run_pending_not_failed(monkeypatch, tmp_path):
     from service.errors import RetriableError
 
