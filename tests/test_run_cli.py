@@ -121,6 +121,31 @@ def test_run_of_a_study_runs_every_cell_in_order(tmp_path):
         assert json.loads((cell / "summary.json").read_text())["seed"] == seed
 
 
+def test_a_bad_cell_of_a_study_fails_alone_and_the_others_run(tmp_path):
+    # As the Indexed Job's FailIndex does on a cluster: one broken dataset costs its cells only.
+    study = tiny_study(tmp_path)
+    study["seeds"] = [0]
+    bad = _folder(tmp_path / "scans", classes=("cat",))  # a single class
+    study["datasets"] = [{"uri": str(bad)}, {"uri": "builtin://digits", "test_fraction": 0.2}]
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(study))
+    with one_thread():
+        r = CliRunner().invoke(app, ["run", str(path), "--cache-dir", str(tmp_path / "c")])
+    assert r.exit_code == 2, r.output
+    first, last = r.stderr.strip().splitlines()
+    assert first.startswith("error: grid/scans/test_resnet/seed0-frac1.0: ")
+    assert "single class 'cat'" in first
+    assert last == (
+        "error: 1 of 2 cells failed (reasons above and in their status.json); "
+        "fix them and run again: finished cells are skipped"
+    )
+    runs = tmp_path / "runs" / "grid"
+    assert (runs / "digits/test_resnet/seed0-frac1.0/summary.json").is_file()
+    status = json.loads((runs / "scans/test_resnet/seed0-frac1.0/status.json").read_text())
+    assert status["phase"] == "Failed" and "single class 'cat'" in status["error"]
+    assert not (runs / "scans/test_resnet/seed0-frac1.0/summary.json").exists()
+
+
 def test_the_progress_bar_shows_epoch_batch_loss_val_accuracy_speed_and_eta():
     import io
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from service.cli._app import app, edge, load_or_exit
+from service.cli._app import app, edge, err, load_or_exit
 from service.errors import UserError
 
 
@@ -34,13 +34,24 @@ def run(
         except ValueError as e:
             raise UserError(f"{spec_file}: {e}") from None
         stop = threading.Event()
+        failed: list[str] = []
         with stop_on_signals(stop):
             for i, cell in enumerate(cells, 1):
                 if len(cells) > 1:
                     typer.echo(f"[{i}/{len(cells)}] {cell.run_id}")
-                outcome = run_cell(
-                    cell, force=force, cache_dir=cache_dir, observers=_observers(cell), stop=stop
-                )
+                try:
+                    outcome = run_cell(
+                        cell, force=force, cache_dir=cache_dir, observers=_observers(cell),
+                        stop=stop,
+                    )  # fmt: skip
+                except UserError as e:
+                    if len(cells) == 1:
+                        raise
+                    # As on Kubernetes (FailIndex): a bad cell fails alone, the others run.
+                    # A retriable error (storage down, Ctrl-C) stops the whole study instead.
+                    err(f"error: {cell.run_id}: {e}")
+                    failed.append(cell.run_id)
+                    continue
                 if outcome.skipped:
                     typer.echo(f"{cell.run_id}: already complete ({outcome.uri})")
                     continue
@@ -50,6 +61,11 @@ def run(
                     f"{outcome.summary['train_seconds']:.1f} s training"
                 )
                 list_outputs(outcome.uri, cell)
+        if failed:
+            raise UserError(
+                f"{len(failed)} of {len(cells)} cells failed (reasons above and in their "
+                "status.json); fix them and run again: finished cells are skipped"
+            )
 
 
 @app.command()
