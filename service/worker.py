@@ -205,15 +205,10 @@ def _fail(progress: Progress, observer: Observer, e: BaseException) -> None:
     """Record why the run stopped: Failed for a bad input or a bug; Pending when a retry (the
     Job's next attempt, or the user's next `backbones run`) resumes it, so status.json and the
     phase gauge never say Failed about a run that is only waiting for storage or a node."""
-    if isinstance(e, Interrupted | KeyboardInterrupt):
-        progress.phase = "Pending"
-        progress.error = str(e) or "interrupted"
-    elif isinstance(e, RetriableError) or (isinstance(e, OSError) and disk_full(e) is not None):
-        progress.phase = "Pending"
-        progress.error = one_line(e)
-    else:
-        progress.phase = "Failed"
-        progress.error = one_line(e)
+    interrupted = isinstance(e, Interrupted | KeyboardInterrupt)
+    retriable = isinstance(e, RetriableError) or (isinstance(e, OSError) and disk_full(e))
+    progress.phase = "Pending" if interrupted or retriable else "Failed"
+    progress.error = (str(e) or "interrupted") if interrupted else one_line(e)
     try:
         observer.on_phase(progress)
         observer.on_end(progress, None)
