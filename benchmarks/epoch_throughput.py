@@ -135,12 +135,8 @@ def main() -> None:
         catalog = scan_folder(root)
         images, _, _ = decoded_cache(catalog, cache, hw)
         decode_s = time.perf_counter() - t0
-        split = Split(
-            images=torch.from_numpy(images),
-            labels=torch.from_numpy(catalog.labels),
-            refs=catalog.refs,
-        )
-        mean, std = channel_stats(split.images)
+        split = Split.of(torch.from_numpy(images), torch.from_numpy(catalog.labels), catalog.refs)
+        mean, std = channel_stats(split)
         t0 = time.perf_counter()
         images, _, hit = decoded_cache(scan_folder(root), cache, hw)
         warm_s = time.perf_counter() - t0

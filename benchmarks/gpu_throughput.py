@@ -90,6 +90,7 @@ def build_arms(args, root: Path, cache: Path, device):
 
     from service.data import BatchLoader, Split
     from service.data.dataset import channel_stats, decoded_cache
+    from service.data.loader import plan_residency
     from service.data.sources import scan_folder
 
     hw = (args.resolution, args.resolution)
@@ -97,10 +98,13 @@ def build_arms(args, root: Path, cache: Path, device):
     catalog = scan_folder(root)
     images, _, _ = decoded_cache(catalog, cache, hw)
     print(f"(a) one-time decode into the cache: {time.perf_counter() - t0:.1f}s")
-    split = Split(torch.from_numpy(images), torch.from_numpy(catalog.labels), catalog.refs)
-    mean, std = channel_stats(split.images)
+    split = Split.of(torch.from_numpy(images), torch.from_numpy(catalog.labels), catalog.refs)
+    mean, std = channel_stats(split)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    resident = plan_residency([split], free, model_bytes=0)[0]
     loader_a = BatchLoader(split, args.batch_size, device=device, mean=mean, std=std,
-                           shuffle=True, augment=args.augment, seed=0, drop_last=True)  # fmt: skip
+                           shuffle=True, augment=args.augment, seed=0, drop_last=True,
+                           resident=resident)  # fmt: skip
     tf = transforms.Compose(
         [transforms.Resize(hw), transforms.ToTensor(), transforms.Normalize(mean, std)]
     )

@@ -223,57 +223,35 @@ def one_line(e: BaseException) -> str:
 
 def _train(spec, outputs, progress, observer, stop, cache_dir, dist) -> dict:
     from service import models
-    from service.data import BatchLoader, prepare
-    from service.train import Loaders, Trainer, recipe_for, runtime_for
+    from service.data import prepare
+    from service.train import Trainer, distributed, recipe_for, runtime_for
     from service.train.checkpoint import Checkpointer
+    from service.train.runtime import fresh_device_memory
 
     p = spec.protocol
     rt = runtime_for(p, dist)  # joins the process group under torchrun
+    fresh_device_memory(rt.device)  # a local Study's earlier cells leave nothing behind
     if dist.rank == 0:
         # The spec as parsed, plus its hash (drop "spec_hash" before parse_spec).
         outputs.write_json(SPEC, {**json.loads(spec.to_json()), "spec_hash": spec.spec_hash})
     observer.on_phase(progress)  # Pending
 
-    # Data: fetch (S3 only), decode once into the cache, split. Under torchrun rank 0 fills
-    # the node's cache first; the other ranks then find it there.
+    # Data: fetch (S3 only), decode once into the node's cache, split. Under torchrun rank 0
+    # fills the cache first; the other ranks then find it there.
     progress.phase = "Downloading"
     observer.on_phase(progress)
     cache = cache_root(spec, cache_dir)
-    data = None
-    for turn in (0, 1) if dist.world_size > 1 else (dist.rank,):
-        if (dist.rank == 0) == (turn == 0):
-            data = _prepare(spec, cache, observer, prepare)
-        if dist.world_size > 1:
-            import torch.distributed
-
-            torch.distributed.barrier()
+    data = distributed.rank0_first(lambda: _prepare(spec, cache, observer, prepare), rt)
 
     # Model: seeded, so the head's init is the same on every attempt and every machine.
     seed_everything(p.seed)
     built = models.build(spec.backbone, len(data.classes), cache_dir=cache, storage=spec.storage)
+    built.model.to(rt.device)  # before the data's memory plan, which budgets what is left
     mean, std = (built.mean, built.std) if p.normalize == "pretrained" else (data.mean, data.std)
 
     recipe = recipe_for(p)
+    loaders = make_loaders(data, p, recipe, rt, built.model, mean=mean, std=std)
     n_train = len(data.train)
-    loader = dict(device=rt.device, mean=mean, std=std, seed=p.seed)
-    loaders = Loaders(
-        train=BatchLoader(
-            data.train,
-            p.batch_size,
-            shuffle=True,
-            augment=recipe.augment,
-            drop_last=n_train > p.batch_size,  # a 1-image last batch breaks BatchNorm
-            **loader,
-        ),
-        select=BatchLoader(
-            data.test if p.select_on == "test" else data.val,
-            p.batch_size,
-            shuffle=False,
-            augment=False,
-            **loader,
-        ),
-        test=BatchLoader(data.test, p.batch_size, shuffle=False, augment=False, **loader),
-    )
     params = models.count_params(built.model)
     gmacs = _gmacs(spec, built.model, rt)
     if dist.rank == 0:
@@ -318,6 +296,53 @@ def _train(spec, outputs, progress, observer, stop, cache_dir, dist) -> dict:
         summary_base=summary_base,
     )
     return trainer.fit()
+
+
+def make_loaders(data, p, recipe, rt, model, *, mean, std):
+    """Train, selection and test loaders: this rank's share of each batch, and on a GPU the
+    splits kept resident under one memory budget measured after the model is placed. With
+    ``select_on: test`` selection and test are one loader: one copy of the test split."""
+    from service.data import BatchLoader
+    from service.data.loader import plan_residency
+    from service.train import Loaders
+
+    select_split = data.test if p.select_on == "test" else data.val
+    splits = [data.train, select_split, data.test]
+    plan = [False] * 3
+    if rt.device.type == "cuda":
+        import torch
+
+        free = torch.cuda.mem_get_info(rt.device)[0]
+        plan = plan_residency(splits, free, training_bytes(model, ema=recipe.ema))
+    common = dict(
+        device=rt.device, mean=mean, std=std, seed=p.seed, rank=rt.rank, world_size=rt.world_size
+    )
+    train = BatchLoader(
+        data.train,
+        p.batch_size,
+        shuffle=True,
+        augment=recipe.augment,
+        drop_last=len(data.train) > p.batch_size,  # a 1-image last batch breaks BatchNorm
+        resident=plan[0],
+        **common,
+    )
+    test = BatchLoader(
+        data.test, p.batch_size, shuffle=False, augment=False, resident=plan[2], **common
+    )
+    select = test
+    if select_split is not data.test:
+        select = BatchLoader(
+            select_split, p.batch_size, shuffle=False, augment=False, resident=plan[1], **common
+        )
+    return Loaders(train=train, select=select, test=test)
+
+
+def training_bytes(model, *, ema: bool) -> int:
+    """GPU memory training will add for the model beyond its weights: gradients and AdamW's
+    two moments for trainable parameters, and an EMA copy of everything."""
+    weights = sum(t.numel() * t.element_size() for t in model.parameters())
+    trainable = sum(t.numel() * t.element_size() for t in model.parameters() if t.requires_grad)
+    return 3 * trainable + (weights if ema else 0)
 
 
 def _prepare(spec, cache: Path, observer, prepare):
@@ -371,6 +396,7 @@ def environment(spec, rt, data, built, mean, std) -> dict:
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "device": device_name(rt.device),
         "precision": "bf16" if rt.bf16 else "fp32",
+        "precision_reason": rt.precision_reason,
         "world_size": rt.world_size,
         "seed": spec.protocol.seed,
         "data_content_hash": data.content_hash,

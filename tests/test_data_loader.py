@@ -15,7 +15,7 @@ def split() -> Split:
     g = torch.Generator().manual_seed(0)
     n = 37
     images = torch.randint(0, 256, (n, 3, 16, 12), dtype=torch.uint8, generator=g)
-    return Split(images=images, labels=torch.arange(n) % 4, refs=[f"img{i}" for i in range(n)])
+    return Split.of(images, torch.arange(n) % 4, [f"img{i}" for i in range(n)])
 
 
 def _loader(split, batch_size: int = 8, **kw) -> BatchLoader:

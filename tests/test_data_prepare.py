@@ -312,11 +312,14 @@ def test_a_killed_decode_leaves_no_cache_that_looks_complete(folder, cache, monk
     assert not prepare(spec_for(folder), cache).cache_hit
 
 
-def test_large_caches_are_memory_mapped(folder, cache, monkeypatch):
-    monkeypatch.setattr(dataset_mod, "MEMORY_LIMIT_BYTES", 0)
+def test_splits_are_rows_of_one_shared_memory_map(folder, cache):
+    # Never a copy per split (or per DDP rank): every split reads the same mapped cache file.
     p = prepare(spec_for(folder), cache)
     arr = dataset_mod._open(Path(p.cache_path))
     assert isinstance(arr, np.memmap)
+    ptrs = {s.source.data_ptr() for s in (p.train, p.val, p.test)}
+    assert len(ptrs) == 1
+    assert len(p.train) + len(p.val) + len(p.test) == p.train.source.shape[0]
     assert p.test.images.shape == (9, 3, 16, 16)
     from service.data import BatchLoader
 

@@ -3,7 +3,10 @@
 Steps: resolve the source to a ``Catalog`` (no decoding) -> find or build the decoded cache
 ``<cache_dir>/decoded/v1/<content hash>-<H>x<W>.npy`` (every image decoded once, in parallel,
 written to a temporary file and renamed when complete) -> split (test, val, subsample) on labels
-only -> slice the cache into ``Split`` tensors -> train channel statistics.
+only -> ``Split``s: row indices over one memory map of the cache -> train channel statistics.
+
+The cache is never read into process memory: every split, and every DDP rank of a pod, maps
+the same file, so the page cache holds the images once under the pod's memory limit.
 """
 
 from __future__ import annotations
@@ -30,8 +33,6 @@ from service.errors import UserError
 log = logging.getLogger(__name__)
 
 DECODE_VERSION = "v1"  # bump when decoding rules change: old caches are then ignored
-# Decoded caches up to this size are read into memory; larger ones stay memory-mapped.
-MEMORY_LIMIT_BYTES = int(os.environ.get("BACKBONES_DATA_MEMORY_LIMIT", 4 << 30))
 MAX_MEMBER_BYTES = 1 << 30  # one file inside an archive
 MAX_ARCHIVE_TOTAL_BYTES = 1 << 40  # also capped by the free disk space at extraction
 DEFAULT_BUILTIN_TEST_FRACTION = 0.2
@@ -63,7 +64,7 @@ def prepare(spec, cache_dir: Path, *, local_path: Path | None = None, observer=N
         return _split(images, catalog, idx[name])
 
     train = split("train")
-    mean, std = channel_stats(train.images)
+    mean, std = channel_stats(train)
     log.info(
         "dataset %s: %d train / %d val / %d test, %d classes, decode %s in %.1fs",
         catalog.where,
@@ -220,9 +221,8 @@ def _reserve(path: Path) -> None:
 
 def _open(path: Path) -> np.ndarray | None:
     try:
-        if path.stat().st_size <= MEMORY_LIMIT_BYTES:
-            return np.load(path)
-        # Copy-on-write map: writable for torch.from_numpy, never writes back to the file.
+        # Copy-on-write map: writable for torch.from_numpy, never written, so its pages stay
+        # shared page cache (one copy per node, whatever the number of splits and ranks).
         return np.load(path, mmap_mode="c")
     except (ValueError, OSError):
         return None
@@ -326,27 +326,26 @@ def assign_splits(
 
 def _split(images: np.ndarray, catalog: sources.Catalog, idx: np.ndarray) -> Split:
     idx = np.asarray(idx, dtype=np.int64)
-    if len(idx) and idx[-1] - idx[0] + 1 == len(idx):
-        arr = images[idx[0] : idx[-1] + 1]  # contiguous: a view, no copy of a mapped cache
-    else:
-        arr = images[idx]
     return Split(
-        images=torch.from_numpy(arr),
+        source=torch.from_numpy(images),
+        rows=torch.from_numpy(idx.copy()),
         labels=torch.from_numpy(catalog.labels[idx].copy()),
         refs=[catalog.refs[i] for i in idx.tolist()],
     )
 
 
-def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std on a 0-1 scale, accumulated in float64, chunk by chunk."""
-    n = images.shape[0]
+def channel_stats(split: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std on a 0-1 scale, accumulated in float64, chunk by chunk (a
+    chunk at a time is all that is ever read into memory)."""
+    n = len(split)
     s = torch.zeros(3, dtype=torch.float64)
     ss = torch.zeros(3, dtype=torch.float64)
     for i in range(0, n, 256):
-        x = images[i : i + 256].to(torch.float64)
+        x = split.gather(torch.arange(i, min(i + 256, n))).to(torch.float64)
         s += x.sum(dim=(0, 2, 3))
         ss += (x * x).sum(dim=(0, 2, 3))
-    count = max(1, n * images.shape[2] * images.shape[3])
+    h, w = split.image_shape[1:]
+    count = max(1, n * h * w)
     mean = s / count
     var = (ss / count - mean * mean).clamp(min=0)
     std = var.sqrt().clamp(min=1.0)  # constant channels: avoid dividing by ~0

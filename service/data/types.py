@@ -11,14 +11,50 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class Split:
-    """One split at the working resolution, decoded once."""
+    """One split at the working resolution: rows of the decoded cache, never a copy of them.
 
-    images: torch.Tensor  # uint8 (N, 3, H, W) RGB; may be a view of a memory-mapped cache file
+    Every split of a dataset (and, under DDP, every rank on the node) shares one read-only
+    memory map of the cache, so the host holds the images once, in the page cache, however
+    many splits and ranks use them; batches are gathered from it by row.
+    """
+
+    source: torch.Tensor  # uint8 (M, 3, H, W) RGB: the whole decoded cache, usually memory-mapped
+    rows: torch.Tensor  # int64 (N,): this split's rows of ``source``, in split order
     labels: torch.Tensor  # int64 (N,)
     refs: list[str]  # file or member name of each image, for error messages and inspect
 
+    @classmethod
+    def of(cls, images: torch.Tensor, labels: torch.Tensor, refs: list[str]) -> Split:
+        """A split that is all of ``images``, in order (tests, small in-memory data)."""
+        import torch
+
+        return cls(images, torch.arange(images.shape[0]), labels, refs)
+
     def __len__(self) -> int:
         return len(self.refs)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.source.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this split's images alone (what holding it on a GPU costs)."""
+        return len(self) * self.source[:1].numel()
+
+    def gather(self, positions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Images at ``positions`` of the split (not rows of the cache), as a new tensor."""
+        import torch
+
+        return torch.index_select(self.source, 0, self.rows[positions], out=out)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """All of the split's images as one tensor: a copy. For small splits and tests only;
+        training gathers batches with ``gather``."""
+        import torch
+
+        return self.gather(torch.arange(len(self)))
 
     def per_class(self, n_classes: int) -> list[int]:
         """Images per class index, for logs and summaries."""

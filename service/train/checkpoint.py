@@ -35,10 +35,14 @@ def best_key(epoch: int, step: int = 0) -> str:
     return f"{CHECKPOINTS}best-{epoch:05d}-{step:06d}.safetensors"
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | None = None) -> dict:
+    """Every generator the run draws from. On CUDA only ``device``'s generator: each rank
+    saves and restores its own (rank k must not get rank 0's stream, and a resume on a node
+    with fewer visible GPUs must not index past them)."""
     py = random.getstate()
     np_state = np.random.get_state()
-    state = {
+    cuda = device is not None and device.type == "cuda"
+    return {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [
             np_state[0],
@@ -48,19 +52,23 @@ def rng_state() -> dict:
             float(np_state[4]),
         ],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if cuda else None,
     }
-    return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore what ``rng_state`` saved. Tensors must be on the CPU (``load`` puts them
+    there): numpy's key and the CPU generator's state cannot live anywhere else."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # format of checkpoints written before per-device states
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def to_bytes(obj) -> bytes:
@@ -69,8 +77,11 @@ def to_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-def from_bytes(data: bytes, device="cpu"):
-    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+def from_bytes(data: bytes):
+    """Always to the CPU: ``load_state_dict`` copies modules' and optimizers' tensors to their
+    device, while the RNG states must stay on the CPU (``Tensor.numpy``, ``set_rng_state``).
+    Loading straight to ``cuda:N`` broke every GPU resume."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 class Checkpointer:
@@ -86,10 +97,10 @@ class Checkpointer:
         keys = [k for k in self.outputs.checkpoints() if _CKPT.search(k)]
         return keys[-1] if keys else None
 
-    def load(self, key: str, device="cpu") -> dict:
+    def load(self, key: str) -> dict:
         where = f"{self.store.uri.rstrip('/')}/{key}"
         try:
-            state = from_bytes(self.store.read_bytes(key), device)
+            state = from_bytes(self.store.read_bytes(key))
         except pickle.UnpicklingError:
             # The safe unpickler met something other than tensors and containers: never run it.
             raise UserError(

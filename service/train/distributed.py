@@ -7,7 +7,36 @@ rank 0 or by consensus, and shared, lest one rank wait forever in a collective a
 
 from __future__ import annotations
 
+import datetime
+import os
+
 import torch
+
+# How long ranks 1..N-1 wait for rank 0 to download and decode the dataset: as long as a large
+# dataset on slow storage takes. Deliberately not the process group's timeout.
+PREPARE_TIMEOUT = datetime.timedelta(
+    seconds=float(os.environ.get("BACKBONES_PREPARE_TIMEOUT_SECONDS", 24 * 3600))
+)
+
+
+def rank0_first(fn, rt):
+    """``fn()`` on rank 0 first (it fills the node's cache), then on the other ranks (they
+    find it there). The others wait in a barrier of a separate gloo group with its own long
+    timeout, so no NCCL collective is pending however long rank 0 takes; a failing rank 0 ends
+    the pod through torchrun, which stops the waiting ranks."""
+    if rt.world_size == 1:
+        return fn()
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)
+    try:
+        out = fn() if rt.rank == 0 else None
+        dist.barrier(group=group)
+        if rt.rank != 0:
+            out = fn()
+        return out
+    finally:
+        dist.destroy_process_group(group)
 
 
 def any_flags(flags: tuple[bool, ...], rt) -> tuple[bool, ...]:
@@ -54,3 +83,29 @@ def barrier(rt) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def gather_predictions(logits: torch.Tensor, labels: torch.Tensor, rt):
+    """Every rank's share of an evaluated split, concatenated (CPU tensors), on every rank."""
+    if rt.world_size == 1:
+        return logits, labels
+    import torch.distributed as dist
+
+    parts: list = [None] * rt.world_size
+    dist.all_gather_object(parts, (logits, labels))
+    parts = [(lg, lb) for lg, lb in parts if lg.numel()]
+    if not parts:
+        return logits, labels
+    return torch.cat([lg for lg, _ in parts]), torch.cat([lb for _, lb in parts])
+
+
+def sync_batchnorm(model: torch.nn.Module, rt, *, trains_backbone: bool) -> torch.nn.Module:
+    """BatchNorm statistics over the global batch when several GPUs train the backbone, so
+    a multi-GPU run normalises like the single-GPU protocol. timm's converter keeps timm's
+    fused BatchNormAct layers. CPU (gloo) ranks keep per-rank statistics: SyncBatchNorm runs
+    only on accelerators."""
+    if rt.world_size > 1 and rt.device.type == "cuda" and trains_backbone:
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(model)
+    return model

@@ -27,7 +27,9 @@ from service.train import distributed, evaluate
 from service.train.checkpoint import Checkpointer, best_key, rng_state, set_rng_state
 from service.train.recipes import Recipe, make_optimizer, make_scheduler
 
-SYNC_EVERY = 10  # steps between host syncs for the progress bar (a sync stalls the GPU queue)
+# Steps between host syncs: for the progress bar, and under DDP for the ranks' agreement on
+# stopping (an all-reduce whose result the host reads). A sync stalls the GPU queue.
+SYNC_EVERY = 10
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Runtime:
 
     device: torch.device
     bf16: bool = False
+    precision_reason: str = ""
     channels_last: bool = False
     compile: bool = False
     rank: int = 0
@@ -155,7 +158,8 @@ class Trainer:
         tick = time.perf_counter()
         for x, y in self.loaders.train.epoch(s.epoch, start_step=s.step):
             got = time.perf_counter()
-            loss, correct, n = self.train_step(x, y)
+            n_global = self.loaders.train.global_batch(s.step)
+            loss, correct, n = self.train_step(x, y, n_global)
             acc["loss_sum"] += loss.detach().float() * n
             acc["correct"] += correct
             acc["seen"] += n
@@ -163,8 +167,10 @@ class Trainer:
             s.global_step += 1
             done = time.perf_counter()
             acc["seconds"] += done - tick
-            self._on_step(acc, seconds=done - tick, wait=got - tick, images=y.shape[0])
+            self._on_step(acc, seconds=done - tick, wait=got - tick, images=n_global)
             tick = done
+            if not self._sync_due(s.step):
+                continue
             stop, out_of_time = self._should_stop()
             if stop:
                 s.partial = acc
@@ -184,28 +190,44 @@ class Trainer:
             s.epoch += 1
             s.step = 0
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor):
-        if self.rt.world_size > 1:  # every rank sees the global batch; each takes its share
-            x, y = x[self.rt.rank :: self.rt.world_size], y[self.rt.rank :: self.rt.world_size]
+    def _sync_due(self, step: int) -> bool:
+        """Whether the ranks agree on stopping after ``step``: every step for one process (a
+        flag read, no collective); every SYNC_EVERY steps and at the epoch's end under DDP. All
+        ranks count the same steps, so they meet in the same collectives."""
+        if self.rt.world_size == 1:
+            return True
+        return step % SYNC_EVERY == 0 or step == self.steps_per_epoch
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, n_global: int | None = None):
+        """One optimizer step on this rank's share (x, y) of a global batch of ``n_global``."""
         if self.rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        smoothing = self.recipe.label_smoothing
         with self.rt.autocast():
             out = self.forward(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=self.recipe.label_smoothing)
+            if self.rt.world_size == 1:
+                loss = F.cross_entropy(out.float(), y, label_smoothing=smoothing)
+            else:
+                # DDP averages gradients over ranks; weighting each rank's sum by
+                # world_size / global batch makes that exactly the global batch's mean, even
+                # when the ranks' shares differ by one.
+                n_global = n_global or y.shape[0] * self.rt.world_size
+                total = F.cross_entropy(out.float(), y, label_smoothing=smoothing, reduction="sum")
+                loss = total * (self.rt.world_size / n_global)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model, step=self.state.global_step)
+        if self.rt.world_size > 1:
+            loss = loss.detach() * (n_global / self.rt.world_size) / max(y.shape[0], 1)
         return loss, (out.argmax(1) == y).sum(), y.shape[0]
 
     def validate(self) -> dict | None:
         if self.state.stop_reason is not None:
             return None  # a partial epoch is not compared with full ones
-        logits, labels = evaluate.predict(
-            self.eval_model, self._eval_batches(self.loaders.select), autocast=self.rt.autocast
-        )
+        logits, labels = self._predict(self.loaders.select)
         return distributed.broadcast(evaluate.quick_metrics(logits, labels), self.rt)
 
     def end_epoch(self, val: dict | None) -> None:
@@ -246,9 +268,7 @@ class Trainer:
         self._phase("Evaluating")
         if s.best_key is not None:
             self._load_best()
-        logits, labels = evaluate.predict(
-            self.eval_model, self._eval_batches(self.loaders.test), autocast=self.rt.autocast
-        )
+        logits, labels = self._predict(self.loaders.test)
         test = distributed.broadcast(evaluate.full_metrics(logits, labels), self.rt)
         if not self.rt.is_main:
             return self._summary(test)  # for the rank's log line; only rank 0 writes
@@ -274,7 +294,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
-            "rng": rng_state(),
+            "rng": rng_state(self.rt.device),
             "attempt": self.progress.attempt,
             "best_key": self.state.best_key,
         }
@@ -283,7 +303,7 @@ class Trainer:
         key = self.ckpt.latest()
         if key is None:
             return
-        ckpt = self.ckpt.load(key, device=self.rt.device)
+        ckpt = self.ckpt.load(key)  # on the CPU; load_state_dict copies to the device
         self.state = State(**ckpt["state"])
         self.model.load_state_dict(ckpt["model"])
         self._new_phase_optimizer()
@@ -291,7 +311,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.ema is not None and ckpt["ema"] is not None:
             self.ema.module.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], self.rt.device)
         self.progress.attempt = int(ckpt.get("attempt", 0)) + 1
         self._sync_progress()
 
@@ -301,8 +321,18 @@ class Trainer:
     def eval_model(self) -> torch.nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
+    def _predict(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's logits and labels: each rank evaluates its share, once, then they are
+        gathered (metrics need every sample, not per-rank means)."""
+        logits, labels = evaluate.predict(
+            self.eval_model, self._eval_batches(loader), autocast=self.rt.autocast
+        )
+        return distributed.gather_predictions(logits, labels, self.rt)
+
     def _eval_batches(self, loader):
         for x, y in loader.epoch(0):
+            if y.shape[0] == 0:  # a rank's share of a last batch smaller than world_size
+                continue
             if self.rt.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y
@@ -317,6 +347,9 @@ class Trainer:
             self.model.load_state_dict(weights)
 
     def _prepare_model(self) -> None:
+        self.model = distributed.sync_batchnorm(
+            self.model, self.rt, trains_backbone=not self.recipe.freeze_backbone
+        )
         model = self.model.to(self.rt.device)
         if self.rt.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -378,7 +411,8 @@ class Trainer:
         p.step = s.step
         if s.step % SYNC_EVERY == 0 or s.step == self.steps_per_epoch:
             p.train_loss = float(acc["loss_sum"]) / max(acc["seen"], 1)
-            p.images_per_second = acc["seen"] / max(acc["seconds"], 1e-9)
+            # acc counts this rank's share; every rank processes as many images.
+            p.images_per_second = acc["seen"] * self.rt.world_size / max(acc["seconds"], 1e-9)
             self._update_eta(s.epoch + s.step / max(self.steps_per_epoch, 1))
         self.observer.on_step(p, seconds=seconds, wait_seconds=wait, images=images)
 

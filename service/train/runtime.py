@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import gc
 import os
 
 import torch
@@ -10,9 +12,18 @@ from service.errors import UserError
 from service.spec import Protocol
 from service.train.loop import Runtime
 
+# Every collective of training waits at most this long for the slowest rank. The longest gap is
+# rank 0 writing a checkpoint and the best weights to S3 at an epoch's end while the other ranks
+# already wait in the next step's all-reduce: NCCL's 10-minute default fails a multi-GB upload
+# to slow storage. Data preparation is waited for separately (``distributed.wait_for_rank0``).
+DIST_TIMEOUT = datetime.timedelta(
+    seconds=float(os.environ.get("BACKBONES_DIST_TIMEOUT_SECONDS", 30 * 60))
+)
+
 
 def runtime_for(p: Protocol, dist) -> Runtime:
-    """GPU: bf16 autocast, channels_last, TF32, optional compile. CPU: fp32, deterministic."""
+    """GPU: bf16 autocast where the GPU computes bf16 natively, channels_last, TF32, optional
+    compile. CPU: fp32, deterministic."""
     cuda = torch.cuda.is_available()
     if p.device == "cuda" and not cuda:
         raise UserError("protocol.device: 'cuda' was asked for, but this machine has no GPU")
@@ -30,10 +41,12 @@ def runtime_for(p: Protocol, dist) -> Runtime:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if dist.world_size > 1:
         init_process_group(use_cuda)
-    bf16 = p.precision == "bf16" or (p.precision == "auto" and use_cuda)
+    native = use_cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    bf16, why = choose_precision(p.precision, device, bf16_native=native)
     return Runtime(
         device=device,
         bf16=bf16,
+        precision_reason=why,
         channels_last=use_cuda,
         compile=p.compile and use_cuda,
         rank=dist.rank,
@@ -41,9 +54,35 @@ def runtime_for(p: Protocol, dist) -> Runtime:
     )
 
 
+def choose_precision(asked: str, device: torch.device, *, bf16_native: bool) -> tuple[bool, str]:
+    """(use bf16 autocast, why): the reason lands in env.json beside the choice."""
+    if asked == "fp32":
+        return False, "protocol.precision is fp32"
+    if asked == "bf16":
+        if device.type == "cuda" and not bf16_native:
+            return True, "protocol.precision is bf16 (emulated on this GPU: slower than fp32)"
+        return True, "protocol.precision is bf16"
+    if device.type != "cuda":
+        return False, "auto: fp32 on the CPU"
+    if not bf16_native:
+        # T4, V100 and older: bf16 is emulated there and runs slower than fp32.
+        return False, "auto: fp32, this GPU has no native bf16"
+    return True, "auto: bf16 autocast, native on this GPU"
+
+
 def init_process_group(use_cuda: bool) -> None:
     import torch.distributed as tdist
 
     if not tdist.is_initialized():
         backend = os.environ.get("BACKBONES_DIST_BACKEND") or ("nccl" if use_cuda else "gloo")
-        tdist.init_process_group(backend=backend)
+        tdist.init_process_group(backend=backend, timeout=DIST_TIMEOUT)
+
+
+def fresh_device_memory(device: torch.device) -> None:
+    """Between the cells of a local Study: release what the last cell cached and restart the
+    peak counter, so each cell's figures and resident-data budget are its own."""
+    if device.type != "cuda":
+        return
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
