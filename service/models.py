@@ -76,8 +76,10 @@ def build(
     *,
     cache_dir: Path | None = None,
     storage: Storage | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> Built:
-    """The backbone with a ``num_classes`` head, initial weights as ``backbone.weights`` says."""
+    """The backbone with a ``num_classes`` head, initial weights as ``backbone.weights`` says,
+    built for ``image_size`` (height, width) when its architecture depends on the input size."""
     from service.checks import check_model_name
 
     name, weights = backbone.model, backbone.weights
@@ -96,7 +98,7 @@ def build(
     if source == "torchvision":
         built = _build_torchvision(name, num_classes, weights, path)
     else:
-        built = _build_timm(name, num_classes, weights, path)
+        built = _build_timm(name, num_classes, weights, path, size_kwargs(name, image_size))
     if path is not None:
         built.weights_sha256 = sha256_file(path)
     return built
@@ -107,21 +109,44 @@ def build(
 # ------------------------------------------------------------------------------------------
 
 
-def _build_timm(name: str, num_classes: int, weights: str, path: Path | None) -> Built:
+def size_kwargs(name: str, image_size: tuple[int, int] | None) -> dict[str, Any]:
+    """``img_size`` for timm models whose architecture is tied to the input size (Swin, SwinV2,
+    ViT: patch grid, attention windows, position tables), when the spec asks for another size
+    than the default. timm then builds for that size and adapts pretrained position tables while
+    loading. Convolutional models take any size and get nothing."""
+    if image_size is None:
+        return {}
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # hub-hosted names have no local config
+        cfg = None
+    if cfg is None or not getattr(cfg, "fixed_input_size", False):
+        return {}
+    hw = (int(image_size[0]), int(image_size[1]))
+    if tuple(cfg.input_size[-2:]) == hw:
+        return {}
+    return {"img_size": hw}
+
+
+def _build_timm(
+    name: str, num_classes: int, weights: str, path: Path | None, size: dict[str, Any]
+) -> Built:
     import timm
 
     if weights == "none":
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **size)
     elif weights == "timm":
         # The catalog pins which ImageNet weights a name means (e.g. resnet50.a1_in1k).
         entry = catalog_entry(name)
         tagged = f"{name}.{entry.weights}" if entry is not None and entry.weights else name
-        model = _create_from_hub(tagged, num_classes)
+        model = _create_from_hub(tagged, num_classes, size)
     else:
         assert path is not None
         # Check the file's keys against the architecture first: timm loads non-strictly once it
         # has dropped the classifier, which would hide a file made for another model.
-        skeleton = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        skeleton = timm.create_model(name, pretrained=False, num_classes=num_classes, **size)
         check_keys(skeleton, path, classifier_keys(skeleton), what=f"{weights} for {name}")
         del skeleton
         model = timm.create_model(
@@ -129,13 +154,14 @@ def _build_timm(name: str, num_classes: int, weights: str, path: Path | None) ->
             pretrained=True,
             num_classes=num_classes,
             pretrained_cfg_overlay=dict(file=str(path)),
+            **size,
         )
         # The file's head (if its class count matched by chance) belongs to another task.
         model.reset_classifier(num_classes)
     return Built(model, "timm", weights, pretrained_cfg=dict(model.pretrained_cfg or {}))
 
 
-def _create_from_hub(name: str, num_classes: int):
+def _create_from_hub(name: str, num_classes: int, size: dict[str, Any] | None = None):
     import timm
     from huggingface_hub import constants
 
@@ -149,7 +175,7 @@ def _create_from_hub(name: str, num_classes: int):
             # An unreachable hub: only a cached copy can help, and huggingface_hub retries for
             # ~47 s before giving up; offline mode answers from the cache in a blink.
             offline = offline or forced
-            return timm.create_model(name, pretrained=True, num_classes=num_classes)
+            return timm.create_model(name, pretrained=True, num_classes=num_classes, **(size or {}))
     except Exception as e:  # hub errors come in many classes (OSError, LocalEntryNotFound, ...)
         why = "the Hugging Face hub is unreachable" if offline else str(e).splitlines()[0]
         raise UserError(
@@ -327,3 +353,62 @@ def measure_gmacs(model, hw: tuple[int, int], device) -> float:
         model(x)
     model.train(was_training)
     return counter.get_total_flops() / 2 / 1e9
+
+
+# ------------------------------------------------------------------------------------------
+# Will it run? (validate --deep)
+# ------------------------------------------------------------------------------------------
+
+
+def probe(name: str, hw: tuple[int, int]) -> str | None:
+    """None when ``name`` builds for ``hw`` and runs a forward pass, else the error in one line.
+
+    Built on the meta device (shapes only: no memory, no weights, no arithmetic), through the
+    very factory the worker uses, so a pair that passes here is a pair the worker can build.
+    """
+    import torch
+
+    from service.spec import Backbone
+
+    try:
+        with torch.device("meta"):
+            built = build(Backbone(model=name, weights="none"), 2, image_size=hw)
+            built.model.eval()
+            with torch.no_grad():
+                built.model(torch.empty(1, 3, *hw))
+    except UserError as e:
+        return str(e)
+    except NotImplementedError as e:
+        if "meta" in str(e).lower():  # an op without a meta kernel: cannot tell, so allow
+            return None
+        return _first_line(e)
+    except Exception as e:  # timm and torch raise AssertionError, RuntimeError, ValueError...
+        return _first_line(e)
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(e).__name__
+
+
+def nearest_size(name: str, hw: tuple[int, int], step: int = 32) -> tuple[int, int] | None:
+    """The size closest to ``hw`` (multiples of ``step``, then the default) that probes clean."""
+    h, w = hw
+    candidates = []
+    for fh in (round, lambda v: v // 1, lambda v: v + 1):
+        ch = max(step, int(fh(h / step)) * step)
+        cw = max(step, int(fh(w / step)) * step)
+        candidates.append((ch, cw))
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is not None:
+            candidates.append(tuple(cfg.input_size[-2:]))
+    except Exception:
+        pass
+    for c in dict.fromkeys(candidates):
+        if c != tuple(hw) and probe(name, c) is None:
+            return c
+    return None

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 API_VERSION = "backbones/v1"
 SCHEMA_URL_FINETUNE = "./schema/finetune.schema.json"
@@ -22,6 +31,8 @@ SCHEMA_URL_STUDY = "./schema/study.schema.json"
 
 Domain = Literal["natural", "texture", "remote_sensing", "plant", "astronomy", "medical", "other"]
 Recipe = Literal["paper", "standard", "linear_probe"]
+Augmentation = Literal["recipe", "none", "standard", "trivial_augment_wide"]
+Normalize = Literal["dataset", "split", "imagenet", "pretrained", "none", "raw"]
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _SHORT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -221,10 +232,20 @@ class Protocol(_Section):
         description="Split that picks the best checkpoint and drives early stopping. 'test' only "
         "reproduces the paper's leak, and the summary records it.",
     )
-    normalize: Literal["dataset", "pretrained"] = Field(
+    normalize: Normalize = Field(
         default="dataset",
-        description="Normalise by the train split's channel mean/std (as the paper) or by the "
-        "backbone's pretrained config.",
+        description="Input normalisation. 'dataset': the train split's channel mean/std on every "
+        "split. 'split': each split by its own statistics (the paper's code: the test split by "
+        "test statistics, a leak). 'imagenet': ImageNet mean/std (the paper's DTD). "
+        "'pretrained': the backbone's pretrained config. 'none': pixels scaled to 0-1 only. "
+        "'raw': pixel values 0-255, not even scaled (the paper's Galaxy10).",
+    )
+    augmentation: Augmentation = Field(
+        default="recipe",
+        description="Training augmentation. 'recipe': the recipe's own ('standard': "
+        "random-resized-crop + flip; 'paper' and 'linear_probe': none). 'none'. 'standard': "
+        "random-resized-crop + horizontal flip. 'trivial_augment_wide': torchvision's "
+        "TrivialAugmentWide per image (the paper's CIFAR-10/100, DTD, Food-101, Flowers-102).",
     )
     lr: float | None = Field(
         default=None, gt=0, description="Peak learning rate; empty for the recipe's default."
@@ -272,6 +293,82 @@ class Protocol(_Section):
         """``image_size`` as (height, width)."""
         s = self.image_size
         return (s, s) if isinstance(s, int) else (s[0], s[1])
+
+    @property
+    def effective_augmentation(self) -> str:
+        """'none', 'standard' or 'trivial_augment_wide': what training actually applies."""
+        if self.augmentation != "recipe":
+            return self.augmentation
+        return "standard" if self.recipe == "standard" else "none"
+
+    @model_serializer(mode="wrap")
+    def _omit_new_defaults(self, handler):
+        # Fields added after v1 are left out at their default, so the spec hash of a run made
+        # before they existed is unchanged and its outputs still resume and report.
+        data = handler(self)
+        for key, default in _ADDED_DEFAULTS.items():
+            if isinstance(data, dict) and data.get(key) == default:
+                del data[key]
+        return data
+
+
+_ADDED_DEFAULTS = {"augmentation": "recipe"}
+
+
+class _Overrides(_Section):
+    @model_serializer(mode="wrap")
+    def _set_only(self, handler):
+        data = handler(self)  # an empty field means "the study's", so it is not written out
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+def _overrides_model() -> type[BaseModel]:
+    """Every protocol field but seed, optional: a Study dataset's overrides of the protocol.
+
+    Built from Protocol so a new protocol field is overridable, with its checks, at once.
+    """
+    fields: dict[str, Any] = {}
+    for name, f in Protocol.model_fields.items():
+        if name == "seed":
+            continue
+        kind = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+        fields[name] = (
+            kind | None,
+            Field(default=None, description=f"Overrides protocol.{name}: {f.description}"),
+        )
+    model = create_model(
+        "ProtocolOverrides",
+        __base__=_Overrides,
+        __doc__="A dataset's overrides of the study's protocol; empty fields keep the study's.",
+        __validators__={
+            "_image_size": field_validator("image_size", mode="before")(
+                lambda cls, v: v if v is None else Protocol._image_size(v)
+            )
+        },
+        **fields,
+    )
+    return model
+
+
+ProtocolOverrides = _overrides_model()
+
+
+class StudyDataset(Dataset):
+    """Where the images are and how to split them; in a Study, optionally its own protocol."""
+
+    protocol: ProtocolOverrides | None = Field(  # type: ignore[valid-type]
+        default=None,
+        description="Overrides of the study's protocol for this dataset's cells (e.g. "
+        '{"image_size": [448, 672], "batch_size": 32}); fields left out keep the study\'s. '
+        "`backbones expand` prints each cell's effective protocol.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _no_empty_protocol(self, handler):
+        data = handler(self)  # a Study without overrides serialises (and hashes) as before
+        if isinstance(data, dict) and data.get("protocol") is None:
+            data.pop("protocol", None)
+        return data
 
 
 class Output(_Section):
@@ -537,7 +634,10 @@ class Study(_Spec):
 
     kind: Literal["Study"] = Field(description="'Study': a grid of runs compared in one report.")
     backbones: list[Backbone] = Field(min_length=1, description="Backbones to compare.")
-    datasets: list[Dataset] = Field(min_length=1, description="Datasets to compare them on.")
+    datasets: list[StudyDataset] = Field(
+        min_length=1,
+        description="Datasets to compare them on, each optionally with its own protocol overrides.",
+    )
     seeds: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=lambda: [0, 1, 2],
         min_length=1,
@@ -548,7 +648,10 @@ class Study(_Spec):
         min_length=1,
         description="Fractions of each training split (e.g. [0.1, 0.5, 1.0] for data curves).",
     )
-    protocol: Protocol = Field(default_factory=Protocol, description="The shared protocol.")
+    protocol: Protocol = Field(
+        default_factory=Protocol,
+        description="The shared protocol; datasets[].protocol overrides it per dataset.",
+    )
     max_gpu_hours: float | None = Field(
         default=None,
         gt=0,
@@ -574,6 +677,15 @@ class Study(_Spec):
             if dupes:
                 raise ValueError(f"{key}: duplicate entries {', '.join(dupes)}")
         return self
+
+    def protocol_for(self, dataset: int | Dataset) -> Protocol:
+        """The effective protocol of a dataset's cells: the study's, with its overrides."""
+        d = self.datasets[dataset] if isinstance(dataset, int) else dataset
+        overrides = getattr(d, "protocol", None)
+        if overrides is None:
+            return self.protocol
+        merged = {**self.protocol.model_dump(mode="json"), **overrides.model_dump(mode="json")}
+        return Protocol.model_validate(merged)
 
     @property
     def n_cells(self) -> int:
