@@ -224,6 +224,8 @@ def one_line(e: BaseException) -> str:
 def _train(spec, outputs, progress, observer, stop, cache_dir, dist) -> dict:
     from service import models
     from service.data import prepare
+    from service.data.normalise import split_stats
+    from service.study import effective
     from service.train import Trainer, distributed, recipe_for, runtime_for
     from service.train.checkpoint import Checkpointer
     from service.train.runtime import fresh_device_memory
@@ -253,15 +255,17 @@ def _train(spec, outputs, progress, observer, stop, cache_dir, dist) -> dict:
         image_size=p.hw,
     )
     built.model.to(rt.device)  # before the data's memory plan, which budgets what is left
-    mean, std = (built.mean, built.std) if p.normalize == "pretrained" else (data.mean, data.std)
+    # protocol.normalize picks each split's statistics (the paper's code normalised the test
+    # split by its own); protocol.augmentation the train-time augmentation.
+    stats = split_stats(p.normalize, data, built)
 
     recipe = recipe_for(p)
-    loaders = make_loaders(data, p, recipe, rt, built.model, mean=mean, std=std)
+    loaders = make_loaders(data, p, recipe, rt, built.model, stats=stats)
     n_train = len(data.train)
     params = models.count_params(built.model)
     gmacs = _gmacs(spec, built.model, rt)
     if dist.rank == 0:
-        outputs.write_json(ENV, environment(spec, rt, data, built, mean, std))
+        outputs.write_json(ENV, environment(spec, rt, data, built, stats))
 
     summary_base = {
         "run_id": spec.run_id,
@@ -276,6 +280,7 @@ def _train(spec, outputs, progress, observer, stop, cache_dir, dist) -> dict:
         "seed": p.seed,
         "train_fraction": spec.dataset.train_fraction,
         "select_on": p.select_on,
+        "protocol": effective(p),  # the cell's effective protocol, for the report
         "classes": list(data.classes),
         "n_train": n_train,
         "n_val": len(data.val),
@@ -304,11 +309,13 @@ def _train(spec, outputs, progress, observer, stop, cache_dir, dist) -> dict:
     return trainer.fit()
 
 
-def make_loaders(data, p, recipe, rt, model, *, mean, std):
+def make_loaders(data, p, recipe, rt, model, *, stats):
     """Train, selection and test loaders: this rank's share of each batch, and on a GPU the
     splits kept resident under one memory budget measured after the model is placed. With
-    ``select_on: test`` selection and test are one loader: one copy of the test split."""
+    ``select_on: test`` selection and test are one loader: one copy of the test split.
+    ``stats``: (mean, std) per split name, from service.data.normalise."""
     from service.data import BatchLoader
+    from service.data.augment import train_augment
     from service.data.loader import plan_residency
     from service.train import Loaders
 
@@ -320,25 +327,39 @@ def make_loaders(data, p, recipe, rt, model, *, mean, std):
 
         free = torch.cuda.mem_get_info(rt.device)[0]
         plan = plan_residency(splits, free, training_bytes(model, ema=recipe.ema))
-    common = dict(
-        device=rt.device, mean=mean, std=std, seed=p.seed, rank=rt.rank, world_size=rt.world_size
-    )
+    common = dict(device=rt.device, seed=p.seed, rank=rt.rank, world_size=rt.world_size)
     train = BatchLoader(
         data.train,
         p.batch_size,
         shuffle=True,
-        augment=recipe.augment,
+        augment=train_augment(p.effective_augmentation, p.seed),
         drop_last=len(data.train) > p.batch_size,  # a 1-image last batch breaks BatchNorm
         resident=plan[0],
+        mean=stats["train"][0],
+        std=stats["train"][1],
         **common,
     )
     test = BatchLoader(
-        data.test, p.batch_size, shuffle=False, augment=False, resident=plan[2], **common
+        data.test,
+        p.batch_size,
+        shuffle=False,
+        augment=False,
+        resident=plan[2],
+        mean=stats["test"][0],
+        std=stats["test"][1],
+        **common,
     )
     select = test
     if select_split is not data.test:
         select = BatchLoader(
-            select_split, p.batch_size, shuffle=False, augment=False, resident=plan[1], **common
+            select_split,
+            p.batch_size,
+            shuffle=False,
+            augment=False,
+            resident=plan[1],
+            mean=stats["val"][0],
+            std=stats["val"][1],
+            **common,
         )
     return Loaders(train=train, select=select, test=test)
 
@@ -385,7 +406,7 @@ def _gmacs(spec: FineTune, model, rt) -> float | None:
         return None
 
 
-def environment(spec, rt, data, built, mean, std) -> dict:
+def environment(spec, rt, data, built, stats) -> dict:
     import numpy
     import timm
     import torch
@@ -407,7 +428,17 @@ def environment(spec, rt, data, built, mean, std) -> dict:
         "seed": spec.protocol.seed,
         "data_content_hash": data.content_hash,
         "val_source": data.val_source,
-        "normalize": {"by": spec.protocol.normalize, "mean": list(mean), "std": list(std)},
+        "normalize": {
+            "by": spec.protocol.normalize,
+            "mean": list(stats["train"][0]),
+            "std": list(stats["train"][1]),
+            **(
+                {"per_split": {k: {"mean": list(m), "std": list(s)} for k, (m, s) in stats.items()}}
+                if spec.protocol.normalize == "split"
+                else {}
+            ),
+        },
+        "augmentation": spec.protocol.effective_augmentation,
         "model_source": built.source,
         "weights": built.weights,
         "weights_sha256": built.weights_sha256,
