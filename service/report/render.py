@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.report.tables import Board, Entry, Report
+from service.report.tables import Board, Entry, Report, protocol_text
 
 FIGURES = ("pareto.png", "fractions.png")
 CSV_COLUMNS = [
@@ -100,6 +100,7 @@ def to_json(report: Report) -> dict:
                 "main": b.fraction == report.main_fraction.get(b.dataset),
                 "leader_vs_runner_up": _paired_json(b),
                 "flag": b.flag,
+                "protocol": b.protocol,
                 "rows": [entry_row(report, e) for e in b.entries],
             }
             for b in report.boards
@@ -306,6 +307,10 @@ def blocks(report: Report, figures: dict[str, bytes]) -> list:
         ):
             title += f" — train fraction {b.fraction:g}"
         out.append(H(3, title))
+        if b.protocol is not None:
+            out.append(P(f"Protocol: {protocol_text(b.protocol)}."))
+        if b.protocol_note:
+            out.append(P(f"{b.protocol_note}.", warn=True))
         if b.flag:
             out.append(P(f"{b.flag}.", warn=True))
         elif b.leader_vs_runner_up is not None:

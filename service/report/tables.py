@@ -61,6 +61,10 @@ class Board:
     domain: str
     fraction: float
     entries: list[Entry]
+    # The effective protocol its runs recorded (summary.json "protocol"); None for runs made
+    # before summaries carried it. A board whose runs disagree holds the first and a note.
+    protocol: dict | None = None
+    protocol_note: str | None = None
 
     @property
     def leader_vs_runner_up(self) -> Paired | None:
@@ -131,7 +135,11 @@ def build(collection: Collection, *, now: float | None = None) -> Report:
     for (dataset, fraction), es in sorted(
         boards.items(), key=lambda kv: (ds_order.get(kv[0][0], len(ds_order)), kv[0][0], -kv[0][1])
     ):
-        board_list.append(_rank_board(dataset, fraction, es))
+        board = _rank_board(dataset, fraction, es)
+        board.protocol, board.protocol_note = _protocol_of(
+            [c for c in done if c.dataset == dataset and c.fraction == fraction]
+        )
+        board_list.append(board)
 
     main_fraction: dict[str, float] = {}
     for b in board_list:
@@ -207,6 +215,40 @@ def _entry(cells: list[Cell]) -> Entry:
         images_per_second=_mean(s.get("images_per_second") for s in sums),
         leaky=any(s.get("select_on") == "test" for s in sums),
     )
+
+
+def _protocol_of(cells: list[Cell]) -> tuple[dict | None, str | None]:
+    seen: list[dict] = []
+    for c in cells:
+        p = (c.summary or {}).get("protocol")
+        if isinstance(p, dict) and p not in seen:
+            seen.append(p)
+    if not seen:
+        return None, None
+    if len(seen) == 1:
+        return seen[0], None
+    keys = sorted({k for p in seen for k in p if any(q.get(k) != p.get(k) for q in seen)})
+    return seen[0], f"runs of this board differ in protocol {', '.join(keys)}"
+
+
+def protocol_text(p: dict) -> str:
+    """One line for a report: '448x672 px, batch 32, lr 0.001, wd 0.01, ...'."""
+    size = p.get("image_size")
+    hw = f"{size[0]}x{size[1]} px" if isinstance(size, list) and len(size) == 2 else f"{size} px"
+    parts = [
+        f"recipe {p.get('recipe')}",
+        hw,
+        f"batch {p.get('batch_size')}",
+        f"lr {p.get('lr'):g}" if isinstance(p.get("lr"), int | float) else None,
+        f"wd {p.get('weight_decay'):g}" if isinstance(p.get("weight_decay"), int | float) else None,
+        f"max {p.get('max_epochs')} epochs",
+        f"patience {p.get('patience')}",
+        f"augmentation {p.get('augmentation')}",
+        f"normalize {p.get('normalize')}",
+        f"select on {p.get('select_on')}",
+        f"precision {p.get('precision')}",
+    ]
+    return ", ".join(x for x in parts if x)
 
 
 def _rank_board(dataset: str, fraction: float, entries: list[Entry]) -> Board:
