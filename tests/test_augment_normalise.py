@@ -22,7 +22,7 @@ def _split(n: int, value: int | None = None, seed: int = 0) -> Split:
         if value is not None
         else torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8)
     )
-    return Split(images=images, labels=torch.arange(n) % 4, refs=[f"i{i}" for i in range(n)])
+    return Split.of(images, torch.arange(n) % 4, [f"i{i}" for i in range(n)])
 
 
 def _prepared() -> Prepared:

@@ -38,7 +38,7 @@ def split_stats(normalize: str, data: Prepared, built: Built) -> dict[str, Stats
         out: dict[str, Stats] = {"train": (data.mean, data.std)}
         for name in ("val", "test"):
             split = getattr(data, name)
-            out[name] = channel_stats(split.images) if len(split) else (data.mean, data.std)
+            out[name] = channel_stats(split) if len(split) else (data.mean, data.std)
         return out
     else:
         raise ValueError(f"unknown normalize {normalize!r}")
