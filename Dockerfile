@@ -34,7 +34,8 @@ RUN groupadd --gid 10001 backbones \
 COPY --from=build /dist /dist
 # --no-cache-dir: no pip cache in the layer. torch/torchvision already satisfy the pins, so pip
 # installs only the rest of the dependencies.
-RUN pip install --no-cache-dir /dist/*.whl \
+# The last three are the wavemix extra (WaveMix, the paper's eleventh backbone), pinned here.
+RUN pip install --no-cache-dir /dist/*.whl wavemix==0.2.4 PyWavelets==1.8.0 einops==0.8.2 \
     && rm -rf /dist \
     && backbones --help >/dev/null
 

@@ -39,7 +39,7 @@ class Built:
     """A model ready to fine-tune, and what the run records about where its weights came from."""
 
     model: nn.Module
-    source: str  # 'timm' | 'torchvision'
+    source: str  # 'timm' | 'torchvision' | 'wavemix'
     weights: str  # as in the spec
     weights_sha256: str | None = None  # of the safetensors file, when one was loaded
     pretrained_cfg: dict[str, Any] = field(default_factory=dict)
@@ -66,7 +66,8 @@ def catalog_entry(name: str):
 
 
 def catalog_source(name: str) -> str:
-    """'torchvision' for catalog entries that timm lacks, else 'timm'."""
+    """Who builds ``name``: 'torchvision' or 'wavemix' for catalog entries that timm lacks,
+    else 'timm'."""
     return getattr(catalog_entry(name), "source", None) or "timm"
 
 
@@ -88,7 +89,7 @@ def build(
         note = getattr(entry, "note", "") or "no builder ships with backbones"
         raise UserError(f"backbone.model: {name!r} is in the catalog but cannot be built: {note}")
     source = catalog_source(name)
-    if source != "torchvision":
+    if source == "timm":
         problem = check_model_name(name, deep=True)
         if problem:
             raise UserError(f"backbone.model: {problem}")
@@ -97,6 +98,8 @@ def build(
         path = resolve_weights_file(weights, cache_dir=cache_dir, storage=storage)
     if source == "torchvision":
         built = _build_torchvision(name, num_classes, weights, path)
+    elif source == "wavemix":
+        built = _build_wavemix(num_classes, weights, path)
     else:
         built = _build_timm(name, num_classes, weights, path, size_kwargs(name, image_size))
     if path is not None:
@@ -230,6 +233,11 @@ def check_keys(model, path: Path, head: set[str], *, what: str) -> None:
             file_keys = set(f.keys())
     except Exception as e:
         raise UserError(f"backbone.weights: {path}: not a readable safetensors file ({e})") from e
+    compare_keys(model, file_keys, head, what=what)
+
+
+def compare_keys(model, file_keys: set[str], head: set[str], *, what: str) -> None:
+    """UserError naming each key (head aside) missing from or extra in ``file_keys``."""
     # BatchNorm's step counters carry no weights; exports often leave them out.
     model_keys = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
     file_keys = {k for k in file_keys if not k.endswith("num_batches_tracked")}
@@ -280,6 +288,62 @@ def _build_torchvision(name: str, num_classes: int, weights: str, path: Path | N
     _replace_head(model, num_classes)
     cfg = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "architecture": name}
     return Built(model, "torchvision", weights, pretrained_cfg=cfg)
+
+
+# ------------------------------------------------------------------------------------------
+# WaveMix (the `wavemix` package, an optional extra)
+# ------------------------------------------------------------------------------------------
+
+
+def _build_wavemix(num_classes: int, weights: str, path: Path | None) -> Built:
+    from service import wavemix
+
+    model = wavemix.create(num_classes)
+    head = {k for k in model.state_dict() if k.startswith(wavemix.HEAD + ".")}
+    state = None
+    if weights == "timm":
+        state = _wavemix_hub_state()
+        compare_keys(model, set(state), head, what=f"{wavemix.HUB_REPO}/{wavemix.HUB_FILE}")
+    elif path is not None:
+        from safetensors.torch import load_file
+
+        check_keys(model, path, head, what=f"{weights} for wavemix")
+        state = load_file(str(path))
+    if state is not None:
+        # The checkpoint's 1000-class head belongs to ImageNet: the new head stays fresh.
+        model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
+    cfg = {
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "architecture": "wavemix",
+        **wavemix.PAPER_CONFIG,
+    }
+    return Built(model, "wavemix", weights, pretrained_cfg=cfg)
+
+
+def _wavemix_hub_state() -> dict:
+    from huggingface_hub import constants
+
+    from service import wavemix
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in (
+        "1",
+        "true",
+        "yes",
+    )
+    where = f"{wavemix.HUB_REPO}/{wavemix.HUB_FILE}"
+    if offline or not hub_reachable():
+        raise UserError(
+            f"backbone.weights: cannot download WaveMix's ImageNet weights ({where}): the "
+            f"Hugging Face hub is unreachable; {PUSH_HINT}"
+        )
+    try:
+        return wavemix.load_pickle_state(wavemix.hub_checkpoint())
+    except Exception as e:
+        raise UserError(
+            f"backbone.weights: cannot load WaveMix's ImageNet weights ({where}): "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; {PUSH_HINT}"
+        ) from None
 
 
 def _last_linear(model):

@@ -92,6 +92,8 @@ def _from_file(src: Path, out: Path) -> tuple[int, str]:
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
+        if isinstance(obj, dict) and obj and all(str(k).startswith("module.") for k in obj):
+            obj = {str(k)[len("module.") :]: v for k, v in obj.items()}  # a DataParallel save
         return _save(obj, out, str(src)), str(src)
     raise UserError(f"{src}: expected a .safetensors, .pt, .pth or .bin file")
 
