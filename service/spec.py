@@ -111,11 +111,12 @@ class Dataset(_Section):
     )
     val_fraction: float = Field(
         default=0.1,
-        gt=0,
+        ge=0,
         lt=1,
         description="Fraction of train carved out (stratified, seeded by protocol.seed) as the "
         "validation split that selects checkpoints and stops training. Ignored when the dataset "
-        "has its own val/ split.",
+        "has its own val/ split. 0 carves none and trains on the whole train split: only with "
+        "protocol.select_on 'test' (the paper's protocol, reproduced by a faithful spec).",
     )
     test_fraction: float | None = Field(
         default=None,
@@ -607,6 +608,11 @@ class FineTune(_Spec):
     dataset: Dataset = Field(description="The images.")
     protocol: Protocol = Field(default_factory=Protocol, description="The training protocol.")
 
+    @model_validator(mode="after")
+    def _selection_split(self) -> FineTune:
+        _check_val_carve(self.dataset, self.protocol, "dataset.val_fraction")
+        return self
+
     @property
     def run_id(self) -> str:
         """Where outputs go under output.uri: the name, or study/dataset/backbone/seedS-fracF."""
@@ -676,6 +682,8 @@ class Study(_Spec):
             dupes = sorted({str(v) for v in values if values.count(v) > 1})
             if dupes:
                 raise ValueError(f"{key}: duplicate entries {', '.join(dupes)}")
+        for i, d in enumerate(self.datasets):
+            _check_val_carve(d, self.protocol_for(d), f"datasets.{i}.val_fraction")
         return self
 
     def protocol_for(self, dataset: int | Dataset) -> Protocol:
@@ -709,6 +717,14 @@ class Study(_Spec):
 
 
 Spec = FineTune | Study
+
+
+def _check_val_carve(dataset: Dataset, protocol: Protocol, where: str) -> None:
+    if dataset.val_fraction == 0 and protocol.select_on != "test":
+        raise ValueError(
+            f"{where}: 0 leaves no validation split to select checkpoints on; set "
+            "protocol.select_on to 'test' (the paper's leaky protocol) or carve one (e.g. 0.1)"
+        )
 KINDS: dict[str, type[FineTune] | type[Study]] = {"FineTune": FineTune, "Study": Study}
 
 

@@ -310,6 +310,8 @@ def assign_splits(
         test_source = "test/"
     if "val" in parts:
         val, val_source = parts["val"], "val/"
+    elif ds.val_fraction == 0:  # the paper's protocol: select on test, train on all of train
+        val, val_source = train[:0], "none (val_fraction 0: the test split selects)"
     else:
         vf = ds.val_fraction
         keep, take = splits.carve(
