@@ -42,6 +42,9 @@ class Built:
     source: str  # 'timm' | 'torchvision' | 'wavemix'
     weights: str  # as in the spec
     weights_sha256: str | None = None  # of the safetensors file, when one was loaded
+    # Which pretrained weights these are: 'resnet50.a1_in1k' (timm), 'IMAGENET1K_V1'
+    # (torchvision), as requested from the hub or as recorded in the file by `weights push`.
+    pretrained_tag: str | None = None
     pretrained_cfg: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -62,6 +65,29 @@ def catalog_entry(name: str):
     try:
         return catalog.get(name)
     except (KeyError, LookupError, ValueError):
+        return None
+
+
+def hub_name(name: str) -> str:
+    """The timm name `weights: timm` downloads, tag included: the catalog pins ImageNet-1k
+    weights (``resnet50`` -> ``resnet50.a1_in1k``); `weights push` asks for the same."""
+    entry = catalog_entry(name)
+    if entry is not None and getattr(entry, "source", "timm") == "timm" and entry.weights:
+        return f"{name}.{entry.weights}"
+    return name
+
+
+TAG_KEY = "backbones.pretrained_tag"  # safetensors metadata written by `weights push`
+
+
+def file_tag(path: Path) -> str | None:
+    """The pretrained tag `weights push` recorded in a safetensors file, if any."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(TAG_KEY)
+    except Exception:
         return None
 
 
@@ -104,6 +130,7 @@ def build(
         built = _build_timm(name, num_classes, weights, path, size_kwargs(name, image_size))
     if path is not None:
         built.weights_sha256 = sha256_file(path)
+        built.pretrained_tag = file_tag(path)
     return built
 
 
@@ -142,9 +169,7 @@ def _build_timm(
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **size)
     elif weights == "timm":
         # The catalog pins which ImageNet weights a name means (e.g. resnet50.a1_in1k).
-        entry = catalog_entry(name)
-        tagged = f"{name}.{entry.weights}" if entry is not None and entry.weights else name
-        model = _create_from_hub(tagged, num_classes, size)
+        model = _create_from_hub(hub_name(name), num_classes, size)
     else:
         assert path is not None
         # Check the file's keys against the architecture first: timm loads non-strictly once it
@@ -161,7 +186,10 @@ def _build_timm(
         )
         # The file's head (if its class count matched by chance) belongs to another task.
         model.reset_classifier(num_classes)
-    return Built(model, "timm", weights, pretrained_cfg=dict(model.pretrained_cfg or {}))
+    built = Built(model, "timm", weights, pretrained_cfg=dict(model.pretrained_cfg or {}))
+    if weights == "timm":
+        built.pretrained_tag = hub_name(name)
+    return built
 
 
 def _create_from_hub(name: str, num_classes: int, size: dict[str, Any] | None = None):
@@ -287,7 +315,10 @@ def _build_torchvision(name: str, num_classes: int, weights: str, path: Path | N
         model.load_state_dict(state, strict=False)
     _replace_head(model, num_classes)
     cfg = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "architecture": name}
-    return Built(model, "torchvision", weights, pretrained_cfg=cfg)
+    built = Built(model, "torchvision", weights, pretrained_cfg=cfg)
+    if weights == "timm":
+        built.pretrained_tag = tv_weights
+    return built
 
 
 # ------------------------------------------------------------------------------------------

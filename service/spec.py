@@ -725,6 +725,8 @@ def _check_val_carve(dataset: Dataset, protocol: Protocol, where: str) -> None:
             f"{where}: 0 leaves no validation split to select checkpoints on; set "
             "protocol.select_on to 'test' (the paper's leaky protocol) or carve one (e.g. 0.1)"
         )
+
+
 KINDS: dict[str, type[FineTune] | type[Study]] = {"FineTune": FineTune, "Study": Study}
 
 

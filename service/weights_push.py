@@ -101,21 +101,24 @@ def _from_file(src: Path, out: Path) -> tuple[int, str]:
 def _from_timm(model: str, out: Path) -> tuple[int, str]:
     import timm
 
+    from service.models import hub_name
+
     if not timm.is_model(model):
         raise UserError(f"{model}: not a timm model name and not a local file")
+    # Exactly the weights `weights: timm` loads for this model: the catalog's pinned tag.
+    tagged = hub_name(model)
     try:
-        net = timm.create_model(model, pretrained=True)
+        net = timm.create_model(tagged, pretrained=True)
     except Exception as e:
         raise UserError(
             f"{model}: cannot download pretrained weights from the Hugging Face hub "
             f"({type(e).__name__}); where the hub is unreachable, push a local .safetensors "
             "or .pth file instead"
         ) from None
-    tag = getattr(net, "pretrained_cfg", {}).get("hf_hub_id") or model
-    return _save(net.state_dict(), out, model), f"timm:{tag}"
+    return _save(net.state_dict(), out, model, tag=tagged), f"timm:{tagged}"
 
 
-def _save(state: object, out: Path, where: str) -> int:
+def _save(state: object, out: Path, where: str, *, tag: str | None = None) -> int:
     import torch
     from safetensors.torch import save_file
 
@@ -127,7 +130,10 @@ def _save(state: object, out: Path, where: str) -> int:
             raise UserError(f"{where}: entry {k!r} is not a tensor")
         # Clone: safetensors refuses tensors that share storage (tied weights).
         tensors[str(k)] = v.detach().contiguous().clone()
-    save_file(tensors, str(out))
+    from service.models import TAG_KEY
+
+    # The tag travels in the file, so a run records which pretrained weights it started from.
+    save_file(tensors, str(out), metadata={TAG_KEY: tag} if tag else None)
     return len(tensors)
 
 

@@ -274,6 +274,8 @@ def _train(spec, outputs, progress, observer, stop, cache_dir, dist) -> dict:
         "spec_hash": spec.spec_hash,
         "backbone": spec.backbone.model,
         "weights": spec.backbone.weights,
+        "weights_sha256": built.weights_sha256,
+        "pretrained_tag": built.pretrained_tag,
         "dataset": spec.dataset.short_name,
         "domain": spec.dataset.domain,
         "recipe": p.recipe,
@@ -442,6 +444,7 @@ def environment(spec, rt, data, built, stats) -> dict:
         "model_source": built.source,
         "weights": built.weights,
         "weights_sha256": built.weights_sha256,
+        "pretrained_tag": built.pretrained_tag,
         "host": platform.node(),
         "image": os.environ.get("BACKBONES_IMAGE"),
     }
