@@ -198,8 +198,9 @@ class Protocol(_Section):
 
     recipe: Recipe = Field(
         default="standard",
-        description="'paper': the study's AdamW-then-SGD plateau protocol (resize, dataset "
-        "normalisation, no augmentation). 'standard': AdamW, warmup + cosine, label smoothing, "
+        description="'paper': the study's AdamW-then-SGD plateau protocol (no augmentation "
+        "unless protocol.augmentation sets one; docs/paper.md lists how it differs from the "
+        "paper's code). 'standard': AdamW, warmup + cosine, label smoothing, "
         "random-resized-crop and flip, fixed epochs. 'linear_probe': frozen backbone, head only.",
     )
     image_size: int | tuple[int, int] = Field(
