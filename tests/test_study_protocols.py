@@ -144,3 +144,29 @@ def test_the_study_round_trips_and_a_study_without_overrides_serialises_as_befor
     dumped = json.loads(parse_spec(plain).to_json())
     assert all("protocol" not in d for d in dumped["datasets"])
     assert "augmentation" not in dumped["protocol"]  # new fields at default leave hashes alone
+
+
+def test_specs_written_before_overrides_existed_keep_their_hashes():
+    """Outputs of earlier runs still resume and report: the new fields at their defaults do not
+    enter the hash (the literals were computed before datasets[].protocol and augmentation)."""
+    from service.k8s.render import spec_hash_of
+
+    run = parse_spec(
+        {
+            "kind": "FineTune",
+            "name": "v1",
+            "backbone": {"model": "test_resnet", "weights": "none"},
+            "dataset": {"uri": "builtin://digits"},
+            "protocol": {"recipe": "paper", "image_size": 32},
+        }
+    )
+    grid = parse_spec(
+        {
+            "kind": "Study",
+            "name": "v1s",
+            "backbones": [{"model": "test_resnet", "weights": "none"}],
+            "datasets": [{"uri": "builtin://digits"}],
+            "protocol": {"recipe": "paper", "image_size": 32},
+        }
+    )
+    assert (run.spec_hash, spec_hash_of(grid)) == ("3813275665b2f68e", "678e508eb3184cd0")
