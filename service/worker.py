@@ -334,7 +334,7 @@ def make_loaders(data, p, recipe, rt, model, *, stats):
         data.train,
         p.batch_size,
         shuffle=True,
-        augment=train_augment(p.effective_augmentation, p.seed),
+        augment=train_augment(recipe.augmentation, p.seed),
         drop_last=len(data.train) > p.batch_size,  # a 1-image last batch breaks BatchNorm
         resident=plan[0],
         mean=stats["train"][0],
