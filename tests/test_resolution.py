@@ -139,3 +139,18 @@ def test_a_run_trains_a_fixed_size_model_at_the_spec_size(tmp_path):
     summary = run_here(spec).summary
     assert summary["backbone"] == "test_vit3"
     assert summary["n_train"] > 0
+
+
+def test_submit_deep_refuses_the_pair_before_any_job_exists(tmp_path, monkeypatch):
+    from service.cli import k8s_cmds
+
+    def no_cluster(*a, **kw):
+        raise AssertionError("a cluster was contacted")
+
+    monkeypatch.setattr(k8s_cmds, "_cluster", no_cluster)
+    doc = _study(["test_vit"], [{"uri": "builtin://digits"}], image_size=[100, 70])
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(doc))
+    result = runner.invoke(app, ["submit", "--deep", "--yes", str(path)])
+    assert result.exit_code == 2
+    assert "backbones.0.model: 'test_vit' cannot run at 100x70" in result.stderr

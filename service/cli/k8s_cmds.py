@@ -69,6 +69,12 @@ def submit(
         False, "--dry-run", help="Server-side dry run: admission and validation, nothing stored."
     ),
     yes: bool = typer.Option(False, "--yes", help="Submit even above the study's max_gpu_hours."),
+    deep: bool = typer.Option(
+        False,
+        "--deep",
+        help="First check as `validate --deep` does (every backbone and image size pair built "
+        "on the meta device); refuse the spec before any Job exists if one cannot run.",
+    ),
     context: str = _context_opt,
 ) -> None:
     """Create the Job for a spec (kubeconfig or in-cluster credentials)."""
@@ -78,6 +84,13 @@ def submit(
 
     with edge():
         spec, job = _render(spec_file, image, namespace)
+        if deep:
+            from service.checks import check_models, check_resolutions
+            from service.errors import UserError
+
+            problems = check_models(spec, deep=True) or check_resolutions(spec)
+            if problems:
+                raise UserError(f"{spec_file}: " + "; ".join(f"{k}: {m}" for k, m in problems))
         if isinstance(spec, Study):
             # Reads dataset manifests on S3 when it can: a tighter estimate than validate's.
             est = check_budget(spec, yes, online=True)
