@@ -97,7 +97,7 @@ class CellEstimate:
     backbone: str
     train_fraction: float
     seeds: int
-    gmacs: float  # at the study's image size
+    gmacs: float  # at the dataset's effective image size
     gmacs_source: str
     train_images: int  # per epoch, after val carve-out, fraction and per-class cap
     eval_images: int  # val images per epoch
@@ -106,6 +106,7 @@ class CellEstimate:
     epochs: int
     images_per_second: float
     gpu_hours_per_seed: float
+    image_size: tuple[int, int] = (224, 224)  # the dataset's effective protocol.image_size
 
     @property
     def gpu_hours(self) -> float:
@@ -315,6 +316,7 @@ def estimate(
                         epochs=proto.max_epochs,
                         images_per_second=train_ips,
                         gpu_hours_per_seed=seconds / 3600 * scale,
+                        image_size=hw,
                     )
                 )
     return result

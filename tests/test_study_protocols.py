@@ -86,6 +86,7 @@ def test_the_budget_charges_each_dataset_at_its_own_size():
     per_pixel = rn50.gmacs / rn50.input_size**2
     assert cell[("cifar10", "resnet50")].gmacs == pytest.approx(per_pixel * 256 * 256)
     assert cell[("breakhis-40x", "resnet50")].gmacs == pytest.approx(per_pixel * 448 * 672)
+    assert cell[("breakhis-40x", "resnet50")].image_size == (448, 672)
     # without the override BreakHis would be charged at 256 px
     flat = study()
     flat["datasets"][1].pop("protocol")

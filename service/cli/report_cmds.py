@@ -150,7 +150,8 @@ def budget(
         for c in est.cells:
             typer.echo(
                 f"  {c.dataset} {c.backbone} frac {c.train_fraction:g} × {c.seeds} seeds: "
-                f"{c.gpu_hours:.2f} GPU-h ({c.gmacs:.3g} GMACs [{c.gmacs_source}], "
+                f"{c.gpu_hours:.2f} GPU-h ({c.image_size[0]}x{c.image_size[1]} px, "
+                f"{c.gmacs:.3g} GMACs [{c.gmacs_source}], "
                 f"{c.train_images} train images [{c.images_source}], {c.epochs} epochs, "
                 f"{c.images_per_second:.0f} img/s)"
             )
