@@ -349,7 +349,10 @@ def _build_wavemix(num_classes: int, weights: str, path: Path | None) -> Built:
         "architecture": "wavemix",
         **wavemix.PAPER_CONFIG,
     }
-    return Built(model, "wavemix", weights, pretrained_cfg=cfg)
+    built = Built(model, "wavemix", weights, pretrained_cfg=cfg)
+    if weights == "timm":
+        built.pretrained_tag = f"{wavemix.HUB_REPO}:{wavemix.HUB_FILE}"
+    return built
 
 
 def _wavemix_hub_state() -> dict:

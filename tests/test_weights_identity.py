@@ -77,3 +77,62 @@ def test_random_init_records_no_tag():
     built = models.build(Backbone(model="test_resnet", weights="none"), 2)
     assert built.pretrained_tag is None and built.weights_sha256 is None
     assert built.model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+
+
+TV_ENTRIES = [e for e in catalog.entries() if e.source == "torchvision" and e.available]
+
+
+@pytest.mark.parametrize("entry", TV_ENTRIES, ids=[e.name for e in TV_ENTRIES])
+def test_torchvision_entries_push_the_enum_a_timm_run_loads(entry, monkeypatch, tmp_path):
+    import torchvision
+
+    asked = []
+
+    def get_model(name, weights=None):
+        asked.append(weights)
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.models, "get_model", get_model)
+    with pytest.raises(UserError):
+        models.build(Backbone(model=entry.name, weights="timm"), 2)
+    with pytest.raises(UserError):
+        push_weights(entry.name, str(tmp_path / "store"))
+    assert asked == [entry.pretrained_name, entry.pretrained_name] == [entry.weights] * 2
+
+
+def test_wavemix_push_and_a_timm_run_take_the_same_hub_checkpoint(monkeypatch, tmp_path):
+    """Both read wavemix.hub_checkpoint() (here a local stand-in for the hub's .pth) and record
+    the catalog's tag; the pushed file then loads to the same weights."""
+    from service import wavemix
+    from service.errors import UserError as _UE
+
+    try:
+        wavemix.wavemix_class()
+    except _UE as e:
+        pytest.skip(str(e))
+    tiny = dict(
+        depth=1,
+        mult=1,
+        ff_channel=16,
+        final_dim=16,
+        dropout=0.5,
+        level=3,
+        initial_conv="pachify",
+        patch_size=4,
+    )
+    monkeypatch.setattr(wavemix, "PAPER_CONFIG", tiny)
+    pth = tmp_path / "hub.pth"
+    torch.save(wavemix.create(1000).state_dict(), pth)
+    monkeypatch.setattr(wavemix, "hub_checkpoint", lambda: str(pth))
+    monkeypatch.setattr(models, "hub_reachable", lambda *a: True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    entry = catalog.get("wavemix")
+    hub = models.build(Backbone(model="wavemix", weights="timm"), 3)
+    pushed = push_weights("wavemix", str(tmp_path / "store"))
+    from_file = models.build(Backbone(model="wavemix", weights=pushed.uri), 3)
+    assert hub.pretrained_tag == from_file.pretrained_tag == entry.pretrained_name
+    key = "conv.0.weight"
+    assert torch.equal(hub.model.state_dict()[key], from_file.model.state_dict()[key])
