@@ -248,7 +248,11 @@ class Protocol(_Section):
         description="Wall-clock limit for training; the run then evaluates its best checkpoint.",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        default="auto", description="'auto': bf16 autocast on GPU, fp32 on CPU."
+        default="auto",
+        description=(
+            "'auto': bf16 autocast on GPUs that compute bf16 natively (Ampere and newer), fp32 "
+            "on older GPUs (T4, V100: emulated bf16 is slower) and on CPU; env.json says why."
+        ),
     )
     compile: bool = Field(default=False, description="torch.compile the model (GPU only).")
     device: Literal["auto", "cpu", "cuda"] = Field(
