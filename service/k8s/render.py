@@ -16,7 +16,7 @@ import json
 import re
 from typing import Any
 
-from service.errors import EXIT_USER, UserError
+from service.errors import EXIT_RETRY, EXIT_USER, UserError
 from service.spec import FineTune, Study
 from service.study import cells_of
 
@@ -265,7 +265,17 @@ def _pod_spec(spec: FineTune | Study, image: str) -> dict[str, Any]:
     return pod
 
 
+# Exit codes the worker uses for "stopped, resume me later": 75 (storage down, SIGTERM handled,
+# lease held) and 143 (SIGTERM before the handler was installed, e.g. during imports).
+RETRIABLE_EXIT_CODES = [EXIT_RETRY, 128 + 15]
+
+
 def _pod_failure_policy(study: bool) -> dict[str, Any]:
+    """The retry table of docs/kubernetes.md ("What a Job does on failure"), rule for rule.
+
+    Rules match in order. ``Ignore`` does not count against the backoff limit but retries
+    without end: ``activeDeadlineSeconds`` (always set, see ``_deadline``) bounds it.
+    """
     return {
         "rules": [
             # Preemption, eviction, node drain: not the run's fault; retry without counting.
@@ -283,8 +293,27 @@ def _pod_failure_policy(study: bool) -> dict[str, Any]:
                     "values": [EXIT_USER],
                 },
             },
+            # Retriable stops (S3 outage, `kubectl delete pod`, a held lease): the run resumes
+            # from its checkpoint, so they must not use up the Job the way crashes do.
+            {
+                "action": "Ignore",
+                "onExitCodes": {
+                    "containerName": CONTAINER,
+                    "operator": "In",
+                    "values": list(RETRIABLE_EXIT_CODES),
+                },
+            },
+            # Anything else (a crash, 137 = OOMKilled or killed after the grace period) falls
+            # through to the default: counted against backoffLimit(PerIndex).
         ]
     }
+
+
+def _deadline(spec: FineTune | Study) -> int:
+    """``resources.active_deadline_seconds``, else one derived from the budget estimate."""
+    from service.budget import job_deadline_seconds
+
+    return spec.resources.active_deadline_seconds or job_deadline_seconds(spec)
 
 
 def render_job(
@@ -297,7 +326,7 @@ def render_job(
     annotations = annotations_of(spec)
     pod_annotations = dict(annotations)
     if spec.metrics.port:
-        # For clusters without the Prometheus operator (k8s/podmonitor.yaml covers those with).
+        # For clusters without the Prometheus operator (k8s/monitoring/ covers those with).
         pod_annotations |= {
             "prometheus.io/scrape": "true",
             "prometheus.io/port": str(spec.metrics.port),
@@ -333,8 +362,9 @@ def render_job(
     # A replacement pod starts only once the old one is gone: two workers never write the same
     # run's checkpoints at once.
     js["podReplacementPolicy"] = "Failed"
-    if r.active_deadline_seconds:
-        js["activeDeadlineSeconds"] = r.active_deadline_seconds
+    # Always bounded: retriable exits are ignored by the failure policy, and pods that never
+    # start (image pull, missing Secret, no quota) would otherwise hold the Job forever.
+    js["activeDeadlineSeconds"] = _deadline(spec)
     js["ttlSecondsAfterFinished"] = r.ttl_seconds_after_finished
     if r.queue:
         # Kueue admits the Job by unsuspending it when quota frees up.
