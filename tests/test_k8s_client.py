@@ -34,13 +34,28 @@ def api_exception(status: int, reason: str, message: str) -> ApiException:
 class FakeApi:
     """Records each call as (method, kwargs); jobs live in a dict; errors are injected by method."""
 
-    def __init__(self, jobs=None, pods=None, fail=None, logs=None, lingering=0):
+    def __init__(
+        self,
+        jobs=None,
+        pods=None,
+        fail=None,
+        logs=None,
+        lingering=0,
+        namespaces=(NS, "team-a"),
+        accounts=((NS, "backbones-worker"),),
+        events=(),
+        version=("1", "31"),
+    ):
         self.calls: list[tuple[str, dict]] = []
         self.jobs = {j["metadata"]["name"]: j for j in jobs or []}
         self.pods = pods or []
         self.fail = fail or {}
         self.logs = logs or {}
         self.lingering = lingering  # reads that still see a deleted Job (pods terminating)
+        self.namespaces = set(namespaces)
+        self.accounts = set(accounts)
+        self.events = list(events)
+        self.version = version
 
     def _call(self, method: str, kw: dict):
         self.calls.append((method, kw))
@@ -78,6 +93,36 @@ class FakeApi:
         return {"items": items}
 
     # CoreV1Api
+    def read_namespace(self, **kw):
+        self._call("read_namespace", kw)
+        if kw["name"] not in self.namespaces:
+            raise api_exception(404, "Not Found", f'namespaces "{kw["name"]}" not found')
+        return {"metadata": {"name": kw["name"]}}
+
+    def read_namespaced_service_account(self, **kw):
+        self._call("read_namespaced_service_account", kw)
+        if (kw["namespace"], kw["name"]) not in self.accounts:
+            raise api_exception(404, "Not Found", f'serviceaccounts "{kw["name"]}" not found')
+        return {"metadata": {"name": kw["name"], "namespace": kw["namespace"]}}
+
+    def list_namespaced_event(self, **kw):
+        self._call("list_namespaced_event", kw)
+        want = dict(part.split("=", 1) for part in kw["field_selector"].split(","))
+        return {
+            "items": [
+                e
+                for e in self.events
+                if e["involvedObject"]["kind"] == want["involvedObject.kind"]
+                and e["involvedObject"]["name"] == want["involvedObject.name"]
+            ]
+        }
+
+    # VersionApi
+    def get_code(self, **kw):
+        self._call("get_code", kw)
+        major, minor = self.version
+        return {"major": major, "minor": minor, "gitVersion": f"v{major}.{minor}.0"}
+
     def list_namespaced_pod(self, **kw):
         self._call("list_namespaced_pod", kw)
         job = kw["label_selector"].partition("=")[2]
@@ -103,8 +148,15 @@ class FakeStream:
         self.released = True
 
 
-def cluster_of(api: FakeApi) -> Cluster:
-    return Cluster(api, api, NS, sleep=lambda s: None)
+def cluster_of(api: FakeApi, namespace: str = NS) -> Cluster:
+    return Cluster(api, api, namespace, sleep=lambda s: None, version=api)
+
+
+CHECKS = [  # what submit asks before it touches the Job
+    ("get_code", {}),
+    ("read_namespace", {"name": NS}),
+    ("read_namespaced_service_account", {"name": "backbones-worker", "namespace": NS}),
+]
 
 
 def spec_data(**over) -> dict:
@@ -114,6 +166,7 @@ def spec_data(**over) -> dict:
         "backbone": {"model": "resnet50", "weights": "none"},
         "dataset": {"uri": "s3://data/eurosat/"},
         "output": {"uri": "s3://runs/"},
+        "resources": {"service_account": "backbones-worker"},
     }
     data.update(over)
     return data
@@ -140,6 +193,7 @@ def test_submit_reads_then_creates_the_job():
     api, job = FakeApi(), job_for()
     result = ops.submit(cluster_of(api), job)
     assert api.calls == [
+        *CHECKS,
         ("read_namespaced_job", {"name": "q", "namespace": NS}),
         ("create_namespaced_job", {"namespace": NS, "body": job}),
     ]
@@ -150,23 +204,24 @@ def test_resubmitting_the_same_spec_reports_the_existing_job_and_creates_nothing
     job = job_for()
     api = FakeApi(jobs=[copy.deepcopy(job)])
     result = ops.submit(cluster_of(api), job)
-    assert [c[0] for c in api.calls] == ["read_namespaced_job"]
+    assert api.calls[len(CHECKS) :] == [("read_namespaced_job", {"name": "q", "namespace": NS})]
     assert result.line() == "Job backbones/q already exists with this spec; nothing to do"
 
 
-def test_a_changed_spec_under_the_same_name_is_refused():
+def test_a_changed_spec_under_the_same_name_as_a_running_job_is_refused():
     old, new = job_for(), job_for(protocol={"max_epochs": 7})
-    api = FakeApi(jobs=[old])
+    api = FakeApi(jobs=[with_status(old, active=1)])
     with pytest.raises(UserError) as e:
         ops.submit(cluster_of(api), new)
-    old_hash = old["metadata"]["annotations"]["backbones.dev/spec-hash"]
-    new_hash = new["metadata"]["annotations"]["backbones.dev/spec-hash"]
+    old_hash = old["metadata"]["annotations"]["backbones.dev/job-hash"]
+    new_hash = new["metadata"]["annotations"]["backbones.dev/job-hash"]
     assert str(e.value) == (
-        f"Job backbones/q exists with a different spec (spec-hash {old_hash} != {new_hash}); "
-        "rename the spec, or pass --replace to delete that Job and its pods"
+        f"Job backbones/q is running with a different spec, resources or image (job-hash "
+        f"{old_hash} != {new_hash}); rename the spec, or pass --replace to stop it (its pods "
+        "checkpoint) and start this one"
     )
     assert e.value.exit_code == EXIT_USER
-    assert [c[0] for c in api.calls] == ["read_namespaced_job"]
+    assert [c[0] for c in api.calls][len(CHECKS) :] == ["read_namespaced_job"]
 
 
 def test_replace_deletes_in_the_foreground_waits_until_gone_then_creates():
@@ -174,6 +229,7 @@ def test_replace_deletes_in_the_foreground_waits_until_gone_then_creates():
     api = FakeApi(jobs=[old], lingering=2)
     result = ops.submit(cluster_of(api), new, replace=True)
     assert api.calls == [
+        *CHECKS,
         ("read_namespaced_job", {"name": "q", "namespace": NS}),
         (
             "delete_namespaced_job",
@@ -389,7 +445,7 @@ def test_a_failed_job_shows_failed_with_the_controllers_message():
     (row,) = ops.status_rows(cluster_of(api), "q", None, lambda s, c: None, NOW)
     assert (row.phase, row.error) == (
         "Failed",
-        "Container worker for pod backbones/q-a failed with exit code 2",
+        "PodFailurePolicy: Container worker for pod backbones/q-a failed with exit code 2",
     )
 
 
@@ -593,7 +649,7 @@ def test_submit_cli_turns_a_403_into_one_line_and_exit_2(monkeypatch, spec_file)
 
 
 def test_submit_cli_namespace_flag_moves_the_job(monkeypatch, spec_file):
-    api = FakeApi()
+    api = FakeApi(accounts=[("team-a", "backbones-worker")])
     used = []
     monkeypatch.setattr(
         k8s_cmds, "_cluster", lambda ns, ctx: used.append(ns) or Cluster(api, api, ns)

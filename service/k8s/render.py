@@ -28,6 +28,9 @@ LABEL_PREFIX = "backbones.dev"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"
 SPEC_HASH = f"{LABEL_PREFIX}/spec-hash"
+# Everything that shapes the Job (spec, resources, image, storage, metrics, namespace): what
+# `submit` compares to tell "already there" from "changed".
+JOB_HASH = f"{LABEL_PREFIX}/job-hash"
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
@@ -86,6 +89,25 @@ def spec_hash_of(spec: FineTune | Study) -> str:
         include={"name", "backbones", "datasets", "seeds", "train_fractions", "protocol"},
     )
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def job_hash_of(job: dict[str, Any]) -> str:
+    """Hash of the rendered Job itself (its own job-hash annotation left out)."""
+    meta = dict(job["metadata"])
+    meta["annotations"] = {k: v for k, v in meta.get("annotations", {}).items() if k != JOB_HASH}
+    body = json.dumps({**job, "metadata": meta}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def dry_run_name(job: dict[str, Any]) -> str:
+    """A name for the server-side dry run of a replacement (the real name would answer 409
+    AlreadyExists) that the API server accepts: an Indexed Job's pod hostnames included."""
+    spec = job["spec"]
+    suffix = "-dry"
+    if spec.get("completionMode") == "Indexed":
+        suffix += f"-{spec['completions'] - 1}"
+    head = job["metadata"]["name"][: 63 - len(suffix)].rstrip("-")
+    return head + "-dry"
 
 
 def _identity(spec: FineTune | Study) -> dict[str, str]:
@@ -376,6 +398,7 @@ def render_job(
         "metadata": {"labels": dict(labels), "annotations": pod_annotations},
         "spec": _pod_spec(spec, image),
     }
+    annotations[JOB_HASH] = job_hash_of(job)
     return job
 
 
