@@ -346,6 +346,14 @@ def pod_blocker(pod: dict[str, Any], events: list[dict[str, Any]] = ()) -> str |
     return None
 
 
+def _attempt_trouble(pod: dict[str, Any]) -> str | None:
+    """What a user must fix about a past attempt, even though a retry now runs."""
+    if (pod.get("status") or {}).get("reason") == "Evicted":
+        return pod_blocker(pod)
+    line = terminated_line(pod, "")
+    return line if line and line.startswith("OOMKilled") else None
+
+
 def job_verdict(job: dict[str, Any], cell_names: dict[int, str]) -> str | None:
     """The terminal reason of a failed Job, in words a user acts on."""
     failed = _condition(job, "Failed")
@@ -375,9 +383,8 @@ def job_blocker(job: dict[str, Any], events: list[dict[str, Any]]) -> str | None
     message = _one_line(refused[-1].get("message"))
     fix = ""
     if "service account" in message or "serviceaccount" in message:
-        fix = (
-            "; create it (kubectl apply -k k8s/ in that namespace) or fix resources.service_account"
-        )
+        fix = "; create that ServiceAccount in the Job's namespace or fix "
+        fix += "resources.service_account"
     elif "quota" in message:
         fix = "; free quota or lower resources"
     return f"pods are refused: {message}{fix}"
@@ -416,7 +423,7 @@ def job_rows(
             run = {"error": f"status.json unreadable: {' '.join(str(e).split())[:120]}"}
         error = run.get("error")
         ended = [line for p in mine if (line := terminated_line(p, logs_hint))]
-        oom = [line for line in ended if line.startswith("OOMKilled")]
+        trouble = [t for p in mine[:-1] if (t := _attempt_trouble(p))]
         if i in done:
             phase = "Succeeded"
         elif i in failed or (job_failed and i not in done):
@@ -439,8 +446,8 @@ def job_rows(
             if job_events is None:
                 job_events = events("Job", name)
             error = job_blocker(job, job_events) or error
-        if phase not in ("Succeeded", "Failed") and oom and not error:
-            error = f"an earlier attempt was {oom[-1]}"
+        if phase not in ("Succeeded", "Failed") and trouble and not error:
+            error = f"earlier attempt: {trouble[-1]}"
         progress = 1.0 if phase == "Succeeded" else run.get("progress")
         rows.append(
             Row(
