@@ -275,6 +275,154 @@ def test_dry_run_of_a_replacement_deletes_nothing():
     assert api.calls[-1][1]["dry_run"] == "All"
 
 
+def finished(job: dict, kind: str, reason: str = "") -> dict:
+    cond = {"type": kind, "status": "True", "reason": reason, "message": "m"}
+    return with_status(copy.deepcopy(job), conditions=[cond])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"resources": {"memory": "64Gi", "service_account": "backbones-worker"}},
+        {"storage": {"credentials_secret": "other"}},
+        {"metrics": {"port": 9200}},
+    ],
+    ids=["resources", "storage", "metrics"],
+)
+def test_the_job_hash_covers_what_shapes_the_job_besides_the_spec(change):
+    old, new = job_for(), job_for(**change)
+    key = "backbones.dev/job-hash"
+    assert old["metadata"]["annotations"][key] != new["metadata"]["annotations"][key]
+    # ...which the spec hash (what determines the results) leaves out on purpose.
+    key = "backbones.dev/spec-hash"
+    assert old["metadata"]["annotations"][key] == new["metadata"]["annotations"][key]
+
+
+def test_the_image_changes_the_job_hash():
+    spec = parse_spec(spec_data())
+    a = render_job(spec, image="r.example.com/b:1")["metadata"]["annotations"]
+    b = render_job(spec, image="r.example.com/b:2")["metadata"]["annotations"]
+    assert a["backbones.dev/job-hash"] != b["backbones.dev/job-hash"]
+
+
+def test_resubmitting_with_more_memory_after_an_oom_failure_replaces_the_failed_job():
+    """The issue's case: the Job failed (BackoffLimitExceeded after OOMKilled); the user raises
+    resources.memory and submits again. Without --replace, it is replaced, with a message."""
+    old = finished(job_for(), "Failed", "BackoffLimitExceeded")
+    new = job_for(resources={"memory": "64Gi", "service_account": "backbones-worker"})
+    api, said = FakeApi(jobs=[old]), []
+    result = ops.submit(cluster_of(api), new, say=said.append)
+    assert said == [
+        "Job backbones/q has finished: Failed (BackoffLimitExceeded); replacing it "
+        "(outputs in S3 stay: runs resume)"
+    ]
+    methods = [c[0] for c in api.calls]
+    assert methods.index("delete_namespaced_job") < methods.index("create_namespaced_job")
+    assert api.jobs["q"] == new
+    assert result.line() == "replaced Job backbones/q"
+
+
+def test_resubmitting_the_same_spec_after_a_failure_retries_it():
+    old = finished(job_for(), "Failed", "DeadlineExceeded")
+    api, said = FakeApi(jobs=[old]), []
+    result = ops.submit(cluster_of(api), job_for(), say=said.append)
+    assert result.action == "replaced" and said[0].endswith(
+        "has finished: Failed (DeadlineExceeded); replacing it (outputs in S3 stay: runs resume)"
+    )
+
+
+def test_a_completed_job_with_the_same_spec_is_left_alone():
+    api = FakeApi(jobs=[finished(job_for(), "Complete")])
+    result = ops.submit(cluster_of(api), job_for())
+    assert "delete_namespaced_job" not in [c[0] for c in api.calls]
+    assert result.line() == (
+        "Job backbones/q already completed with this spec; nothing to do (--replace runs it again)"
+    )
+
+
+def test_a_completed_job_with_another_spec_is_replaced_with_a_message():
+    api, said = FakeApi(jobs=[finished(job_for(), "Complete")]), []
+    result = ops.submit(cluster_of(api), job_for(protocol={"max_epochs": 7}), say=said.append)
+    assert result.action == "replaced"
+    assert said == [
+        "Job backbones/q has finished: Complete; replacing it (outputs in S3 stay: runs resume)"
+    ]
+
+
+def test_a_running_job_with_the_same_spec_is_left_alone_even_when_older_than_the_cli():
+    api = FakeApi(jobs=[with_status(job_for(), active=1)])
+    assert ops.submit(cluster_of(api), job_for()).action == "exists"
+
+
+def test_submit_into_a_missing_namespace_says_so_before_creating_anything():
+    api = FakeApi(namespaces=[])
+    with pytest.raises(UserError) as e:
+        ops.submit(cluster_of(api), job_for())
+    assert str(e.value) == (
+        "namespace backbones does not exist: create it (kubectl apply -k k8s/ makes "
+        "'backbones'), or pick another with -n or resources.namespace"
+    )
+    assert "create_namespaced_job" not in [c[0] for c in api.calls]
+
+
+def test_submit_with_a_missing_service_account_says_so_before_creating_anything():
+    api = FakeApi(accounts=[])
+    with pytest.raises(UserError) as e:
+        ops.submit(cluster_of(api), job_for())
+    assert str(e.value) == (
+        "ServiceAccount backbones/backbones-worker (resources.service_account) does not exist, "
+        "so its pods would be refused: kubectl -n backbones create serviceaccount "
+        "backbones-worker, or leave resources.service_account empty"
+    )
+    assert "create_namespaced_job" not in [c[0] for c in api.calls]
+
+
+def test_a_submitter_who_may_not_read_namespaces_still_submits():
+    forbidden = api_exception(403, "Forbidden", 'namespaces "backbones" is forbidden')
+    api = FakeApi(fail={"read_namespace": forbidden})
+    assert ops.submit(cluster_of(api), job_for()).action == "created"
+
+
+def test_submit_cli_missing_service_account_is_one_line_and_exit_2(monkeypatch, spec_file):
+    api = FakeApi(accounts=[])
+    monkeypatch.setattr(k8s_cmds, "_cluster", lambda ns, ctx: cluster_of(api))
+    result = CliRunner().invoke(app, ["submit", str(spec_file)])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1].startswith(
+        "error: ServiceAccount backbones/backbones-worker (resources.service_account) does not "
+        "exist"
+    )
+
+
+@pytest.mark.parametrize(("minor", "warned"), [("28", True), ("29", False), ("33+", False)])
+def test_submit_warns_when_the_server_is_older_than_1_29(minor, warned):
+    api, said = FakeApi(version=("1", minor)), []
+    assert ops.submit(cluster_of(api), job_for(), say=said.append).action == "created"
+    assert bool(said) == warned
+    if warned:
+        assert said[0].startswith(
+            "warning: the API server is Kubernetes 1.28; backbones needs 1.29+. Older servers "
+            "drop backoffLimitPerIndex and podReplacementPolicy without a word"
+        )
+
+
+def test_an_unanswered_version_request_never_blocks_submit():
+    api = FakeApi(fail={"get_code": ConnectionResetError("reset")})
+    assert ops.submit(cluster_of(api), job_for()).action == "created"
+
+
+def test_the_dry_run_of_a_replacement_has_a_name_the_server_accepts():
+    from service.k8s.render import dry_run_name
+
+    long = {**STUDY, "name": "a" * 60, "seeds": list(range(11))}  # the longest for 11 cells
+    job = render_job(parse_spec(long))
+    name = dry_run_name(job)
+    assert name.endswith("-dry") and len(f"{name}-10") <= 63  # name[:57]-dry-10 would not be
+    api = FakeApi(jobs=[with_status(job_for(name="a" * 60), active=1)])
+    ops.submit(cluster_of(api), job, replace=True, dry_run=True)
+    assert api.calls[-1][1]["body"]["metadata"]["name"] == name
+
+
 # ---- API failures ---------------------------------------------------------------------------
 
 
