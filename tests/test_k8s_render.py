@@ -308,19 +308,24 @@ def test_the_grace_period_is_the_specs_checkpoint_time():
 # ---- the Job's retry policy -----------------------------------------------------------------
 
 
-def retry_table() -> list[dict[str, str]]:
-    """The first table of docs/kubernetes.md section 7, one dict per row."""
+def retry_table(which: int = 0) -> list[dict[str, str]]:
+    """A table of docs/kubernetes.md section 7 (0: the rules, 1: the bounds), a dict per row."""
     text = (ROOT / "docs" / "kubernetes.md").read_text()
     section = text[text.index("## 7. What a Job does on failure") :]
-    lines = [ln for ln in section.splitlines() if ln.startswith("|")]
+    section = section[: section.index("\n## ", 10)]
+    tables, current = [], []
+    for ln in section.splitlines():
+        if ln.startswith("|"):
+            current.append(ln)
+        elif current:
+            tables.append(current)
+            current = []
+    lines = tables[which]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = []
-    for ln in lines[2:]:
-        cells = [c.strip() for c in ln.strip("|").split("|")]
-        if len(cells) != len(header):
-            break  # the next table
-        rows.append(dict(zip(header, cells, strict=True)))
-    return rows
+    return [
+        dict(zip(header, [c.strip() for c in ln.strip("|").split("|")], strict=True))
+        for ln in lines[2:]
+    ]
 
 
 def action_for(job: dict, shows: str) -> str:
@@ -355,6 +360,25 @@ def test_the_retry_table_covers_the_worker_contract():
 def test_each_row_of_the_retry_table_is_what_the_rendered_job_does(row, kind):
     job = job_of(finetune() if kind == "FineTune" else study())
     assert f"`{action_for(job, row['the pod shows'])}`" == row[kind]
+
+
+def test_each_bound_the_table_names_is_set_in_the_rendered_jobs():
+    import re
+
+    rows = retry_table(1)
+    assert len(rows) == 3
+    fields = {f for r in rows for f in re.findall(r"`(\w+)`", r["field"])}
+    assert fields == {
+        "backoffLimit",
+        "backoffLimitPerIndex",
+        "maxFailedIndexes",
+        "activeDeadlineSeconds",
+    }
+    finetune_spec, study_spec = job_of(finetune())["spec"], job_of(study())["spec"]
+    for f in fields:
+        assert f in finetune_spec or f in study_spec, f
+    assert study_spec["maxFailedIndexes"] == (parse_spec(study()).n_cells + 1) // 2
+    assert "activeDeadlineSeconds" in finetune_spec and "activeDeadlineSeconds" in study_spec
 
 
 def test_counted_failures_end_at_the_backoff_limit_the_table_names():
