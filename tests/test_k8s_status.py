@@ -185,3 +185,16 @@ def test_status_asks_for_events_only_where_pods_say_nothing(case):
     else:  # the pod's PodScheduled condition already says why: no events call
         assert asked == []
         assert row.error.startswith("Unschedulable:")
+
+
+def test_a_job_failed_by_cache_evictions_says_evicted_not_just_exit_137():
+    # The kubelet's emptyDir-limit eviction sets no DisruptionTarget: exit 137 is counted, and
+    # after backoff_limit of them the Job fails. The line names the cache, not a bare 137.
+    job, pods, _ = recorded("evicted-cache")
+    job["status"] = json.loads((FIXTURES / "backoff-limit-oom.json").read_text())["job_status"]
+    (row,) = ops.job_rows(job, pods[:1], lambda s, c: None, NOW)
+    assert row.phase == "Failed"
+    assert row.error == (
+        'BackoffLimitExceeded: 4 attempts failed; Evicted: Usage of EmptyDir volume "cache" '
+        'exceeds the limit "100Gi".; raise resources.cache_size'
+    )

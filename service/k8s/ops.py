@@ -346,6 +346,13 @@ def pod_blocker(pod: dict[str, Any], events: list[dict[str, Any]] = ()) -> str |
     return None
 
 
+def _ended(pod: dict[str, Any], logs_hint: str) -> str | None:
+    """How an attempt ended: an eviction says more than its exit code (137, grace 0)."""
+    if (pod.get("status") or {}).get("reason") == "Evicted":
+        return pod_blocker(pod)
+    return terminated_line(pod, logs_hint)
+
+
 def _attempt_trouble(pod: dict[str, Any]) -> str | None:
     """What a user must fix about a past attempt, even though a retry now runs."""
     if (pod.get("status") or {}).get("reason") == "Evicted":
@@ -422,7 +429,7 @@ def job_rows(
         except Exception as e:  # unreachable storage must not hide the cluster's view
             run = {"error": f"status.json unreadable: {' '.join(str(e).split())[:120]}"}
         error = run.get("error")
-        ended = [line for p in mine if (line := terminated_line(p, logs_hint))]
+        ended = [line for p in mine if (line := _ended(p, logs_hint))]
         trouble = [t for p in mine[:-1] if (t := _attempt_trouble(p))]
         if i in done:
             phase = "Succeeded"
