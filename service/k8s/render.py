@@ -325,7 +325,8 @@ def _pod_failure_policy(study: bool) -> dict[str, Any]:
                     "values": list(RETRIABLE_EXIT_CODES),
                 },
             },
-            # Anything else (a crash, 137 = OOMKilled or killed after the grace period) falls
+            # Anything else (a crash; 137 = OOMKilled, killed after the grace period, or evicted
+            # for the cache emptyDir, which sets no DisruptionTarget) falls
             # through to the default: counted against backoffLimit(PerIndex).
         ]
     }
