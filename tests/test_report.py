@@ -307,8 +307,29 @@ def test_cli_report_on_an_empty_prefix_is_one_line_and_exit_2(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2
     assert result.output.strip() == (
-        f"error: {tmp_path / 'empty'}: no runs found (no <dataset>/<backbone>/seedS-fracF/ folders)"
+        f"error: {tmp_path / 'empty'}: no runs found (no summary.json, status.json or spec.json "
+        "below it)"
     )
+
+
+def test_plain_finetune_outputs_are_compared_too(tmp_path):
+    # Three single runs (no Study layout): a user wants them ranked all the same.
+    out = tmp_path / "runs"
+    for name, backbone, top1 in [("r18", "resnet18", 0.8), ("cnx", "convnext_tiny", 0.9)]:
+        s = summary("", "digits", backbone, 0, top1)
+        (out / name).mkdir(parents=True)
+        (out / name / "summary.json").write_text(json.dumps({**s, "study": None}))
+    (out / "vit").mkdir()
+    (out / "vit" / "status.json").write_text(json.dumps({"phase": "Training", "epoch": 1}))
+    (out / "vit" / "spec.json").write_text(
+        json.dumps({"backbone": {"model": "vit_small"}, "dataset": {"uri": "builtin://digits"}})
+    )
+    result = runner.invoke(app, ["report", str(out), "--out", str(tmp_path / "r"), "--no-plots"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].startswith("2/3 cells done: 0 failed, 1 not finished")
+    rows = _rows(tmp_path / "r")
+    assert set(rows) == {("digits", "convnext_tiny"), ("digits", "resnet18")}
+    assert rows[("digits", "convnext_tiny")]["rank"] == 1
 
 
 def test_cli_report_refuses_a_finetune_as_spec(tmp_path, repo_root):
