@@ -247,7 +247,13 @@ def _train(spec, outputs, progress, observer, stop, cache_dir, dist) -> dict:
 
     # Model: seeded, so the head's init is the same on every attempt and every machine.
     seed_everything(p.seed)
-    built = models.build(spec.backbone, len(data.classes), cache_dir=cache, storage=spec.storage)
+    built = models.build(
+        spec.backbone,
+        len(data.classes),
+        cache_dir=cache,
+        storage=spec.storage,
+        on_download=observer.on_download,  # weights count in the download counter too
+    )
     built.model.to(rt.device)  # before the data's memory plan, which budgets what is left
     mean, std = (built.mean, built.std) if p.normalize == "pretrained" else (data.mean, data.std)
 
