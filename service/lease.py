@@ -11,13 +11,19 @@ epochs, so the second one must not start. The lease is ``lock.json`` beside the 
 - hold: a daemon thread renews the heartbeat every ``ttl / 4`` seconds.
 - release: delete it on exit, if it is still ours.
 
-A worker that finds a live lease exits retriable (75): Kubernetes retries it later, by which
-time the other worker has finished (its summary then makes this one a no-op) or died.
+A worker that finds the lease held (``with Lease(...)``) does not give up at once: after a
+SIGKILL the dead holder's heartbeat stays fresh for up to its TTL, and a replacement pod that
+exited 75 at once would only spend another attempt. It waits, bounded by the TTL plus a margin,
+and logs that it does: a heartbeat that stays put expires and the lease is taken over; a
+heartbeat that moves (or a new owner) is a live worker, and then it exits retriable (75) as
+soon as it sees that. Kubernetes retries it later, by which time the other worker has finished
+(its summary then makes this one a no-op) or died.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -28,6 +34,8 @@ from service.errors import RetriableError
 from service.storage import NotFound, Store
 
 LEASE_KEY = "lock.json"
+
+log = logging.getLogger(__name__)
 
 
 def default_ttl() -> float:
@@ -56,6 +64,7 @@ class Lease:
         self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.waited = False  # acquire() found the lease held and waited for it
 
     def _body(self) -> bytes:
         return json.dumps(
@@ -83,8 +92,13 @@ class Lease:
             return True
         return time.time() - float(held.get("heartbeat", 0)) > float(held.get("ttl", self.ttl))
 
-    def acquire(self, wait: float = 0.0) -> Lease:
-        deadline = time.monotonic() + wait
+    def acquire(self, wait: float | None = 0.0) -> Lease:
+        """Take the lease. ``wait``: seconds to wait for a holder to release it; ``None``: wait
+        only while the holder may be dead (its heartbeat has not moved), at most its TTL plus
+        a margin, then take it over. A live holder raises LeaseHeld (retriable)."""
+        takeover = wait is None
+        deadline = time.monotonic() + (0.0 if takeover else wait)
+        seen: tuple | None = None  # (owner, heartbeat) of the holder when we started waiting
         while True:
             if self.store.create_exclusive(self.key, self._body()):
                 break
@@ -99,7 +113,22 @@ class Lease:
                 if (self._read() or {}).get("owner") == self.owner:
                     break
                 continue
-            if time.monotonic() >= deadline:
+            beat = (held.get("owner"), held.get("heartbeat"))
+            if takeover and seen is None:
+                seen = beat
+                ttl = max(float(held.get("ttl", self.ttl)), self.ttl)
+                deadline = time.monotonic() + ttl + self.margin(ttl)
+                self.waited = True
+                log.warning(
+                    "%s: run is held by %s (heartbeat %.0fs ago); waiting up to %.0fs for it to "
+                    "expire (a killed worker) or renew (a live one)",
+                    self.store.uri,
+                    held.get("owner"),
+                    time.time() - float(held.get("heartbeat", 0)),
+                    ttl + self.margin(ttl),
+                )
+            alive = takeover and beat != seen
+            if alive or time.monotonic() >= deadline:
                 age = time.time() - float(held.get("heartbeat", 0))
                 raise LeaseHeld(
                     f"{self.store.uri}: run is held by another worker ({held.get('owner')}, "
@@ -109,6 +138,11 @@ class Lease:
         self._thread = threading.Thread(target=self._renew_loop, name="lease", daemon=True)
         self._thread.start()
         return self
+
+    @staticmethod
+    def margin(ttl: float) -> float:
+        """Beyond the TTL: one renewal period and a few polls, for clocks and slow storage."""
+        return max(5.0, ttl / 4)
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl / 4):
@@ -137,7 +171,8 @@ class Lease:
             pass  # expires by itself
 
     def __enter__(self) -> Lease:
-        return self.acquire()
+        # The worker's way in: a dead holder's lease is waited out, a live holder's refused.
+        return self.acquire(wait=None)
 
     def __exit__(self, *exc) -> None:
         self.release()

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,9 +105,11 @@ def build(
     cache_dir: Path | None = None,
     storage: Storage | None = None,
     image_size: tuple[int, int] | None = None,
+    on_download: Callable[[int], None] | None = None,
 ) -> Built:
     """The backbone with a ``num_classes`` head, initial weights as ``backbone.weights`` says,
-    built for ``image_size`` (height, width) when its architecture depends on the input size."""
+    built for ``image_size`` (height, width) when its architecture depends on the input size.
+    ``on_download`` is told the bytes of weights fetched from S3 (the download counter)."""
     from service.checks import check_model_name
 
     name, weights = backbone.model, backbone.weights
@@ -121,7 +124,9 @@ def build(
             raise UserError(f"backbone.model: {problem}")
     path = None
     if weights not in ("none", "timm"):
-        path = resolve_weights_file(weights, cache_dir=cache_dir, storage=storage)
+        path = resolve_weights_file(
+            weights, cache_dir=cache_dir, storage=storage, on_download=on_download
+        )
     if source == "torchvision":
         built = _build_torchvision(name, num_classes, weights, path)
     elif source == "wavemix":
@@ -406,7 +411,11 @@ def _replace_head(model, num_classes: int) -> None:
 
 
 def resolve_weights_file(
-    uri: str, *, cache_dir: Path | None = None, storage: Storage | None = None
+    uri: str,
+    *,
+    cache_dir: Path | None = None,
+    storage: Storage | None = None,
+    on_download: Callable[[int], None] | None = None,
 ) -> Path:
     """A local path for ``uri``; s3:// objects are downloaded (once) into the cache."""
     parsed = urlparse(uri)
@@ -415,7 +424,9 @@ def resolve_weights_file(
         # weights re-pushed under the same URI are fetched again, never used stale.
         from service.storage.fetch import fetch_weights
 
-        return fetch_weights(uri, storage, Path(cache_dir or default_cache_dir()))
+        return fetch_weights(
+            uri, storage, Path(cache_dir or default_cache_dir()), on_download=on_download
+        )
     path = Path(parsed.path if parsed.scheme == "file" else uri).expanduser()
     if not path.is_file():
         raise UserError(f"backbone.weights: {path}: no such file")

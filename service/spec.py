@@ -271,7 +271,11 @@ class Protocol(_Section):
         description="Wall-clock limit for training; the run then evaluates its best checkpoint.",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        default="auto", description="'auto': bf16 autocast on GPU, fp32 on CPU."
+        default="auto",
+        description=(
+            "'auto': bf16 autocast on GPUs that compute bf16 natively (Ampere and newer), fp32 "
+            "on older GPUs (T4, V100: emulated bf16 is slower) and on CPU; env.json says why."
+        ),
     )
     compile: bool = Field(default=False, description="torch.compile the model (GPU only).")
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -405,11 +409,18 @@ class Resources(_Section):
     gpus: int = Field(
         default=1, ge=0, description="nvidia.com/gpu per pod; > 1 runs DDP under torchrun."
     )
-    cpu: str = Field(default="8", description="CPU request and limit (Kubernetes quantity).")
-    memory: str = Field(default="32Gi", description="Memory request and limit.")
-    shm_size: str = Field(default="8Gi", description="Size of the memory-backed /dev/shm.")
+    cpu: str = Field(
+        default="8", description="CPU request and limit (Kubernetes quantity: '8', '500m')."
+    )
+    memory: str = Field(
+        default="32Gi", description="Memory request and limit (Kubernetes quantity: '32Gi')."
+    )
+    shm_size: str = Field(
+        default="8Gi", description="Size of the memory-backed /dev/shm (Kubernetes quantity)."
+    )
     cache_size: str = Field(
-        default="100Gi", description="sizeLimit of the node-local dataset cache (emptyDir)."
+        default="100Gi",
+        description="sizeLimit of the node-local dataset cache (emptyDir; Kubernetes quantity).",
     )
     namespace: str = Field(default="backbones", description="Namespace of the Job.")
     image: str | None = Field(
@@ -442,7 +453,10 @@ class Resources(_Section):
         default=None, gt=0, description="Study: pods running at once; empty for all cells."
     )
     active_deadline_seconds: int | None = Field(
-        default=None, gt=0, description="Kill the Job after this many seconds."
+        default=None,
+        gt=0,
+        description="Fail the Job after this many seconds (retries and pods that never start "
+        "included); empty for a bound derived from the budget estimate.",
     )
     ttl_seconds_after_finished: int = Field(
         default=7 * 24 * 3600, ge=0, description="Delete the finished Job after this long."
@@ -457,6 +471,34 @@ class Resources(_Section):
     @classmethod
     def _namespace(cls, v: str) -> str:
         _check_dns_label(v)
+        return v
+
+    @field_validator("cpu")
+    @classmethod
+    def _cpu(cls, v: str) -> str:
+        _check_quantity(v, memory=False)
+        return v
+
+    @field_validator("memory", "shm_size", "cache_size")
+    @classmethod
+    def _bytes(cls, v: str) -> str:
+        _check_quantity(v, memory=True)
+        return v
+
+    @field_validator("queue", "priority_class")
+    @classmethod
+    def _label_name(cls, v: str | None) -> str | None:
+        if v is not None:  # an object name that also travels as a label value (<= 63)
+            _check_dns_subdomain(v)
+            if len(v) > 63:
+                raise ValueError(f"must be at most 63 characters (a label value), got {len(v)}")
+        return v
+
+    @field_validator("service_account")
+    @classmethod
+    def _service_account(cls, v: str | None) -> str | None:
+        if v is not None:
+            _check_dns_subdomain(v)
         return v
 
     @model_validator(mode="after")
@@ -538,6 +580,25 @@ def _check_dns_label(v: str) -> None:
         raise ValueError(
             f"must be a DNS-1123 label (lowercase letters, digits and '-', starting and ending "
             f"with a letter or digit), got {v!r}"
+        )
+
+
+# A Kubernetes resource.Quantity (the API's own grammar), positive.
+_QUANTITY = re.compile(r"^(\d+\.?\d*|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?$")
+
+
+def _check_quantity(v: str, *, memory: bool) -> None:
+    """What the API server accepts as a quantity; for bytes also no milli/micro/nano units."""
+    example = "'32Gi', '512Mi'" if memory else "'8', '500m'"
+    m = _QUANTITY.fullmatch(v)
+    if not m:
+        raise ValueError(f"must be a Kubernetes quantity such as {example}, got {v!r}")
+    if float(m.group(1)) <= 0:
+        raise ValueError(f"must be greater than 0, got {v!r}")
+    if memory and m.group(2) in ("m", "u", "n"):
+        raise ValueError(
+            f"{v!r} is {m.group(1)} milli/micro/nano-bytes, not a size; did you mean "
+            f"'{m.group(1)}Mi'?"
         )
 
 
@@ -701,6 +762,19 @@ class Study(_Spec):
         return (
             len(self.backbones) * len(self.datasets) * len(self.seeds) * len(self.train_fractions)
         )
+
+    @model_validator(mode="after")
+    def _pod_hostnames(self) -> Study:
+        # The Indexed Job's pods are named (and hostnamed) <name>-<index>: a DNS label, so the
+        # API server refuses the Job when the last index does not fit in 63 characters.
+        last = f"{self.name}-{self.n_cells - 1}"
+        if len(last) > 63:
+            limit = 63 - len(f"-{self.n_cells - 1}")
+            raise ValueError(
+                f"name: {len(self.name)} characters is too long for {self.n_cells} cells: the "
+                f"last pod's hostname {last!r} would exceed 63 characters; use at most {limit}"
+            )
+        return self
 
     def to_json(self) -> str:
         """Canonical JSON that parses back: protocol.seed and datasets[].train_fraction stay

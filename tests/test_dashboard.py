@@ -199,13 +199,12 @@ def test_shipped_as_a_configmap_with_the_grafana_sidecar_label():
     assert maps[0]["metadata"]["labels"]["grafana_dashboard"] == "1"
     (content,) = maps[0]["data"].values()
     assert json.loads(content) == load_dashboard()
-    assert "PodMonitor" in {d["kind"] for d in docs}
 
 
 def test_podmonitor_selects_the_worker_pods_on_their_metrics_port():
     from service.k8s.render import render_job
 
-    monitor = yaml.safe_load((K8S / "podmonitor.yaml").read_text())
+    monitor = yaml.safe_load((K8S / "monitoring" / "podmonitor.yaml").read_text())
     spec = parse_spec(
         {
             "kind": "FineTune",

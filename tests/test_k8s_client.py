@@ -34,13 +34,28 @@ def api_exception(status: int, reason: str, message: str) -> ApiException:
 class FakeApi:
     """Records each call as (method, kwargs); jobs live in a dict; errors are injected by method."""
 
-    def __init__(self, jobs=None, pods=None, fail=None, logs=None, lingering=0):
+    def __init__(
+        self,
+        jobs=None,
+        pods=None,
+        fail=None,
+        logs=None,
+        lingering=0,
+        namespaces=(NS, "team-a"),
+        accounts=((NS, "backbones-worker"),),
+        events=(),
+        version=("1", "31"),
+    ):
         self.calls: list[tuple[str, dict]] = []
         self.jobs = {j["metadata"]["name"]: j for j in jobs or []}
         self.pods = pods or []
         self.fail = fail or {}
         self.logs = logs or {}
         self.lingering = lingering  # reads that still see a deleted Job (pods terminating)
+        self.namespaces = set(namespaces)
+        self.accounts = set(accounts)
+        self.events = list(events)
+        self.version = version
 
     def _call(self, method: str, kw: dict):
         self.calls.append((method, kw))
@@ -78,6 +93,36 @@ class FakeApi:
         return {"items": items}
 
     # CoreV1Api
+    def read_namespace(self, **kw):
+        self._call("read_namespace", kw)
+        if kw["name"] not in self.namespaces:
+            raise api_exception(404, "Not Found", f'namespaces "{kw["name"]}" not found')
+        return {"metadata": {"name": kw["name"]}}
+
+    def read_namespaced_service_account(self, **kw):
+        self._call("read_namespaced_service_account", kw)
+        if (kw["namespace"], kw["name"]) not in self.accounts:
+            raise api_exception(404, "Not Found", f'serviceaccounts "{kw["name"]}" not found')
+        return {"metadata": {"name": kw["name"], "namespace": kw["namespace"]}}
+
+    def list_namespaced_event(self, **kw):
+        self._call("list_namespaced_event", kw)
+        want = dict(part.split("=", 1) for part in kw["field_selector"].split(","))
+        return {
+            "items": [
+                e
+                for e in self.events
+                if e["involvedObject"]["kind"] == want["involvedObject.kind"]
+                and e["involvedObject"]["name"] == want["involvedObject.name"]
+            ]
+        }
+
+    # VersionApi
+    def get_code(self, **kw):
+        self._call("get_code", kw)
+        major, minor = self.version
+        return {"major": major, "minor": minor, "gitVersion": f"v{major}.{minor}.0"}
+
     def list_namespaced_pod(self, **kw):
         self._call("list_namespaced_pod", kw)
         job = kw["label_selector"].partition("=")[2]
@@ -103,8 +148,15 @@ class FakeStream:
         self.released = True
 
 
-def cluster_of(api: FakeApi) -> Cluster:
-    return Cluster(api, api, NS, sleep=lambda s: None)
+def cluster_of(api: FakeApi, namespace: str = NS) -> Cluster:
+    return Cluster(api, api, namespace, sleep=lambda s: None, version=api)
+
+
+CHECKS = [  # what submit asks before it touches the Job
+    ("get_code", {}),
+    ("read_namespace", {"name": NS}),
+    ("read_namespaced_service_account", {"name": "backbones-worker", "namespace": NS}),
+]
 
 
 def spec_data(**over) -> dict:
@@ -114,6 +166,7 @@ def spec_data(**over) -> dict:
         "backbone": {"model": "resnet50", "weights": "none"},
         "dataset": {"uri": "s3://data/eurosat/"},
         "output": {"uri": "s3://runs/"},
+        "resources": {"service_account": "backbones-worker"},
     }
     data.update(over)
     return data
@@ -140,6 +193,7 @@ def test_submit_reads_then_creates_the_job():
     api, job = FakeApi(), job_for()
     result = ops.submit(cluster_of(api), job)
     assert api.calls == [
+        *CHECKS,
         ("read_namespaced_job", {"name": "q", "namespace": NS}),
         ("create_namespaced_job", {"namespace": NS, "body": job}),
     ]
@@ -150,23 +204,24 @@ def test_resubmitting_the_same_spec_reports_the_existing_job_and_creates_nothing
     job = job_for()
     api = FakeApi(jobs=[copy.deepcopy(job)])
     result = ops.submit(cluster_of(api), job)
-    assert [c[0] for c in api.calls] == ["read_namespaced_job"]
+    assert api.calls[len(CHECKS) :] == [("read_namespaced_job", {"name": "q", "namespace": NS})]
     assert result.line() == "Job backbones/q already exists with this spec; nothing to do"
 
 
-def test_a_changed_spec_under_the_same_name_is_refused():
+def test_a_changed_spec_under_the_same_name_as_a_running_job_is_refused():
     old, new = job_for(), job_for(protocol={"max_epochs": 7})
-    api = FakeApi(jobs=[old])
+    api = FakeApi(jobs=[with_status(old, active=1)])
     with pytest.raises(UserError) as e:
         ops.submit(cluster_of(api), new)
-    old_hash = old["metadata"]["annotations"]["backbones.dev/spec-hash"]
-    new_hash = new["metadata"]["annotations"]["backbones.dev/spec-hash"]
+    old_hash = old["metadata"]["annotations"]["backbones.dev/job-hash"]
+    new_hash = new["metadata"]["annotations"]["backbones.dev/job-hash"]
     assert str(e.value) == (
-        f"Job backbones/q exists with a different spec (spec-hash {old_hash} != {new_hash}); "
-        "rename the spec, or pass --replace to delete that Job and its pods"
+        f"Job backbones/q is running with a different spec, resources or image (job-hash "
+        f"{old_hash} != {new_hash}); rename the spec, or pass --replace to stop it (its pods "
+        "checkpoint) and start this one"
     )
     assert e.value.exit_code == EXIT_USER
-    assert [c[0] for c in api.calls] == ["read_namespaced_job"]
+    assert [c[0] for c in api.calls][len(CHECKS) :] == ["read_namespaced_job"]
 
 
 def test_replace_deletes_in_the_foreground_waits_until_gone_then_creates():
@@ -174,6 +229,7 @@ def test_replace_deletes_in_the_foreground_waits_until_gone_then_creates():
     api = FakeApi(jobs=[old], lingering=2)
     result = ops.submit(cluster_of(api), new, replace=True)
     assert api.calls == [
+        *CHECKS,
         ("read_namespaced_job", {"name": "q", "namespace": NS}),
         (
             "delete_namespaced_job",
@@ -217,6 +273,154 @@ def test_dry_run_of_a_replacement_deletes_nothing():
     methods = [c[0] for c in api.calls]
     assert "delete_namespaced_job" not in methods
     assert api.calls[-1][1]["dry_run"] == "All"
+
+
+def finished(job: dict, kind: str, reason: str = "") -> dict:
+    cond = {"type": kind, "status": "True", "reason": reason, "message": "m"}
+    return with_status(copy.deepcopy(job), conditions=[cond])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"resources": {"memory": "64Gi", "service_account": "backbones-worker"}},
+        {"storage": {"credentials_secret": "other"}},
+        {"metrics": {"port": 9200}},
+    ],
+    ids=["resources", "storage", "metrics"],
+)
+def test_the_job_hash_covers_what_shapes_the_job_besides_the_spec(change):
+    old, new = job_for(), job_for(**change)
+    key = "backbones.dev/job-hash"
+    assert old["metadata"]["annotations"][key] != new["metadata"]["annotations"][key]
+    # ...which the spec hash (what determines the results) leaves out on purpose.
+    key = "backbones.dev/spec-hash"
+    assert old["metadata"]["annotations"][key] == new["metadata"]["annotations"][key]
+
+
+def test_the_image_changes_the_job_hash():
+    spec = parse_spec(spec_data())
+    a = render_job(spec, image="r.example.com/b:1")["metadata"]["annotations"]
+    b = render_job(spec, image="r.example.com/b:2")["metadata"]["annotations"]
+    assert a["backbones.dev/job-hash"] != b["backbones.dev/job-hash"]
+
+
+def test_resubmitting_with_more_memory_after_an_oom_failure_replaces_the_failed_job():
+    """The issue's case: the Job failed (BackoffLimitExceeded after OOMKilled); the user raises
+    resources.memory and submits again. Without --replace, it is replaced, with a message."""
+    old = finished(job_for(), "Failed", "BackoffLimitExceeded")
+    new = job_for(resources={"memory": "64Gi", "service_account": "backbones-worker"})
+    api, said = FakeApi(jobs=[old]), []
+    result = ops.submit(cluster_of(api), new, say=said.append)
+    assert said == [
+        "Job backbones/q has finished: Failed (BackoffLimitExceeded); replacing it "
+        "(outputs in S3 stay: runs resume)"
+    ]
+    methods = [c[0] for c in api.calls]
+    assert methods.index("delete_namespaced_job") < methods.index("create_namespaced_job")
+    assert api.jobs["q"] == new
+    assert result.line() == "replaced Job backbones/q"
+
+
+def test_resubmitting_the_same_spec_after_a_failure_retries_it():
+    old = finished(job_for(), "Failed", "DeadlineExceeded")
+    api, said = FakeApi(jobs=[old]), []
+    result = ops.submit(cluster_of(api), job_for(), say=said.append)
+    assert result.action == "replaced" and said[0].endswith(
+        "has finished: Failed (DeadlineExceeded); replacing it (outputs in S3 stay: runs resume)"
+    )
+
+
+def test_a_completed_job_with_the_same_spec_is_left_alone():
+    api = FakeApi(jobs=[finished(job_for(), "Complete")])
+    result = ops.submit(cluster_of(api), job_for())
+    assert "delete_namespaced_job" not in [c[0] for c in api.calls]
+    assert result.line() == (
+        "Job backbones/q already completed with this spec; nothing to do (--replace runs it again)"
+    )
+
+
+def test_a_completed_job_with_another_spec_is_replaced_with_a_message():
+    api, said = FakeApi(jobs=[finished(job_for(), "Complete")]), []
+    result = ops.submit(cluster_of(api), job_for(protocol={"max_epochs": 7}), say=said.append)
+    assert result.action == "replaced"
+    assert said == [
+        "Job backbones/q has finished: Complete; replacing it (outputs in S3 stay: runs resume)"
+    ]
+
+
+def test_a_running_job_with_the_same_spec_is_left_alone_even_when_older_than_the_cli():
+    api = FakeApi(jobs=[with_status(job_for(), active=1)])
+    assert ops.submit(cluster_of(api), job_for()).action == "exists"
+
+
+def test_submit_into_a_missing_namespace_says_so_before_creating_anything():
+    api = FakeApi(namespaces=[])
+    with pytest.raises(UserError) as e:
+        ops.submit(cluster_of(api), job_for())
+    assert str(e.value) == (
+        "namespace backbones does not exist: create it (kubectl apply -k k8s/ makes "
+        "'backbones'), or pick another with -n or resources.namespace"
+    )
+    assert "create_namespaced_job" not in [c[0] for c in api.calls]
+
+
+def test_submit_with_a_missing_service_account_says_so_before_creating_anything():
+    api = FakeApi(accounts=[])
+    with pytest.raises(UserError) as e:
+        ops.submit(cluster_of(api), job_for())
+    assert str(e.value) == (
+        "ServiceAccount backbones/backbones-worker (resources.service_account) does not exist, "
+        "so its pods would be refused: kubectl -n backbones create serviceaccount "
+        "backbones-worker, or leave resources.service_account empty"
+    )
+    assert "create_namespaced_job" not in [c[0] for c in api.calls]
+
+
+def test_a_submitter_who_may_not_read_namespaces_still_submits():
+    forbidden = api_exception(403, "Forbidden", 'namespaces "backbones" is forbidden')
+    api = FakeApi(fail={"read_namespace": forbidden})
+    assert ops.submit(cluster_of(api), job_for()).action == "created"
+
+
+def test_submit_cli_missing_service_account_is_one_line_and_exit_2(monkeypatch, spec_file):
+    api = FakeApi(accounts=[])
+    monkeypatch.setattr(k8s_cmds, "_cluster", lambda ns, ctx: cluster_of(api))
+    result = CliRunner().invoke(app, ["submit", str(spec_file)])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1].startswith(
+        "error: ServiceAccount backbones/backbones-worker (resources.service_account) does not "
+        "exist"
+    )
+
+
+@pytest.mark.parametrize(("minor", "warned"), [("28", True), ("29", False), ("33+", False)])
+def test_submit_warns_when_the_server_is_older_than_1_29(minor, warned):
+    api, said = FakeApi(version=("1", minor)), []
+    assert ops.submit(cluster_of(api), job_for(), say=said.append).action == "created"
+    assert bool(said) == warned
+    if warned:
+        assert said[0].startswith(
+            "warning: the API server is Kubernetes 1.28; backbones needs 1.29+. Older servers "
+            "drop backoffLimitPerIndex and podReplacementPolicy without a word"
+        )
+
+
+def test_an_unanswered_version_request_never_blocks_submit():
+    api = FakeApi(fail={"get_code": ConnectionResetError("reset")})
+    assert ops.submit(cluster_of(api), job_for()).action == "created"
+
+
+def test_the_dry_run_of_a_replacement_has_a_name_the_server_accepts():
+    from service.k8s.render import dry_run_name
+
+    long = {**STUDY, "name": "a" * 60, "seeds": list(range(11))}  # the longest for 11 cells
+    job = render_job(parse_spec(long))
+    name = dry_run_name(job)
+    assert name.endswith("-dry") and len(f"{name}-10") <= 63  # name[:57]-dry-10 would not be
+    api = FakeApi(jobs=[with_status(job_for(name="a" * 60), active=1)])
+    ops.submit(cluster_of(api), job, replace=True, dry_run=True)
+    assert api.calls[-1][1]["body"]["metadata"]["name"] == name
 
 
 # ---- API failures ---------------------------------------------------------------------------
@@ -389,7 +593,7 @@ def test_a_failed_job_shows_failed_with_the_controllers_message():
     (row,) = ops.status_rows(cluster_of(api), "q", None, lambda s, c: None, NOW)
     assert (row.phase, row.error) == (
         "Failed",
-        "Container worker for pod backbones/q-a failed with exit code 2",
+        "PodFailurePolicy: Container worker for pod backbones/q-a failed with exit code 2",
     )
 
 
@@ -593,7 +797,7 @@ def test_submit_cli_turns_a_403_into_one_line_and_exit_2(monkeypatch, spec_file)
 
 
 def test_submit_cli_namespace_flag_moves_the_job(monkeypatch, spec_file):
-    api = FakeApi()
+    api = FakeApi(accounts=[("team-a", "backbones-worker")])
     used = []
     monkeypatch.setattr(
         k8s_cmds, "_cluster", lambda ns, ctx: used.append(ns) or Cluster(api, api, ns)

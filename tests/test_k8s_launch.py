@@ -14,9 +14,15 @@ def test_any_rank_reporting_a_user_error_makes_the_pod_exit_2():
     assert exit_code([1, 2]) == 2
 
 
-def test_other_rank_failures_and_signals_are_retriable():
-    assert exit_code([1]) == 75
+def test_ranks_stopped_retriably_or_by_a_signal_are_retriable():
     assert exit_code([-9, 75]) == 75
+    assert exit_code([-15]) == 75
+
+
+def test_a_rank_that_crashed_is_a_crash_counted_against_the_backoff_limit():
+    # 75 is ignored by the Job's failure policy: a crash mapped to it would retry forever.
+    assert exit_code([1]) == 1
+    assert exit_code([1, -15]) == 1
 
 
 def test_a_rank_exiting_2_under_torchrun_exits_the_pod_with_2(tmp_path):

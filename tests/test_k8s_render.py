@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -22,6 +23,8 @@ from service.k8s.render import (
 )
 from service.spec import parse_spec
 from service.study import expand
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def finetune(**over) -> dict:
@@ -305,24 +308,94 @@ def test_the_grace_period_is_the_specs_checkpoint_time():
 # ---- the Job's retry policy -----------------------------------------------------------------
 
 
-def test_disruptions_are_ignored_and_exit_code_2_fails_the_job():
-    assert job_of(finetune())["spec"]["podFailurePolicy"] == {
-        "rules": [
-            {
-                "action": "Ignore",
-                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
-            },
-            {
-                "action": "FailJob",
-                "onExitCodes": {"containerName": "worker", "operator": "In", "values": [2]},
-            },
-        ]
+def retry_table(which: int = 0) -> list[dict[str, str]]:
+    """A table of docs/kubernetes.md section 7 (0: the rules, 1: the bounds), a dict per row."""
+    text = (ROOT / "docs" / "kubernetes.md").read_text()
+    section = text[text.index("## 7. What a Job does on failure") :]
+    section = section[: section.index("\n## ", 10)]
+    tables, current = [], []
+    for ln in section.splitlines():
+        if ln.startswith("|"):
+            current.append(ln)
+        elif current:
+            tables.append(current)
+            current = []
+    lines = tables[which]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [
+        dict(zip(header, [c.strip() for c in ln.strip("|").split("|")], strict=True))
+        for ln in lines[2:]
+    ]
+
+
+def action_for(job: dict, shows: str) -> str:
+    """What the Job controller does with a failed pod: the first matching rule, else Count."""
+    kind, value = shows.replace("`", "").split()[:2]
+    for rule in job["spec"]["podFailurePolicy"]["rules"]:
+        if kind == "exit" and "onExitCodes" in rule:
+            on = rule["onExitCodes"]
+            assert on["containerName"] == container(job)["name"]
+            inside = int(value) in on["values"]
+            if inside == (on["operator"] == "In"):
+                return rule["action"]
+        if kind == "condition" and any(
+            c["type"] == value and c["status"] == "True" for c in rule.get("onPodConditions", [])
+        ):
+            return rule["action"]
+    return "Count"
+
+
+RETRY_ROWS = retry_table()
+
+
+def test_the_retry_table_covers_the_worker_contract():
+    shows = [r["the pod shows"] for r in RETRY_ROWS]
+    assert shows[0] == "condition `DisruptionTarget`"
+    for code in (1, 2, 75, 137, 143):
+        assert any(s.startswith(f"exit {code}") for s in shows), code
+
+
+@pytest.mark.parametrize("row", RETRY_ROWS, ids=[r["the pod shows"] for r in RETRY_ROWS])
+@pytest.mark.parametrize("kind", ["FineTune", "Study (per cell)"])
+def test_each_row_of_the_retry_table_is_what_the_rendered_job_does(row, kind):
+    job = job_of(finetune() if kind == "FineTune" else study())
+    assert f"`{action_for(job, row['the pod shows'])}`" == row[kind]
+
+
+def test_each_bound_the_table_names_is_set_in_the_rendered_jobs():
+    import re
+
+    rows = retry_table(1)
+    assert len(rows) == 3
+    fields = {f for r in rows for f in re.findall(r"`(\w+)`", r["field"])}
+    assert fields == {
+        "backoffLimit",
+        "backoffLimitPerIndex",
+        "maxFailedIndexes",
+        "activeDeadlineSeconds",
     }
+    finetune_spec, study_spec = job_of(finetune())["spec"], job_of(study())["spec"]
+    for f in fields:
+        assert f in finetune_spec or f in study_spec, f
+    assert study_spec["maxFailedIndexes"] == (parse_spec(study()).n_cells + 1) // 2
+    assert "activeDeadlineSeconds" in finetune_spec and "activeDeadlineSeconds" in study_spec
 
 
-def test_in_a_study_exit_code_2_fails_only_that_cell():
-    rules = job_of(study())["spec"]["podFailurePolicy"]["rules"]
-    assert rules[1]["action"] == "FailIndex"
+def test_counted_failures_end_at_the_backoff_limit_the_table_names():
+    assert job_of(finetune())["spec"]["backoffLimit"] == 3
+    spec = job_of(study())["spec"]
+    assert spec["backoffLimitPerIndex"] == 3 and "backoffLimit" not in spec
+
+
+def test_retriable_exits_are_the_workers_and_ignored_only_for_its_container():
+    from service.errors import EXIT_RETRY
+    from service.k8s.render import RETRIABLE_EXIT_CODES
+
+    assert RETRIABLE_EXIT_CODES == [EXIT_RETRY, 143]
+    job = job_of(finetune())
+    assert action_for(job, "exit 75") == "Ignore"
+    (rule,) = [r for r in job["spec"]["podFailurePolicy"]["rules"] if r.get("onExitCodes")][1:]
+    assert rule["onExitCodes"]["containerName"] == "worker"
 
 
 def test_backoff_deadline_and_ttl_come_from_the_spec():
@@ -340,8 +413,22 @@ def test_backoff_deadline_and_ttl_come_from_the_spec():
     assert job["spec"]["ttlSecondsAfterFinished"] == 60
 
 
-def test_no_deadline_unless_the_spec_sets_one():
-    assert "activeDeadlineSeconds" not in job_of(finetune())["spec"]
+def test_without_a_deadline_in_the_spec_one_is_derived_from_the_budget_estimate():
+    from service.budget import job_deadline_seconds
+
+    for data in (finetune(), study()):
+        deadline = job_of(data)["spec"]["activeDeadlineSeconds"]
+        assert deadline == job_deadline_seconds(parse_spec(data))
+        assert deadline % 3600 == 0 and deadline >= 2 * 3600
+
+
+def test_the_derived_deadline_grows_with_the_waves_of_a_study():
+    def deadline(**resources):
+        return job_of(study(resources=resources))["spec"]["activeDeadlineSeconds"]
+
+    cells = parse_spec(study()).n_cells
+    assert cells >= 2
+    assert deadline(parallelism=1) > deadline(parallelism=cells)
 
 
 def test_a_queue_creates_the_job_suspended_with_kueue_labels():

@@ -96,3 +96,61 @@ def _foreign_acquire(store):
     lease = Lease(store, ttl=0.4)
     lease._stale = lambda held: time.time() - held["heartbeat"] > held["ttl"]  # no pid shortcut
     return lease.acquire()
+
+
+# ---- a replacement pod and a dead holder (issue 16) ------------------------------------------
+
+HOLDER = """
+import socket, sys, time
+socket.gethostname = lambda: "dead-node"  # another node: the same-host pid check cannot apply
+from service.lease import Lease
+from service.storage.local import LocalStore
+lease = Lease(LocalStore(sys.argv[1]), ttl=float(sys.argv[2])).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def _start_holder(store, ttl: float) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(store.root), str(ttl)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_replacement_waits_out_a_killed_holders_lease_instead_of_exiting_75(store, caplog):
+    """SIGKILL (OOM, node crash): the dead holder's heartbeat stays fresh for up to its TTL.
+    A contender started within the TTL waits for it to expire, says so, then takes over."""
+    holder = _start_holder(store, ttl=3)
+    holder.kill()
+    holder.wait()
+    assert json.loads(store.read_bytes("lock.json"))["host"] == "dead-node"
+    caplog.set_level("WARNING", logger="service.lease")
+    with Lease(store, ttl=3) as lease:  # the worker's way in
+        assert lease.held() and lease.waited
+        assert json.loads(store.read_bytes("lock.json"))["owner"] == lease.owner
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "run is held by dead-node/" in line and "waiting up to" in line
+
+
+def test_a_contender_gives_up_as_soon_as_a_live_holders_heartbeat_moves(store):
+    holder = _start_holder(store, ttl=0.8)  # renews every 0.2 s
+    try:
+        with pytest.raises(LeaseHeld, match="run is held by another worker"):
+            Lease(store, ttl=60).__enter__()  # would wait ~75 s for a dead one
+        assert json.loads(store.read_bytes("lock.json"))["host"] == "dead-node"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_holder_that_finishes_while_a_contender_waits_hands_over(store):
+    first = Lease(store, ttl=60)
+    first.acquire()
+    second = Lease(store, ttl=60)
+    threading.Timer(0.3, first.release).start()
+    with second:
+        assert second.waited  # the worker then re-reads the summary before training

@@ -107,10 +107,14 @@ def test_the_worker_builds_a_model_from_s3_weights(trained, s3_bucket, s3_storag
     from service import models
 
     pushed = push_weights(str(trained), f"s3://{s3_bucket}/weights/", s3_storage)
+    downloaded: list[int] = []
     built = models.build(
         Backbone(model="test_resnet", weights=pushed.uri),
         3,
         cache_dir=tmp_path / "cache",
         storage=s3_storage,
+        on_download=downloaded.append,
     )
     assert built.weights_sha256 == pushed.sha256
+    # backbones_downloaded_bytes_total counts weights as docs/monitoring.md says.
+    assert sum(downloaded) == pushed.size

@@ -84,6 +84,7 @@ def test_env_json_records_versions_seeds_and_hashes(standard_run):
     assert env["seed"] == 0
     assert len(env["data_content_hash"]) >= 16
     assert env["device"].startswith("cpu")
+    assert (env["precision"], env["precision_reason"]) == ("fp32", "auto: fp32 on the CPU")
     assert {"python", "timm", "torchvision", "weights_sha256"} <= set(env)
 
 

@@ -54,6 +54,9 @@ def edge() -> Iterator[None]:
     except KeyboardInterrupt:
         err("interrupted")
         raise typer.Exit(130) from None
+    except BrokenPipeError:
+        _reader_gone()
+        raise typer.Exit(0) from None
     except OSError as e:
         if debug_enabled():
             raise
@@ -79,8 +82,17 @@ def load_or_exit(path: Path):
         raise typer.Exit(EXIT_USER) from None
 
 
+def _reader_gone() -> None:
+    """`backbones expand ... | head`: a reader that stops early is a normal end, as for
+    `git log | head`. Point stdout at /dev/null so the interpreter's final flush cannot raise
+    again; the caller exits 0 without a word."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def main() -> None:
     try:
         app()
-    except BrokenPipeError:  # `backbones render ... | head`
-        sys.stderr.close()
+    except BrokenPipeError:  # raised outside a command's edge()
+        _reader_gone()
+        sys.exit(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import typer
 
@@ -24,25 +25,14 @@ def catalog(
     """
     from service.catalog import entries
 
-    rows = [e for e in entries() if e.paper or not paper]
+    entries_ = [e for e in entries() if e.paper or not paper]
     if as_json:
-        typer.echo(json.dumps([e.to_dict() for e in rows], indent=2))
+        typer.echo(json.dumps([e.to_dict() for e in entries_], indent=2))
         return
-
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="backbones catalog", title_justify="left")
-    table.add_column("name", no_wrap=True)
-    table.add_column("family")
-    table.add_column("params M", justify="right")
-    table.add_column("GMACs", justify="right")
-    table.add_column("input", justify="right")
-    table.add_column("top-1", justify="right")
-    table.add_column("paper")
-    table.add_column("available / note")
-    for e in rows:
-        table.add_row(
+    headers = ["name", "family", "params M", "GMACs", "input", "top-1", "paper", "available"]
+    right = {"params M", "GMACs", "input", "top-1"}
+    rows = [
+        [
             e.name,
             e.family,
             _num(e.params_m, ".1f"),
@@ -51,6 +41,31 @@ def catalog(
             _num(e.imagenet_top1, ".1f"),
             "yes" if e.paper else "",
             "yes" if e.available else f"no: {e.note}",
-        )
-    Console(soft_wrap=False).print(table)
+        ]
+        for e in entries_
+    ]
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="backbones catalog", title_justify="left")
+        for h in headers:
+            table.add_column(h, justify="right" if h in right else "left", no_wrap=h == "name")
+        for row in rows:
+            table.add_row(*row)
+        Console(soft_wrap=False).print(table)
+    else:
+        # Piped or redirected: plain columns, never cut, for grep, awk and files.
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+        def line(cells: list[str]) -> str:
+            out = [
+                c.rjust(w) if h in right else c.ljust(w)
+                for c, w, h in zip(cells, widths, headers, strict=True)
+            ]
+            return "  ".join(out).rstrip()
+
+        typer.echo(line(headers))
+        for row in rows:
+            typer.echo(line(row))
     typer.echo("top-1: ImageNet-1k of the weights `weights: timm` loads; sources: --json")

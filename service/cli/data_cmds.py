@@ -98,7 +98,9 @@ def dataset_inspect(
     uri: str = typer.Argument(..., help="s3://… or a local folder/archive."),
     as_json: bool = typer.Option(False, "--json", help="Print the card as JSON."),
     cache_dir: Path = typer.Option(
-        None, "--cache-dir", help="Where s3:// data is fetched (default: ~/.cache/backbones)."
+        None,
+        "--cache-dir",
+        help="Where s3:// data is fetched (default: $BACKBONES_CACHE, else ~/.cache/backbones).",
     ),
     endpoint_url: str = _endpoint_opt,
     region: str = _region_opt,

@@ -63,7 +63,10 @@ def submit(
     image: str = typer.Option(None, "--image", help="Container image, pinned by tag or digest."),
     namespace: str = _namespace_opt,
     replace: bool = typer.Option(
-        False, "--replace", help="A Job of this name runs another spec: delete it, then create."
+        False,
+        "--replace",
+        help="A Job of this name is running another spec (or resources, image): delete it, "
+        "then create. Finished and failed Jobs are replaced without it.",
     ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Server-side dry run: admission and validation, nothing stored."
@@ -97,7 +100,8 @@ def submit(
             hours = f"~{est.gpu_hours:.1f} GPU-hours on {est.reference_gpu}"
             err(f"study {spec.name}: {spec.n_cells} cells, {hours}")
         cluster = _cluster(job["metadata"]["namespace"], context)
-        typer.echo(do_submit(cluster, job, replace=replace, dry_run=dry_run).line())
+        done = do_submit(cluster, job, replace=replace, dry_run=dry_run, say=err)
+        typer.echo(done.line())
 
 
 @app.command()

@@ -250,7 +250,7 @@ def _decode_all(catalog: sources.Catalog, out: np.ndarray, hw, workers: int) -> 
                     rows = torch.from_numpy(np.ascontiguousarray(read_rows(i, j)))
                     out[i:j] = decoding.resize(decoding._to_rgb(rows), hw).numpy()
 
-            size = _ROWS_PER_TASK if catalog.items is not None else 512
+            size = _ROWS_PER_TASK  # bounds each worker's float working set (resize)
             futures = [ex.submit(task, i, j) for i, j in sources.iter_chunks(n, size)]
             try:
                 for f in futures:
@@ -336,19 +336,25 @@ def _split(images: np.ndarray, catalog: sources.Catalog, idx: np.ndarray) -> Spl
     )
 
 
+# Bytes of int64 working memory channel_stats uses at a time, whatever the image size.
+_STATS_CHUNK_BYTES = 4 << 20
+
+
 def channel_stats(split: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std on a 0-1 scale, accumulated in float64, chunk by chunk (a
-    chunk at a time is all that is ever read into memory)."""
+    """Per-channel mean and std on a 0-1 scale. Sums are exact (int64), taken a few images at
+    a time, so the host never holds more than ~_STATS_CHUNK_BYTES beyond the shared cache map
+    (a 448x672 dataset would otherwise need GBs of float64 per chunk)."""
     n = len(split)
-    s = torch.zeros(3, dtype=torch.float64)
-    ss = torch.zeros(3, dtype=torch.float64)
-    for i in range(0, n, 256):
-        x = split.gather(torch.arange(i, min(i + 256, n))).to(torch.float64)
+    c, h, w = split.image_shape
+    rows = max(1, _STATS_CHUNK_BYTES // (c * h * w * 8))
+    s = torch.zeros(3, dtype=torch.int64)
+    ss = torch.zeros(3, dtype=torch.int64)
+    for i in range(0, n, rows):
+        x = split.gather(torch.arange(i, min(i + rows, n))).to(torch.int64)
         s += x.sum(dim=(0, 2, 3))
-        ss += (x * x).sum(dim=(0, 2, 3))
-    h, w = split.image_shape[1:]
+        ss += x.square_().sum(dim=(0, 2, 3))
     count = max(1, n * h * w)
-    mean = s / count
-    var = (ss / count - mean * mean).clamp(min=0)
+    mean = s.double() / count
+    var = (ss.double() / count - mean * mean).clamp(min=0)
     std = var.sqrt().clamp(min=1.0)  # constant channels: avoid dividing by ~0
     return tuple((mean / 255).tolist()), tuple((std / 255).tolist())

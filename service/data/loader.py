@@ -61,32 +61,39 @@ def plan_residency(splits: Sequence[Split], free_bytes: int, model_bytes: int) -
 
 
 class CopyEngine:
-    """Host -> GPU copies on a side stream, each batch with its own completion event.
+    """Host -> GPU batches: gathered into pinned memory, copied on a side stream, each with
+    its own completion event.
 
     Waiting on the stream would also wait for every copy queued after the batch needed now (the
-    prefetched next one, queued before this batch is used); an event recorded right after a
+    prefetched next one is queued before this one is used); an event recorded right after a
     batch's copy marks exactly that batch's completion, so compute on batch k never waits for
-    the copy of batch k+1.
+    the copy of batch k+1. The caching host allocator keeps a pinned buffer alive until its
+    copy has finished, so reusing freed buffers is safe.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device)
 
-    def copy(self, *host: torch.Tensor):
+    def fetch(self, split: Split, labels: torch.Tensor, idx: torch.Tensor):
+        x = torch.empty((len(idx), *split.image_shape), dtype=torch.uint8, pin_memory=True)
+        y = torch.empty(len(idx), dtype=torch.int64, pin_memory=True)
+        split.gather(idx, out=x)
+        torch.index_select(labels, 0, idx, out=y)
         with torch.cuda.stream(self.stream):
-            out = tuple(t.to(self.device, non_blocking=True) for t in host)
+            xd = x.to(self.device, non_blocking=True)
+            yd = y.to(self.device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
-        return out, done
+        return (xd, yd), done
 
-    def wait(self, batch) -> tuple[torch.Tensor, ...]:
-        tensors, done = batch
+    def wait(self, handle) -> tuple[torch.Tensor, torch.Tensor]:
+        (x, y), done = handle
         current = torch.cuda.current_stream(self.device)
         current.wait_event(done)
-        for t in tensors:
-            t.record_stream(current)  # the allocator must not reuse it before compute is done
-        return tensors
+        x.record_stream(current)  # the allocator must not reuse them before compute is done
+        y.record_stream(current)
+        return x, y
 
 
 class BatchLoader:
@@ -189,14 +196,7 @@ class BatchLoader:
             return self.resident.index_select(0, idx), self._labels.index_select(0, idx)
         if self._copies is None:  # CPU training: gather straight from the cache map
             return self.split.gather(idx), self._labels.index_select(0, idx)
-        # Gather straight into pinned buffers, copy on a side stream: the copy runs while the
-        # GPU computes the previous batch. The caching host allocator keeps a buffer alive
-        # until its copy has finished, so reusing freed buffers is safe.
-        x = torch.empty((len(idx), *self.split.image_shape), dtype=torch.uint8, pin_memory=True)
-        y = torch.empty(len(idx), dtype=torch.int64, pin_memory=True)
-        self.split.gather(idx, out=x)
-        torch.index_select(self._labels, 0, idx, out=y)
-        return self._copies.copy(x, y)
+        return self._copies.fetch(self.split, self._labels, idx)  # overlaps with compute
 
     def _ready(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         return batch if self._copies is None else self._copies.wait(batch)

@@ -103,17 +103,21 @@ class Cluster:
         namespace: str,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        version: Any = None,
     ):
         self.batch = batch
         self.core = core
+        self.version = version  # VersionApi; None: the server version is not asked
         self.namespace = namespace
         self._sleep = sleep
         self._clock = clock
 
     @classmethod
     def connect(cls, namespace: str, context: str | None = None) -> Cluster:
+        from kubernetes.client import VersionApi
+
         batch, core = connect(context)
-        return cls(batch, core, namespace)
+        return cls(batch, core, namespace, version=VersionApi())
 
     def _job(self, name: str) -> str:
         return f"Job {self.namespace}/{name}"
@@ -161,6 +165,53 @@ class Cluster:
                     f"{timeout:.0f} s; run submit --replace again"
                 )
             self._sleep(poll)
+
+    # ---- What a Job needs before it can run ----------------------------------------------
+
+    def server_version(self) -> tuple[int, int] | None:
+        """(major, minor) of the API server (GET /version, readable by every user), or None."""
+        if self.version is None:
+            return None
+        with _calling("get", "the API server version"):
+            info = _plain(self.version.get_code())
+        try:
+            return int(info["major"]), int(str(info["minor"]).rstrip("+"))
+        except (KeyError, TypeError, ValueError):
+            return None  # a distribution that reports something odd: do not guess
+
+    def namespace_exists(self) -> bool | None:
+        """True / False, or None when we may not look (the submitter Role is namespaced and
+        cannot read Namespace objects: the create then answers for it)."""
+        try:
+            with _calling("get", f"Namespace {self.namespace}"):
+                self.core.read_namespace(name=self.namespace)
+        except NotFoundError:
+            return False
+        except UserError:  # 403
+            return None
+        return True
+
+    def service_account_exists(self, name: str) -> bool:
+        try:
+            with _calling("get", f"ServiceAccount {self.namespace}/{name}"):
+                self.core.read_namespaced_service_account(name=name, namespace=self.namespace)
+        except NotFoundError:
+            return False
+        return True
+
+    def events(self, kind: str, name: str) -> list[dict[str, Any]]:
+        """Events about one object (FailedCreate on a Job, FailedScheduling on a pod), oldest
+        first."""
+        selector = f"involvedObject.kind={kind},involvedObject.name={name}"
+        with _calling("list", f"events of {kind} {self.namespace}/{name}"):
+            found = _plain(
+                self.core.list_namespaced_event(namespace=self.namespace, field_selector=selector)
+            )
+
+        def when(e: dict[str, Any]) -> str:
+            return e.get("lastTimestamp") or e.get("eventTime") or ""
+
+        return sorted(found.get("items") or [], key=when)
 
     # ---- Pods ---------------------------------------------------------------------------
 

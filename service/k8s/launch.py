@@ -3,7 +3,9 @@
 torchrun exits 1 whenever a rank fails, whatever the rank's own code. That would hide exit
 code 2 (bad spec or data) from the Job's podFailurePolicy, and Kubernetes would retry a run that
 cannot succeed. This wrapper runs torchrun unchanged and maps a failed launch back onto the
-worker contract: 2 if any rank said "user error", else 75 (retriable).
+worker contract: 2 if any rank said "user error"; 75 (retriable, ignored by the Job's failure
+policy) when every failed rank stopped retriably or by a signal; else 1, a crash, which counts
+against the backoff limit as a single worker's crash does.
 
     python -m service.k8s.launch --standalone --nproc-per-node=4 -m service.worker
 """
@@ -14,10 +16,16 @@ import sys
 
 from service.errors import EXIT_OK, EXIT_RETRY, EXIT_USER
 
+EXIT_CRASH = 1
+
 
 def exit_code(rank_codes: list[int]) -> int:
     """One pod exit code from the failed ranks' codes (negative: killed by a signal)."""
-    return EXIT_USER if EXIT_USER in rank_codes else EXIT_RETRY
+    if EXIT_USER in rank_codes:
+        return EXIT_USER
+    if all(c == EXIT_RETRY or c < 0 for c in rank_codes):
+        return EXIT_RETRY
+    return EXIT_CRASH
 
 
 def main(argv: list[str] | None = None) -> int:

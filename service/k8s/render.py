@@ -16,7 +16,7 @@ import json
 import re
 from typing import Any
 
-from service.errors import EXIT_USER, UserError
+from service.errors import EXIT_RETRY, EXIT_USER, UserError
 from service.spec import FineTune, Study
 from service.study import cells_of
 
@@ -28,6 +28,9 @@ LABEL_PREFIX = "backbones.dev"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"
 SPEC_HASH = f"{LABEL_PREFIX}/spec-hash"
+# Everything that shapes the Job (spec, resources, image, storage, metrics, namespace): what
+# `submit` compares to tell "already there" from "changed".
+JOB_HASH = f"{LABEL_PREFIX}/job-hash"
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
@@ -86,6 +89,25 @@ def spec_hash_of(spec: FineTune | Study) -> str:
         include={"name", "backbones", "datasets", "seeds", "train_fractions", "protocol"},
     )
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def job_hash_of(job: dict[str, Any]) -> str:
+    """Hash of the rendered Job itself (its own job-hash annotation left out)."""
+    meta = dict(job["metadata"])
+    meta["annotations"] = {k: v for k, v in meta.get("annotations", {}).items() if k != JOB_HASH}
+    body = json.dumps({**job, "metadata": meta}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def dry_run_name(job: dict[str, Any]) -> str:
+    """A name for the server-side dry run of a replacement (the real name would answer 409
+    AlreadyExists) that the API server accepts: an Indexed Job's pod hostnames included."""
+    spec = job["spec"]
+    suffix = "-dry"
+    if spec.get("completionMode") == "Indexed":
+        suffix += f"-{spec['completions'] - 1}"
+    head = job["metadata"]["name"][: 63 - len(suffix)].rstrip("-")
+    return head + "-dry"
 
 
 def _identity(spec: FineTune | Study) -> dict[str, str]:
@@ -265,7 +287,17 @@ def _pod_spec(spec: FineTune | Study, image: str) -> dict[str, Any]:
     return pod
 
 
+# Exit codes the worker uses for "stopped, resume me later": 75 (storage down, SIGTERM handled,
+# lease held) and 143 (SIGTERM before the handler was installed, e.g. during imports).
+RETRIABLE_EXIT_CODES = [EXIT_RETRY, 128 + 15]
+
+
 def _pod_failure_policy(study: bool) -> dict[str, Any]:
+    """The retry table of docs/kubernetes.md ("What a Job does on failure"), rule for rule.
+
+    Rules match in order. ``Ignore`` does not count against the backoff limit but retries
+    without end: ``activeDeadlineSeconds`` (always set, see ``_deadline``) bounds it.
+    """
     return {
         "rules": [
             # Preemption, eviction, node drain: not the run's fault; retry without counting.
@@ -283,8 +315,28 @@ def _pod_failure_policy(study: bool) -> dict[str, Any]:
                     "values": [EXIT_USER],
                 },
             },
+            # Retriable stops (S3 outage, `kubectl delete pod`, a held lease): the run resumes
+            # from its checkpoint, so they must not use up the Job the way crashes do.
+            {
+                "action": "Ignore",
+                "onExitCodes": {
+                    "containerName": CONTAINER,
+                    "operator": "In",
+                    "values": list(RETRIABLE_EXIT_CODES),
+                },
+            },
+            # Anything else (a crash; 137 = OOMKilled, killed after the grace period, or evicted
+            # for the cache emptyDir, which sets no DisruptionTarget) falls
+            # through to the default: counted against backoffLimit(PerIndex).
         ]
     }
+
+
+def _deadline(spec: FineTune | Study) -> int:
+    """``resources.active_deadline_seconds``, else one derived from the budget estimate."""
+    from service.budget import job_deadline_seconds
+
+    return spec.resources.active_deadline_seconds or job_deadline_seconds(spec)
 
 
 def render_job(
@@ -297,7 +349,7 @@ def render_job(
     annotations = annotations_of(spec)
     pod_annotations = dict(annotations)
     if spec.metrics.port:
-        # For clusters without the Prometheus operator (k8s/podmonitor.yaml covers those with).
+        # For clusters without the Prometheus operator (k8s/monitoring/ covers those with).
         pod_annotations |= {
             "prometheus.io/scrape": "true",
             "prometheus.io/port": str(spec.metrics.port),
@@ -333,8 +385,9 @@ def render_job(
     # A replacement pod starts only once the old one is gone: two workers never write the same
     # run's checkpoints at once.
     js["podReplacementPolicy"] = "Failed"
-    if r.active_deadline_seconds:
-        js["activeDeadlineSeconds"] = r.active_deadline_seconds
+    # Always bounded: retriable exits are ignored by the failure policy, and pods that never
+    # start (image pull, missing Secret, no quota) would otherwise hold the Job forever.
+    js["activeDeadlineSeconds"] = _deadline(spec)
     js["ttlSecondsAfterFinished"] = r.ttl_seconds_after_finished
     if r.queue:
         # Kueue admits the Job by unsuspending it when quota frees up.
@@ -346,6 +399,7 @@ def render_job(
         "metadata": {"labels": dict(labels), "annotations": pod_annotations},
         "spec": _pod_spec(spec, image),
     }
+    annotations[JOB_HASH] = job_hash_of(job)
     return job
 
 

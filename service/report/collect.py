@@ -10,6 +10,9 @@ The expected cells are exact when the Study spec is given (``expand(study)`` ord
 it they are inferred: the grid is the product of the datasets, backbones, seeds and fractions
 seen, so a cell missing from an otherwise complete row or column is still reported.
 
+Outputs of plain FineTunes (``<prefix>/<name>/summary.json``, no study layout) are compared
+too: each run is a cell placed by what its summary (or spec.json) says it trained.
+
 Listing and reading go through ``open_store`` (local folder or S3) on a thread pool: on S3
 each object is one round trip, and a study has thousands.
 """
@@ -151,11 +154,10 @@ def _collect_with_spec(store: Store, study: Study, workers: int) -> Collection:
 
 
 def _collect_inferred(store: Store, workers: int) -> Collection:
-    files = _group(store.list(""))
+    keys = store.list("")
+    files = _group(keys)
     if not files:
-        raise UserError(
-            f"{store.uri}: no runs found (no <dataset>/<backbone>/seedS-fracF/ folders)"
-        )
+        return _collect_plain_runs(store, keys, workers)
     parsed = {d: _CELL_FILE.match(f"{d}/{SPEC}") for d in files}
     studies = sorted({m["study"] or "" for m in parsed.values()})
     if len(studies) > 1:
@@ -203,6 +205,72 @@ def _collect_inferred(store: Store, workers: int) -> Collection:
         dataset_order=datasets,
         backbone_order=backbones,
     )
+
+
+_RUN_FILE = re.compile(r"^(?P<dir>(?:.+/)?[^/]+)/(?P<file>summary|status|spec)\.json$")
+
+
+def _collect_plain_runs(store: Store, keys: list[str], workers: int) -> Collection:
+    """FineTune outputs with no study layout: a leaderboard of whatever runs are there."""
+    files: dict[str, set[str]] = {}
+    for key in keys:
+        m = _RUN_FILE.match(key)
+        if m and "/checkpoints" not in m["dir"]:
+            files.setdefault(m["dir"], set()).add(f"{m['file']}.json")
+    if not files:
+        raise UserError(
+            f"{store.uri}: no runs found (no summary.json, status.json or spec.json below it)"
+        )
+    cells = [Cell(key=d, dataset="?", backbone=d, seed=0, fraction=1.0) for d in sorted(files)]
+    _read_cells(store, cells, files, workers)
+
+    def place(cell: Cell) -> None:
+        """Coordinates from the summary, else from the spec the run wrote at its start."""
+        if cell.summary is not None:
+            s = cell.summary
+            ds, bb, seed, frac = s.get("dataset"), s.get("backbone"), s.get("seed"), None
+            frac = s.get("train_fraction")
+        else:
+            try:
+                spec = _read_json(store, f"{cell.key}/{SPEC}") or {}
+            except ValueError:
+                spec = {}
+            dataset = spec.get("dataset") or {}
+            ds = dataset.get("name") or _short_dataset(dataset.get("uri"))
+            bb = (spec.get("backbone") or {}).get("model")
+            seed = (spec.get("protocol") or {}).get("seed")
+            frac = (spec.get("dataset") or {}).get("train_fraction")
+        cell.dataset = ds or "?"
+        cell.backbone = bb or cell.key
+        cell.seed = int(seed or 0)
+        cell.fraction = float(frac if frac is not None else 1.0)
+
+    _parallel(place, cells, workers)
+    # Two runs of one backbone on one dataset and seed (another recipe, say) stay apart.
+    coords: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        coords.setdefault((c.dataset, c.backbone, c.seed, c.fraction), []).append(c)
+    for same in coords.values():
+        if len(same) > 1:
+            for c in same:
+                c.backbone = f"{c.backbone} ({c.key})"
+    return Collection(
+        uri=store.uri,
+        study=None,
+        cells=cells,
+        grid="inferred",
+        notes=[f"no study layout: {len(cells)} FineTune runs compared as they are"],
+        dataset_order=_unique(sorted(c.dataset for c in cells)),
+        backbone_order=_unique(sorted(c.backbone for c in cells)),
+    )
+
+
+def _short_dataset(uri: str | None) -> str | None:
+    if not uri:
+        return None
+    from service.spec import dataset_name_from_uri
+
+    return dataset_name_from_uri(uri)
 
 
 def _study_from_summaries(cells: list[Cell]) -> str | None:

@@ -15,12 +15,14 @@ from service.report.collect import Cell, Collection
 from service.report.stats import (
     INTERVAL_METHOD,
     PAIRED_METHOD,
+    SAMPLING_METHOD,
     Interval,
     Paired,
     mean_ranks,
     paired_test,
     ranks,
     t_interval,
+    wilson_interval,
 )
 
 
@@ -41,6 +43,7 @@ class Entry:
     train_seconds: float | None  # mean per run
     images_per_second: float | None
     leaky: bool  # some run selected its checkpoint on the test split
+    n_test: int | None = None  # test images of one run (mean over the seeds)
     rank: float = 0.0
     vs_leader: Paired | None = None  # None for the leader itself
 
@@ -51,6 +54,14 @@ class Entry:
     @property
     def seeds(self) -> list[int]:
         return sorted(self.top1_by_seed)
+
+    @property
+    def sampling(self) -> tuple[float, float] | None:
+        """95% Wilson interval of one run's test accuracy: how much the test set alone moves
+        a single number, whatever the seeds."""
+        if not self.n_test:
+            return None
+        return wilson_interval(min(max(self.top1.mean, 0.0), 1.0), self.n_test)
 
 
 @dataclass
@@ -186,6 +197,7 @@ def build(collection: Collection, *, now: float | None = None) -> Report:
         grid=collection.grid,
         methods={
             "interval": INTERVAL_METHOD,
+            "sampling": SAMPLING_METHOD,
             "leader_vs_runner_up": PAIRED_METHOD,
             "rank": "rank by mean test top-1 within each dataset (1 = best, ties share the "
             "average rank) at the dataset's largest train fraction; mean rank over the datasets "
@@ -214,6 +226,7 @@ def _entry(cells: list[Cell]) -> Entry:
         train_seconds=_mean(s.get("train_seconds") for s in sums),
         images_per_second=_mean(s.get("images_per_second") for s in sums),
         leaky=any(s.get("select_on") == "test" for s in sums),
+        n_test=_int_mean(s.get("n_test") for s in sums),
     )
 
 
@@ -275,6 +288,11 @@ def _standings(boards: list[Board]) -> list[Standing]:
     # More datasets first among equal mean ranks: a rank on one set is weaker evidence.
     out.sort(key=lambda s: (s.mean_rank, -s.n_datasets, -s.mean_top1, s.backbone))
     return out
+
+
+def _int_mean(values: Iterable) -> int | None:
+    mean = _mean(values)
+    return None if mean is None else round(mean)
 
 
 def _mean(values: Iterable) -> float | None:

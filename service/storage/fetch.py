@@ -79,7 +79,12 @@ def fetch_uri(
     return _fetch_packed(store, manifest, cache_dir / "packed", on_download)
 
 
-def fetch_weights(uri: str, storage: Storage | None, cache_dir: Path) -> Path:
+def fetch_weights(
+    uri: str,
+    storage: Storage | None,
+    cache_dir: Path,
+    on_download: Callable[[int], None] | None = None,
+) -> Path:
     """A local ``.safetensors`` path for ``backbone.weights``; s3:// is fetched once per ETag.
 
     When the object has a ``<key>.sha256`` sidecar (``backbones weights push`` writes one),
@@ -95,7 +100,9 @@ def fetch_weights(uri: str, storage: Storage | None, cache_dir: Path) -> Path:
         sidecar = store.read_bytes(key + ".sha256").decode().split()[0]
     except NotFound:
         sidecar = None
-    return _fetch_object(store, key, Path(cache_dir) / "weights", None, expect_sha256=sidecar)
+    return _fetch_object(
+        store, key, Path(cache_dir) / "weights", on_download, expect_sha256=sidecar
+    )
 
 
 # --------------------------------------------------------------------------------------------
