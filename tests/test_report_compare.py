@@ -107,3 +107,22 @@ def test_compare_shows_leader_changes_per_dataset_and_domain_with_flags(tmp_path
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| bh | medical | wavemix | resnet50 | yes |" in md
     assert "- fixed protocol: recipe paper, 448x672 px" in md
+
+
+def test_runs_that_predate_the_record_get_the_protocol_from_the_spec(tmp_path):
+    from service.spec import parse_spec
+    from service.study import expand
+    from tests.reportutil import study_json
+
+    out = tmp_path / "runs"
+    doc = study_json("st", [("bh", "medical")], ["a", "b"], [0, 1], out)
+    doc["protocol"] = {"recipe": "paper", "image_size": 256}
+    doc["datasets"][0]["protocol"] = {"image_size": [448, 672], "batch_size": 32}
+    study = parse_spec(doc)
+    for cell in expand(study):  # summaries without a "protocol" record, as older runs wrote
+        s = summary("st", "bh", cell.backbone.model, cell.protocol.seed, 0.9, domain="medical")
+        s["spec_hash"] = cell.spec_hash
+        write_summary(out, s)
+    written = build_report(str(out), tmp_path / "rep", study=study, plots=False)
+    assert written.report.boards[0].protocol["image_size"] == [448, 672]
+    assert written.report.boards[0].protocol["batch_size"] == 32

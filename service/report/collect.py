@@ -56,6 +56,7 @@ class Cell:
     status: dict | None = None
     domain: str | None = None
     spec_hash: str | None = None  # what the study spec expects, when it is known
+    protocol: dict | None = None  # the spec's effective protocol for the cell, when known
 
     @property
     def ok(self) -> bool:
@@ -104,7 +105,7 @@ def collect(
 
 
 def _collect_with_spec(store: Store, study: Study, workers: int) -> Collection:
-    from service.study import expand
+    from service.study import effective, expand
 
     cells = expand(study)
     datasets = [d.short_name for d in study.datasets]
@@ -132,6 +133,7 @@ def _collect_with_spec(store: Store, study: Study, workers: int) -> Collection:
                 fraction=ft.dataset.train_fraction,
                 domain=domains[ft.dataset.short_name],
                 spec_hash=ft.spec_hash,
+                protocol=effective(ft.protocol),
             )
         )
     notes = []

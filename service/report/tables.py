@@ -233,7 +233,8 @@ def _entry(cells: list[Cell]) -> Entry:
 def _protocol_of(cells: list[Cell]) -> tuple[dict | None, str | None]:
     seen: list[dict] = []
     for c in cells:
-        p = (c.summary or {}).get("protocol")
+        # What the run recorded; for runs older than that record, what the spec says.
+        p = (c.summary or {}).get("protocol") or c.protocol
         if isinstance(p, dict) and p not in seen:
             seen.append(p)
     if not seen:
