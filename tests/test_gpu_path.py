@@ -383,8 +383,9 @@ def _torchrun(tmp_path: Path, *args: str, timeout: float = 300, **env: str):
 
 @pytest.fixture(scope="module")
 def one_and_two_ranks(tmp_path_factory):
-    """The same run by one process, and by two gloo ranks whose rank 0 prepares the data 15 s
-    longer than the process group's 6 s timeout (a big dataset on slow S3)."""
+    """The same run by one process, and by two gloo ranks whose rank 0 prepares the data 25 s
+    longer, twice the process group's 12 s timeout (a big dataset on slow S3). The timeout
+    still leaves room for ordinary skew between ranks on a loaded two-core machine."""
     tmp = tmp_path_factory.mktemp("ddp")
     one = subprocess.run(
         [sys.executable, "-m", "service.worker", "--spec", str(_spec(tmp, "eq", "one"))],
@@ -398,8 +399,8 @@ def one_and_two_ranks(tmp_path_factory):
     two = _torchrun(
         tmp,
         "--spec", str(_spec(tmp, "eq", "two")),
-        "--slow-prepare", "15",
-        BACKBONES_DIST_TIMEOUT_SECONDS="6",
+        "--slow-prepare", "25",
+        BACKBONES_DIST_TIMEOUT_SECONDS="12",
     )  # fmt: skip
     return tmp, one, two
 
@@ -451,8 +452,9 @@ def test_ranks_hold_the_decoded_dataset_once_in_shared_memory_not_a_copy_each(tm
     assert cache > 100e6
     batch = 64 * 3 * 160 * 160 * 4  # one float batch
     for rank in ranks:
-        # Preparing: a bounded working set, whatever the dataset's size.
-        assert rank["growth_bytes"]["prepare"] < 0.25 * cache, rank
+        # Preparing: a bounded working set (decode chunks, statistics chunks), whatever the
+        # dataset's size; the old code held ~4x the cache here.
+        assert rank["growth_bytes"]["prepare"] < 0.4 * cache, rank
         # Serving batches: a few batches' worth of tensors, not the splits.
         assert rank["growth_bytes"]["loaders"] < 8 * batch, rank
     total = sum(r["growth_bytes"]["prepare"] + r["growth_bytes"]["loaders"] for r in ranks)
