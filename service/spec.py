@@ -198,7 +198,7 @@ class Protocol(_Section):
     batch_size: int = Field(
         default=64, gt=0, description="Global batch size (split across GPUs when gpus > 1)."
     )
-    micro_batch: Literal["auto"] | Annotated[int, Field(gt=0)] = Field(
+    micro_batch: int | Literal["auto"] = Field(
         default="auto",
         description="Images per forward/backward pass on one GPU: gradients are accumulated over "
         "micro-batches, so the optimizer always sees the batch_size batch. An integer must divide "
