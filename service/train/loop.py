@@ -123,12 +123,10 @@ class Trainer:
         self.summary_base = summary_base or {}
         self.state = State()
         self.steps_per_epoch = len(loaders.train)
-        # This rank's share of a global batch (the ranks' shares differ by one at most).
-        self.share = -(-loaders.train.batch_size // runtime.world_size)
         self.micro_asked = micro_batch
         self.memory_key = memory_key or {"model": type(model).__name__, "resolution": [0, 0]}
         self.memory_cache = memory_cache
-        self.micro = self.share
+        self._micro = 0  # 0 until planned: the whole share
         self.plan: memory.Plan | None = None
         self._attempt_start = time.perf_counter()
         self._prepare_model()
@@ -137,6 +135,16 @@ class Trainer:
         self._new_phase_optimizer()
 
     # ------------------------------------------------------------------ the recipe, top down
+
+    @property
+    def share(self) -> int:
+        """This rank's share of a global batch (the ranks' shares differ by one at most)."""
+        return -(-self.loaders.train.batch_size // self.rt.world_size)
+
+    @property
+    def micro(self) -> int:
+        """Images per forward/backward pass now."""
+        return self._micro or self.share
 
     def start(self) -> memory.Plan:
         """Resume from the latest checkpoint, then settle the micro-batch (once)."""
@@ -298,7 +306,7 @@ class Trainer:
                 self.memory_key["model"], tuple(self.memory_key["resolution"]), self.rt.device
             )
         plan.accumulation_steps = memory.accumulation_steps(share, plan.micro_batch)
-        self.micro = self.state.micro_batch = plan.micro_batch
+        self._micro = self.state.micro_batch = plan.micro_batch
         self._show_micro_batch()
         return plan
 
@@ -320,39 +328,30 @@ class Trainer:
         return memory.Plan(micro, 0, "probe", probe=probe)
 
     def _fits(self, n: int) -> bool:
-        """One forward + backward of ``n`` images at the working resolution, with the run's
-        precision, memory format and compile settings, on the real model. Under DDP the bare
-        module, with SyncBatchNorm in eval mode: a probe pass must issue no collective, since
-        ranks may run out of memory at different sizes."""
-        c, h, w = self.loaders.train.split.image_shape
+        """One probe pass of ``n`` images with the run's precision, memory format and compile
+        settings, on the real model. Under DDP the bare module, with SyncBatchNorm in eval
+        mode: a probe pass must issue no collective, since ranks may run out of memory at
+        different sizes."""
         dev = self.rt.device
-        ok = False
-        # Training will allocate AdamW's two moments at its first step: hold that much now.
+        # Training allocates AdamW's two moments at its first step: hold that much meanwhile.
         fresh = not self.optimizer.state and dev.type == "cuda"
-        reserve = 2 * sum(p.numel() * p.element_size() for p in self.model.parameters())
         with memory.preserved(self.model, dev):
             self._set_train_mode()
-            synced = [m for m in self.model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
-            for m in synced:
-                m.eval()
-            try:
-                held = torch.empty(reserve if fresh else 0, dtype=torch.uint8, device=dev)
-                x = torch.zeros((n, c, h, w), device=dev)
-                if self.rt.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                y = torch.zeros(n, dtype=torch.long, device=dev)
-                forward = self.forward if self._ddp is None else self.model
-                with self.rt.autocast():
-                    loss = F.cross_entropy(forward(x).float(), y)
-                loss.backward()
-                del held, x, y, loss
-                ok = True
-            except torch.cuda.OutOfMemoryError:
-                pass
-            finally:
-                self.model.zero_grad(set_to_none=True)
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.SyncBatchNorm):
+                    m.eval()
+            ok = memory.fits_pass(
+                self.forward if self._ddp is None else self.model,
+                n,
+                self.loaders.train.split.image_shape,
+                device=dev,
+                autocast=self.rt.autocast,
+                channels_last=self.rt.channels_last,
+                reserve_bytes=memory.optimizer_bytes(self.model) if fresh else 0,
+            )
+            self.model.zero_grad(set_to_none=True)
         memory.release(dev)
-        log.info("micro-batch probe: %d images %s", n, "fit" if ok else "run out of memory")
+        log.info("micro-batch probe: %d images %s", n, "fit" if ok else "ran out of memory")
         return ok
 
     def _out_of_memory(self, failed: int, why: str) -> None:
@@ -391,7 +390,7 @@ class Trainer:
             "out of memory at micro_batch %d (epoch %d step %d): redoing the step with %d",
             failed, s.epoch + 1, s.step + 1, new,
         )  # fmt: skip
-        self.micro = s.micro_batch = new
+        self._micro = s.micro_batch = new
         s.remediations.append(record)
         self._show_micro_batch()
         self.observer.on_remediation(self.progress, record)

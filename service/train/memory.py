@@ -210,6 +210,39 @@ def does_not_fit(model: str, hw: tuple[int, int], device: torch.device) -> DoesN
     )
 
 
+def optimizer_bytes(model: torch.nn.Module) -> int:
+    """AdamW's two moments for the trainable parameters."""
+    return 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def fits_pass(
+    forward,
+    n: int,
+    image_shape: tuple[int, int, int],
+    *,
+    device: torch.device,
+    autocast=contextlib.nullcontext,
+    channels_last: bool = False,
+    reserve_bytes: int = 0,
+) -> bool:
+    """Whether one forward + backward of ``n`` images of ``image_shape`` (C, H, W) runs
+    without running out of memory, while ``reserve_bytes`` more are held. Gradients are left
+    for the caller to clear; memory is released by ``release`` after the caller's cleanup."""
+    try:
+        held = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
+        x = torch.zeros((n, *image_shape), device=device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.zeros(n, dtype=torch.long, device=device)
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(forward(x).float(), y)
+        loss.backward()
+        del held, x, y, loss
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+
+
 @contextlib.contextmanager
 def preserved(model: torch.nn.Module, device: torch.device):
     """A probe pass changes nothing the run keeps: BatchNorm running statistics and the random
