@@ -404,3 +404,56 @@ def test_micro_batch_is_not_part_of_the_spec_hash(tmp_path):
     a = spec_of(tmp_path, name="h", batch_size=64)
     b = spec_of(tmp_path, name="h", batch_size=64, micro_batch=16)
     assert a.spec_hash == b.spec_hash
+
+
+# ---------------------------------------------------------------------------- on a real GPU
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda_only
+def test_cuda_the_probe_survives_real_out_of_memory_errors_and_releases_them():
+    import math
+
+    import timm
+
+    dev = torch.device("cuda")
+    model = timm.create_model("test_resnet", num_classes=10).to(dev)
+    model = model.to(memory_format=torch.channels_last).train()
+    res = 512
+    free = torch.cuda.mem_get_info(dev)[0]
+    # A share whose input alone is ~4x the free memory: the first pass must run out of memory.
+    share = 2 ** math.ceil(math.log2(4 * free / (3 * res * res * 4)))
+    before = torch.cuda.memory_allocated(dev)
+
+    def fits(n: int) -> bool:
+        ok = memory.fits_pass(
+            model,
+            n,
+            (3, res, res),
+            device=dev,
+            autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16),
+            channels_last=True,
+            reserve_bytes=memory.optimizer_bytes(model),
+        )
+        model.zero_grad(set_to_none=True)
+        memory.release(dev)
+        return ok
+
+    micro, tried = memory.largest_fitting(share, fits, memory.Known())
+    assert tried[share] is False
+    assert micro >= 1 and tried[micro] is True
+    assert len(tried) <= 1 + math.ceil(math.log2(len(memory.divisors(share))))
+    # Nothing of the failed passes is left (a MiB of slack for allocator bookkeeping).
+    assert torch.cuda.memory_allocated(dev) - before < 2**20
+    print(f"\n{torch.cuda.get_device_name(dev)}: test_resnet @ {res} px fits {micro} of {share}")
+
+
+@cuda_only
+def test_cuda_auto_probes_on_the_gpu_and_caches_it_by_device_name(tmp_path, cache):
+    spec = spec_of(tmp_path, name="cuda-auto", max_epochs=1, batch_size=64, device="cuda")
+    run_here(spec, cache_dir=cache)
+    planned = env_of(spec)["micro_batch"]
+    assert (planned["micro_batch"], planned["source"]) == (64, "probe")
+    (entry,) = (tmp_path / "runs" / ".cache" / "micro-batch").glob("*.json")
+    assert json.loads(entry.read_text())["key"]["device"] == torch.cuda.get_device_name()

@@ -30,6 +30,10 @@ from service.train.recipes import Recipe, make_optimizer, make_scheduler
 
 log = logging.getLogger("backbones.train")
 
+# BatchNorm's error grows as its batch shrinks below ~16 images (Wu & He, Group Normalization,
+# 2018, fig. 1): a micro-batch smaller than this gets a warning.
+BN_FEW = 16
+
 # Steps between host syncs: for the progress bar, and under DDP for the ranks' agreement on
 # stopping (an all-reduce whose result the host reads). A sync stalls the GPU queue.
 SYNC_EVERY = 10
@@ -308,6 +312,13 @@ class Trainer:
         plan.accumulation_steps = memory.accumulation_steps(share, plan.micro_batch)
         self._micro = self.state.micro_batch = plan.micro_batch
         self._show_micro_batch()
+        bn = self._batchnorm_note().get("batchnorm_images")
+        if bn is not None and bn < BN_FEW and plan.accumulation_steps > 1:
+            log.warning(
+                "BatchNorm normalises micro-batches of %d images (batch_size %d): below %d its "
+                "batch statistics get noisy; use more GPUs or a lower image_size",
+                bn, self.loaders.train.batch_size, BN_FEW,
+            )  # fmt: skip
         return plan
 
     def _known(self) -> memory.Known:
