@@ -457,3 +457,26 @@ def test_cuda_auto_probes_on_the_gpu_and_caches_it_by_device_name(tmp_path, cach
     assert (planned["micro_batch"], planned["source"]) == (64, "probe")
     (entry,) = (tmp_path / "runs" / ".cache" / "micro-batch").glob("*.json")
     assert json.loads(entry.read_text())["key"]["device"] == torch.cuda.get_device_name()
+
+
+def _agree(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from service.train import Runtime, distributed
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        rt = Runtime(device=torch.device("cpu"), rank=rank, world_size=2)
+        agreed = distributed.agree_min((16, 8)[rank], rt)  # rank 1's GPU holds less
+        with open(f"{out}{rank}", "w") as f:
+            f.write(str(agreed))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_smallest_planned_micro_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "rank")
+    mp.spawn(_agree, args=(f"file://{tmp_path / 'store'}", out), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["8", "8"]
