@@ -40,10 +40,6 @@ class DoesNotFit(UserError):
     """Micro-batch 1 runs out of memory: no split of the batch helps."""
 
 
-def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError)
-
-
 def release(device: torch.device) -> None:
     """Hand what a failed pass allocated back to the GPU. Call it outside the ``except``
     block: the exception's traceback keeps the failed pass's activations alive. Collecting
