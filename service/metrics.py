@@ -202,6 +202,12 @@ class PrometheusObserver(Observer):
             "backbones_gpu_seconds", "GPU-seconds held by the run (wall time x GPUs)."
         )
         self._gpu_count = gauge("backbones_gpus", "GPUs this run uses.")
+        self._remediations = counter(
+            "backbones_oom_remediations",
+            "Out-of-memory errors in training recovered by halving the micro-batch (every "
+            "attempt of the run: a resumed attempt starts from the checkpoint's count).",
+        )
+        self._remediations_seen = 0
         self._success = Gauge(
             "backbones_run_last_success_timestamp_seconds",
             "Unix time the run succeeded (the Pushgateway batch-job pattern).",
@@ -261,6 +267,9 @@ class PrometheusObserver(Observer):
         return child
 
     def _update(self, p: Progress) -> None:
+        if len(p.remediations) > self._remediations_seen:
+            self._remediations.inc(len(p.remediations) - self._remediations_seen)
+            self._remediations_seen = len(p.remediations)
         self._epoch.set(p.epoch)
         self._progress.set(min(max(p.progress, 0.0), 1.0))
         self._attempt.set(p.attempt)
@@ -329,6 +338,10 @@ class PrometheusObserver(Observer):
         self._tick()
         self._ckpt.observe(seconds)
         self._child(self._ckpt_ok).set(time.time())
+
+    def on_remediation(self, progress: Progress, record: dict) -> None:
+        self._tick()
+        self._update(progress)
 
     def on_download(self, nbytes: int) -> None:
         self._downloaded.inc(nbytes)

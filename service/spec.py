@@ -211,6 +211,14 @@ class Protocol(_Section):
     batch_size: int = Field(
         default=64, gt=0, description="Global batch size (split across GPUs when gpus > 1)."
     )
+    micro_batch: int | Literal["auto"] = Field(
+        default="auto",
+        description="Images per forward/backward pass on one GPU: gradients are accumulated over "
+        "micro-batches, so the optimizer always sees the batch_size batch. An integer must divide "
+        "each GPU's share of batch_size. 'auto': on a GPU, the largest share that fits, found by "
+        "a short probe (cached per model, resolution, precision and GPU); the whole share on CPU. "
+        "An out-of-memory error halves it and redoes the step.",
+    )
     seed: int = Field(
         default=0,
         ge=0,
@@ -293,6 +301,13 @@ class Protocol(_Section):
             if s <= 0:
                 raise ValueError(f"must be > 0, got {s}")
         return v
+
+    @field_validator("micro_batch", mode="before")
+    @classmethod
+    def _micro_batch(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError(f"must be 'auto' or an integer > 0, got {json.dumps(v)}")
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -675,6 +690,11 @@ class FineTune(_Spec):
         _check_val_carve(self.dataset, self.protocol, "dataset.val_fraction")
         return self
 
+    @model_validator(mode="after")
+    def _micro_batch(self) -> FineTune:
+        check_micro_batch(self.protocol, self.resources.gpus)
+        return self
+
     @property
     def run_id(self) -> str:
         """Where outputs go under output.uri: the name, or study/dataset/backbone/seedS-fracF."""
@@ -691,8 +711,12 @@ class FineTune(_Spec):
     @property
     def spec_hash(self) -> str:
         """Hash of what determines the result (not resources or metrics): equal hash, equal run."""
+        # protocol.micro_batch is how the batch is computed, not what: changing it (or an
+        # out-of-memory remediation) must not orphan the run's checkpoints.
         data = self.model_dump(
-            mode="json", include={"name", "study", "backbone", "dataset", "protocol"}
+            mode="json",
+            include={"name", "study", "backbone", "dataset", "protocol"},
+            exclude={"protocol": {"micro_batch"}},
         )
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -757,6 +781,13 @@ class Study(_Spec):
         merged = {**self.protocol.model_dump(mode="json"), **overrides.model_dump(mode="json")}
         return Protocol.model_validate(merged)
 
+    @model_validator(mode="after")
+    def _micro_batch(self) -> Study:
+        # Per dataset: an override may change batch_size or micro_batch.
+        for d in self.datasets:
+            check_micro_batch(self.protocol_for(d), self.resources.gpus)
+        return self
+
     @property
     def n_cells(self) -> int:
         return (
@@ -803,6 +834,19 @@ def _check_val_carve(dataset: Dataset, protocol: Protocol, where: str) -> None:
 
 
 KINDS: dict[str, type[FineTune] | type[Study]] = {"FineTune": FineTune, "Study": Study}
+
+
+def check_micro_batch(p: Protocol, gpus: int) -> None:
+    """An integer micro_batch must split each GPU's share of batch_size into equal parts."""
+    if p.micro_batch == "auto":
+        return
+    share = -(-p.batch_size // max(gpus, 1))
+    if share % p.micro_batch:
+        per = f"batch_size {p.batch_size}" + (f" / {gpus} GPUs = {share}" if gpus > 1 else "")
+        raise ValueError(
+            f"protocol.micro_batch: {p.micro_batch} does not divide {per}; use a divisor "
+            "of it, or 'auto'"
+        )
 
 
 def run_id_for(study: str, dataset: str, model: str, seed: int, fraction: float) -> str:

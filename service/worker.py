@@ -230,6 +230,7 @@ def _train(spec, outputs, progress, observer, stop, cache_dir, dist) -> dict:
     from service.study import effective
     from service.train import Trainer, distributed, recipe_for, runtime_for
     from service.train.checkpoint import Checkpointer
+    from service.train.memory import ProbeCache
     from service.train.runtime import fresh_device_memory
 
     p = spec.protocol
@@ -267,8 +268,6 @@ def _train(spec, outputs, progress, observer, stop, cache_dir, dist) -> dict:
     n_train = len(data.train)
     params = models.count_params(built.model)
     gmacs = _gmacs(spec, built.model, rt)
-    if dist.rank == 0:
-        outputs.write_json(ENV, environment(spec, rt, data, built, stats))
 
     summary_base = {
         "run_id": spec.run_id,
@@ -310,8 +309,36 @@ def _train(spec, outputs, progress, observer, stop, cache_dir, dist) -> dict:
         stop=stop,
         max_minutes=p.max_minutes,
         summary_base=summary_base,
+        micro_batch=p.micro_batch,
+        memory_key=memory_key(spec, rt, recipe),
+        memory_cache=ProbeCache(open_store(spec.output.uri, spec.storage)),
     )
+    plan = trainer.start()  # resume, then the micro-batch (a probe on a GPU for 'auto')
+    if dist.rank == 0:
+        env = environment(spec, rt, data, built, stats)
+        outputs.write_json(ENV, {**env, "micro_batch": plan.to_dict()})
     return trainer.fit()
+
+
+def memory_key(spec, rt, recipe) -> dict:
+    """What the largest micro-batch that fits depends on (the probe cache's key)."""
+    import torch
+
+    from service.train.memory import device_facts, probe_key
+
+    return probe_key(
+        model=spec.backbone.model,
+        hw=spec.protocol.hw,
+        precision="bf16" if rt.bf16 else "fp32",
+        extra={
+            **device_facts(rt.device),
+            "torch": torch.__version__,
+            "channels_last": rt.channels_last,
+            "compile": rt.compile,
+            "trains": "head" if recipe.freeze_backbone else "all",
+            "ema": recipe.ema,
+        },
+    )
 
 
 def make_loaders(data, p, recipe, rt, model, *, stats):

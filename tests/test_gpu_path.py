@@ -384,8 +384,10 @@ def _torchrun(tmp_path: Path, *args: str, timeout: float = 300, **env: str):
 @pytest.fixture(scope="module")
 def one_and_two_ranks(tmp_path_factory):
     """The same run by one process, and by two gloo ranks whose rank 0 prepares the data 25 s
-    longer, twice the process group's 12 s timeout (a big dataset on slow S3). The timeout
-    still leaves room for ordinary skew between ranks on a loaded two-core machine."""
+    longer, twice the process group's 12 s timeout (a big dataset on slow S3; the timeout
+    still leaves room for ordinary skew between ranks on a loaded two-core machine). The ranks
+    also accumulate micro-batches of 11 over their shares of 17 and 16 (11 + 6, 11 + 5): DDP's
+    no_sync accumulation and the loss weighting must still give the one process's batch."""
     tmp = tmp_path_factory.mktemp("ddp")
     one = subprocess.run(
         [sys.executable, "-m", "service.worker", "--spec", str(_spec(tmp, "eq", "one"))],
@@ -398,7 +400,7 @@ def one_and_two_ranks(tmp_path_factory):
     assert one.returncode == 0, one.stderr[-3000:]
     two = _torchrun(
         tmp,
-        "--spec", str(_spec(tmp, "eq", "two")),
+        "--spec", str(_spec(tmp, "eq", "two", micro_batch=11)),
         "--slow-prepare", "25",
         BACKBONES_DIST_TIMEOUT_SECONDS="12",
     )  # fmt: skip
@@ -424,6 +426,7 @@ def test_two_ranks_train_the_same_run_as_one_process(one_and_two_ranks):
         return lines, json.loads((run / "summary.json").read_text())
 
     (m1, s1), (m2, s2) = read("one"), read("two")
+    assert (s1["micro_batch"], s2["micro_batch"], s2["accumulation_steps"]) == (33, 11, 2)
     assert len(m1) == len(m2) == 2
     for a, b in zip(m1, m2, strict=True):
         for key in ("train_loss", "train_top1", "val_loss", "val_top1"):

@@ -50,6 +50,7 @@ FAMILIES = {
     "backbones_checkpoint_last_success_timestamp_seconds": set(),
     "backbones_gpu_seconds_total": set(),
     "backbones_gpus": set(),
+    "backbones_oom_remediations_total": set(),
     "backbones_run_last_success_timestamp_seconds": set(),
 }
 
