@@ -333,7 +333,7 @@ class Protocol(_Section):
         return data
 
 
-_ADDED_DEFAULTS = {"augmentation": "recipe"}
+_ADDED_DEFAULTS = {"augmentation": "recipe", "micro_batch": "auto"}
 
 
 class _Overrides(_Section):
