@@ -1,0 +1,35 @@
+"""The successive-halving search on this machine: `backbones run STUDY` with a `search`."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import typer
+
+from service.cli._app import err
+from service.errors import UserError
+
+
+def run_search(study, *, force: bool, cache_dir: Path | None) -> None:
+    from service.search.driver import Driver, LocalRunner, search_store
+    from service.worker import console_observers, stop_on_signals
+
+    if force:
+        raise UserError(
+            "--force does not apply to a search (its rungs resume from the store); delete "
+            f"{search_store(study).uri} and the study's runs to start over"
+        )
+    stop = threading.Event()
+    runner = LocalRunner(
+        stop=stop,
+        cache_dir=cache_dir,
+        observers=lambda c: console_observers(c.spec.run_id),
+        echo=typer.echo,
+        err=err,
+    )
+    with stop_on_signals(stop):
+        state = Driver(study, runner, echo=typer.echo).run()
+    for key, winner in state["winners"].items():
+        typer.echo(f"{key}: best backbone {winner}")
+    typer.echo(f"search state: {search_store(study).uri}/state.json")
