@@ -29,7 +29,16 @@ def run_search(study, *, force: bool, cache_dir: Path | None) -> None:
         err=err,
     )
     with stop_on_signals(stop):
-        state = Driver(study, runner, echo=typer.echo).run()
+        state = Driver(study, runner, proxy=_proxy(cache_dir), echo=typer.echo).run()
     for key, winner in state["winners"].items():
         typer.echo(f"{key}: best backbone {winner}")
     typer.echo(f"search state: {search_store(study).uri}/state.json")
+
+
+def _proxy(cache_dir: Path | None):
+    def run(study, group):
+        from service.search.proxy import proxy_scores
+
+        return proxy_scores(study, group, cache_dir=cache_dir)
+
+    return run
