@@ -20,7 +20,8 @@ def study_doc(tmp_path: Path, schedule: str) -> dict:
         "kind": "Study",
         "name": "pick",
         "backbones": [
-            {"model": m, "weights": "none"} for m in ("test_resnet", "test_vit", "test_efficientnet")
+            {"model": m, "weights": "none"}
+            for m in ("test_resnet", "test_vit", "test_efficientnet")
         ],
         "datasets": [{"uri": "builtin://digits", "test_fraction": 0.2}],
         "seeds": [0],
@@ -80,9 +81,13 @@ def test_a_killed_search_resumes_inside_a_rung_and_between_rungs(tmp_path, sched
     rung0 = "pick" if schedule == "continue" else "pick/_search/r0"
     first_metrics = runs / rung0 / "digits/test_resnet/seed0-frac1.0/metrics.jsonl"
 
-    # 1. Inside rung 1: the first candidate has trained its epoch, the others have not.
+    # 1. Inside rung 1: the first candidate has trained (and checkpointed) its epoch.
+    def first_trained() -> bool:
+        ckpts = list((first_metrics.parent / "checkpoints").glob("*.pt"))
+        return bool(ckpts) and (state(runs) or {}).get("rung") == 0
+
     proc = start(tmp_path, spec)
-    kill_when(proc, lambda: metrics(first_metrics) and (state(runs) or {}).get("rung") == 0)
+    kill_when(proc, first_trained)
     before = metrics(first_metrics)[:1]
     assert state(runs)["rung"] == 0 and not state(runs)["rungs"][0]["done"]
 
@@ -105,9 +110,7 @@ def test_a_killed_search_resumes_inside_a_rung_and_between_rungs(tmp_path, sched
     assert final["rungs"][0]["promoted"] == decided["promoted"]
     # The last rung's cells are ordinary results of the study, at the grid's run ids.
     winner = final["winners"]["digits/frac1.0"]
-    cell = next(
-        c for c in _expand(doc) if c.backbone.model == winner and c.protocol.seed == 0
-    )
+    cell = next(c for c in _expand(doc) if c.backbone.model == winner and c.protocol.seed == 0)
     summary = json.loads((runs / cell.run_id / "summary.json").read_text())
     assert summary["spec_hash"] == cell.spec_hash and summary["epochs_run"] == 3
 

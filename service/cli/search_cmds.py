@@ -42,3 +42,15 @@ def _proxy(cache_dir: Path | None):
         return proxy_scores(study, group, cache_dir=cache_dir)
 
     return run
+
+
+def drive_on_cluster(study, cluster, *, image: str | None) -> None:
+    """The driver with one Indexed Job per rung; its state in the output store."""
+    from service.search.cluster import ClusterRunner
+    from service.search.driver import Driver, search_store
+
+    runner = ClusterRunner(cluster, study, image=image, say=err)
+    state = Driver(study, runner, proxy=_proxy(None), echo=typer.echo).run()
+    for key, winner in state["winners"].items():
+        typer.echo(f"{key}: best backbone {winner}")
+    typer.echo(f"search state: {search_store(study).uri}/state.json")

@@ -302,6 +302,27 @@ class LocalRunner:
                 self.err(f"error: {c.spec.run_id}: {e}")
 
 
+def run_to_budget(cell: RungCell, stop: threading.Event, *, cache_dir=None, observers=()) -> int:
+    """A continue-mode rung cell in a pod: train to the rung's epoch budget, checkpoint, exit 0
+    (the next rung's pod resumes it). SIGTERM still means checkpoint and exit 75."""
+    from service.errors import EXIT_OK
+    from service.worker import run_cell
+
+    outputs = cell_outputs(cell.spec)
+    if _reached(outputs, cell.stop_after):
+        print(f"{cell.spec.run_id}: rung budget of {cell.stop_after} epochs already trained")
+        return EXIT_OK
+    cell_stop = threading.Event()
+    try:
+        run_cell(cell.spec, cache_dir=cache_dir, stop=cell_stop,
+                 observers=[*observers, _StopAt(cell_stop, stop, cell.stop_after)])  # fmt: skip
+    except Interrupted:
+        if stop.is_set():
+            raise
+    print(f"{cell.spec.run_id}: trained to the rung budget of {cell.stop_after} epochs")
+    return EXIT_OK
+
+
 def _reached(outputs: RunOutputs, epochs: int) -> bool:
     if outputs.summary() is not None:
         return True

@@ -82,6 +82,12 @@ def groups(study: Study) -> list[Group]:
     return [Group(k, meta[k][0], meta[k][1], cells) for k, cells in out.items()]
 
 
+def first_rung_size(study: Study) -> int:
+    """Candidates per group in the first training rung: all, or the proxy's ``keep``."""
+    proxy = study.search.proxy
+    return min(proxy.keep, len(study.backbones)) if proxy else len(study.backbones)
+
+
 def n_rungs(study: Study, n_candidates: int) -> int:
     return len(survivors_per_rung(n_candidates, study.search.eta))
 
