@@ -199,3 +199,40 @@ def test_the_driver_manifests_are_checkov_clean(tmp_path):
 
     assert failed <= set(skips()), failed - set(skips())
     assert report["summary"]["passed"] > 0
+
+
+def test_status_study_shows_the_rungs_and_survivors(tmp_path, monkeypatch):
+    s = study(tmp_path)
+    api = Controller(s)
+    runner = ClusterRunner(
+        cluster_of(api), s, image=IMAGE, say=lambda m: None, sleep=lambda t: None
+    )
+    Driver(s, runner, echo=lambda m: None).run()
+    monkeypatch.setattr(k8s_cmds, "_cluster", lambda ns, ctx: cluster_of(api))
+    out = CliRunner().invoke(app, ["status", "--study", "sel"])
+    assert out.exit_code == 0, out.output
+    assert "search sel: done after 3 rungs" in out.stdout
+    assert "rung 1 (1 epochs) digits/frac1.0: 6 candidates -> m1, m4" in out.stdout
+    assert "rung 2 (3 epochs) digits/frac1.0: 2 candidates -> m1" in out.stdout
+    assert "winner digits/frac1.0: m1" in out.stdout
+
+
+def test_the_driver_exports_its_rung_and_survivors_per_dataset(tmp_path):
+    from service.metrics import SearchMetrics
+
+    s = study(tmp_path)
+    m = SearchMetrics("sel", port=0, pushgateway_url=None)
+    seen = []
+
+    def on_state(state):
+        m.update(state)
+        labels = {"run": "", "study": "sel", "backbone": "", "dataset": "digits"}
+        rung = m.registry.get_sample_value("backbones_search_rung", labels)
+        left = m.registry.get_sample_value("backbones_search_survivors", labels)
+        seen.append((rung, left))
+
+    Driver(s, FakeRunner(), echo=lambda x: None, on_state=on_state).run()
+    # Rung 1 with 6, rung 2 with 2, rung 3 with 1, then done (rung 4 = past the last, 1 left).
+    assert [x for i, x in enumerate(seen) if i == 0 or x != seen[i - 1]] == [
+        (1, 6), (2, 2), (3, 1), (4, 1)
+    ]  # fmt: skip

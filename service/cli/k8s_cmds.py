@@ -126,8 +126,14 @@ def status(
 
     with edge():
         check_selection(name, study)
-        rows = status_rows(_cluster(namespace, context), name, study)
+        cluster = _cluster(namespace, context)
+        rows = status_rows(cluster, name, study)
         print_rows(rows)
+        if study:
+            from service.search.cluster import search_status
+
+            for line in search_status(cluster, study):
+                typer.echo(line)
 
 
 def print_rows(rows) -> None:
@@ -219,4 +225,5 @@ def search_driver() -> None:
         if not _searching(spec):
             raise UserError("BACKBONES_SPEC: the search driver needs a Study with a search")
         namespace = os.environ.get("BACKBONES_NAMESPACE") or spec.resources.namespace
-        drive_on_cluster(spec, _cluster(namespace, None), image=os.environ.get("BACKBONES_IMAGE"))
+        image = os.environ.get("BACKBONES_IMAGE")
+        drive_on_cluster(spec, _cluster(namespace, None), image=image, in_cluster=True)

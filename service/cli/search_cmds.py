@@ -28,8 +28,12 @@ def run_search(study, *, force: bool, cache_dir: Path | None) -> None:
         echo=typer.echo,
         err=err,
     )
+    # The cells serve /metrics on metrics.port in this process: the driver only pushes.
+    metrics = _metrics(study, port=0)
     with stop_on_signals(stop):
-        state = Driver(study, runner, proxy=_proxy(cache_dir), echo=typer.echo).run()
+        state = Driver(
+            study, runner, proxy=_proxy(cache_dir), echo=typer.echo, on_state=metrics
+        ).run()
     for key, winner in state["winners"].items():
         typer.echo(f"{key}: best backbone {winner}")
     typer.echo(f"search state: {search_store(study).uri}/state.json")
@@ -44,13 +48,27 @@ def _proxy(cache_dir: Path | None):
     return run
 
 
-def drive_on_cluster(study, cluster, *, image: str | None) -> None:
+def drive_on_cluster(study, cluster, *, image: str | None, in_cluster: bool = False) -> None:
     """The driver with one Indexed Job per rung; its state in the output store."""
     from service.search.cluster import ClusterRunner
     from service.search.driver import Driver, search_store
 
     runner = ClusterRunner(cluster, study, image=image, say=err)
-    state = Driver(study, runner, proxy=_proxy(None), echo=typer.echo).run()
+    metrics = _metrics(study, port=study.metrics.port if in_cluster else 0)
+    state = Driver(study, runner, proxy=_proxy(None), echo=typer.echo, on_state=metrics).run()
     for key, winner in state["winners"].items():
         typer.echo(f"{key}: best backbone {winner}")
     typer.echo(f"search state: {search_store(study).uri}/state.json")
+
+
+def _metrics(study, *, port: int):
+    """The driver's gauges (rung, survivors) as an on_state callback; a no-op without
+    prometheus_client or anywhere to send them."""
+    if not port and not study.metrics.pushgateway_url:
+        return None
+    try:
+        from service.metrics import SearchMetrics
+    except ImportError:
+        return None
+    m = SearchMetrics(study.name, port=port, pushgateway_url=study.metrics.pushgateway_url)
+    return m.update

@@ -140,10 +140,6 @@ def render_driver(study: Study, image: str | None = None, namespace: str | None 
         )
     for key in [k for k in job["metadata"]["labels"] if k.startswith("kueue.x-k8s.io/")]:
         del job["metadata"]["labels"][key]  # not queued behind GPU quota: it uses none
-    tmeta = job["spec"]["template"]["metadata"]
-    tmeta["annotations"] = {
-        k: v for k, v in tmeta.get("annotations", {}).items() if not k.startswith("prometheus.io/")
-    }
     js = job["spec"]
     js.pop("suspend", None)
     for key in ("completionMode", "backoffLimitPerIndex", "maxFailedIndexes"):
@@ -158,8 +154,7 @@ def render_driver(study: Study, image: str | None = None, namespace: str | None 
     c = pod["containers"][0]
     c["name"] = "driver"
     c["command"] = ["backbones", "search-driver"]
-    c.pop("args", None)
-    c.pop("ports", None)
+    c.pop("args", None)  # its /metrics (rung, survivors) stay on metrics.port
     if study.search.proxy is None:
         # No GPU: the driver only submits and waits. (With a proxy it embeds the datasets
         # itself, so it keeps the study's resources.)
@@ -178,3 +173,27 @@ def render_driver(study: Study, image: str | None = None, namespace: str | None 
     )
     job["metadata"]["annotations"][JOB_HASH] = job_hash_of(job)
     return job
+
+
+def search_status(cluster, study: str) -> list[str]:
+    """The search state of a study whose Jobs are in this namespace (none: no lines)."""
+    from service.errors import BackbonesError
+    from service.k8s.render import LABEL_PREFIX, label_value
+    from service.search.driver import describe, read_state
+    from service.spec import SpecError, loads_spec
+
+    for job in cluster.list_jobs(f"{LABEL_PREFIX}/study={label_value(study)}"):
+        env = job["spec"]["template"]["spec"]["containers"][0].get("env") or []
+        text = next((e.get("value") for e in env if e["name"] == "BACKBONES_SPEC"), None)
+        try:
+            spec = loads_spec(text or "")
+        except SpecError:
+            continue
+        if not isinstance(spec, Study) or spec.search.strategy != "successive_halving":
+            continue
+        try:
+            state = read_state(spec)
+        except BackbonesError as e:
+            return [f"search {study}: state unreadable: {e}"]
+        return describe(state) if state else [f"search {study}: no state yet"]
+    return []

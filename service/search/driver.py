@@ -327,3 +327,30 @@ def _reached(outputs: RunOutputs, epochs: int) -> bool:
     if outputs.summary() is not None:
         return True
     return any(r.get("epoch", 0) >= epochs for r in outputs.metrics())
+
+
+def describe(state: dict) -> list[str]:
+    """`backbones status --study`: the rungs and who survives, one line each."""
+    rungs = state.get("rungs") or []
+    total = len(state.get("survivors_per_rung") or []) or len(rungs)
+    if state.get("phase") == "done":
+        head = f"search {state['study']}: done after {total} rungs"
+    elif rungs:
+        head = f"search {state['study']}: rung {len(rungs)} of {total} running"
+    else:
+        head = f"search {state['study']}: starting"
+    lines = [head]
+    for key, proxy in (state.get("proxy") or {}).items():
+        lines.append(f"  proxy {key}: kept {', '.join(proxy['kept'])}")
+    for rung in rungs:
+        for key, cands in rung["candidates"].items():
+            line = f"  rung {rung['rung'] + 1} ({rung['epochs'][key]} epochs) {key}: "
+            line += f"{len(cands)} candidates"
+            if rung.get("done"):
+                line += f" -> {', '.join(rung['promoted'][key])}"
+            else:
+                line += f": {', '.join(cands)} (running)"
+            lines.append(line)
+    for key, winner in (state.get("winners") or {}).items():
+        lines.append(f"  winner {key}: {winner}")
+    return lines
