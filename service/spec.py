@@ -513,11 +513,11 @@ class Search(_Section):
         description="Successive halving: the smallest rung's epoch budget is at least this.",
     )
     schedule: Literal["restart", "continue"] = Field(
-        default="restart",
-        description="Successive halving: how a rung spends its epochs. 'restart': each rung is "
-        "a complete short schedule (protocol.max_epochs set to the rung's budget). 'continue': "
-        "every rung continues the previous rung's checkpoint under the full run's schedule, "
-        "stopped at the rung's epoch budget. docs/search.md has the measurements.",
+        default="continue",
+        description="Successive halving: how a rung spends its epochs. 'continue' (measured "
+        "better, docs/search.md): every rung continues the previous rung's checkpoint under the "
+        "full run's schedule, stopped at the rung's epoch budget. 'restart': each rung is a "
+        "complete short schedule (protocol.max_epochs set to the rung's budget).",
     )
     proxy: Proxy | None = Field(
         default=None,
