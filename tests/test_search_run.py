@@ -119,3 +119,32 @@ def _expand(doc):
     from service.study import expand
 
     return expand(parse_spec(doc))
+
+
+def test_a_rung_pod_trains_its_cell_to_the_budget_and_exits_0(tmp_path, monkeypatch):
+    """What a rung Job's pod does under 'continue': the cell from BACKBONES_RUNG and the
+    completion index, trained to the rung's budget (a checkpoint, no summary), exit 0; a retry
+    of the pod finds the budget reached and exits 0 without training."""
+    from service.search.cluster import RUNG_ENV
+    from service.search.plan import rung_cells
+    from service.worker import work
+    from tests.trainutil import one_thread
+
+    doc = study_doc(tmp_path, "continue")
+    s = parse_spec(doc)
+    cands = {"digits/frac1.0": ["test_resnet", "test_vit", "test_efficientnet"]}
+    monkeypatch.setenv("BACKBONES_SPEC", s.to_json())
+    monkeypatch.setenv(RUNG_ENV, json.dumps({"rung": 0, "candidates": cands, "n0": 3}))
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cell = rung_cells(s, 0, cands, 3)[1]
+    assert cell.backbone == "test_vit" and cell.stop_after == 1
+    with one_thread():
+        assert work(None, cache_dir=tmp_path / "cache") == 0
+    run = tmp_path / "runs" / cell.spec.run_id
+    assert [r["epoch"] for r in metrics(run / "metrics.jsonl")] == [1]
+    assert not (run / "summary.json").exists() and list((run / "checkpoints").glob("*.pt"))
+    before = (run / "metrics.jsonl").read_text()
+    with one_thread():
+        assert work(None, cache_dir=tmp_path / "cache") == 0  # the pod's retry
+    assert (run / "metrics.jsonl").read_text() == before

@@ -313,9 +313,9 @@ def run_to_budget(cell: RungCell, stop: threading.Event, *, cache_dir=None, obse
         print(f"{cell.spec.run_id}: rung budget of {cell.stop_after} epochs already trained")
         return EXIT_OK
     cell_stop = threading.Event()
+    watchers = [*(observers or ()), _StopAt(cell_stop, stop, cell.stop_after)]
     try:
-        run_cell(cell.spec, cache_dir=cache_dir, stop=cell_stop,
-                 observers=[*observers, _StopAt(cell_stop, stop, cell.stop_after)])  # fmt: skip
+        run_cell(cell.spec, cache_dir=cache_dir, stop=cell_stop, observers=watchers)
     except Interrupted:
         if stop.is_set():
             raise
