@@ -7,6 +7,7 @@ import json
 import pytest
 
 from service.search.plan import (
+    epoch_fraction,
     groups,
     rung_cells,
     rung_epochs,
@@ -128,3 +129,14 @@ def test_bad_search_sections_name_the_field(tmp_path, search, message):
     doc["search"] = search
     with pytest.raises(SpecError, match=message):
         parse_spec(doc)
+
+
+def test_the_search_trains_a_known_fraction_of_the_grids_epochs(tmp_path):
+    # 6 candidates at 1, 2, 6 epochs (2 datasets, 2 seeds cancel out): continue trains
+    # 6x1 + 2x1 + 1x4 = 12 of 36 epochs per seed and dataset, restart 6x1 + 2x2 + 1x6 = 16.
+    assert epoch_fraction(study(tmp_path, max_epochs=6)) == pytest.approx(12 / 36)
+    assert epoch_fraction(study(tmp_path, max_epochs=6, schedule="restart")) == pytest.approx(
+        16 / 36
+    )
+    proxied = study(tmp_path, max_epochs=6, proxy={"keep": 3})  # 3 at 2, 6 epochs
+    assert epoch_fraction(proxied) == pytest.approx((3 * 2 + 1 * 4) / 36)

@@ -163,3 +163,18 @@ def select(scores: dict[str, list[float]], keep: int, order: list[str]) -> list[
         return (-mean, order.index(b))
 
     return sorted(order, key=key)[:keep]
+
+
+def epoch_fraction(study: Study) -> float:
+    """Epochs a search trains, as a fraction of the grid's (every candidate trains its whole
+    rung budget; early stops make both smaller). The GPU-hour estimate is the grid's."""
+    n0 = first_rung_size(study)
+    counts = survivors_per_rung(n0, study.search.eta)
+    spent = grid = 0.0
+    for g in groups(study):
+        b = budgets(study, g, n0)
+        steps = [b[0]] + [b[r] - b[r - 1] for r in range(1, len(b))]
+        per_rung = steps if study.search.schedule == "continue" else b
+        spent += sum(n * e for n, e in zip(counts, per_rung, strict=True))
+        grid += len(g.backbones) * g.max_epochs
+    return spent / grid if grid else 1.0
