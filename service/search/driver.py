@@ -141,7 +141,10 @@ class Driver:
                 "rename the study or delete that folder to search again"
             )
         if state is not None:
-            self.echo(f"search: resuming at rung {state['rung'] + 1} ({self.store.uri})")
+            if state.get("phase") == "done":
+                self.echo(f"search: already done ({self.store.uri})")
+            else:
+                self.echo(f"search: resuming at rung {state['rung'] + 1} ({self.store.uri})")
             return state
         return {
             "schema_version": SCHEMA_VERSION,
