@@ -397,3 +397,63 @@ def prune_pushgateway(
     for run in stale:
         delete_from_gateway(pushgateway_url, job=PUSH_JOB, grouping_key={"run": run})
     return stale
+
+
+class SearchMetrics:
+    """A search driver's progress: ``backbones_search_rung`` (the rung running, 1-based; the
+    number of rungs + 1 once done) and ``backbones_search_survivors`` (candidates in it) per
+    dataset. The run and backbone labels stay empty: a search has neither. Serves /metrics on
+    ``port`` (the in-cluster driver's pod; 0: none) and pushes to ``pushgateway_url`` with the
+    grouping key run=<study>/_search at every decision."""
+
+    def __init__(self, study: str, *, port: int, pushgateway_url: str | None, addr="0.0.0.0"):
+        self.study = study
+        self.pushgateway_url = pushgateway_url or None
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self._rung = Gauge(
+            "backbones_search_rung", "Rung of the search now running (1-based).", LABELS,
+            registry=r,
+        )  # fmt: skip
+        self._survivors = Gauge(
+            "backbones_search_survivors", "Candidates training in the current rung.", LABELS,
+            registry=r,
+        )  # fmt: skip
+        self.server = None
+        self._push_warned = False
+        if port:
+            try:
+                self.server, _ = start_http_server(port, addr=addr, registry=r)
+            except OSError as e:
+                log.warning("metrics: cannot serve on %s:%d (%s)", addr, port, e.strerror or e)
+
+    def update(self, state: dict) -> None:
+        rungs = state.get("rungs") or []
+        current = rungs[-1] if rungs else None
+        done = state.get("phase") == "done"
+        for group, candidates in (current or {}).get("candidates", {}).items():
+            labels = {
+                "run": "",
+                "study": self.study,
+                "backbone": "",
+                "dataset": group.split("/")[0],
+            }
+            self._rung.labels(**labels).set(len(rungs) + (1 if done else 0))
+            self._survivors.labels(**labels).set(1 if done else len(candidates))
+        if self.pushgateway_url:
+            try:
+                push_to_gateway(
+                    self.pushgateway_url,
+                    job=PUSH_JOB,
+                    registry=self.registry,
+                    grouping_key={"run": f"{self.study}/_search"},
+                    timeout=PUSH_TIMEOUT_SECONDS,
+                )
+            except Exception as e:  # monitoring never stops the search
+                if not self._push_warned:
+                    self._push_warned = True
+                    log.warning("metrics: push to %s failed (%s)", self.pushgateway_url, e)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None

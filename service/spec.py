@@ -588,6 +588,58 @@ class Metrics(_Section):
     )
 
 
+class Proxy(_Section):
+    """A zero-training rung: rank candidates by their frozen pretrained features."""
+
+    method: Literal["knn"] = Field(
+        default="knn",
+        description="'knn': accuracy of a k-nearest-neighbour classifier (cosine) on the frozen "
+        "backbone's pooled features, fitted on the train split and scored on the validation "
+        "split. One forward pass per image, no training.",
+    )
+    keep: int = Field(
+        ge=1,
+        description="Candidates (per dataset and train fraction) that go on to the first "
+        "training rung, best proxy score first.",
+    )
+    k: int = Field(default=5, ge=1, description="Neighbours that vote in the k-NN probe.")
+
+
+class Search(_Section):
+    """How a Study looks for the best backbone: the whole grid, or successive halving."""
+
+    strategy: Literal["grid", "successive_halving"] = Field(
+        default="grid",
+        description="'grid': every cell, with the full protocol. 'successive_halving': per "
+        "dataset and train fraction, every backbone trains on a small budget, the best 1/eta "
+        "by validation top-1 (mean over seeds; never test) move on to an eta-times larger "
+        "budget, and the last rung trains with the full protocol.",
+    )
+    eta: int = Field(
+        default=3,
+        ge=2,
+        description="Successive halving: keep the best 1/eta of the candidates at each rung, "
+        "and give the next rung eta times the epochs.",
+    )
+    min_epochs: int = Field(
+        default=1,
+        ge=1,
+        description="Successive halving: the smallest rung's epoch budget is at least this.",
+    )
+    schedule: Literal["restart", "continue"] = Field(
+        default="continue",
+        description="Successive halving: how a rung spends its epochs. 'continue' (measured "
+        "better, docs/search.md): every rung continues the previous rung's checkpoint under the "
+        "full run's schedule, stopped at the rung's epoch budget. 'restart': each rung is a "
+        "complete short schedule (protocol.max_epochs set to the rung's budget).",
+    )
+    proxy: Proxy | None = Field(
+        default=None,
+        description="Successive halving: an optional zero-training rung before the first one, "
+        'e.g. {"method": "knn", "keep": 6}.',
+    )
+
+
 def _check_dns_label(v: str) -> None:
     if len(v) > 63:
         raise ValueError(f"must be at most 63 characters, got {len(v)}")
@@ -749,6 +801,11 @@ class Study(_Spec):
         gt=0,
         description="`submit` refuses a study whose estimate exceeds this, unless --yes.",
     )
+    search: Search = Field(
+        default_factory=Search,
+        description="The grid (default), or a successive-halving search for the best backbone "
+        "per dataset at a fraction of the grid's compute.",
+    )
 
     @model_validator(mode="after")
     def _grid(self) -> Study:
@@ -788,6 +845,18 @@ class Study(_Spec):
             check_micro_batch(self.protocol_for(d), self.resources.gpus)
         return self
 
+    @model_validator(mode="after")
+    def _search(self) -> Study:
+        search = self.search
+        if search.strategy == "grid" and search.proxy is not None:
+            raise ValueError("search.proxy: only used with strategy 'successive_halving'")
+        if search.proxy is not None and search.proxy.keep >= len(self.backbones):
+            raise ValueError(
+                f"search.proxy.keep: {search.proxy.keep} keeps all {len(self.backbones)} "
+                "backbones; keep fewer, or drop the proxy"
+            )
+        return self
+
     @property
     def n_cells(self) -> int:
         return (
@@ -817,6 +886,8 @@ class Study(_Spec):
                 "schema_": True,
                 "protocol": {"seed"},
                 "datasets": {"__all__": {"train_fraction"}},
+                # The default (the grid) stays out: a grid study's JSON is what it was in v1.
+                **({"search": True} if self.search == Search() else {}),
             },
         )
         return json.dumps(data, indent=2, sort_keys=False)

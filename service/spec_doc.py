@@ -70,6 +70,8 @@ def render() -> str:
         ("resources", S.Resources),
         ("storage", S.Storage),
         ("metrics", S.Metrics),
+        ("search (Study)", S.Search),
+        ("search.proxy (Study)", S.Proxy),
     ]
     for title, model in sections:
         out += [f"## {title}", "", (model.__doc__ or "").strip(), ""]

@@ -581,8 +581,14 @@ def work(
     stop = threading.Event()
     spec = None
     try:
-        spec = pick_cell(read_spec(spec_path))
+        parsed = read_spec(spec_path)
+        rung = _rung_cell(parsed)  # a search's rung Job: BACKBONES_RUNG picks the cell
+        spec = rung.spec if rung is not None else pick_cell(parsed)
         with stop_on_signals(stop), _process_group():
+            if rung is not None and rung.stop_after is not None:
+                from service.search.driver import run_to_budget
+
+                return run_to_budget(rung, stop, cache_dir=cache_dir, observers=observers)
             outcome = run_cell(
                 spec, force=force, cache_dir=cache_dir, observers=observers, stop=stop
             )
@@ -603,6 +609,14 @@ def work(
     else:
         print(f"{outcome.run_id}: done, test top-1 {outcome.summary['test']['top1']:.4f}")
     return EXIT_OK
+
+
+def _rung_cell(spec: FineTune | Study):
+    if not isinstance(spec, Study) or not os.environ.get("BACKBONES_RUNG"):
+        return None
+    from service.search.cluster import pick_rung_cell
+
+    return pick_rung_cell(spec)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,11 @@ def validate(
                 from service.budget import estimate_gpu_hours
 
                 line += f", ~{estimate_gpu_hours(spec):.1f} GPU-hours"
+                if spec.search.strategy == "successive_halving":
+                    from service.search.plan import epoch_fraction
+
+                    line += f" for the grid; the search trains <= {epoch_fraction(spec):.0%}"
+                    line += " of its epochs"
             except (ImportError, ArithmeticError, ValueError):
                 pass  # the estimate is a courtesy; absurd sizes must not fail validation
             typer.echo(line + ")")

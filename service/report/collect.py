@@ -39,6 +39,7 @@ _CELL_FILE = re.compile(
     r"seed(?P<seed>\d+)-frac(?P<frac>[0-9.eE+-]+))/(?P<file>summary|status|spec)\.json$"
 )
 MAX_WORKERS = 32
+_SEARCH_DIR = re.compile(r"(^|/)_search/")
 
 
 @dataclass
@@ -137,6 +138,9 @@ def _collect_with_spec(store: Store, study: Study, workers: int) -> Collection:
             )
         )
     notes = []
+    if study.search.strategy == "successive_halving":
+        expected, note = _search_survivors(store, study, expected)
+        notes += [note] if note else []
     extra = sorted(set(files) - {c.key for c in expected})
     if extra:
         notes.append(
@@ -152,6 +156,22 @@ def _collect_with_spec(store: Store, study: Study, workers: int) -> Collection:
         notes=notes,
         dataset_order=datasets,
         backbone_order=_unique(b.model for b in study.backbones),
+    )
+
+
+def _search_survivors(store: Store, study: Study, expected: list[Cell]):
+    """A search expects the cells of its latest rung's candidates only: the others were
+    stopped on purpose (the report's Selection section says why)."""
+    from service.report.selection import read_state, survivors
+
+    state, _ = read_state(store, study.name)
+    if state is None:
+        return expected, "search: no _search/state.json yet; every cell of the grid expected"
+    keep = survivors(state)
+    kept = [c for c in expected if c.backbone in keep.get(f"{c.dataset}/frac{c.fraction}", [])]
+    return kept, (
+        f"search: {len(expected) - len(kept)} cells of backbones not promoted to the "
+        "latest rung are not expected (see Selection)"
     )
 
 
@@ -288,6 +308,8 @@ def _group(keys: Iterable[str]) -> dict[str, set[str]]:
     """Cell folder -> the JSON files it holds."""
     out: dict[str, set[str]] = {}
     for key in keys:
+        if _SEARCH_DIR.search(key):
+            continue  # a search's state and shortened rungs: not cells of the study
         m = _CELL_FILE.match(key)
         if m:
             out.setdefault(m["dir"], set()).add(f"{m['file']}.json")

@@ -389,6 +389,7 @@ def blocks(report: Report, figures: dict[str, bytes]) -> list:
         )
         out.append(Img("pareto.png", figures["pareto.png"], "Pareto plots"))
 
+    out += report.selection
     out.append(H(2, "Missing and failed cells"))
     if report.problems:
         out.append(

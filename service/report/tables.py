@@ -115,6 +115,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     grid: str = "inferred"
     methods: dict[str, str] = field(default_factory=dict)
+    selection: list = field(default_factory=list)  # report blocks of a search (selection.py)
+    search: dict | None = None  # the search's state.json, when the study searched
 
     @property
     def fractions_vary(self) -> bool:
