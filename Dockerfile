@@ -21,6 +21,10 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 
 # ---- runtime --------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}
+# pip reads PIP_INDEX_URL / PIP_EXTRA_INDEX_URL from the environment: a build may point them at
+# a mirror (scripts/build_image_local.sh does, for a base without torch). Unset by default.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
 LABEL org.opencontainers.image.title="backbones" \
       org.opencontainers.image.description="Fine-tune pretrained image backbones under one protocol" \
       org.opencontainers.image.source="https://github.com/backbones/backbones" \
@@ -32,8 +36,9 @@ RUN groupadd --gid 10001 backbones \
     && useradd --uid 10001 --gid 10001 --no-log-init --create-home --shell /usr/sbin/nologin backbones
 
 COPY --from=build /dist /dist
-# --no-cache-dir: no pip cache in the layer. torch/torchvision already satisfy the pins, so pip
-# installs only the rest of the dependencies.
+# --no-cache-dir: no pip cache in the layer. On the default base torch/torchvision already
+# satisfy the pins, so pip installs only the rest of the dependencies; on a plain Python base
+# (scripts/build_image_local.sh) it installs the pinned torch and torchvision as well.
 RUN pip install --no-cache-dir /dist/*.whl \
     && rm -rf /dist \
     && backbones --help >/dev/null
