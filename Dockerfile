@@ -23,6 +23,7 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 FROM ${BASE_IMAGE}
 # pip reads PIP_INDEX_URL / PIP_EXTRA_INDEX_URL from the environment: a build may point them at
 # a mirror (scripts/build_image_local.sh does, for a base without torch). Unset by default.
+# Build args stay in the image's history: never put credentials in these URLs.
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 LABEL org.opencontainers.image.title="backbones" \
