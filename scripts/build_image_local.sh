@@ -19,7 +19,8 @@
 #
 # Storage is vfs with chroot isolation, so it runs in an unprivileged container without overlayfs
 # or user namespaces. Everything lands in $STATE (default build/buildah/, ignored by git); the
-# runtime image needs about 25 GB there (vfs keeps a full copy of the tree per layer).
+# runtime image needs up to ~40 GB there while it builds (vfs copies the whole ~6.5 GB tree for
+# every later step, ENV and USER included) and ~8 GB once built.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

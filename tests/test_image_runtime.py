@@ -34,9 +34,10 @@ IMAGE = "localhost/backbones:test"
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.timeout(5400),  # the suite's 600 s would kill a cold build midway
     pytest.mark.skipif(
         os.environ.get("BACKBONES_IMAGE_BUILD") != "1",
-        reason="slow (~25 GB of vfs storage, ~10 min cold): set BACKBONES_IMAGE_BUILD=1",
+        reason="slow (~35 min cold, up to ~40 GB of vfs storage): set BACKBONES_IMAGE_BUILD=1",
     ),
 ]
 
