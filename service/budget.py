@@ -24,6 +24,7 @@ Pure and offline by default: ``validate`` calls it and must stay fast and torch-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -330,6 +331,11 @@ def _sizes(study: Study, *, online: bool, storage) -> list[DatasetSize]:
         return [dataset_size(d, online=online, storage=storage) for d in datasets]
     from concurrent.futures import ThreadPoolExecutor
 
+    from service.storage import import_for_threads
+
+    for d in datasets:  # Rule: no module is first imported inside a thread or pool.
+        with contextlib.suppress(Exception):  # an estimate never fails (see _read_manifest)
+            import_for_threads(d.uri, storage)
     with ThreadPoolExecutor(max_workers=min(8, len(datasets))) as pool:
         return list(pool.map(lambda d: dataset_size(d, online=True, storage=storage), datasets))
 

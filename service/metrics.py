@@ -65,33 +65,38 @@ def run_labels(spec: FineTune) -> dict[str, str]:
 class _DeviceMemory:
     """``backbones_device_memory_*_bytes``, read from torch at scrape time, only on CUDA.
 
-    Nothing is imported here: the trainer has imported torch long before a GPU is in use, and a
-    CPU run simply has no such series (rather than a misleading 0).
+    A scrape runs on the HTTP server's thread, which starts before the worker imports torch: a
+    scrape that reached for ``sys.modules["torch"]`` could meet a module the main thread is
+    still importing (``partially initialized module 'torch' has no attribute 'cuda'``). So the
+    server thread never imports nor probes torch: the main thread hands ``torch.cuda`` over
+    (``cuda``) once it has seen CUDA initialised, and a CPU run simply has no such series
+    (rather than a misleading 0).
     """
 
     def __init__(self, labels: dict[str, str]):
         self.labels = labels
+        self.cuda = None  # torch.cuda, set by the main thread (PrometheusObserver._refresh_gpus)
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        torch = sys.modules.get("torch")
-        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        cuda = self.cuda
+        if cuda is None:
             return
         names, values = list(self.labels), list(self.labels.values())
         for name, doc, read in (
             (
                 "allocated",
                 "Bytes held by tensors on this process' GPU",
-                torch.cuda.memory_allocated,
+                cuda.memory_allocated,
             ),
             (
                 "reserved",
                 "Bytes reserved by the CUDA caching allocator",
-                torch.cuda.memory_reserved,
+                cuda.memory_reserved,
             ),
             (
                 "peak",
                 "Peak bytes held by tensors since the run started",
-                torch.cuda.max_memory_allocated,
+                cuda.max_memory_allocated,
             ),
         ):
             family = GaugeMetricFamily(f"backbones_device_memory_{name}_bytes", doc, labels=names)
@@ -214,7 +219,8 @@ class PrometheusObserver(Observer):
             names,
             registry=r,
         )
-        r.register(_DeviceMemory(labels))
+        self._memory = _DeviceMemory(labels)
+        r.register(self._memory)
 
         self._gpus = gpus
         self._gpus_now = gpus or 0
@@ -230,6 +236,8 @@ class PrometheusObserver(Observer):
     # ---- plumbing ---------------------------------------------------------------------------
 
     def _serve(self, port: int, addr: str) -> None:
+        # Rule: no module is first imported inside a thread or pool; prometheus_client is
+        # imported at the top of this module, and scrapes never touch torch (_DeviceMemory).
         try:
             self.server, _ = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as e:
@@ -244,12 +252,14 @@ class PrometheusObserver(Observer):
         """GPUs in use: CUDA initialised here -> the world size (one GPU per rank), else 0.
 
         Checked at phase changes and epochs, not every step: CUDA starts before training.
+        Runs on the main thread (the trainer's events), which imported torch, if at all, itself.
         """
+        torch = sys.modules.get("torch")
+        on_gpu = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
+        self._memory.cuda = torch.cuda if on_gpu else None
         if self._gpus is not None:
             self._gpus_now = self._gpus
             return
-        torch = sys.modules.get("torch")
-        on_gpu = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
         self._gpus_now = int(os.environ.get("WORLD_SIZE", "1")) if on_gpu else 0
 
     def _tick(self) -> None:

@@ -242,6 +242,7 @@ def _decode_all(catalog: sources.Catalog, out: np.ndarray, hw, workers: int) -> 
     n = len(catalog)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # parallelism comes from the pool; avoid oversubscription
+    decoding.import_codecs()  # Rule: no module is first imported inside a thread or pool.
     try:
         with ThreadPoolExecutor(max_workers=workers) as ex:
             if catalog.items is not None:

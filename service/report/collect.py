@@ -29,7 +29,7 @@ from typing import Literal
 
 from service.errors import UserError
 from service.spec import Storage, Study, run_id_for
-from service.storage import NotFound, Store, open_store
+from service.storage import NotFound, Store, import_for_threads, open_store
 
 State = Literal["done", "failed", "incomplete", "missing", "unreadable", "stale"]
 
@@ -92,6 +92,7 @@ def collect(
 ) -> Collection:
     """Every cell under ``uri``, read in parallel; the expected grid from ``study`` if given."""
     store = open_store(uri, storage)
+    import_for_threads(uri, storage)  # Rule: no module is first imported inside a thread or pool.
     if workers is None:
         # The S3 client keeps 2 × max_concurrency connections: use them all, no more.
         workers = 2 * storage.max_concurrency if storage is not None else MAX_WORKERS
