@@ -130,6 +130,7 @@ def workspace(tmp_path_factory):
                 write_summary(root / "runs", s)
     digits_tree(root / "images", n=60)
     digits_tree(root / "digits", n=60)
+    (root / "jobspecs").symlink_to(REPO / "jobspecs")  # relative paths as in the docs
     import timm
     import torch
     from safetensors.torch import save_file
@@ -141,7 +142,7 @@ def workspace(tmp_path_factory):
     return root
 
 
-def _substitute(cmd: Command, ws: Path, buckets: dict[str, str]) -> list[str]:
+def _substitute(cmd: Command, buckets: dict[str, str]) -> list[str]:
     words = []
     for w in cmd.words:
         if w in ("my-spec.json", "spec.json"):
@@ -149,21 +150,17 @@ def _substitute(cmd: Command, ws: Path, buckets: dict[str, str]) -> list[str]:
         elif w == "study.json":
             w = "jobspecs/cluster-study.json"
         elif re.fullmatch(r"(\./)?runs[-\w]*/?", w):  # ./runs, runs-faithful/ ...
-            w = str(ws / "runs")
-        elif w.startswith("./") or w in ("report/", "compare/"):
-            w = str(ws / w.removeprefix("./"))
+            w = "./runs"
         elif w.startswith("REG/") or w == "$IMAGE" or w.endswith(":0.1.0"):
             w = IMAGE
         elif w.startswith("s3://"):
             w = _in_bucket(w, buckets)
         if w.startswith("jobspecs/") and "*" in w:  # the shell's glob
-            words += sorted(str(p) for p in REPO.glob(w))
+            words += sorted(str(p.relative_to(REPO)) for p in REPO.glob(w))
             continue
-        if w.startswith("jobspecs/"):
-            w = str(REPO / w)
         words.append(w)
     if words[1:2] == ["report"] and "--out" not in words:
-        words += ["--out", str(ws / "report")]
+        words += ["--out", "report/"]
     if words[1:2] == ["report"] and "--spec" in words:  # the docs' spec is a placeholder
         i = words.index("--spec")
         del words[i : i + 2]
@@ -226,10 +223,14 @@ def test_each_runnable_command_in_the_docs_works_as_shown(
         )
         env.update(seaweed.env())
         env["AWS_ENDPOINT_URL_S3"] = seaweed.endpoint
-    args = _substitute(cmd, workspace, buckets)
+    args = _substitute(cmd, buckets)
+    cwd = workspace
+    if cmd.sub == "run":  # a run writes ./runs: keep it apart from the synthetic study
+        cwd = tmp_path
+        (cwd / "jobspecs").symlink_to(REPO / "jobspecs")
     r = subprocess.run(
         backbones(*args),
-        cwd=tmp_path if cmd.sub == "run" else REPO,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
