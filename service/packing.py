@@ -1,11 +1,17 @@
-"""Writing the packed dataset layout: tar shards plus ``manifest.json``.
+"""The packed dataset format, its one owner: tar shards plus ``manifest.json``.
 
     <root>/manifest.json
     <root>/shards/<split>-<nnnnn>.tar     members "<class>/<file name>", original encoded bytes
 
 Why shards: a worker fetches a few dozen 64 MiB objects in parallel instead of hundreds of
 thousands of small ones (each a request with its own latency), verifies each by sha256, and
-caches the set by the manifest's hash. The reader lives in ``service.data``.
+caches the set by the manifest's hash.
+
+This module owns the format: ``MANIFEST`` and ``FORMAT``, the writer (``pack``), the one
+manifest reader (``read_manifest``) and the one shard member reader (``shard_members``), used by
+push, fetch, inspect, budget and training (``service.data.sources`` indexes what they return).
+Which files of a folder are images, and how a folder is split, are not decided here:
+``service.data.layout`` scans, ``service.data.splits`` carves.
 
 Everything here is deterministic (member order, tar headers, manifest bytes), so packing the
 same images twice gives byte-identical shards: that is what makes ``dataset push`` idempotent.
