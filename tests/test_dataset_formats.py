@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from service.budget import dataset_size
 from service.cli import app
-from service.data import prepare
+from service.data import layout, prepare
 from service.errors import UserError
 from service.inspect import card, render
 from tests.data_factory import image_bytes, make_imagefolder, spec_for
@@ -285,3 +285,21 @@ def test_a_dataset_pushed_by_the_previous_release_still_trains(tmp_path):
     assert {s: v["per_class"] for s, v in c["splits"].items()} == seen
     size = dataset_size(spec_for(old).dataset)
     assert (size.source, size.train, size.val, size.test) == ("manifest", 8, 2, 4)
+
+
+def test_split_names_in_any_case_and_subfolders_of_a_class_belong_to_it(tmp_path):
+    src = make_imagefolder(tmp_path / "d", {"Train": {"a": 2, "b": 2}, "TEST": {"a": 1, "b": 1}})
+    (src / "Train/a/more").mkdir()
+    (src / "Train/a/more/x.png").write_bytes(image_bytes(5))
+    found = layout.scan(src)
+    assert found.folders == {"train": "Train", "test": "TEST"}
+    assert found.per_class("train") == {"a": 3, "b": 2}
+    assert [found.rel(p) for p in found.splits["train"]["a"]] == [
+        "Train/a/a_000.png",
+        "Train/a/a_001.png",
+        "Train/a/more/x.png",
+    ]
+    _push(src, tmp_path / "pushed")
+    with tarfile.open(tmp_path / "pushed" / "shards" / "train-00000.tar") as tar:
+        assert "a/more__x.png" in tar.getnames()
+    assert dataset_size(spec_for(src).dataset).train == 5
