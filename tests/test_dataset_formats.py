@@ -303,3 +303,23 @@ def test_split_names_in_any_case_and_subfolders_of_a_class_belong_to_it(tmp_path
     with tarfile.open(tmp_path / "pushed" / "shards" / "train-00000.tar") as tar:
         assert "a/more__x.png" in tar.getnames()
     assert dataset_size(spec_for(src).dataset).train == 5
+
+
+def test_an_s3_imagefolder_prefix_is_fetched_by_the_same_image_rule(monkeypatch, tmp_path):
+    """fetch downloads only the objects the layout calls images (suffix, no junk)."""
+    from service.storage import fetch
+
+    keys = ["train/a/x.JPG", "train/a/notes.txt", "__MACOSX/train/a/._x.png", "train/.b/y.png"]
+    assert [k for k in keys if layout.is_image(k)] == ["train/a/x.JPG"]
+
+    class Store:
+        uri, prefix, bucket, max_concurrency = "s3://b/d/", "d", "b", 1
+
+        def list_objects(self):
+            return [{"key": k, "size": 1, "etag": "e"} for k in keys]
+
+    got = []
+    monkeypatch.setattr(fetch, "_download", lambda store, key, path, size: got.append(key) or 1)
+    monkeypatch.setattr(fetch.os, "replace", lambda a, b: None)
+    fetch._fetch_folder(Store(), tmp_path, None)
+    assert got == ["train/a/x.JPG"]
