@@ -147,16 +147,7 @@ def scan(src: str | Path, where: str | None = None) -> Layout:
         raise UserError(f"{where}: not a folder (expected an ImageFolder or class subfolders)")
     root = dataset_root(src)
     subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_junk(p.name))
-    folders: dict[str, str] = {}
-    for name in subdirs:
-        split = SPLIT_ALIASES.get(name.lower())
-        if split is None:
-            continue
-        if split in folders:
-            raise UserError(
-                f"{where}: both {folders[split]}/ and {name}/ hold the {split} split; keep one"
-            )
-        folders[split] = name
+    folders = _split_folders(subdirs, where)
     skipped = [f.name for f in _loose_files(root)]
     if "train" in folders:
         folders = {s: folders[s] for s in SPLITS if s in folders}
@@ -166,16 +157,7 @@ def scan(src: str | Path, where: str | None = None) -> Layout:
             skipped += [f"{name}/{f.name}" for f in _loose_files(root / name)]
         classes = sorted(splits["train"])
         _check_single(classes, f"{where}: {folders['train']}/")
-        for split in ("val", "test"):
-            extra = sorted(set(splits.get(split, {})) - set(classes))
-            if extra:
-                names = ", ".join(repr(c) for c in extra[:5]) + (" ..." if len(extra) > 5 else "")
-                what = (
-                    f"class {names} in {folders[split]}/ is"
-                    if len(extra) == 1
-                    else (f"classes {names} in {folders[split]}/ are")
-                )
-                raise UserError(f"{where}: {what} not in {folders['train']}/")
+        _check_unknown_classes(splits, folders, where)
     elif folders:
         found = ", ".join(f"{s}/" for s in subdirs)
         raise UserError(f"{where}: missing train/ folder (found {found})")
@@ -195,6 +177,35 @@ def scan(src: str | Path, where: str | None = None) -> Layout:
         folders=folders,
         skipped=sorted(skipped),
     )
+
+
+def _split_folders(subdirs: list[str], where: str) -> dict[str, str]:
+    """Split -> the folder that holds it, by name in any letter case, aliases included."""
+    folders: dict[str, str] = {}
+    for name in subdirs:
+        split = SPLIT_ALIASES.get(name.lower())
+        if split is None:
+            continue
+        if split in folders:
+            raise UserError(
+                f"{where}: both {folders[split]}/ and {name}/ hold the {split} split; keep one"
+            )
+        folders[split] = name
+    return folders
+
+
+def _check_unknown_classes(splits: dict, folders: dict[str, str], where: str) -> None:
+    """A val/ or test/ class that train/ lacks: the model would have no output for it."""
+    for split in ("val", "test"):
+        extra = sorted(set(splits.get(split, {})) - set(splits["train"]))
+        if extra:
+            names = ", ".join(repr(c) for c in extra[:5]) + (" ..." if len(extra) > 5 else "")
+            what = (
+                f"class {names} in {folders[split]}/ is"
+                if len(extra) == 1
+                else (f"classes {names} in {folders[split]}/ are")
+            )
+            raise UserError(f"{where}: {what} not in {folders['train']}/")
 
 
 def _loose_files(folder: Path) -> list[Path]:
