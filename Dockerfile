@@ -21,6 +21,11 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 
 # ---- runtime --------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}
+# pip reads PIP_INDEX_URL / PIP_EXTRA_INDEX_URL from the environment: a build may point them at
+# a mirror (scripts/build_image_local.sh does, for a base without torch). Unset by default.
+# Build args stay in the image's history: never put credentials in these URLs.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
 LABEL org.opencontainers.image.title="backbones" \
       org.opencontainers.image.description="Fine-tune pretrained image backbones under one protocol" \
       org.opencontainers.image.source="https://github.com/backbones/backbones" \
@@ -32,9 +37,11 @@ RUN groupadd --gid 10001 backbones \
     && useradd --uid 10001 --gid 10001 --no-log-init --create-home --shell /usr/sbin/nologin backbones
 
 COPY --from=build /dist /dist
-# --no-cache-dir: no pip cache in the layer. torch/torchvision already satisfy the pins, so pip
-# installs only the rest of the dependencies.
-RUN pip install --no-cache-dir /dist/*.whl \
+# --no-cache-dir: no pip cache in the layer. On the default base torch/torchvision already
+# satisfy the pins, so pip installs only the rest of the dependencies; on a plain Python base
+# (scripts/build_image_local.sh) it installs the pinned torch and torchvision as well.
+# The last three are the wavemix extra (WaveMix, the paper's eleventh backbone), pinned here.
+RUN pip install --no-cache-dir /dist/*.whl wavemix==0.2.4 PyWavelets==1.8.0 einops==0.8.2 \
     && rm -rf /dist \
     && backbones --help >/dev/null
 

@@ -14,10 +14,16 @@ AdamW, TF32), on the same JPEGs (5,000 photo-like 256 px images, generated once)
 Arms run in interleaved rounds (c, a, b, ...) after a warm-up round; the best epoch per arm is
 reported with the ratios a/c (input overhead) and b/a (speed-up over the paper's pipeline).
 
+Then, per model and each ``--probe-resolutions`` size, the micro-batch that ``protocol.micro_batch:
+"auto"`` finds for a per-GPU share of ``--probe-batch`` images: the worker's own probe (the
+share first, then a binary search over its divisors; forward + backward with bf16, channels_last
+and the compile setting, AdamW's moments held), on a fresh model, with the sizes tried.
+
     python benchmarks/gpu_throughput.py                       # both models, 3 rounds
     python benchmarks/gpu_throughput.py --models resnet50 --rounds 1 --images 2000
     python benchmarks/gpu_throughput.py --device cpu --models test_resnet --resolution 64 \\
         --images 300 --rounds 1                               # smoke test without a GPU
+    python benchmarks/gpu_throughput.py --probe-only --models convnext_tiny  # micro-batches only
 """
 
 from __future__ import annotations
@@ -54,6 +60,20 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--data-dir", type=Path, help="keep/reuse the generated JPEGs here")
+    ap.add_argument(
+        "--probe-resolutions",
+        type=int,
+        nargs="*",
+        default=[224, 448],
+        help="report the 'auto' micro-batch at these sizes (none: skip)",
+    )
+    ap.add_argument(
+        "--probe-batch",
+        type=int,
+        default=1024,
+        help="the per-GPU share of the batch the probe splits",
+    )
+    ap.add_argument("--probe-only", action="store_true", help="only the micro-batch probes")
     args = ap.parse_args()  # fmt: skip
 
     import torch
@@ -67,6 +87,10 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
         print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
               f"CUDA {torch.version.cuda}, {os.cpu_count()} CPUs")  # fmt: skip
+    if args.probe_only:
+        for name in args.models:
+            probe_model(name, args, device)
+        return
     with tempfile.TemporaryDirectory(prefix="gpu-throughput-") as tmp:
         root = args.data_dir or Path(tmp) / "images"
         if len(list(root.glob("class*/*.jpg"))) != args.images:
@@ -80,6 +104,8 @@ def main() -> None:
               f"compile={args.compile}")  # fmt: skip
         for name in args.models:
             bench_model(name, args, arms, device)
+    for name in args.models:
+        probe_model(name, args, device)
 
 
 def build_arms(args, root: Path, cache: Path, device):
@@ -174,6 +200,51 @@ def bench_model(name: str, args, arms, device) -> None:
         print(f"  {labels[arm]:<26} {best[arm]:8.0f} images/s")
     print(f"  a/c = {best['a'] / best['c']:.3f} of pure compute; "
           f"a/b = {best['a'] / best['b']:.2f}x the paper-style pipeline")  # fmt: skip
+
+
+def probe_model(name: str, args, device) -> None:
+    """The micro-batch 'auto' picks for this model at each probe resolution (no cache)."""
+    from service.train import memory
+
+    for res in args.probe_resolutions:
+        micro, tried, seconds = probe_once(name, res, args, device)
+        steps = memory.accumulation_steps(args.probe_batch, micro) if micro else 0
+        sizes = ", ".join(f"{n}:{'fit' if ok else 'OOM'}" for n, ok in tried.items())
+        print(f"{name} @ {res} px, share {args.probe_batch}, bf16={device.type == 'cuda'}, "
+              f"compile={args.compile}: auto micro-batch {micro} ({steps} accumulation steps); "
+              f"probe {seconds:.1f}s [{sizes}]")  # fmt: skip
+        memory.release(device)
+
+
+def probe_once(name: str, res: int, args, device) -> tuple[int, dict, float]:
+    import timm
+    import torch
+
+    from service.train import memory
+
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=args.classes).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    forward = torch.compile(model) if args.compile else model
+    bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    reserve = memory.optimizer_bytes(model) if cuda else 0
+
+    def fits(n: int) -> bool:
+        ok = memory.fits_pass(
+            forward, n, (3, res, res), device=device,
+            autocast=bf16 if cuda else contextlib.nullcontext,
+            channels_last=cuda, reserve_bytes=reserve,
+        )  # fmt: skip
+        model.zero_grad(set_to_none=True)
+        memory.release(device)
+        return ok
+
+    t0 = time.perf_counter()
+    micro, tried = memory.largest_fitting(args.probe_batch, fits, memory.Known())
+    return micro, tried, time.perf_counter() - t0
 
 
 if __name__ == "__main__":

@@ -1,26 +1,36 @@
 #!/usr/bin/env bash
 # Exercise the Dockerfile's `build` stage where no registry or Docker engine is reachable.
 #
-#   sudo bash scripts/build_image_local.sh        # needs root, buildah and debootstrap
+#   sudo bash scripts/build_image_local.sh            # the build stage
+#   sudo bash scripts/build_image_local.sh --runtime  # the whole image (the runtime stage)
 #
+# Needs root, buildah and debootstrap.
 # 1. Makes a local base image, localhost/backbones-pybase:test: a minimal Debian bookworm with
-#    python3 and pip (debootstrap from the mirror apt already uses), imported with buildah.
-#    It is built once and reused; REBUILD_BASE=1 makes it again.
+#    python3 and a venv at /opt/venv first on PATH, as the CUDA PyTorch base has its Python
+#    (debootstrap from the mirror apt already uses), imported with buildah. It is built once
+#    and reused; REBUILD_BASE=1 makes it again.
 # 2. Builds the Dockerfile's `build` stage FROM that base (--build-arg BASE_IMAGE=...), tagged
 #    localhost/backbones-build:test, checks the wheel is in /dist of the built image and copies
 #    it to $STATE/dist/.
+# 3. With --runtime, builds the final stage too, tagged localhost/backbones:test. The base has
+#    no torch, so pip installs the pinned torch and torchvision (the CUDA wheels, ~5.5 GB with
+#    their nvidia-* dependencies) from the indexes this host's pip uses; file:// indexes are
+#    mounted read-only into the build. Prints the image's size.
 #
-# Only the build stage: the runtime stage pip-installs the wheel with torch, which only the real
-# CUDA base (several GB) provides. Storage is vfs with chroot isolation, so it runs in an
-# unprivileged container without overlayfs or user namespaces. Everything lands in $STATE
-# (default build/buildah/, ignored by git).
+# Storage is vfs with chroot isolation, so it runs in an unprivileged container without overlayfs
+# or user namespaces. Everything lands in $STATE (default build/buildah/, ignored by git); the
+# runtime image needs up to ~40 GB there while it builds (vfs copies the whole ~6.5 GB tree for
+# every later step, ENV and USER included) and ~8 GB once built.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 STATE=${BACKBONES_BUILDAH_DIR:-$ROOT/build/buildah}
 BASE=localhost/backbones-pybase:test
 IMAGE=localhost/backbones-build:test
+RUNTIME=localhost/backbones:test
 SUITE=bookworm
+RUNTIME_STAGE=0
+[ "${1:-}" = --runtime ] && RUNTIME_STAGE=1
 
 die() { echo "build_image_local: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "needs root (debootstrap and buildah's chroot isolation)"
@@ -61,6 +71,9 @@ make_base() {
       chroot "$rootfs" update-ca-certificates >/dev/null 2>&1
     fi
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    # Python in a venv, like the CUDA base's /opt/conda: pip may install there (Debian's own
+    # python3 refuses, PEP 668), and the console scripts land on PATH.
+    chroot "$rootfs" python3 -m venv /opt/venv
     touch "$rootfs/.backbones-complete"
   fi
   echo "== import $BASE"
@@ -68,7 +81,7 @@ make_base() {
   ctr=$(bh from scratch)
   bh copy "$ctr" "$rootfs/" / >/dev/null
   bh run --isolation chroot "$ctr" -- rm -f /.backbones-complete
-  bh config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+  bh config --env PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     --cmd /bin/bash "$ctr"
   bh commit -q --rm "$ctr" "$BASE" >/dev/null
 }
@@ -95,3 +108,24 @@ wheel=$(bh run --isolation chroot "$ctr" -- sh -c 'ls /dist/backbones-*-py3-none
 rm -rf "$STATE/dist" && mkdir -p "$STATE/dist"
 bh run --isolation chroot "$ctr" -- cat "$wheel" >"$STATE/dist/$(basename "$wheel")"
 echo "== $IMAGE:$wheel -> $STATE/dist/$(basename "$wheel") (total $((SECONDS - start)) s)"
+
+[ "$RUNTIME_STAGE" = 1 ] || exit 0
+
+# The indexes this host's pip uses (PyPI and its mirrors); file:// ones are mounted into the
+# build read-only at the same path, so the pinned torch comes from the same wheels as here.
+extra=${PIP_EXTRA_INDEX_URL:-$(pip config get global.extra-index-url 2>/dev/null || true)}
+volumes=()
+for url in $extra; do
+  case "$url" in
+    file://*) dir=$(dirname "${url#file://}"); volumes+=(--volume "$dir:$dir:ro") ;;
+  esac
+done
+t=$SECONDS
+echo "== buildah bud (runtime stage)"
+bh bud --isolation chroot --layers --build-arg "BASE_IMAGE=$BASE" \
+  --build-arg "PIP_EXTRA_INDEX_URL=$extra" "${volumes[@]}" -t "$RUNTIME" "$ROOT" \
+  >"$STATE/bud-runtime.log" 2>&1 \
+  || { tail -n 40 "$STATE/bud-runtime.log" >&2; die "runtime build failed, see $STATE/bud-runtime.log"; }
+echo "== runtime stage built in $((SECONDS - t)) s"
+size=$(bh inspect --type image --format '{{.Size}}' "$RUNTIME" 2>/dev/null || true)
+echo "== $RUNTIME size: $(bh images --format '{{.Size}}' "$RUNTIME") ${size:+($size bytes)}"

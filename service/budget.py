@@ -6,7 +6,8 @@ The estimate is an upper bound built from four numbers per cell:
                   + test images × s/eval-image
 
 - **GMACs per image** come from the backbone catalog (``service.catalog``) at the catalog's
-  input size, scaled by pixel count to ``protocol.image_size``. A model the catalog does not
+  input size, scaled by pixel count to the dataset's effective ``protocol.image_size``
+  (``datasets[].protocol`` overrides the study's). A model the catalog does not
   know costs ``DEFAULT_GMACS`` at 224 px, larger than every paper backbone but DenseNet-161.
 - **Images** come from the dataset's ``manifest.json`` when it can be read offline (a local
   packed dataset), an ImageFolder's ``train/`` count, ``dataset.expected_images``, the builtin
@@ -23,6 +24,7 @@ Pure and offline by default: ``validate`` calls it and must stay fast and torch-
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -96,7 +98,7 @@ class CellEstimate:
     backbone: str
     train_fraction: float
     seeds: int
-    gmacs: float  # at the study's image size
+    gmacs: float  # at the dataset's effective image size
     gmacs_source: str
     train_images: int  # per epoch, after val carve-out, fraction and per-class cap
     eval_images: int  # val images per epoch
@@ -105,6 +107,7 @@ class CellEstimate:
     epochs: int
     images_per_second: float
     gpu_hours_per_seed: float
+    image_size: tuple[int, int] = (224, 224)  # the dataset's effective protocol.image_size
 
     @property
     def gpu_hours(self) -> float:
@@ -263,18 +266,23 @@ def estimate(
 ) -> Estimate:
     """Per-cell breakdown and total GPU-hours of a Study on the reference GPU."""
     gpu = REFERENCE_GPUS[reference]
-    proto = study.protocol
-    hw = proto.hw
     gpus = study.resources.gpus
     result = Estimate(study.name, study.n_cells, gpu.name, gpus)
     if gpus == 0:
         result.notes.append("resources.gpus is 0: the study runs on CPUs and uses no GPU-hours")
-    result.notes.append(f"epochs: protocol.max_epochs ({proto.max_epochs}), a ceiling")
+    epochs = sorted({study.protocol_for(d).max_epochs for d in study.datasets})
+    result.notes.append(
+        f"epochs: protocol.max_epochs ({', '.join(map(str, epochs))}), a ceiling"
+        + (" (per-dataset overrides)" if len(epochs) > 1 else "")
+    )
     result.notes.append(f"throughput: {gpu.source}")
     scale = 0.0 if gpus == 0 else (1.0 if gpus == 1 else 1.0 / MULTI_GPU_EFFICIENCY)
-    train_cost = EVAL_COST if proto.recipe == "linear_probe" else 1.0
     sizes = _sizes(study, online=online, storage=storage or study.storage)
     for dataset, size in zip(study.datasets, sizes, strict=True):
+        # Each dataset's cells run under its effective protocol (datasets[].protocol).
+        proto = study.protocol_for(dataset)
+        hw = proto.hw
+        train_cost = EVAL_COST if proto.recipe == "linear_probe" else 1.0
         for backbone in study.backbones:
             gmacs, gmacs_source = model_gmacs(backbone.model, hw)
             train_ips = min(gpu.gmac_images_per_second / gmacs, gpu.max_images_per_second)
@@ -308,6 +316,7 @@ def estimate(
                         epochs=proto.max_epochs,
                         images_per_second=train_ips,
                         gpu_hours_per_seed=seconds / 3600 * scale,
+                        image_size=hw,
                     )
                 )
     return result
@@ -321,6 +330,11 @@ def _sizes(study: Study, *, online: bool, storage) -> list[DatasetSize]:
         return [dataset_size(d, online=online, storage=storage) for d in datasets]
     from concurrent.futures import ThreadPoolExecutor
 
+    from service.storage import import_for_threads
+
+    for d in datasets:  # Rule: no module is first imported inside a thread or pool.
+        with contextlib.suppress(Exception):  # an estimate never fails (see _read_manifest)
+            import_for_threads(d.uri, storage)
     with ThreadPoolExecutor(max_workers=min(8, len(datasets))) as pool:
         return list(pool.map(lambda d: dataset_size(d, online=True, storage=storage), datasets))
 

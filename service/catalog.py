@@ -14,20 +14,20 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Literal
 
-Source = Literal["timm", "torchvision", "external"]
+Source = Literal["timm", "torchvision", "wavemix", "external"]
 Family = Literal["CNN", "attention", "hybrid"]
 
 
 @dataclass(frozen=True)
 class Entry:
     name: str  # timm (or torchvision) model name, as written in backbone.model
-    source: Source  # who builds it: timm, torchvision, or nobody we ship ('external')
+    source: Source  # who builds it: timm, torchvision, the wavemix extra, or nobody ('external')
     family: Family
     params_m: float | None  # millions, with the 1000-class ImageNet head
     gmacs: float | None  # one forward pass of one image at input_size
     input_size: int  # default square input size of the weights
     imagenet_top1: float | None  # percent, of the weights tagged below
-    weights: str  # timm pretrained tag (e.g. 'a1_in1k') or torchvision weights enum name
+    weights: str  # timm pretrained tag (e.g. 'a1_in1k'), torchvision weights enum, or hub file
     paper: bool  # one of the backbones of Jeevan & Sethi (arXiv 2406.05612)
     available: bool  # the worker can build it
     note: str  # caveats, or why it is unavailable

@@ -42,6 +42,9 @@ class Progress:
     best_val_top1: float | None = None
     images_per_second: float | None = None
     recipe_phase: str | None = None  # 'paper': 'adamw' then 'sgd'
+    micro_batch: int | None = None  # images per forward/backward pass on one GPU
+    accumulation_steps: int | None = None  # micro-batches per optimizer step
+    remediations: list[dict] = field(default_factory=list)  # out-of-memory recoveries
     error: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -63,6 +66,10 @@ class Observer:
         """An epoch ended; ``record`` is the line written to metrics.jsonl."""
 
     def on_checkpoint(self, progress: Progress, *, seconds: float) -> None: ...
+
+    def on_remediation(self, progress: Progress, record: dict) -> None:
+        """Training ran out of memory and goes on with a smaller micro-batch (``record``, also
+        appended to ``progress.remediations``)."""
 
     def on_download(self, nbytes: int) -> None: ...
 
@@ -92,6 +99,10 @@ class Observers(Observer):
     def on_checkpoint(self, progress, **kw):
         for o in self.observers:
             o.on_checkpoint(progress, **kw)
+
+    def on_remediation(self, progress, record):
+        for o in self.observers:
+            o.on_remediation(progress, record)
 
     def on_download(self, nbytes):
         for o in self.observers:

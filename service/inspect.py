@@ -115,6 +115,7 @@ def card(root: Path, *, workers: int = 4) -> dict:
                 fmt = im.format or ""
         return hashlib.sha256(r.data).hexdigest(), info, fmt
 
+    packing.import_codecs()  # Rule: no module is first imported inside a thread or pool.
     with ThreadPoolExecutor(workers) as pool:
         looks = list(pool.map(_look, recs))
 

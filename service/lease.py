@@ -135,6 +135,8 @@ class Lease:
                     f"heartbeat {age:.0f}s ago); retry later"
                 )
             time.sleep(min(1.0, max(0.05, self.ttl / 8)))
+        # Rule: no module is first imported inside a thread or pool; acquire() wrote through
+        # the store on this thread, which imported and built what the renewals use.
         self._thread = threading.Thread(target=self._renew_loop, name="lease", daemon=True)
         self._thread.start()
         return self

@@ -65,33 +65,38 @@ def run_labels(spec: FineTune) -> dict[str, str]:
 class _DeviceMemory:
     """``backbones_device_memory_*_bytes``, read from torch at scrape time, only on CUDA.
 
-    Nothing is imported here: the trainer has imported torch long before a GPU is in use, and a
-    CPU run simply has no such series (rather than a misleading 0).
+    A scrape runs on the HTTP server's thread, which starts before the worker imports torch: a
+    scrape that reached for ``sys.modules["torch"]`` could meet a module the main thread is
+    still importing (``partially initialized module 'torch' has no attribute 'cuda'``). So the
+    server thread never imports nor probes torch: the main thread hands ``torch.cuda`` over
+    (``cuda``) once it has seen CUDA initialised, and a CPU run simply has no such series
+    (rather than a misleading 0).
     """
 
     def __init__(self, labels: dict[str, str]):
         self.labels = labels
+        self.cuda = None  # torch.cuda, set by the main thread (PrometheusObserver._refresh_gpus)
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        torch = sys.modules.get("torch")
-        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        cuda = self.cuda
+        if cuda is None:
             return
         names, values = list(self.labels), list(self.labels.values())
         for name, doc, read in (
             (
                 "allocated",
                 "Bytes held by tensors on this process' GPU",
-                torch.cuda.memory_allocated,
+                cuda.memory_allocated,
             ),
             (
                 "reserved",
                 "Bytes reserved by the CUDA caching allocator",
-                torch.cuda.memory_reserved,
+                cuda.memory_reserved,
             ),
             (
                 "peak",
                 "Peak bytes held by tensors since the run started",
-                torch.cuda.max_memory_allocated,
+                cuda.max_memory_allocated,
             ),
         ):
             family = GaugeMetricFamily(f"backbones_device_memory_{name}_bytes", doc, labels=names)
@@ -202,13 +207,20 @@ class PrometheusObserver(Observer):
             "backbones_gpu_seconds", "GPU-seconds held by the run (wall time x GPUs)."
         )
         self._gpu_count = gauge("backbones_gpus", "GPUs this run uses.")
+        self._remediations = counter(
+            "backbones_oom_remediations",
+            "Out-of-memory errors in training recovered by halving the micro-batch (every "
+            "attempt of the run: a resumed attempt starts from the checkpoint's count).",
+        )
+        self._remediations_seen = 0
         self._success = Gauge(
             "backbones_run_last_success_timestamp_seconds",
             "Unix time the run succeeded (the Pushgateway batch-job pattern).",
             names,
             registry=r,
         )
-        r.register(_DeviceMemory(labels))
+        self._memory = _DeviceMemory(labels)
+        r.register(self._memory)
 
         self._gpus = gpus
         self._gpus_now = gpus or 0
@@ -224,6 +236,8 @@ class PrometheusObserver(Observer):
     # ---- plumbing ---------------------------------------------------------------------------
 
     def _serve(self, port: int, addr: str) -> None:
+        # Rule: no module is first imported inside a thread or pool; prometheus_client is
+        # imported at the top of this module, and scrapes never touch torch (_DeviceMemory).
         try:
             self.server, _ = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as e:
@@ -238,12 +252,14 @@ class PrometheusObserver(Observer):
         """GPUs in use: CUDA initialised here -> the world size (one GPU per rank), else 0.
 
         Checked at phase changes and epochs, not every step: CUDA starts before training.
+        Runs on the main thread (the trainer's events), which imported torch, if at all, itself.
         """
+        torch = sys.modules.get("torch")
+        on_gpu = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
+        self._memory.cuda = torch.cuda if on_gpu else None
         if self._gpus is not None:
             self._gpus_now = self._gpus
             return
-        torch = sys.modules.get("torch")
-        on_gpu = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
         self._gpus_now = int(os.environ.get("WORLD_SIZE", "1")) if on_gpu else 0
 
     def _tick(self) -> None:
@@ -261,6 +277,9 @@ class PrometheusObserver(Observer):
         return child
 
     def _update(self, p: Progress) -> None:
+        if len(p.remediations) > self._remediations_seen:
+            self._remediations.inc(len(p.remediations) - self._remediations_seen)
+            self._remediations_seen = len(p.remediations)
         self._epoch.set(p.epoch)
         self._progress.set(min(max(p.progress, 0.0), 1.0))
         self._attempt.set(p.attempt)
@@ -330,6 +349,10 @@ class PrometheusObserver(Observer):
         self._ckpt.observe(seconds)
         self._child(self._ckpt_ok).set(time.time())
 
+    def on_remediation(self, progress: Progress, record: dict) -> None:
+        self._tick()
+        self._update(progress)
+
     def on_download(self, nbytes: int) -> None:
         self._downloaded.inc(nbytes)
 
@@ -384,3 +407,63 @@ def prune_pushgateway(
     for run in stale:
         delete_from_gateway(pushgateway_url, job=PUSH_JOB, grouping_key={"run": run})
     return stale
+
+
+class SearchMetrics:
+    """A search driver's progress: ``backbones_search_rung`` (the rung running, 1-based; the
+    number of rungs + 1 once done) and ``backbones_search_survivors`` (candidates in it) per
+    dataset. The run and backbone labels stay empty: a search has neither. Serves /metrics on
+    ``port`` (the in-cluster driver's pod; 0: none) and pushes to ``pushgateway_url`` with the
+    grouping key run=<study>/_search at every decision."""
+
+    def __init__(self, study: str, *, port: int, pushgateway_url: str | None, addr="0.0.0.0"):
+        self.study = study
+        self.pushgateway_url = pushgateway_url or None
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self._rung = Gauge(
+            "backbones_search_rung", "Rung of the search now running (1-based).", LABELS,
+            registry=r,
+        )  # fmt: skip
+        self._survivors = Gauge(
+            "backbones_search_survivors", "Candidates training in the current rung.", LABELS,
+            registry=r,
+        )  # fmt: skip
+        self.server = None
+        self._push_warned = False
+        if port:
+            try:
+                self.server, _ = start_http_server(port, addr=addr, registry=r)
+            except OSError as e:
+                log.warning("metrics: cannot serve on %s:%d (%s)", addr, port, e.strerror or e)
+
+    def update(self, state: dict) -> None:
+        rungs = state.get("rungs") or []
+        current = rungs[-1] if rungs else None
+        done = state.get("phase") == "done"
+        for group, candidates in (current or {}).get("candidates", {}).items():
+            labels = {
+                "run": "",
+                "study": self.study,
+                "backbone": "",
+                "dataset": group.split("/")[0],
+            }
+            self._rung.labels(**labels).set(len(rungs) + (1 if done else 0))
+            self._survivors.labels(**labels).set(1 if done else len(candidates))
+        if self.pushgateway_url:
+            try:
+                push_to_gateway(
+                    self.pushgateway_url,
+                    job=PUSH_JOB,
+                    registry=self.registry,
+                    grouping_key={"run": f"{self.study}/_search"},
+                    timeout=PUSH_TIMEOUT_SECONDS,
+                )
+            except Exception as e:  # monitoring never stops the search
+                if not self._push_warned:
+                    self._push_warned = True
+                    log.warning("metrics: push to %s failed (%s)", self.pushgateway_url, e)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None

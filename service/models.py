@@ -40,9 +40,12 @@ class Built:
     """A model ready to fine-tune, and what the run records about where its weights came from."""
 
     model: nn.Module
-    source: str  # 'timm' | 'torchvision'
+    source: str  # 'timm' | 'torchvision' | 'wavemix'
     weights: str  # as in the spec
     weights_sha256: str | None = None  # of the safetensors file, when one was loaded
+    # Which pretrained weights these are: 'resnet50.a1_in1k' (timm), 'IMAGENET1K_V1'
+    # (torchvision), as requested from the hub or as recorded in the file by `weights push`.
+    pretrained_tag: str | None = None
     pretrained_cfg: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -66,8 +69,32 @@ def catalog_entry(name: str):
         return None
 
 
+def hub_name(name: str) -> str:
+    """The timm name `weights: timm` downloads, tag included: the catalog pins ImageNet-1k
+    weights (``resnet50`` -> ``resnet50.a1_in1k``); `weights push` asks for the same."""
+    entry = catalog_entry(name)
+    if entry is not None and getattr(entry, "source", "timm") == "timm" and entry.weights:
+        return f"{name}.{entry.weights}"
+    return name
+
+
+TAG_KEY = "backbones.pretrained_tag"  # safetensors metadata written by `weights push`
+
+
+def file_tag(path: Path) -> str | None:
+    """The pretrained tag `weights push` recorded in a safetensors file, if any."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(TAG_KEY)
+    except Exception:
+        return None
+
+
 def catalog_source(name: str) -> str:
-    """'torchvision' for catalog entries that timm lacks, else 'timm'."""
+    """Who builds ``name``: 'torchvision' or 'wavemix' for catalog entries that timm lacks,
+    else 'timm'."""
     return getattr(catalog_entry(name), "source", None) or "timm"
 
 
@@ -77,9 +104,11 @@ def build(
     *,
     cache_dir: Path | None = None,
     storage: Storage | None = None,
+    image_size: tuple[int, int] | None = None,
     on_download: Callable[[int], None] | None = None,
 ) -> Built:
-    """The backbone with a ``num_classes`` head, initial weights as ``backbone.weights`` says.
+    """The backbone with a ``num_classes`` head, initial weights as ``backbone.weights`` says,
+    built for ``image_size`` (height, width) when its architecture depends on the input size.
     ``on_download`` is told the bytes of weights fetched from S3 (the download counter)."""
     from service.checks import check_model_name
 
@@ -89,7 +118,7 @@ def build(
         note = getattr(entry, "note", "") or "no builder ships with backbones"
         raise UserError(f"backbone.model: {name!r} is in the catalog but cannot be built: {note}")
     source = catalog_source(name)
-    if source != "torchvision":
+    if source == "timm":
         problem = check_model_name(name, deep=True)
         if problem:
             raise UserError(f"backbone.model: {problem}")
@@ -100,10 +129,13 @@ def build(
         )
     if source == "torchvision":
         built = _build_torchvision(name, num_classes, weights, path)
+    elif source == "wavemix":
+        built = _build_wavemix(num_classes, weights, path)
     else:
-        built = _build_timm(name, num_classes, weights, path)
+        built = _build_timm(name, num_classes, weights, path, size_kwargs(name, image_size))
     if path is not None:
         built.weights_sha256 = sha256_file(path)
+        built.pretrained_tag = file_tag(path)
     return built
 
 
@@ -112,21 +144,42 @@ def build(
 # ------------------------------------------------------------------------------------------
 
 
-def _build_timm(name: str, num_classes: int, weights: str, path: Path | None) -> Built:
+def size_kwargs(name: str, image_size: tuple[int, int] | None) -> dict[str, Any]:
+    """``img_size`` for timm models whose architecture is tied to the input size (Swin, SwinV2,
+    ViT: patch grid, attention windows, position tables), when the spec asks for another size
+    than the default. timm then builds for that size and adapts pretrained position tables while
+    loading. Convolutional models take any size and get nothing."""
+    if image_size is None:
+        return {}
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # hub-hosted names have no local config
+        cfg = None
+    if cfg is None or not getattr(cfg, "fixed_input_size", False):
+        return {}
+    hw = (int(image_size[0]), int(image_size[1]))
+    if tuple(cfg.input_size[-2:]) == hw:
+        return {}
+    return {"img_size": hw}
+
+
+def _build_timm(
+    name: str, num_classes: int, weights: str, path: Path | None, size: dict[str, Any]
+) -> Built:
     import timm
 
     if weights == "none":
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **size)
     elif weights == "timm":
         # The catalog pins which ImageNet weights a name means (e.g. resnet50.a1_in1k).
-        entry = catalog_entry(name)
-        tagged = f"{name}.{entry.weights}" if entry is not None and entry.weights else name
-        model = _create_from_hub(tagged, num_classes)
+        model = _create_from_hub(hub_name(name), num_classes, size)
     else:
         assert path is not None
         # Check the file's keys against the architecture first: timm loads non-strictly once it
         # has dropped the classifier, which would hide a file made for another model.
-        skeleton = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        skeleton = timm.create_model(name, pretrained=False, num_classes=num_classes, **size)
         check_keys(skeleton, path, classifier_keys(skeleton), what=f"{weights} for {name}")
         del skeleton
         model = timm.create_model(
@@ -134,13 +187,17 @@ def _build_timm(name: str, num_classes: int, weights: str, path: Path | None) ->
             pretrained=True,
             num_classes=num_classes,
             pretrained_cfg_overlay=dict(file=str(path)),
+            **size,
         )
         # The file's head (if its class count matched by chance) belongs to another task.
         model.reset_classifier(num_classes)
-    return Built(model, "timm", weights, pretrained_cfg=dict(model.pretrained_cfg or {}))
+    built = Built(model, "timm", weights, pretrained_cfg=dict(model.pretrained_cfg or {}))
+    if weights == "timm":
+        built.pretrained_tag = hub_name(name)
+    return built
 
 
-def _create_from_hub(name: str, num_classes: int):
+def _create_from_hub(name: str, num_classes: int, size: dict[str, Any] | None = None):
     import timm
     from huggingface_hub import constants
 
@@ -154,7 +211,7 @@ def _create_from_hub(name: str, num_classes: int):
             # An unreachable hub: only a cached copy can help, and huggingface_hub retries for
             # ~47 s before giving up; offline mode answers from the cache in a blink.
             offline = offline or forced
-            return timm.create_model(name, pretrained=True, num_classes=num_classes)
+            return timm.create_model(name, pretrained=True, num_classes=num_classes, **(size or {}))
     except Exception as e:  # hub errors come in many classes (OSError, LocalEntryNotFound, ...)
         why = "the Hugging Face hub is unreachable" if offline else str(e).splitlines()[0]
         raise UserError(
@@ -209,6 +266,11 @@ def check_keys(model, path: Path, head: set[str], *, what: str) -> None:
             file_keys = set(f.keys())
     except Exception as e:
         raise UserError(f"backbone.weights: {path}: not a readable safetensors file ({e})") from e
+    compare_keys(model, file_keys, head, what=what)
+
+
+def compare_keys(model, file_keys: set[str], head: set[str], *, what: str) -> None:
+    """UserError naming each key (head aside) missing from or extra in ``file_keys``."""
     # BatchNorm's step counters carry no weights; exports often leave them out.
     model_keys = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
     file_keys = {k for k in file_keys if not k.endswith("num_batches_tracked")}
@@ -258,7 +320,69 @@ def _build_torchvision(name: str, num_classes: int, weights: str, path: Path | N
         model.load_state_dict(state, strict=False)
     _replace_head(model, num_classes)
     cfg = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "architecture": name}
-    return Built(model, "torchvision", weights, pretrained_cfg=cfg)
+    built = Built(model, "torchvision", weights, pretrained_cfg=cfg)
+    if weights == "timm":
+        built.pretrained_tag = tv_weights
+    return built
+
+
+# ------------------------------------------------------------------------------------------
+# WaveMix (the `wavemix` package, an optional extra)
+# ------------------------------------------------------------------------------------------
+
+
+def _build_wavemix(num_classes: int, weights: str, path: Path | None) -> Built:
+    from service import wavemix
+
+    model = wavemix.create(num_classes)
+    head = {k for k in model.state_dict() if k.startswith(wavemix.HEAD + ".")}
+    state = None
+    if weights == "timm":
+        state = _wavemix_hub_state()
+        compare_keys(model, set(state), head, what=f"{wavemix.HUB_REPO}/{wavemix.HUB_FILE}")
+    elif path is not None:
+        from safetensors.torch import load_file
+
+        check_keys(model, path, head, what=f"{weights} for wavemix")
+        state = load_file(str(path))
+    if state is not None:
+        # The checkpoint's 1000-class head belongs to ImageNet: the new head stays fresh.
+        model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
+    cfg = {
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "architecture": "wavemix",
+        **wavemix.PAPER_CONFIG,
+    }
+    built = Built(model, "wavemix", weights, pretrained_cfg=cfg)
+    if weights == "timm":
+        built.pretrained_tag = f"{wavemix.HUB_REPO}:{wavemix.HUB_FILE}"
+    return built
+
+
+def _wavemix_hub_state() -> dict:
+    from huggingface_hub import constants
+
+    from service import wavemix
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in (
+        "1",
+        "true",
+        "yes",
+    )
+    where = f"{wavemix.HUB_REPO}/{wavemix.HUB_FILE}"
+    if offline or not hub_reachable():
+        raise UserError(
+            f"backbone.weights: cannot download WaveMix's ImageNet weights ({where}): the "
+            f"Hugging Face hub is unreachable; {PUSH_HINT}"
+        )
+    try:
+        return wavemix.load_pickle_state(wavemix.hub_checkpoint())
+    except Exception as e:
+        raise UserError(
+            f"backbone.weights: cannot load WaveMix's ImageNet weights ({where}): "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; {PUSH_HINT}"
+        ) from None
 
 
 def _last_linear(model):
@@ -338,3 +462,62 @@ def measure_gmacs(model, hw: tuple[int, int], device) -> float:
         model(x)
     model.train(was_training)
     return counter.get_total_flops() / 2 / 1e9
+
+
+# ------------------------------------------------------------------------------------------
+# Will it run? (validate --deep)
+# ------------------------------------------------------------------------------------------
+
+
+def probe(name: str, hw: tuple[int, int]) -> str | None:
+    """None when ``name`` builds for ``hw`` and runs a forward pass, else the error in one line.
+
+    Built on the meta device (shapes only: no memory, no weights, no arithmetic), through the
+    very factory the worker uses, so a pair that passes here is a pair the worker can build.
+    """
+    import torch
+
+    from service.spec import Backbone
+
+    try:
+        with torch.device("meta"):
+            built = build(Backbone(model=name, weights="none"), 2, image_size=hw)
+            built.model.eval()
+            with torch.no_grad():
+                built.model(torch.empty(1, 3, *hw))
+    except UserError as e:
+        return str(e)
+    except NotImplementedError as e:
+        if "meta" in str(e).lower():  # an op without a meta kernel: cannot tell, so allow
+            return None
+        return _first_line(e)
+    except Exception as e:  # timm and torch raise AssertionError, RuntimeError, ValueError...
+        return _first_line(e)
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(e).__name__
+
+
+def nearest_size(name: str, hw: tuple[int, int], step: int = 32) -> tuple[int, int] | None:
+    """The size closest to ``hw`` (multiples of ``step``, then the default) that probes clean."""
+    h, w = hw
+    candidates = []
+    for fh in (round, lambda v: v // 1, lambda v: v + 1):
+        ch = max(step, int(fh(h / step)) * step)
+        cw = max(step, int(fh(w / step)) * step)
+        candidates.append((ch, cw))
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is not None:
+            candidates.append(tuple(cfg.input_size[-2:]))
+    except Exception:
+        pass
+    for c in dict.fromkeys(candidates):
+        if c != tuple(hw) and probe(name, c) is None:
+            return c
+    return None

@@ -175,6 +175,18 @@ def stratified_split(
 # --------------------------------------------------------------------------------------------
 
 
+def import_codecs() -> None:
+    """Import what ``describe`` uses; on the main thread, before a pool of ``describe`` starts.
+
+    No module is first imported inside a thread or pool: PIL imports its format plugins on the
+    first ``Image.open``, and threads doing that at once can see a half-registered plugin.
+    """
+    import numpy  # noqa: F401
+    from PIL import Image
+
+    Image.init()
+
+
 def describe(data: bytes, *, pixels: bool) -> ImageInfo:
     """Size and mode of an encoded image; with ``pixels``, its RGB channel sums (0-1 scale)."""
     from PIL import Image
@@ -265,6 +277,7 @@ def pack(
         return info
 
     # Two passes over the files (describe, then write) so memory stays flat for any size.
+    import_codecs()  # Rule: no module is first imported inside a thread or pool.
     with ThreadPoolExecutor(workers) as pool:
         infos = list(pool.map(_describe, all_items))
     skipped = [str(all_items[k][1].path) for k in range(len(all_items)) if not infos[k].ok]

@@ -131,6 +131,8 @@ def push(
         if dry_run:
             return result
 
+        # Rule: no module is first imported inside a thread or pool; reading the remote
+        # manifest above, on this thread, imported boto3 and built the client the uploads share.
         with ThreadPoolExecutor(max(1, min(workers, 8))) as pool:
             futures = {
                 pool.submit(store.upload_file, Path(tmp) / key, key): key for key in result.uploaded

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 API_VERSION = "backbones/v1"
 SCHEMA_URL_FINETUNE = "./schema/finetune.schema.json"
@@ -22,6 +31,8 @@ SCHEMA_URL_STUDY = "./schema/study.schema.json"
 
 Domain = Literal["natural", "texture", "remote_sensing", "plant", "astronomy", "medical", "other"]
 Recipe = Literal["paper", "standard", "linear_probe"]
+Augmentation = Literal["recipe", "none", "standard", "trivial_augment_wide"]
+Normalize = Literal["dataset", "split", "imagenet", "pretrained", "none", "raw"]
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _SHORT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -100,11 +111,12 @@ class Dataset(_Section):
     )
     val_fraction: float = Field(
         default=0.1,
-        gt=0,
+        ge=0,
         lt=1,
         description="Fraction of train carved out (stratified, seeded by protocol.seed) as the "
         "validation split that selects checkpoints and stops training. Ignored when the dataset "
-        "has its own val/ split.",
+        "has its own val/ split. 0 carves none and trains on the whole train split: only with "
+        "protocol.select_on 'test' (the paper's protocol, reproduced by a faithful spec).",
     )
     test_fraction: float | None = Field(
         default=None,
@@ -186,8 +198,9 @@ class Protocol(_Section):
 
     recipe: Recipe = Field(
         default="standard",
-        description="'paper': the study's AdamW-then-SGD plateau protocol (resize, dataset "
-        "normalisation, no augmentation). 'standard': AdamW, warmup + cosine, label smoothing, "
+        description="'paper': the study's AdamW-then-SGD plateau protocol (no augmentation "
+        "unless protocol.augmentation sets one; docs/paper.md lists how it differs from the "
+        "paper's code). 'standard': AdamW, warmup + cosine, label smoothing, "
         "random-resized-crop and flip, fixed epochs. 'linear_probe': frozen backbone, head only.",
     )
     image_size: int | tuple[int, int] = Field(
@@ -197,6 +210,14 @@ class Protocol(_Section):
     )
     batch_size: int = Field(
         default=64, gt=0, description="Global batch size (split across GPUs when gpus > 1)."
+    )
+    micro_batch: int | Literal["auto"] = Field(
+        default="auto",
+        description="Images per forward/backward pass on one GPU: gradients are accumulated over "
+        "micro-batches, so the optimizer always sees the batch_size batch. An integer must divide "
+        "each GPU's share of batch_size. 'auto': on a GPU, the largest share that fits, found by "
+        "a short probe (cached per model, resolution, precision and GPU); the whole share on CPU. "
+        "An out-of-memory error halves it and redoes the step.",
     )
     seed: int = Field(
         default=0,
@@ -221,10 +242,20 @@ class Protocol(_Section):
         description="Split that picks the best checkpoint and drives early stopping. 'test' only "
         "reproduces the paper's leak, and the summary records it.",
     )
-    normalize: Literal["dataset", "pretrained"] = Field(
+    normalize: Normalize = Field(
         default="dataset",
-        description="Normalise by the train split's channel mean/std (as the paper) or by the "
-        "backbone's pretrained config.",
+        description="Input normalisation. 'dataset': the train split's channel mean/std on every "
+        "split. 'split': each split by its own statistics (the paper's code: the test split by "
+        "test statistics, a leak). 'imagenet': ImageNet mean/std (the paper's DTD). "
+        "'pretrained': the backbone's pretrained config. 'none': pixels scaled to 0-1 only. "
+        "'raw': pixel values 0-255, not even scaled (the paper's Galaxy10).",
+    )
+    augmentation: Augmentation = Field(
+        default="recipe",
+        description="Training augmentation. 'recipe': the recipe's own ('standard': "
+        "random-resized-crop + flip; 'paper' and 'linear_probe': none). 'none'. 'standard': "
+        "random-resized-crop + horizontal flip. 'trivial_augment_wide': torchvision's "
+        "TrivialAugmentWide per image (the paper's CIFAR-10/100, DTD, Food-101, Flowers-102).",
     )
     lr: float | None = Field(
         default=None, gt=0, description="Peak learning rate; empty for the recipe's default."
@@ -271,11 +302,94 @@ class Protocol(_Section):
                 raise ValueError(f"must be > 0, got {s}")
         return v
 
+    @field_validator("micro_batch", mode="before")
+    @classmethod
+    def _micro_batch(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError(f"must be 'auto' or an integer > 0, got {json.dumps(v)}")
+
     @property
     def hw(self) -> tuple[int, int]:
         """``image_size`` as (height, width)."""
         s = self.image_size
         return (s, s) if isinstance(s, int) else (s[0], s[1])
+
+    @property
+    def effective_augmentation(self) -> str:
+        """'none', 'standard' or 'trivial_augment_wide': what training actually applies."""
+        if self.augmentation != "recipe":
+            return self.augmentation
+        return "standard" if self.recipe == "standard" else "none"
+
+    @model_serializer(mode="wrap")
+    def _omit_new_defaults(self, handler):
+        # Fields added after v1 are left out at their default, so the spec hash of a run made
+        # before they existed is unchanged and its outputs still resume and report.
+        data = handler(self)
+        for key, default in _ADDED_DEFAULTS.items():
+            if isinstance(data, dict) and data.get(key) == default:
+                del data[key]
+        return data
+
+
+_ADDED_DEFAULTS = {"augmentation": "recipe", "micro_batch": "auto"}
+
+
+class _Overrides(_Section):
+    @model_serializer(mode="wrap")
+    def _set_only(self, handler):
+        data = handler(self)  # an empty field means "the study's", so it is not written out
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+def _overrides_model() -> type[BaseModel]:
+    """Every protocol field but seed, optional: a Study dataset's overrides of the protocol.
+
+    Built from Protocol so a new protocol field is overridable, with its checks, at once.
+    """
+    fields: dict[str, Any] = {}
+    for name, f in Protocol.model_fields.items():
+        if name == "seed":
+            continue
+        kind = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+        fields[name] = (
+            kind | None,
+            Field(default=None, description=f"Overrides protocol.{name}: {f.description}"),
+        )
+    model = create_model(
+        "ProtocolOverrides",
+        __base__=_Overrides,
+        __doc__="A dataset's overrides of the study's protocol; empty fields keep the study's.",
+        __validators__={
+            "_image_size": field_validator("image_size", mode="before")(
+                lambda cls, v: v if v is None else Protocol._image_size(v)
+            )
+        },
+        **fields,
+    )
+    return model
+
+
+ProtocolOverrides = _overrides_model()
+
+
+class StudyDataset(Dataset):
+    """Where the images are and how to split them; in a Study, optionally its own protocol."""
+
+    protocol: ProtocolOverrides | None = Field(  # type: ignore[valid-type]
+        default=None,
+        description="Overrides of the study's protocol for this dataset's cells (e.g. "
+        '{"image_size": [448, 672], "batch_size": 32}); fields left out keep the study\'s. '
+        "`backbones expand` prints each cell's effective protocol.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _no_empty_protocol(self, handler):
+        data = handler(self)  # a Study without overrides serialises (and hashes) as before
+        if isinstance(data, dict) and data.get("protocol") is None:
+            data.pop("protocol", None)
+        return data
 
 
 class Output(_Section):
@@ -474,6 +588,58 @@ class Metrics(_Section):
     )
 
 
+class Proxy(_Section):
+    """A zero-training rung: rank candidates by their frozen pretrained features."""
+
+    method: Literal["knn"] = Field(
+        default="knn",
+        description="'knn': accuracy of a k-nearest-neighbour classifier (cosine) on the frozen "
+        "backbone's pooled features, fitted on the train split and scored on the validation "
+        "split. One forward pass per image, no training.",
+    )
+    keep: int = Field(
+        ge=1,
+        description="Candidates (per dataset and train fraction) that go on to the first "
+        "training rung, best proxy score first.",
+    )
+    k: int = Field(default=5, ge=1, description="Neighbours that vote in the k-NN probe.")
+
+
+class Search(_Section):
+    """How a Study looks for the best backbone: the whole grid, or successive halving."""
+
+    strategy: Literal["grid", "successive_halving"] = Field(
+        default="grid",
+        description="'grid': every cell, with the full protocol. 'successive_halving': per "
+        "dataset and train fraction, every backbone trains on a small budget, the best 1/eta "
+        "by validation top-1 (mean over seeds; never test) move on to an eta-times larger "
+        "budget, and the last rung trains with the full protocol.",
+    )
+    eta: int = Field(
+        default=3,
+        ge=2,
+        description="Successive halving: keep the best 1/eta of the candidates at each rung, "
+        "and give the next rung eta times the epochs.",
+    )
+    min_epochs: int = Field(
+        default=1,
+        ge=1,
+        description="Successive halving: the smallest rung's epoch budget is at least this.",
+    )
+    schedule: Literal["restart", "continue"] = Field(
+        default="continue",
+        description="Successive halving: how a rung spends its epochs. 'continue' (measured "
+        "better, docs/search.md): every rung continues the previous rung's checkpoint under the "
+        "full run's schedule, stopped at the rung's epoch budget. 'restart': each rung is a "
+        "complete short schedule (protocol.max_epochs set to the rung's budget).",
+    )
+    proxy: Proxy | None = Field(
+        default=None,
+        description="Successive halving: an optional zero-training rung before the first one, "
+        'e.g. {"method": "knn", "keep": 6}.',
+    )
+
+
 def _check_dns_label(v: str) -> None:
     if len(v) > 63:
         raise ValueError(f"must be at most 63 characters, got {len(v)}")
@@ -571,6 +737,16 @@ class FineTune(_Spec):
     dataset: Dataset = Field(description="The images.")
     protocol: Protocol = Field(default_factory=Protocol, description="The training protocol.")
 
+    @model_validator(mode="after")
+    def _selection_split(self) -> FineTune:
+        _check_val_carve(self.dataset, self.protocol, "dataset.val_fraction")
+        return self
+
+    @model_validator(mode="after")
+    def _micro_batch(self) -> FineTune:
+        check_micro_batch(self.protocol, self.resources.gpus)
+        return self
+
     @property
     def run_id(self) -> str:
         """Where outputs go under output.uri: the name, or study/dataset/backbone/seedS-fracF."""
@@ -587,8 +763,12 @@ class FineTune(_Spec):
     @property
     def spec_hash(self) -> str:
         """Hash of what determines the result (not resources or metrics): equal hash, equal run."""
+        # protocol.micro_batch is how the batch is computed, not what: changing it (or an
+        # out-of-memory remediation) must not orphan the run's checkpoints.
         data = self.model_dump(
-            mode="json", include={"name", "study", "backbone", "dataset", "protocol"}
+            mode="json",
+            include={"name", "study", "backbone", "dataset", "protocol"},
+            exclude={"protocol": {"micro_batch"}},
         )
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -598,7 +778,10 @@ class Study(_Spec):
 
     kind: Literal["Study"] = Field(description="'Study': a grid of runs compared in one report.")
     backbones: list[Backbone] = Field(min_length=1, description="Backbones to compare.")
-    datasets: list[Dataset] = Field(min_length=1, description="Datasets to compare them on.")
+    datasets: list[StudyDataset] = Field(
+        min_length=1,
+        description="Datasets to compare them on, each optionally with its own protocol overrides.",
+    )
     seeds: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=lambda: [0, 1, 2],
         min_length=1,
@@ -609,11 +792,19 @@ class Study(_Spec):
         min_length=1,
         description="Fractions of each training split (e.g. [0.1, 0.5, 1.0] for data curves).",
     )
-    protocol: Protocol = Field(default_factory=Protocol, description="The shared protocol.")
+    protocol: Protocol = Field(
+        default_factory=Protocol,
+        description="The shared protocol; datasets[].protocol overrides it per dataset.",
+    )
     max_gpu_hours: float | None = Field(
         default=None,
         gt=0,
         description="`submit` refuses a study whose estimate exceeds this, unless --yes.",
+    )
+    search: Search = Field(
+        default_factory=Search,
+        description="The grid (default), or a successive-halving search for the best backbone "
+        "per dataset at a fraction of the grid's compute.",
     )
 
     @model_validator(mode="after")
@@ -634,6 +825,36 @@ class Study(_Spec):
             dupes = sorted({str(v) for v in values if values.count(v) > 1})
             if dupes:
                 raise ValueError(f"{key}: duplicate entries {', '.join(dupes)}")
+        for i, d in enumerate(self.datasets):
+            _check_val_carve(d, self.protocol_for(d), f"datasets.{i}.val_fraction")
+        return self
+
+    def protocol_for(self, dataset: int | Dataset) -> Protocol:
+        """The effective protocol of a dataset's cells: the study's, with its overrides."""
+        d = self.datasets[dataset] if isinstance(dataset, int) else dataset
+        overrides = getattr(d, "protocol", None)
+        if overrides is None:
+            return self.protocol
+        merged = {**self.protocol.model_dump(mode="json"), **overrides.model_dump(mode="json")}
+        return Protocol.model_validate(merged)
+
+    @model_validator(mode="after")
+    def _micro_batch(self) -> Study:
+        # Per dataset: an override may change batch_size or micro_batch.
+        for d in self.datasets:
+            check_micro_batch(self.protocol_for(d), self.resources.gpus)
+        return self
+
+    @model_validator(mode="after")
+    def _search(self) -> Study:
+        search = self.search
+        if search.strategy == "grid" and search.proxy is not None:
+            raise ValueError("search.proxy: only used with strategy 'successive_halving'")
+        if search.proxy is not None and search.proxy.keep >= len(self.backbones):
+            raise ValueError(
+                f"search.proxy.keep: {search.proxy.keep} keeps all {len(self.backbones)} "
+                "backbones; keep fewer, or drop the proxy"
+            )
         return self
 
     @property
@@ -665,13 +886,38 @@ class Study(_Spec):
                 "schema_": True,
                 "protocol": {"seed"},
                 "datasets": {"__all__": {"train_fraction"}},
+                # The default (the grid) stays out: a grid study's JSON is what it was in v1.
+                **({"search": True} if self.search == Search() else {}),
             },
         )
         return json.dumps(data, indent=2, sort_keys=False)
 
 
 Spec = FineTune | Study
+
+
+def _check_val_carve(dataset: Dataset, protocol: Protocol, where: str) -> None:
+    if dataset.val_fraction == 0 and protocol.select_on != "test":
+        raise ValueError(
+            f"{where}: 0 leaves no validation split to select checkpoints on; set "
+            "protocol.select_on to 'test' (the paper's leaky protocol) or carve one (e.g. 0.1)"
+        )
+
+
 KINDS: dict[str, type[FineTune] | type[Study]] = {"FineTune": FineTune, "Study": Study}
+
+
+def check_micro_batch(p: Protocol, gpus: int) -> None:
+    """An integer micro_batch must split each GPU's share of batch_size into equal parts."""
+    if p.micro_batch == "auto":
+        return
+    share = -(-p.batch_size // max(gpus, 1))
+    if share % p.micro_batch:
+        per = f"batch_size {p.batch_size}" + (f" / {gpus} GPUs = {share}" if gpus > 1 else "")
+        raise ValueError(
+            f"protocol.micro_batch: {p.micro_batch} does not divide {per}; use a divisor "
+            "of it, or 'auto'"
+        )
 
 
 def run_id_for(study: str, dataset: str, model: str, seed: int, fraction: float) -> str:

@@ -45,9 +45,11 @@ def _default(field) -> str:
     return f"`{json.dumps(field.default)}`"
 
 
-def _table(model: type[BaseModel], prefix: str = "") -> list[str]:
+def _table(model: type[BaseModel], prefix: str = "", skip: type[BaseModel] | None = None):
     rows = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
     for name, field in model.model_fields.items():
+        if skip is not None and name in skip.model_fields:
+            continue
         key = field.alias or name
         desc = (field.description or "").replace("|", "\\|")
         rows.append(f"| `{prefix}{key}` | {_type(field.annotation)} | {_default(field)} | {desc} |")
@@ -68,11 +70,21 @@ def render() -> str:
         ("resources", S.Resources),
         ("storage", S.Storage),
         ("metrics", S.Metrics),
+        ("search (Study)", S.Search),
+        ("search.proxy (Study)", S.Proxy),
     ]
     for title, model in sections:
         out += [f"## {title}", "", (model.__doc__ or "").strip(), ""]
         out += _table(model)
         out.append("")
+        if model is S.Dataset:
+            out += [
+                "A Study's `datasets[]` entries take one more field: their own protocol "
+                "overrides, any `protocol` field but `seed` (its checks apply).",
+                "",
+                *_table(S.StudyDataset, "datasets[].", skip=S.Dataset),
+                "",
+            ]
     return "\n".join(out)
 
 

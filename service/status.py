@@ -34,6 +34,9 @@ class StatusObserver(Observer):
     def on_checkpoint(self, progress: Progress, *, seconds: float) -> None:
         self._write(progress)
 
+    def on_remediation(self, progress: Progress, record: dict) -> None:
+        self._write(progress)
+
     def on_end(self, progress: Progress, summary: dict | None) -> None:
         self._write(progress)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from service.spec import FineTune, Study
+from service.spec import FineTune, Protocol, Study
 
 
 def cell_name(study: str, dataset: str, model: str, seed: int, fraction: float) -> str:
@@ -31,6 +31,7 @@ def expand(study: Study) -> list[FineTune]:
         include={"api_version", "output", "resources", "storage", "metrics"},
     )
     for dataset in study.datasets:
+        protocol = study.protocol_for(dataset).model_dump(mode="json")
         for backbone in study.backbones:
             for fraction in study.train_fractions:
                 for seed in study.seeds:
@@ -44,14 +45,13 @@ def expand(study: Study) -> list[FineTune]:
                                 "study": study.name,
                                 "backbone": backbone.model_dump(mode="json"),
                                 "dataset": {
-                                    **dataset.model_dump(mode="json", exclude_none=True),
+                                    **dataset.model_dump(
+                                        mode="json", exclude_none=True, exclude={"protocol"}
+                                    ),
                                     "name": dataset.short_name,
                                     "train_fraction": fraction,
                                 },
-                                "protocol": {
-                                    **study.protocol.model_dump(mode="json"),
-                                    "seed": seed,
-                                },
+                                "protocol": {**protocol, "seed": seed},
                             }
                         )
                     )
@@ -61,3 +61,24 @@ def expand(study: Study) -> list[FineTune]:
 def cells_of(spec: FineTune | Study) -> list[FineTune]:
     """A FineTune is its own single cell."""
     return [spec] if isinstance(spec, FineTune) else expand(spec)
+
+
+def effective(p: Protocol) -> dict:
+    """What a cell's training actually uses, recipe defaults resolved: for `expand` and reports."""
+    from service.train.recipes import recipe_for
+
+    recipe = recipe_for(p)
+    first = recipe.phases[0]
+    return {
+        "recipe": p.recipe,
+        "image_size": list(p.hw),
+        "batch_size": p.batch_size,
+        "lr": first.lr,
+        "weight_decay": first.weight_decay,
+        "max_epochs": p.max_epochs,
+        "patience": p.patience,
+        "augmentation": p.effective_augmentation,
+        "normalize": p.normalize,
+        "select_on": p.select_on,
+        "precision": p.precision,
+    }

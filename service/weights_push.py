@@ -54,7 +54,7 @@ def push_weights(model: str, dest: str, storage: Storage | None = None) -> Pushe
         elif local.suffix in (".safetensors", *PICKLE_SUFFIXES) or "/" in model:
             raise UserError(f"{model}: no such file")
         else:
-            tensors, source = _from_timm(model, path)
+            tensors, source = _from_hub(model, path)
         sha = _sha256(path)
         store = open_store(parent, storage)
         store.upload_file(path, name)
@@ -92,28 +92,75 @@ def _from_file(src: Path, out: Path) -> tuple[int, str]:
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
+        if isinstance(obj, dict) and obj and all(str(k).startswith("module.") for k in obj):
+            obj = {str(k)[len("module.") :]: v for k, v in obj.items()}  # a DataParallel save
         return _save(obj, out, str(src)), str(src)
     raise UserError(f"{src}: expected a .safetensors, .pt, .pth or .bin file")
+
+
+def _from_hub(model: str, out: Path) -> tuple[int, str]:
+    """The ImageNet weights `weights: timm` would load for ``model``, from whoever builds it."""
+    from service.models import catalog_source
+
+    source = catalog_source(model)
+    if source == "torchvision":
+        return _from_torchvision(model, out)
+    if source == "wavemix":
+        return _from_wavemix_hub(out)
+    return _from_timm(model, out)
+
+
+def _from_torchvision(model: str, out: Path) -> tuple[int, str]:
+    import torchvision
+
+    from service.models import catalog_entry
+
+    tag = catalog_entry(model).weights  # the enum `weights: timm` loads (models._build_torchvision)
+    try:
+        net = torchvision.models.get_model(model, weights=tag)
+    except Exception as e:
+        raise UserError(
+            f"{model}: cannot download torchvision's {tag} weights ({type(e).__name__}); where "
+            "the network is unreachable, push a local .safetensors or .pth file instead"
+        ) from None
+    return _save(net.state_dict(), out, model, tag=tag), f"torchvision:{tag}"
+
+
+def _from_wavemix_hub(out: Path) -> tuple[int, str]:
+    from service import wavemix
+
+    tag = f"{wavemix.HUB_REPO}:{wavemix.HUB_FILE}"
+    try:
+        state = wavemix.load_pickle_state(wavemix.hub_checkpoint())
+    except Exception as e:
+        raise UserError(
+            f"wavemix: cannot download {tag} ({type(e).__name__}); where the hub is "
+            "unreachable, push the downloaded .pth file instead"
+        ) from None
+    return _save(state, out, "wavemix", tag=tag), f"hub:{tag}"
 
 
 def _from_timm(model: str, out: Path) -> tuple[int, str]:
     import timm
 
+    from service.models import hub_name
+
     if not timm.is_model(model):
         raise UserError(f"{model}: not a timm model name and not a local file")
+    # Exactly the weights `weights: timm` loads for this model: the catalog's pinned tag.
+    tagged = hub_name(model)
     try:
-        net = timm.create_model(model, pretrained=True)
+        net = timm.create_model(tagged, pretrained=True)
     except Exception as e:
         raise UserError(
             f"{model}: cannot download pretrained weights from the Hugging Face hub "
             f"({type(e).__name__}); where the hub is unreachable, push a local .safetensors "
             "or .pth file instead"
         ) from None
-    tag = getattr(net, "pretrained_cfg", {}).get("hf_hub_id") or model
-    return _save(net.state_dict(), out, model), f"timm:{tag}"
+    return _save(net.state_dict(), out, model, tag=tagged), f"timm:{tagged}"
 
 
-def _save(state: object, out: Path, where: str) -> int:
+def _save(state: object, out: Path, where: str, *, tag: str | None = None) -> int:
     import torch
     from safetensors.torch import save_file
 
@@ -125,7 +172,10 @@ def _save(state: object, out: Path, where: str) -> int:
             raise UserError(f"{where}: entry {k!r} is not a tensor")
         # Clone: safetensors refuses tensors that share storage (tied weights).
         tensors[str(k)] = v.detach().contiguous().clone()
-    save_file(tensors, str(out))
+    from service.models import TAG_KEY
+
+    # The tag travels in the file, so a run records which pretrained weights it started from.
+    save_file(tensors, str(out), metadata={TAG_KEY: tag} if tag else None)
     return len(tensors)
 
 

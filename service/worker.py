@@ -226,8 +226,11 @@ def one_line(e: BaseException) -> str:
 def _train(spec, outputs, progress, observer, stop, cache_dir, dist) -> dict:
     from service import models
     from service.data import prepare
+    from service.data.normalise import split_stats
+    from service.study import effective
     from service.train import Trainer, distributed, recipe_for, runtime_for
     from service.train.checkpoint import Checkpointer
+    from service.train.memory import ProbeCache
     from service.train.runtime import fresh_device_memory
 
     p = spec.protocol
@@ -252,18 +255,19 @@ def _train(spec, outputs, progress, observer, stop, cache_dir, dist) -> dict:
         len(data.classes),
         cache_dir=cache,
         storage=spec.storage,
+        image_size=p.hw,
         on_download=observer.on_download,  # weights count in the download counter too
     )
     built.model.to(rt.device)  # before the data's memory plan, which budgets what is left
-    mean, std = (built.mean, built.std) if p.normalize == "pretrained" else (data.mean, data.std)
+    # protocol.normalize picks each split's statistics (the paper's code normalised the test
+    # split by its own); protocol.augmentation the train-time augmentation.
+    stats = split_stats(p.normalize, data, built)
 
     recipe = recipe_for(p)
-    loaders = make_loaders(data, p, recipe, rt, built.model, mean=mean, std=std)
+    loaders = make_loaders(data, p, recipe, rt, built.model, stats=stats)
     n_train = len(data.train)
     params = models.count_params(built.model)
     gmacs = _gmacs(spec, built.model, rt)
-    if dist.rank == 0:
-        outputs.write_json(ENV, environment(spec, rt, data, built, mean, std))
 
     summary_base = {
         "run_id": spec.run_id,
@@ -272,12 +276,15 @@ def _train(spec, outputs, progress, observer, stop, cache_dir, dist) -> dict:
         "spec_hash": spec.spec_hash,
         "backbone": spec.backbone.model,
         "weights": spec.backbone.weights,
+        "weights_sha256": built.weights_sha256,
+        "pretrained_tag": built.pretrained_tag,
         "dataset": spec.dataset.short_name,
         "domain": spec.dataset.domain,
         "recipe": p.recipe,
         "seed": p.seed,
         "train_fraction": spec.dataset.train_fraction,
         "select_on": p.select_on,
+        "protocol": effective(p),  # the cell's effective protocol, for the report
         "classes": list(data.classes),
         "n_train": n_train,
         "n_val": len(data.val),
@@ -302,15 +309,45 @@ def _train(spec, outputs, progress, observer, stop, cache_dir, dist) -> dict:
         stop=stop,
         max_minutes=p.max_minutes,
         summary_base=summary_base,
+        micro_batch=p.micro_batch,
+        memory_key=memory_key(spec, rt, recipe),
+        memory_cache=ProbeCache(open_store(spec.output.uri, spec.storage)),
     )
+    plan = trainer.start()  # resume, then the micro-batch (a probe on a GPU for 'auto')
+    if dist.rank == 0:
+        env = environment(spec, rt, data, built, stats)
+        outputs.write_json(ENV, {**env, "micro_batch": plan.to_dict()})
     return trainer.fit()
 
 
-def make_loaders(data, p, recipe, rt, model, *, mean, std):
+def memory_key(spec, rt, recipe) -> dict:
+    """What the largest micro-batch that fits depends on (the probe cache's key)."""
+    import torch
+
+    from service.train.memory import device_facts, probe_key
+
+    return probe_key(
+        model=spec.backbone.model,
+        hw=spec.protocol.hw,
+        precision="bf16" if rt.bf16 else "fp32",
+        extra={
+            **device_facts(rt.device),
+            "torch": torch.__version__,
+            "channels_last": rt.channels_last,
+            "compile": rt.compile,
+            "trains": "head" if recipe.freeze_backbone else "all",
+            "ema": recipe.ema,
+        },
+    )
+
+
+def make_loaders(data, p, recipe, rt, model, *, stats):
     """Train, selection and test loaders: this rank's share of each batch, and on a GPU the
     splits kept resident under one memory budget measured after the model is placed. With
-    ``select_on: test`` selection and test are one loader: one copy of the test split."""
+    ``select_on: test`` selection and test are one loader: one copy of the test split.
+    ``stats``: (mean, std) per split name, from service.data.normalise."""
     from service.data import BatchLoader
+    from service.data.augment import train_augment
     from service.data.loader import plan_residency
     from service.train import Loaders
 
@@ -322,25 +359,39 @@ def make_loaders(data, p, recipe, rt, model, *, mean, std):
 
         free = torch.cuda.mem_get_info(rt.device)[0]
         plan = plan_residency(splits, free, training_bytes(model, ema=recipe.ema))
-    common = dict(
-        device=rt.device, mean=mean, std=std, seed=p.seed, rank=rt.rank, world_size=rt.world_size
-    )
+    common = dict(device=rt.device, seed=p.seed, rank=rt.rank, world_size=rt.world_size)
     train = BatchLoader(
         data.train,
         p.batch_size,
         shuffle=True,
-        augment=recipe.augment,
+        augment=train_augment(recipe.augmentation, p.seed),
         drop_last=len(data.train) > p.batch_size,  # a 1-image last batch breaks BatchNorm
         resident=plan[0],
+        mean=stats["train"][0],
+        std=stats["train"][1],
         **common,
     )
     test = BatchLoader(
-        data.test, p.batch_size, shuffle=False, augment=False, resident=plan[2], **common
+        data.test,
+        p.batch_size,
+        shuffle=False,
+        augment=False,
+        resident=plan[2],
+        mean=stats["test"][0],
+        std=stats["test"][1],
+        **common,
     )
     select = test
     if select_split is not data.test:
         select = BatchLoader(
-            select_split, p.batch_size, shuffle=False, augment=False, resident=plan[1], **common
+            select_split,
+            p.batch_size,
+            shuffle=False,
+            augment=False,
+            resident=plan[1],
+            mean=stats["val"][0],
+            std=stats["val"][1],
+            **common,
         )
     return Loaders(train=train, select=select, test=test)
 
@@ -387,7 +438,7 @@ def _gmacs(spec: FineTune, model, rt) -> float | None:
         return None
 
 
-def environment(spec, rt, data, built, mean, std) -> dict:
+def environment(spec, rt, data, built, stats) -> dict:
     import numpy
     import timm
     import torch
@@ -409,10 +460,21 @@ def environment(spec, rt, data, built, mean, std) -> dict:
         "seed": spec.protocol.seed,
         "data_content_hash": data.content_hash,
         "val_source": data.val_source,
-        "normalize": {"by": spec.protocol.normalize, "mean": list(mean), "std": list(std)},
+        "normalize": {
+            "by": spec.protocol.normalize,
+            "mean": list(stats["train"][0]),
+            "std": list(stats["train"][1]),
+            **(
+                {"per_split": {k: {"mean": list(m), "std": list(s)} for k, (m, s) in stats.items()}}
+                if spec.protocol.normalize == "split"
+                else {}
+            ),
+        },
+        "augmentation": spec.protocol.effective_augmentation,
         "model_source": built.source,
         "weights": built.weights,
         "weights_sha256": built.weights_sha256,
+        "pretrained_tag": built.pretrained_tag,
         "host": platform.node(),
         "image": os.environ.get("BACKBONES_IMAGE"),
     }
@@ -519,8 +581,14 @@ def work(
     stop = threading.Event()
     spec = None
     try:
-        spec = pick_cell(read_spec(spec_path))
+        parsed = read_spec(spec_path)
+        rung = _rung_cell(parsed)  # a search's rung Job: BACKBONES_RUNG picks the cell
+        spec = rung.spec if rung is not None else pick_cell(parsed)
         with stop_on_signals(stop), _process_group():
+            if rung is not None and rung.stop_after is not None:
+                from service.search.driver import run_to_budget
+
+                return run_to_budget(rung, stop, cache_dir=cache_dir, observers=observers)
             outcome = run_cell(
                 spec, force=force, cache_dir=cache_dir, observers=observers, stop=stop
             )
@@ -541,6 +609,14 @@ def work(
     else:
         print(f"{outcome.run_id}: done, test top-1 {outcome.summary['test']['top1']:.4f}")
     return EXIT_OK
+
+
+def _rung_cell(spec: FineTune | Study):
+    if not isinstance(spec, Study) or not os.environ.get("BACKBONES_RUNG"):
+        return None
+    from service.search.cluster import pick_rung_cell
+
+    return pick_rung_cell(spec)
 
 
 if __name__ == "__main__":

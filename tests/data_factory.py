@@ -87,3 +87,43 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tf.addfile(info, io.BytesIO(data))
+
+
+# Every (mode, format) a user's folder mixes: both decode paths (torchvision's libjpeg/libpng
+# and PIL's) and every conversion rule of service/data/decode.py.
+MIXED_MODES = (
+    ("L", "PNG"),
+    ("RGBA", "PNG"),
+    ("P", "PNG"),
+    ("I;16", "PNG"),
+    ("L", "JPEG"),
+    ("CMYK", "JPEG"),
+    ("RGB", "JPEG"),
+)
+
+
+def mixed_image(seed: int, mode: str, fmt: str, size=(20, 18)) -> bytes:
+    rng = np.random.default_rng(seed)
+    if mode == "I;16":
+        im = Image.fromarray((rng.random((size[1], size[0])) * 65535).astype(np.uint16))
+    else:
+        im = Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
+        im = im.convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+def make_mixed_modes(root: Path, train: int = 28, test: int = 8) -> Path:
+    """An ImageFolder of two classes whose files cycle through ``MIXED_MODES``."""
+    k = 0
+    for split, n in (("train", train), ("test", test)):
+        for cls in ("a", "b"):
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                mode, fmt = MIXED_MODES[k % len(MIXED_MODES)]
+                k += 1
+                ext = "png" if fmt == "PNG" else "jpg"
+                (d / f"{i:03d}.{ext}").write_bytes(mixed_image(k, mode, fmt))
+    return root

@@ -49,10 +49,12 @@ def test_modern_small_backbones_are_listed_outside_the_paper():
         assert entry is not None and not entry.paper, name
 
 
-def test_wavemix_is_listed_unavailable_with_the_reason():
+def test_wavemix_comes_from_its_own_package_with_the_papers_checkpoint():
     wavemix = catalog.get("wavemix")
-    assert wavemix is not None and wavemix.paper and not wavemix.available
-    assert "neither timm nor torchvision" in wavemix.note
+    assert wavemix is not None and wavemix.paper and wavemix.available
+    assert wavemix.source == "wavemix"
+    assert wavemix.weights.endswith("wavemix_192_16_75.06.pth")
+    assert wavemix.params_m == 27.86  # the paper's 27.9 M
 
 
 def test_shufflenet_comes_from_torchvision_because_timm_lacks_it():

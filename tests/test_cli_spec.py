@@ -125,12 +125,17 @@ def test_study_backbone_problems_name_the_list_index(tmp_path):
     )
 
 
-def test_an_unavailable_catalog_backbone_is_refused_with_the_reason(tmp_path):
-    doc = finetune()
-    doc["backbone"]["model"] = "wavemix"
-    result = validate(write(tmp_path, "w.json", doc))
+def test_an_unavailable_catalog_backbone_is_refused_with_the_reason(tmp_path, monkeypatch):
+    import dataclasses
+
+    from service import catalog
+
+    real = catalog.get
+    gone = dataclasses.replace(real("test_resnet"), available=False, note="no builder ships")
+    monkeypatch.setattr(catalog, "get", lambda n: gone if n == "test_resnet" else real(n))
+    result = validate(write(tmp_path, "w.json", finetune()))
     assert result.exit_code == 2
-    assert "backbone.model: 'wavemix' is not available: in neither timm nor" in result.stderr
+    assert "backbone.model: 'test_resnet' is not available: no builder ships" in result.stderr
 
 
 def test_malformed_json_reports_line_and_column(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.metrics import PrometheusObserver
+from service.metrics import PrometheusObserver, SearchMetrics
 from service.spec import parse_spec
 
 K8S = Path(__file__).resolve().parent.parent / "k8s"
@@ -54,8 +54,12 @@ def exported_series() -> set[str]:
         }
     )
     o = PrometheusObserver(spec, port=0, pushgateway_url=None)
-    names = {s.name for family in o.registry.collect() for s in family.samples}
-    names |= {f"{family.name}" for family in o.registry.collect()}
+    search = SearchMetrics("s", port=0, pushgateway_url=None)
+    search.update({"rungs": [{"candidates": {"digits/frac1.0": ["a", "b"]}}]})
+    names = set()
+    for registry in (o.registry, search.registry):
+        names |= {s.name for family in registry.collect() for s in family.samples}
+        names |= {f"{family.name}" for family in registry.collect()}
     names |= {f"backbones_device_memory_{k}_bytes" for k in ("allocated", "reserved", "peak")}
     return names | {
         "backbones_eta_seconds",

@@ -206,10 +206,11 @@ def test_select_on_test_shares_one_loader_and_one_copy_of_the_test_split():
     p = Protocol(select_on="test", batch_size=8)
     rt = Runtime(device=torch.device("cpu"))
     model = torch.nn.Linear(2, 2)
-    loaders = make_loaders(data, p, recipe_for(p), rt, model, mean=(0,) * 3, std=(1,) * 3)
+    stats = dict.fromkeys(("train", "val", "test"), ((0.0,) * 3, (1.0,) * 3))
+    loaders = make_loaders(data, p, recipe_for(p), rt, model, stats=stats)
     assert loaders.select is loaders.test
     p = Protocol(batch_size=8)
-    loaders = make_loaders(data, p, recipe_for(p), rt, model, mean=(0,) * 3, std=(1,) * 3)
+    loaders = make_loaders(data, p, recipe_for(p), rt, model, stats=stats)
     assert loaders.select is not loaders.test and loaders.select.split is data.val
 
 
@@ -382,8 +383,11 @@ def _torchrun(tmp_path: Path, *args: str, timeout: float = 300, **env: str):
 
 @pytest.fixture(scope="module")
 def one_and_two_ranks(tmp_path_factory):
-    """The same run by one process, and by two gloo ranks whose rank 0 prepares the data 15 s
-    longer than the process group's 6 s timeout (a big dataset on slow S3)."""
+    """The same run by one process, and by two gloo ranks whose rank 0 prepares the data 25 s
+    longer, twice the process group's 12 s timeout (a big dataset on slow S3; the timeout
+    still leaves room for ordinary skew between ranks on a loaded two-core machine). The ranks
+    also accumulate micro-batches of 11 over their shares of 17 and 16 (11 + 6, 11 + 5): DDP's
+    no_sync accumulation and the loss weighting must still give the one process's batch."""
     tmp = tmp_path_factory.mktemp("ddp")
     one = subprocess.run(
         [sys.executable, "-m", "service.worker", "--spec", str(_spec(tmp, "eq", "one"))],
@@ -396,9 +400,9 @@ def one_and_two_ranks(tmp_path_factory):
     assert one.returncode == 0, one.stderr[-3000:]
     two = _torchrun(
         tmp,
-        "--spec", str(_spec(tmp, "eq", "two")),
-        "--slow-prepare", "15",
-        BACKBONES_DIST_TIMEOUT_SECONDS="6",
+        "--spec", str(_spec(tmp, "eq", "two", micro_batch=11)),
+        "--slow-prepare", "25",
+        BACKBONES_DIST_TIMEOUT_SECONDS="12",
     )  # fmt: skip
     return tmp, one, two
 
@@ -422,6 +426,7 @@ def test_two_ranks_train_the_same_run_as_one_process(one_and_two_ranks):
         return lines, json.loads((run / "summary.json").read_text())
 
     (m1, s1), (m2, s2) = read("one"), read("two")
+    assert (s1["micro_batch"], s2["micro_batch"], s2["accumulation_steps"]) == (33, 11, 2)
     assert len(m1) == len(m2) == 2
     for a, b in zip(m1, m2, strict=True):
         for key in ("train_loss", "train_top1", "val_loss", "val_top1"):
@@ -450,8 +455,9 @@ def test_ranks_hold_the_decoded_dataset_once_in_shared_memory_not_a_copy_each(tm
     assert cache > 100e6
     batch = 64 * 3 * 160 * 160 * 4  # one float batch
     for rank in ranks:
-        # Preparing: a bounded working set, whatever the dataset's size.
-        assert rank["growth_bytes"]["prepare"] < 0.25 * cache, rank
+        # Preparing: a bounded working set (decode chunks, statistics chunks), whatever the
+        # dataset's size; the old code held ~4x the cache here.
+        assert rank["growth_bytes"]["prepare"] < 0.4 * cache, rank
         # Serving batches: a few batches' worth of tensors, not the splits.
         assert rank["growth_bytes"]["loaders"] < 8 * batch, rank
     total = sum(r["growth_bytes"]["prepare"] + r["growth_bytes"]["loaders"] for r in ranks)

@@ -1,7 +1,7 @@
 """Opt-in (BACKBONES_IMAGE_BUILD=1, root, buildah, debootstrap): buildah really builds the
 Dockerfile's `build` stage from a locally made Debian base (scripts/build_image_local.sh), and
-the wheel in the built image installs and runs. The runtime stage needs the CUDA PyTorch base,
-which no machine here can pull, so it is not built.
+the wheel in the built image installs and runs. The whole image (the runtime stage, with torch
+from the package index) is built and run by tests/test_image_runtime.py.
 """
 
 from __future__ import annotations

@@ -109,6 +109,10 @@ def test_the_kustomize_base_holds_what_a_cluster_needs():
         ("ServiceAccount", "backbones-submitter"),
         ("Role", "backbones-submitter"),
         ("RoleBinding", "backbones-submitter"),
+        ("ServiceAccount", "backbones-search-driver"),
+        ("Role", "backbones-search-driver"),
+        ("RoleBinding", "backbones-search-driver"),
+        ("NetworkPolicy", "backbones-search-driver"),
         ("NetworkPolicy", "backbones-worker"),
         ("ConfigMap", "backbones-dashboard"),
     }
@@ -165,7 +169,11 @@ def test_the_submitter_role_grants_exactly_what_the_cli_and_kubectl_apply_use():
     unknown = calls - set(API_CALLS) - NOT_IN_ROLE
     assert not unknown, f"new API calls: add them to API_CALLS and k8s/rbac.yaml: {unknown}"
     needed = {API_CALLS[c] for c in calls if c in API_CALLS} | KUBECTL_APPLY
-    role = next(d for d in kustomize_build() if d["kind"] == "Role")
+    role = next(
+        d
+        for d in kustomize_build()
+        if d["kind"] == "Role" and d["metadata"]["name"] == "backbones-submitter"
+    )
     granted = {
         (group, resource, verb)
         for rule in role["rules"]

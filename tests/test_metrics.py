@@ -285,7 +285,8 @@ def on_gpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=FakeCuda))
 
 
-def test_on_cuda_device_memory_is_read_at_scrape_time(observer, on_gpu):
+def test_on_cuda_device_memory_is_read_at_scrape_time(observer, spec, on_gpu):
+    observer.on_phase(training(spec))  # the main thread sees CUDA in use
     assert value(observer, "backbones_device_memory_allocated_bytes") == 3 << 30
     assert value(observer, "backbones_device_memory_reserved_bytes") == 4 << 30
     assert value(observer, "backbones_device_memory_peak_bytes") == 5 << 30

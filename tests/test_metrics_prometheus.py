@@ -50,6 +50,7 @@ FAMILIES = {
     "backbones_checkpoint_last_success_timestamp_seconds": set(),
     "backbones_gpu_seconds_total": set(),
     "backbones_gpus": set(),
+    "backbones_oom_remediations_total": set(),
     "backbones_run_last_success_timestamp_seconds": set(),
 }
 
@@ -280,6 +281,8 @@ def test_every_dashboard_expression_returns_data(scraped, target, expr):
     series = scraped.prometheus.query_range(query, start, end, step=1)
     if any(name in expr for name in FOREIGN) or "backbones_device_memory" in expr:
         return  # DCGM / kube-state-metrics / CUDA-only series: it parsed and ran, that is all
+    if "backbones_search_" in expr:
+        return  # a search driver's series (test_search_k8s.py): this run is a plain one
     assert series, f"{target}: no data for {query}"
     assert any(s["values"] for s in series)
 

@@ -102,9 +102,15 @@ def test_missing_weights_file_is_a_user_error(tmp_path):
     assert str(e.value) == f"backbone.weights: {tmp_path / 'no.safetensors'}: no such file"
 
 
-def test_catalog_entry_that_cannot_be_built_says_why():
-    with pytest.raises(UserError, match=r"^backbone.model: 'wavemix' is in the catalog but cannot"):
-        models.build(Backbone(model="wavemix", weights="none"), 10)
+def test_catalog_entry_that_cannot_be_built_says_why(monkeypatch):
+    import dataclasses
+
+    from service import catalog
+
+    gone = dataclasses.replace(catalog.get("test_resnet"), available=False, note="no builder")
+    monkeypatch.setattr(models, "catalog_entry", lambda name: gone)
+    with pytest.raises(UserError, match=r"^backbone.model: 'test_resnet' is in the catalog but "):
+        models.build(Backbone(model="test_resnet", weights="none"), 10)
 
 
 def test_torchvision_catalog_models_get_their_last_linear_layer_replaced(monkeypatch):

@@ -360,3 +360,32 @@ def test_report_reads_a_study_from_s3(tmp_path, s3_bucket, s3_storage):
     )
     col = collect(f"s3://{s3_bucket}/results", study=spec, storage=s3_storage)
     assert (len(col.done), [c.key for c in col.problems][:1]) == (18, ["st/d1/d/seed0-frac1.0"])
+
+
+def test_pareto_plots_show_tick_values_and_keep_every_name_inside_the_figure(tmp_path, monkeypatch):
+    from service.report import plots
+
+    long_names = {"a": 0.3, "b": 2.0, "swin_tiny_patch4_window7_224_with_a_long_tail": 4.5}
+    for seed in (0, 1):
+        for i, (name, gmacs) in enumerate(long_names.items()):
+            write_summary(
+                tmp_path / "runs",
+                summary("st", "d1", name, seed, 0.9 + 0.01 * i + 0.01 * seed, gmacs=gmacs),
+            )
+    figures = []
+    monkeypatch.setattr(plots, "_png", lambda fig: figures.append(fig) or b"png")
+    from service.report.tables import build
+
+    assert plots.pareto_png(build(collect(str(tmp_path / "runs")))) == b"png"
+    (fig,) = figures
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    width = fig.bbox.x1
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_xticklabels() if t.get_text()], ax.get_title()
+        names = [t for t in ax.texts if t.get_text() in long_names]
+        assert len(names) == len(long_names)
+        for text in names:
+            box = text.get_window_extent(renderer)
+            assert box.x0 >= 0 and box.x1 <= width, text.get_text()
+            assert box.x1 <= ax.bbox.x1 + 1 and box.y1 <= ax.bbox.y1 + 1, text.get_text()

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from service.report.stats import mean_ranks, paired_test, ranks, t_interval
+from service.report.stats import mean_ranks, paired_test, ranks, t_interval, wilson_interval
 from tests.reportutil import T975
 
 
@@ -22,6 +22,30 @@ def test_t_interval_uses_student_t_with_n_minus_1_degrees_of_freedom():
 def test_t_interval_of_one_value_has_no_bounds():
     iv = t_interval([0.7])
     assert (iv.mean, iv.low, iv.high, iv.sd, iv.n) == (0.7, None, None, None, 1)
+
+
+def test_an_accuracy_interval_never_leaves_0_to_100_and_says_when_it_was_clipped():
+    # The 2-seed case a reviewer saw as "98.61 [95.07, 102.15]".
+    iv = t_interval([0.9722, 1.0])
+    assert iv.high == 1.0 and iv.clipped
+    assert iv.low == pytest.approx(0.9861 - T975[1] * statistics.stdev([0.9722, 1.0]) / 2**0.5)
+    assert not t_interval([0.80, 0.84, 0.83]).clipped
+    low = t_interval([0.0, 0.05])
+    assert low.low == 0.0 and low.clipped
+    unbounded = t_interval([0.9722, 1.0], bounds=None)
+    assert unbounded.high > 1 and not unbounded.clipped
+
+
+@pytest.mark.parametrize(
+    ("p", "n", "low", "high"),
+    [
+        (0.5, 100, 0.4038, 0.5962),  # textbook values
+        (1.0, 50, 0.9287, 1.0),  # a perfect score still has an interval, inside [0, 1]
+        (0.0, 10, 0.0, 0.2775),
+    ],
+)
+def test_wilson_interval_for_one_runs_test_accuracy(p, n, low, high):
+    assert wilson_interval(p, n) == pytest.approx((low, high), abs=1e-4)
 
 
 def test_paired_test_needs_two_shared_seeds():
@@ -62,3 +86,16 @@ def test_mean_ranks_count_the_datasets_each_backbone_was_ranked_on():
         "a": (pytest.approx(4 / 3), 3),
         "b": (1.5, 2),
     }
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi"), [(1.8, 4.5), (0.02, 0.5), (0.1, 300), (4.1, 4.46), (0.5, 0.5)]
+)
+def test_log_axes_get_tick_values_even_inside_one_decade(lo, hi):
+    from service.report.plots import nice_log_ticks
+
+    ticks = nice_log_ticks(lo, hi)
+    assert ticks == sorted(set(ticks)) and 1 <= len(ticks) <= 8
+    assert all(lo / 1.2 <= t <= hi * 1.2 for t in ticks)
+    if hi / lo > 2:
+        assert len(ticks) >= 3

@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from service.cli._app import app, edge, err, load_or_exit
+from service.errors import UserError
 
 DEFAULT_NAMESPACE = "backbones"
 
@@ -31,7 +32,12 @@ def _render(spec_file: Path, image: str | None, namespace: str | None):
     from service.k8s.render import render_job, warnings_for
 
     spec = load_or_exit(spec_file)
-    job = render_job(spec, image=image, namespace=namespace)
+    if _searching(spec):  # the driver's Job; it submits one Job per rung itself
+        from service.search.cluster import render_driver
+
+        job = render_driver(spec, image=image, namespace=namespace)
+    else:
+        job = render_job(spec, image=image, namespace=namespace)
     for warning in warnings_for(spec):
         err(f"warning: {warning}")
     return spec, job
@@ -72,6 +78,19 @@ def submit(
         False, "--dry-run", help="Server-side dry run: admission and validation, nothing stored."
     ),
     yes: bool = typer.Option(False, "--yes", help="Submit even above the study's max_gpu_hours."),
+    deep: bool = typer.Option(
+        False,
+        "--deep",
+        help="First check as `validate --deep` does (every backbone and image size pair built "
+        "on the meta device); refuse the spec before any Job exists if one cannot run.",
+    ),
+    follow: bool = typer.Option(
+        False,
+        "--follow",
+        help="A Study with a search: run its driver here, submitting one Indexed Job per rung "
+        "and waiting for each (killed, it resumes from the output store). Without it the "
+        "driver itself runs as a Job in the cluster.",
+    ),
     context: str = _context_opt,
 ) -> None:
     """Create the Job for a spec (kubeconfig or in-cluster credentials)."""
@@ -81,6 +100,22 @@ def submit(
 
     with edge():
         spec, job = _render(spec_file, image, namespace)
+        if deep:
+            from service.checks import check_models, check_resolutions
+
+            problems = check_models(spec, deep=True) or check_resolutions(spec)
+            if problems:
+                raise UserError(f"{spec_file}: " + "; ".join(f"{k}: {m}" for k, m in problems))
+        if follow:
+            from service.cli.search_cmds import drive_on_cluster
+
+            if not _searching(spec):
+                raise UserError(
+                    "--follow: only a Study with a successive-halving search has a driver"
+                )
+            check_budget(spec, yes, online=True)
+            cluster = _cluster(job["metadata"]["namespace"], context)
+            return drive_on_cluster(spec, cluster, image=image)
         if isinstance(spec, Study):
             # Reads dataset manifests on S3 when it can: a tighter estimate than validate's.
             est = check_budget(spec, yes, online=True)
@@ -103,8 +138,14 @@ def status(
 
     with edge():
         check_selection(name, study)
-        rows = status_rows(_cluster(namespace, context), name, study)
+        cluster = _cluster(namespace, context)
+        rows = status_rows(cluster, name, study)
         print_rows(rows)
+        if study:
+            from service.search.cluster import search_status
+
+            for line in search_status(cluster, study):
+                typer.echo(line)
 
 
 def print_rows(rows) -> None:
@@ -176,3 +217,25 @@ def cancel(
         check_selection(name, study, required=True)
         for n in do_cancel(_cluster(namespace, context), name, study):
             typer.echo(f"cancelled Job {namespace}/{n} (pods checkpoint and stop; outputs stay)")
+
+
+def _searching(spec) -> bool:
+    search = getattr(spec, "search", None)
+    return search is not None and search.strategy == "successive_halving"
+
+
+@app.command("search-driver", hidden=True)
+def search_driver() -> None:
+    """The in-cluster driver's entry point: the Study in $BACKBONES_SPEC, this namespace."""
+    import os
+
+    from service.cli.search_cmds import drive_on_cluster
+    from service.worker import read_spec
+
+    with edge():
+        spec = read_spec(None)
+        if not _searching(spec):
+            raise UserError("BACKBONES_SPEC: the search driver needs a Study with a search")
+        namespace = os.environ.get("BACKBONES_NAMESPACE") or spec.resources.namespace
+        image = os.environ.get("BACKBONES_IMAGE")
+        drive_on_cluster(spec, _cluster(namespace, None), image=image, in_cluster=True)

@@ -66,6 +66,36 @@ def report(
 
 
 @app.command()
+def compare(
+    uri_a: str = typer.Argument(..., help="Output prefix of study A (e.g. the faithful one)."),
+    uri_b: str = typer.Argument(..., help="Output prefix of study B (e.g. the fixed one)."),
+    spec_a: Path | None = typer.Option(None, "--spec-a", help="Study spec of A. " + _SPEC_HELP),
+    spec_b: Path | None = typer.Option(None, "--spec-b", help="Study spec of B. " + _SPEC_HELP),
+    label_a: str = typer.Option("A", "--label-a", help="Name of A in the tables."),
+    label_b: str = typer.Option("B", "--label-b", help="Name of B in the tables."),
+    out: Path = typer.Option(Path("compare"), "--out", help="Folder for compare.md/.json."),
+) -> None:
+    """Rankings of two studies of the same grid side by side (e.g. the paper's faithful
+    protocol vs the fixed one): per dataset and domain, with the significance flags."""
+    from service.report import load
+    from service.report.compare import compare as compare_reports
+    from service.report.compare import to_json, to_markdown
+
+    with edge():
+        study_a, study_b = _study(spec_a), _study(spec_b)
+        _, a = load(uri_a, study=study_a, storage=study_a.storage if study_a else None)
+        _, b = load(uri_b, study=study_b, storage=study_b.storage if study_b else None)
+        result = compare_reports(a, b, label_a, label_b)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.md").write_text(to_markdown(result), encoding="utf-8")
+        (out / "compare.json").write_text(json.dumps(to_json(result), indent=2) + "\n")
+        changed = sum(d.leader_changed for d in result.datasets)
+        typer.echo(f"{len(result.datasets)} datasets compared: the leader changes on {changed}")
+        typer.echo(f"wrote {out / 'compare.md'}")
+        typer.echo(f"wrote {out / 'compare.json'}")
+
+
+@app.command()
 def recommend(
     uri: str = typer.Argument(..., help=_URI_HELP),
     dataset: str = typer.Option(..., "--dataset", help="Dataset short name, as in run ids."),
@@ -120,7 +150,8 @@ def budget(
         for c in est.cells:
             typer.echo(
                 f"  {c.dataset} {c.backbone} frac {c.train_fraction:g} × {c.seeds} seeds: "
-                f"{c.gpu_hours:.2f} GPU-h ({c.gmacs:.3g} GMACs [{c.gmacs_source}], "
+                f"{c.gpu_hours:.2f} GPU-h ({c.image_size[0]}x{c.image_size[1]} px, "
+                f"{c.gmacs:.3g} GMACs [{c.gmacs_source}], "
                 f"{c.train_images} train images [{c.images_source}], {c.epochs} epochs, "
                 f"{c.images_per_second:.0f} img/s)"
             )

@@ -26,6 +26,10 @@ def run(
     """Run a spec here (every cell of a Study, in order); resumes from checkpoints."""
     with edge():
         spec = load_or_exit(spec_file)
+        if getattr(spec, "search", None) and spec.search.strategy == "successive_halving":
+            from service.cli.search_cmds import run_search
+
+            return run_search(spec, force=force, cache_dir=cache_dir)
         from service.study import cells_of
         from service.worker import run_cell, stop_on_signals
 

@@ -18,17 +18,22 @@ SCHEMA_DIR = Path("jobspecs/schema")
 def validate(
     files: list[Path] = typer.Argument(..., help="Spec files (JSON)."),
     deep: bool = typer.Option(
-        False, "--deep", help="Also check model names against timm's registry (imports timm)."
+        False,
+        "--deep",
+        help="Also check model names against timm's registry, and build every (backbone, "
+        "image size) pair on the meta device to refuse pairs that cannot run (imports torch).",
     ),
 ) -> None:
     """Check specs; print 'ok: FILE (...)' or one line per problem. Exit 2 if any is invalid."""
-    from service.checks import check_models
+    from service.checks import check_models, check_resolutions
 
     failed = False
     for path in files:
         try:
             spec = load_spec(path)
             problems = check_models(spec, deep=deep)
+            if deep and not problems:
+                problems = check_resolutions(spec)
         except SpecError as e:
             problems = e.problems
         except OSError as e:
@@ -44,6 +49,11 @@ def validate(
                 from service.budget import estimate_gpu_hours
 
                 line += f", ~{estimate_gpu_hours(spec):.1f} GPU-hours"
+                if spec.search.strategy == "successive_halving":
+                    from service.search.plan import epoch_fraction
+
+                    line += f" for the grid; the search trains <= {epoch_fraction(spec):.0%}"
+                    line += " of its epochs"
             except (ImportError, ArithmeticError, ValueError):
                 pass  # the estimate is a courtesy; absurd sizes must not fail validation
             typer.echo(line + ")")
@@ -80,8 +90,9 @@ def schema(
 
 @app.command()
 def expand(file: Path = typer.Argument(..., help="A Study (or FineTune) spec.")) -> None:
-    """Print the runs a spec becomes, one JSON object per line, in execution order."""
-    from service.study import cells_of
+    """Print the runs a spec becomes, one JSON object per line, in execution order, each with
+    its effective protocol (the study's, with its dataset's overrides)."""
+    from service.study import cells_of, effective
 
     with edge():
         spec = load_or_exit(file)
@@ -92,6 +103,7 @@ def expand(file: Path = typer.Argument(..., help="A Study (or FineTune) spec."))
                         "index": i,
                         "run_id": cell.run_id,
                         "name": cell.name,
+                        "protocol": effective(cell.protocol),
                         "spec": json.loads(cell.to_json()),
                     }
                 )

@@ -38,6 +38,8 @@ MAX_MEMBER_BYTES = 1 << 30  # one file inside an archive
 MAX_ARCHIVE_TOTAL_BYTES = 1 << 40  # also capped by the free disk space at extraction
 DEFAULT_BUILTIN_TEST_FRACTION = 0.2
 _ROWS_PER_TASK = 64
+# A worker's float32 working set while it resizes a chunk of array rows.
+_TASK_FLOAT_BYTES = 8 << 20
 
 
 def _workers() -> int:
@@ -231,10 +233,19 @@ def _open(path: Path) -> np.ndarray | None:
         return None
 
 
+def _rows_per_task(catalog: sources.Catalog, hw) -> int:
+    """Files decode one at a time; array rows are resized a chunk at a time, as float32: size
+    the chunk so a worker's working set stays near _TASK_FLOAT_BYTES at any resolution."""
+    if catalog.items is not None:
+        return _ROWS_PER_TASK
+    return max(1, min(_ROWS_PER_TASK, _TASK_FLOAT_BYTES // (3 * hw[0] * hw[1] * 4)))
+
+
 def _decode_all(catalog: sources.Catalog, out: np.ndarray, hw, workers: int) -> None:
     n = len(catalog)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # parallelism comes from the pool; avoid oversubscription
+    decoding.import_codecs()  # Rule: no module is first imported inside a thread or pool.
     try:
         with ThreadPoolExecutor(max_workers=workers) as ex:
             if catalog.items is not None:
@@ -253,7 +264,7 @@ def _decode_all(catalog: sources.Catalog, out: np.ndarray, hw, workers: int) -> 
                     rows = torch.from_numpy(np.ascontiguousarray(read_rows(i, j)))
                     out[i:j] = decoding.resize(decoding._to_rgb(rows), hw).numpy()
 
-            size = _ROWS_PER_TASK  # bounds each worker's float working set (resize)
+            size = _rows_per_task(catalog, hw)
             futures = [ex.submit(task, i, j) for i, j in sources.iter_chunks(n, size)]
             try:
                 for f in futures:
@@ -313,6 +324,8 @@ def assign_splits(
         test_source = "test/"
     if "val" in parts:
         val, val_source = parts["val"], "val/"
+    elif ds.val_fraction == 0:  # the paper's protocol: select on test, train on all of train
+        val, val_source = train[:0], "none (val_fraction 0: the test split selects)"
     else:
         vf = ds.val_fraction
         keep, take = splits.carve(

@@ -63,7 +63,23 @@ def decode_to_rgb(data: bytes, ref: str) -> torch.Tensor:
     return _decode_pil(data, ref)
 
 
+def import_codecs() -> None:
+    """Import what the decode pool's threads use; call on the main thread before the pool starts.
+
+    A module's first import must never run inside a thread pool: torchvision's package imports
+    are circular, and threads importing it at once get a partially initialised module
+    (``cannot import name 'InterpolationMode' from partially initialized module
+    'torchvision.transforms'``). Deferred to here, not to the top of this module, so that
+    ``backbones validate`` and friends stay free of torchvision.
+    """
+    import torchvision.io
+    import torchvision.transforms.v2.functional  # noqa: F401
+
+    Image.init()  # PIL imports its format plugins on the first open: do it here, once
+
+
 def _decode_torchvision(data: bytes, fmt: str) -> torch.Tensor:
+    # Imported already by import_codecs() (main thread): here a dictionary lookup.
     from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
     raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -129,7 +145,7 @@ def resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """Squash uint8 (C, h, w) or (N, C, h, w) to hw: antialiased bilinear, uint8 out."""
     if tuple(x.shape[-2:]) == tuple(hw):
         return x
-    from torchvision.transforms.v2 import functional as F
+    from torchvision.transforms.v2 import functional as F  # see import_codecs()
 
     return F.resize(x, list(hw), antialias=True)
 

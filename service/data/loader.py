@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -106,7 +106,7 @@ class BatchLoader:
         mean,
         std,
         shuffle: bool,
-        augment: bool,
+        augment: bool | Callable[[torch.Tensor, int, int, range], torch.Tensor],
         seed: int,
         drop_last: bool = False,
         resident: torch.Tensor | bool = False,
@@ -202,8 +202,11 @@ class BatchLoader:
         return batch if self._copies is None else self._copies.wait(batch)
 
     def _transform(self, x: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        if callable(self.augment):  # a uint8 augmentation (service.data.augment), per global row
+            rows = range(self.rank, self.global_batch(step), self.world_size)
+            x = self.augment(x, epoch, step, rows)
         x = x.to(torch.float32).mul_(self._scale).add_(self._shift)
-        if self.augment:
+        if self.augment is True:
             x = self._augment(x, epoch, step)
         return x
 

@@ -88,6 +88,10 @@ def spec_hash_of(spec: FineTune | Study) -> str:
         mode="json",
         include={"name", "backbones", "datasets", "seeds", "train_fractions", "protocol"},
     )
+    # As for a FineTune: micro_batch is how a batch is computed, not what is trained.
+    data["protocol"].pop("micro_batch", None)
+    for d in data["datasets"]:
+        (d.get("protocol") or {}).pop("micro_batch", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

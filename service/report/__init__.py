@@ -27,7 +27,24 @@ def load(
     uri: str, *, study: Study | None = None, storage: Storage | None = None
 ) -> tuple[Collection, Report]:
     collection = collect(uri, study=study, storage=storage)
-    return collection, build(collection)
+    report = build(collection)
+    _add_selection(report, uri, storage, collection.study)
+    return collection, report
+
+
+def _add_selection(report: Report, uri: str, storage: Storage | None, study: str | None) -> None:
+    """A search's Selection section, from its state beside the cells."""
+    from service.report import selection
+    from service.storage import open_store
+
+    store = open_store(uri, storage)
+    state, base = selection.read_state(store, study)
+    if state is None:
+        return
+    # Full grids of the same datasets lie in other study folders beside this one.
+    root = store if base else open_store(uri.rstrip("/").rsplit("/", 1)[0], storage)
+    report.search = state
+    report.selection = selection.blocks(state, selection.grid_rankings(root, state["study"]))
 
 
 def build_report(

@@ -29,7 +29,7 @@ from typing import Literal
 
 from service.errors import UserError
 from service.spec import Storage, Study, run_id_for
-from service.storage import NotFound, Store, open_store
+from service.storage import NotFound, Store, import_for_threads, open_store
 
 State = Literal["done", "failed", "incomplete", "missing", "unreadable", "stale"]
 
@@ -39,6 +39,7 @@ _CELL_FILE = re.compile(
     r"seed(?P<seed>\d+)-frac(?P<frac>[0-9.eE+-]+))/(?P<file>summary|status|spec)\.json$"
 )
 MAX_WORKERS = 32
+_SEARCH_DIR = re.compile(r"(^|/)_search/")
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Cell:
     status: dict | None = None
     domain: str | None = None
     spec_hash: str | None = None  # what the study spec expects, when it is known
+    protocol: dict | None = None  # the spec's effective protocol for the cell, when known
 
     @property
     def ok(self) -> bool:
@@ -90,6 +92,7 @@ def collect(
 ) -> Collection:
     """Every cell under ``uri``, read in parallel; the expected grid from ``study`` if given."""
     store = open_store(uri, storage)
+    import_for_threads(uri, storage)  # Rule: no module is first imported inside a thread or pool.
     if workers is None:
         # The S3 client keeps 2 × max_concurrency connections: use them all, no more.
         workers = 2 * storage.max_concurrency if storage is not None else MAX_WORKERS
@@ -104,7 +107,7 @@ def collect(
 
 
 def _collect_with_spec(store: Store, study: Study, workers: int) -> Collection:
-    from service.study import expand
+    from service.study import effective, expand
 
     cells = expand(study)
     datasets = [d.short_name for d in study.datasets]
@@ -132,9 +135,13 @@ def _collect_with_spec(store: Store, study: Study, workers: int) -> Collection:
                 fraction=ft.dataset.train_fraction,
                 domain=domains[ft.dataset.short_name],
                 spec_hash=ft.spec_hash,
+                protocol=effective(ft.protocol),
             )
         )
     notes = []
+    if study.search.strategy == "successive_halving":
+        expected, note = _search_survivors(store, study, expected)
+        notes += [note] if note else []
     extra = sorted(set(files) - {c.key for c in expected})
     if extra:
         notes.append(
@@ -150,6 +157,22 @@ def _collect_with_spec(store: Store, study: Study, workers: int) -> Collection:
         notes=notes,
         dataset_order=datasets,
         backbone_order=_unique(b.model for b in study.backbones),
+    )
+
+
+def _search_survivors(store: Store, study: Study, expected: list[Cell]):
+    """A search expects the cells of its latest rung's candidates only: the others were
+    stopped on purpose (the report's Selection section says why)."""
+    from service.report.selection import read_state, survivors
+
+    state, _ = read_state(store, study.name)
+    if state is None:
+        return expected, "search: no _search/state.json yet; every cell of the grid expected"
+    keep = survivors(state)
+    kept = [c for c in expected if c.backbone in keep.get(f"{c.dataset}/frac{c.fraction}", [])]
+    return kept, (
+        f"search: {len(expected) - len(kept)} cells of backbones not promoted to the "
+        "latest rung are not expected (see Selection)"
     )
 
 
@@ -286,6 +309,8 @@ def _group(keys: Iterable[str]) -> dict[str, set[str]]:
     """Cell folder -> the JSON files it holds."""
     out: dict[str, set[str]] = {}
     for key in keys:
+        if _SEARCH_DIR.search(key):
+            continue  # a search's state and shortened rungs: not cells of the study
         m = _CELL_FILE.match(key)
         if m:
             out.setdefault(m["dir"], set()).add(f"{m['file']}.json")

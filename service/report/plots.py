@@ -96,15 +96,14 @@ def pareto_png(report: Report) -> bytes | None:
             if xy:
                 xs, ys, names = zip(*xy, strict=True)
                 ax.scatter(xs, ys, c=[colors[n] for n in names], s=28, zorder=3)
-            if label:
-                for x, y, name in xy:
-                    ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
             front = pareto_front([(x, y) for x, y, _ in xy])
             if len(front) > 1:
                 fx, fy = zip(*front, strict=True)
                 ax.step(fx, fy, where="post", color="grey", lw=1, ls="--", zorder=2)
             if xy:
-                _log_x(ax)
+                _log_x(ax, ticks=nice_log_ticks(min(xs), max(xs)))
+                if label:
+                    _label_points(ax, xy)
             else:
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
             ax.set_xlabel(xlabel)
@@ -176,6 +175,38 @@ def _log_x(ax, ticks: list[float] | None = None) -> None:
         ax.set_xticks(ticks)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
     ax.xaxis.set_minor_locator(NullLocator())  # minor log ticks cost more than they show
+
+
+def _label_points(ax, xy) -> None:
+    """Names beside their points, inside the axes: a point in the right half of the (log) x
+    range is labelled on its left, so long names are never cut at the figure's edge."""
+    lo, hi = ax.get_xlim()
+    mid = math.sqrt(lo * hi)
+    for x, y, name in xy:
+        left = x > mid
+        ax.annotate(
+            name,
+            (x, y),
+            fontsize=7,
+            xytext=(-4 if left else 4, 3),
+            textcoords="offset points",
+            ha="right" if left else "left",
+        )
+    y0, y1 = ax.get_ylim()
+    ax.set_ylim(y0, y1 + 0.06 * (y1 - y0))  # the top point's name stays inside too
+
+
+def nice_log_ticks(lo: float, hi: float) -> list[float]:
+    """3-8 round values (1, 2, 5 x 10^k, denser when the range is narrow) spanning [lo, hi]
+    on a log axis, so that a range inside one decade still shows its tick values."""
+    for mantissas in ((1,), (1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8)):
+        ticks = []
+        for k in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1):
+            ticks += [m * 10**k for m in mantissas]
+        inside = [t for t in ticks if lo / 1.15 <= t <= hi * 1.15]
+        if len(inside) >= 3:
+            return [float(f"{t:.3g}") for t in inside][:: max(1, len(inside) // 8)]
+    return sorted({float(f"{lo:.3g}"), float(f"{hi:.3g}")})
 
 
 def _board_title(b: Board) -> str:

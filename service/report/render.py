@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.report.tables import Board, Entry, Report
+from service.report.tables import Board, Entry, Report, protocol_text
 
 FIGURES = ("pareto.png", "fractions.png")
 CSV_COLUMNS = [
@@ -32,6 +32,10 @@ CSV_COLUMNS = [
     "top1_ci95_low",
     "top1_ci95_high",
     "top1_sd",
+    "top1_ci95_clipped",
+    "n_test",
+    "top1_sampling95_low",
+    "top1_sampling95_high",
     "macro_f1_mean",
     "params_m",
     "gmacs",
@@ -64,6 +68,10 @@ def entry_row(report: Report, e: Entry) -> dict:
         "top1_ci95_low": e.top1.low,
         "top1_ci95_high": e.top1.high,
         "top1_sd": e.top1.sd,
+        "top1_ci95_clipped": e.top1.clipped,
+        "n_test": e.n_test,
+        "top1_sampling95_low": None if e.sampling is None else e.sampling[0],
+        "top1_sampling95_high": None if e.sampling is None else e.sampling[1],
         "macro_f1_mean": e.macro_f1,
         "params_m": e.params_m,
         "gmacs": e.gmacs,
@@ -100,6 +108,7 @@ def to_json(report: Report) -> dict:
                 "main": b.fraction == report.main_fraction.get(b.dataset),
                 "leader_vs_runner_up": _paired_json(b),
                 "flag": b.flag,
+                "protocol": b.protocol,
                 "rows": [entry_row(report, e) for e in b.entries],
             }
             for b in report.boards
@@ -226,7 +235,15 @@ def _top1(e: Entry) -> str:
     iv = e.top1
     if iv.low is None:
         return f"{_pct(iv.mean)} (no CI, n=1)"
-    return f"{_pct(iv.mean)} [{_pct(iv.low)}, {_pct(iv.high)}]"
+    return f"{_pct(iv.mean)} [{_pct(iv.low)}, {_pct(iv.high)}]" + ("*" if iv.clipped else "")
+
+
+def _sampling(e: Entry) -> str:
+    """± half the Wilson interval's width, in points, and the test set it comes from."""
+    if e.sampling is None:
+        return "–"
+    low, high = e.sampling
+    return f"±{100 * (high - low) / 2:.2f} (n_test={e.n_test})"
 
 
 def blocks(report: Report, figures: dict[str, bytes]) -> list:
@@ -294,8 +311,10 @@ def blocks(report: Report, figures: dict[str, bytes]) -> list:
     out.append(
         P(
             "Ranked by mean test top-1 over seeds, with its 95% Student-t confidence interval "
-            "and the number of seeds n. 'vs leader': a paired t-test over shared seeds. "
-            "GPU-h and training time are per run."
+            "over the n seeds (* where it would leave [0, 100] and is clipped there). 'One run "
+            "±': the test set's own sampling uncertainty for a single run (95% Wilson interval "
+            "on n_test images, half-width in points); seeds cannot shrink it. 'vs leader': a "
+            "paired t-test over shared seeds. GPU-h and training time are per run."
         )
     )
     for b in report.boards:
@@ -306,6 +325,10 @@ def blocks(report: Report, figures: dict[str, bytes]) -> list:
         ):
             title += f" — train fraction {b.fraction:g}"
         out.append(H(3, title))
+        if b.protocol is not None:
+            out.append(P(f"Protocol: {protocol_text(b.protocol)}."))
+        if b.protocol_note:
+            out.append(P(f"{b.protocol_note}.", warn=True))
         if b.flag:
             out.append(P(f"{b.flag}.", warn=True))
         elif b.leader_vs_runner_up is not None:
@@ -323,6 +346,7 @@ def blocks(report: Report, figures: dict[str, bytes]) -> list:
                     e.backbone + (" (leaky)" if e.leaky else ""),
                     _top1(e),
                     str(e.n),
+                    _sampling(e),
                     _pct(e.macro_f1),
                     _num(e.params_m),
                     _num(e.gmacs, ".3g"),
@@ -339,6 +363,7 @@ def blocks(report: Report, figures: dict[str, bytes]) -> list:
                     "Backbone",
                     "Test top-1 % [95% CI]",
                     "n",
+                    "One run ± (test set)",
                     "Macro-F1 %",
                     "Params (M)",
                     "GMACs",
@@ -364,6 +389,7 @@ def blocks(report: Report, figures: dict[str, bytes]) -> list:
         )
         out.append(Img("pareto.png", figures["pareto.png"], "Pareto plots"))
 
+    out += report.selection
     out.append(H(2, "Missing and failed cells"))
     if report.problems:
         out.append(

@@ -1,7 +1,10 @@
 """The statistics of the report, as small pure functions over plain numbers.
 
 - A 95% t-interval of the mean over seeds: with 3 seeds a normal interval would be far too
-  narrow (t(0.975, 2) = 4.30, not 1.96).
+  narrow (t(0.975, 2) = 4.30, not 1.96). Accuracy lives in [0, 1]: an interval that would
+  cross a bound is clipped to it and says so (with 2-3 seeds a bootstrap has nothing to resample).
+- Beside it, the test-set sampling uncertainty of one run: a 95% Wilson score interval for a
+  proportion measured on n_test images (it stays inside [0, 1] by construction).
 - A paired t-test between two backbones over the seeds they share: seed s fixes the split,
   the subsample and the data order for both, so pairing removes that shared noise.
 - Ranks within a dataset (1 = best, ties share the average rank) and their mean across
@@ -25,7 +28,12 @@ PAIRED_METHOD = (
     f"alpha {ALPHA}); fewer than 2 shared seeds: 'n too small'"
 )
 INTERVAL_METHOD = (
-    "mean over seeds with a 95% Student-t confidence interval (n-1 degrees of freedom)"
+    "mean over seeds with a 95% Student-t confidence interval (n-1 degrees of freedom), "
+    "clipped to [0, 100] where it would cross a bound (marked *)"
+)
+SAMPLING_METHOD = (
+    "test-set sampling uncertainty of a single run: half-width of the 95% Wilson score "
+    "interval for the mean accuracy on n_test images"
 )
 
 Verdict = Literal["distinguishable", "not distinguishable", "n too small"]
@@ -38,6 +46,7 @@ class Interval:
     high: float | None
     sd: float | None
     n: int
+    clipped: bool = False  # the t-interval crossed 0 or 1 and was cut there
 
 
 @dataclass(frozen=True)
@@ -58,8 +67,13 @@ class Paired:
         return f"{self.verdict} ({self.evidence()})"
 
 
-def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
-    """Mean and two-sided Student-t confidence interval of ``values``."""
+def t_interval(
+    values: Sequence[float],
+    confidence: float = CONFIDENCE,
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+) -> Interval:
+    """Mean and two-sided Student-t confidence interval of ``values``, clipped to ``bounds``
+    (accuracies by default; None for an unbounded quantity)."""
     n = len(values)
     if n == 0:
         raise ValueError("t_interval of no values")
@@ -68,7 +82,23 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Inter
         return Interval(mean, None, None, None, n)
     sd = statistics.stdev(values)
     half = _t_quantile((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
-    return Interval(mean, mean - half, mean + half, sd, n)
+    low, high = mean - half, mean + half
+    if bounds is None or (bounds[0] <= low and high <= bounds[1]):
+        return Interval(mean, low, high, sd, n)
+    return Interval(mean, max(low, bounds[0]), min(high, bounds[1]), sd, n, clipped=True)
+
+
+def wilson_interval(p: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``p`` observed on ``n`` trials."""
+    if n <= 0:
+        raise ValueError("wilson_interval needs n > 0")
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf((1 + confidence) / 2)
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @functools.lru_cache(maxsize=64)

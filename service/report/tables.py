@@ -15,12 +15,14 @@ from service.report.collect import Cell, Collection
 from service.report.stats import (
     INTERVAL_METHOD,
     PAIRED_METHOD,
+    SAMPLING_METHOD,
     Interval,
     Paired,
     mean_ranks,
     paired_test,
     ranks,
     t_interval,
+    wilson_interval,
 )
 
 
@@ -41,6 +43,7 @@ class Entry:
     train_seconds: float | None  # mean per run
     images_per_second: float | None
     leaky: bool  # some run selected its checkpoint on the test split
+    n_test: int | None = None  # test images of one run (mean over the seeds)
     rank: float = 0.0
     vs_leader: Paired | None = None  # None for the leader itself
 
@@ -52,6 +55,14 @@ class Entry:
     def seeds(self) -> list[int]:
         return sorted(self.top1_by_seed)
 
+    @property
+    def sampling(self) -> tuple[float, float] | None:
+        """95% Wilson interval of one run's test accuracy: how much the test set alone moves
+        a single number, whatever the seeds."""
+        if not self.n_test:
+            return None
+        return wilson_interval(min(max(self.top1.mean, 0.0), 1.0), self.n_test)
+
 
 @dataclass
 class Board:
@@ -61,6 +72,10 @@ class Board:
     domain: str
     fraction: float
     entries: list[Entry]
+    # The effective protocol its runs recorded (summary.json "protocol"); None for runs made
+    # before summaries carried it. A board whose runs disagree holds the first and a note.
+    protocol: dict | None = None
+    protocol_note: str | None = None
 
     @property
     def leader_vs_runner_up(self) -> Paired | None:
@@ -100,6 +115,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     grid: str = "inferred"
     methods: dict[str, str] = field(default_factory=dict)
+    selection: list = field(default_factory=list)  # report blocks of a search (selection.py)
+    search: dict | None = None  # the search's state.json, when the study searched
 
     @property
     def fractions_vary(self) -> bool:
@@ -131,7 +148,11 @@ def build(collection: Collection, *, now: float | None = None) -> Report:
     for (dataset, fraction), es in sorted(
         boards.items(), key=lambda kv: (ds_order.get(kv[0][0], len(ds_order)), kv[0][0], -kv[0][1])
     ):
-        board_list.append(_rank_board(dataset, fraction, es))
+        board = _rank_board(dataset, fraction, es)
+        board.protocol, board.protocol_note = _protocol_of(
+            [c for c in done if c.dataset == dataset and c.fraction == fraction]
+        )
+        board_list.append(board)
 
     main_fraction: dict[str, float] = {}
     for b in board_list:
@@ -178,6 +199,7 @@ def build(collection: Collection, *, now: float | None = None) -> Report:
         grid=collection.grid,
         methods={
             "interval": INTERVAL_METHOD,
+            "sampling": SAMPLING_METHOD,
             "leader_vs_runner_up": PAIRED_METHOD,
             "rank": "rank by mean test top-1 within each dataset (1 = best, ties share the "
             "average rank) at the dataset's largest train fraction; mean rank over the datasets "
@@ -206,7 +228,43 @@ def _entry(cells: list[Cell]) -> Entry:
         train_seconds=_mean(s.get("train_seconds") for s in sums),
         images_per_second=_mean(s.get("images_per_second") for s in sums),
         leaky=any(s.get("select_on") == "test" for s in sums),
+        n_test=_int_mean(s.get("n_test") for s in sums),
     )
+
+
+def _protocol_of(cells: list[Cell]) -> tuple[dict | None, str | None]:
+    seen: list[dict] = []
+    for c in cells:
+        # What the run recorded; for runs older than that record, what the spec says.
+        p = (c.summary or {}).get("protocol") or c.protocol
+        if isinstance(p, dict) and p not in seen:
+            seen.append(p)
+    if not seen:
+        return None, None
+    if len(seen) == 1:
+        return seen[0], None
+    keys = sorted({k for p in seen for k in p if any(q.get(k) != p.get(k) for q in seen)})
+    return seen[0], f"runs of this board differ in protocol {', '.join(keys)}"
+
+
+def protocol_text(p: dict) -> str:
+    """One line for a report: '448x672 px, batch 32, lr 0.001, wd 0.01, ...'."""
+    size = p.get("image_size")
+    hw = f"{size[0]}x{size[1]} px" if isinstance(size, list) and len(size) == 2 else f"{size} px"
+    parts = [
+        f"recipe {p.get('recipe')}",
+        hw,
+        f"batch {p.get('batch_size')}",
+        f"lr {p.get('lr'):g}" if isinstance(p.get("lr"), int | float) else None,
+        f"wd {p.get('weight_decay'):g}" if isinstance(p.get("weight_decay"), int | float) else None,
+        f"max {p.get('max_epochs')} epochs",
+        f"patience {p.get('patience')}",
+        f"augmentation {p.get('augmentation')}",
+        f"normalize {p.get('normalize')}",
+        f"select on {p.get('select_on')}",
+        f"precision {p.get('precision')}",
+    ]
+    return ", ".join(x for x in parts if x)
 
 
 def _rank_board(dataset: str, fraction: float, entries: list[Entry]) -> Board:
@@ -233,6 +291,11 @@ def _standings(boards: list[Board]) -> list[Standing]:
     # More datasets first among equal mean ranks: a rank on one set is weaker evidence.
     out.sort(key=lambda s: (s.mean_rank, -s.n_datasets, -s.mean_top1, s.backbone))
     return out
+
+
+def _int_mean(values: Iterable) -> int | None:
+    mean = _mean(values)
+    return None if mean is None else round(mean)
 
 
 def _mean(values: Iterable) -> float | None:

@@ -56,6 +56,16 @@ def is_s3(uri: str) -> bool:
     return urlparse(uri).scheme == "s3"
 
 
+def import_for_threads(uri: str, storage: Storage | None = None) -> None:
+    """Import, and build, on the calling (main) thread what threads using ``uri``'s store need:
+    for S3, boto3 and the shared client. Call it before a pool starts: no module is first
+    imported inside a thread (concurrent first imports see partially initialised modules)."""
+    if is_s3(uri):
+        from service.storage.s3 import client_for
+
+        client_for(storage)
+
+
 def open_store(uri: str, storage: Storage | None = None) -> Store:
     """The store rooted at ``uri``: S3 for ``s3://``, else a local folder."""
     if is_s3(uri):

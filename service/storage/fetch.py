@@ -239,6 +239,8 @@ def _parallel(items: list, fn: Callable, workers: int, on_download: Callable | N
     """Run ``fn`` over ``items`` on a thread pool; report bytes from this (the caller's) thread."""
     if not items:
         return
+    # Rule: no module is first imported inside a thread or pool. The caller has read the
+    # manifest or listed the prefix on this thread, which imported boto3 and built the client.
     with ThreadPoolExecutor(max(1, min(workers, len(items)))) as pool:
         futures = [pool.submit(fn, item) for item in items]
         try:

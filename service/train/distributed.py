@@ -50,6 +50,17 @@ def any_flags(flags: tuple[bool, ...], rt) -> tuple[bool, ...]:
     return tuple(bool(v) for v in t.tolist())
 
 
+def agree_min(value: int, rt) -> int:
+    """The smallest of every rank's ``value`` (the micro-batch: what fits on every GPU)."""
+    if rt.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64, device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def sum_counts(acc: dict, rt) -> dict:
     """Training loss and accuracy sums over every rank's share of the epoch."""
     if rt.world_size == 1:

@@ -11,6 +11,7 @@ through the ``Observer`` (status.json, progress bar, Prometheus) and ``RunOutput
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 import time
@@ -20,12 +21,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from service.errors import Interrupted
+from service.errors import Interrupted, RetriableError
 from service.events import Observer, Progress
 from service.outputs import BEST, SUMMARY, RunOutputs
-from service.train import distributed, evaluate
+from service.train import distributed, evaluate, memory
 from service.train.checkpoint import Checkpointer, best_key, rng_state, set_rng_state
 from service.train.recipes import Recipe, make_optimizer, make_scheduler
+
+log = logging.getLogger("backbones.train")
+
+# BatchNorm's error grows as its batch shrinks below ~16 images (Wu & He, Group Normalization,
+# 2018, fig. 1): a micro-batch smaller than this gets a warning.
+BN_FEW = 16
 
 # Steps between host syncs: for the progress bar, and under DDP for the ranks' agreement on
 # stopping (an all-reduce whose result the host reads). A sync stalls the GPU queue.
@@ -50,6 +57,8 @@ class State:
     stop_reason: str | None = None
     records: list[dict] = field(default_factory=list)
     partial: dict = field(default_factory=dict)  # mid-epoch accumulators
+    micro_batch: int = 0  # images per forward/backward pass on a rank (0: not planned yet)
+    remediations: list[dict] = field(default_factory=list)  # out-of-memory recoveries
 
 
 @dataclass
@@ -70,6 +79,9 @@ class Runtime:
     compile: bool = False
     rank: int = 0
     world_size: int = 1
+    # micro_batch 'auto' probes the largest micro-batch that fits (a GPU, where running out of
+    # memory is an exception the process survives); otherwise it is the rank's whole share.
+    probe_memory: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -96,7 +108,12 @@ class Trainer:
         stop: threading.Event,
         max_minutes: float | None = None,
         summary_base: dict | None = None,
+        micro_batch: int | str = "auto",
+        memory_key: dict | None = None,
+        memory_cache: memory.ProbeCache | None = None,
     ):
+        """``micro_batch``: protocol.micro_batch. ``memory_key``: what the largest fitting
+        micro-batch depends on (``memory.probe_key``); ``memory_cache`` remembers it."""
         self.model = model
         self.recipe = recipe
         self.loaders = loaders
@@ -110,6 +127,11 @@ class Trainer:
         self.summary_base = summary_base or {}
         self.state = State()
         self.steps_per_epoch = len(loaders.train)
+        self.micro_asked = micro_batch
+        self.memory_key = memory_key or {"model": type(model).__name__, "resolution": [0, 0]}
+        self.memory_cache = memory_cache
+        self._micro = 0  # 0 until planned: the whole share
+        self.plan: memory.Plan | None = None
         self._attempt_start = time.perf_counter()
         self._prepare_model()
         self.forward = self._wrap(model)
@@ -118,8 +140,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ the recipe, top down
 
+    @property
+    def share(self) -> int:
+        """This rank's share of a global batch (the ranks' shares differ by one at most)."""
+        return -(-self.loaders.train.batch_size // self.rt.world_size)
+
+    @property
+    def micro(self) -> int:
+        """Images per forward/backward pass now."""
+        return self._micro or self.share
+
+    def start(self) -> memory.Plan:
+        """Resume from the latest checkpoint, then settle the micro-batch (once)."""
+        if self.plan is None:
+            self.resume()
+            self.plan = self.plan_micro_batch()
+        return self.plan
+
     def fit(self) -> dict:
-        self.resume()
+        self.start()
         if self.stop.is_set():
             raise Interrupted("stopped before training started; the next attempt starts here")
         self._phase("Training")
@@ -199,30 +238,179 @@ class Trainer:
         return step % SYNC_EVERY == 0 or step == self.steps_per_epoch
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, n_global: int | None = None):
-        """One optimizer step on this rank's share (x, y) of a global batch of ``n_global``."""
+        """One optimizer step on this rank's share (x, y) of a global batch of ``n_global``,
+        micro-batch by micro-batch. Out of memory: halve the micro-batch and redo the step."""
         if self.rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        n_global = n_global or y.shape[0] * self.rt.world_size
+        while True:
+            try:
+                return self._step(x, y, n_global)
+            except torch.cuda.OutOfMemoryError as e:
+                failed, why = self.micro, str(e).strip().splitlines()[0] if str(e) else ""
+            # Outside the except block: the traceback no longer pins the failed activations.
+            self._out_of_memory(failed, why)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, n_global: int):
         smoothing = self.recipe.label_smoothing
-        with self.rt.autocast():
-            out = self.forward(x)
-            if self.rt.world_size == 1:
-                loss = F.cross_entropy(out.float(), y, label_smoothing=smoothing)
-            else:
-                # DDP averages gradients over ranks; weighting each rank's sum by
-                # world_size / global batch makes that exactly the global batch's mean, even
-                # when the ranks' shares differ by one.
-                n_global = n_global or y.shape[0] * self.rt.world_size
-                total = F.cross_entropy(out.float(), y, label_smoothing=smoothing, reduction="sum")
-                loss = total * (self.rt.world_size / n_global)
+        parts = memory.chunks(y.shape[0], self.micro)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_sum = torch.zeros((), device=y.device)
+        correct = torch.zeros((), dtype=torch.long, device=y.device)
+        for i, part in enumerate(parts):
+            xs, ys = x[part], y[part]
+            # DDP all-reduces gradients in the last micro-batch's backward only.
+            sync = i == len(parts) - 1 or self._ddp is None
+            with contextlib.nullcontext() if sync else self._ddp.no_sync():
+                with self.rt.autocast():
+                    out = self.forward(xs)
+                    if self.rt.world_size == 1 and len(parts) == 1:
+                        loss = F.cross_entropy(out.float(), ys, label_smoothing=smoothing)
+                        total = loss.detach() * ys.shape[0]
+                    else:
+                        # Each micro-batch's sum weighted by world_size / global batch: the
+                        # accumulated gradient, averaged over ranks by DDP, is exactly the
+                        # global batch's mean, even when the ranks' shares differ by one.
+                        total = F.cross_entropy(
+                            out.float(), ys, label_smoothing=smoothing, reduction="sum"
+                        )
+                        loss = total * (self.rt.world_size / n_global)
+                loss.backward()
+            loss_sum += total.detach()
+            correct += (out.argmax(1) == ys).sum()
+            del out, loss, total
         self.optimizer.step()
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model, step=self.state.global_step)
+        return loss_sum / max(y.shape[0], 1), correct, y.shape[0]
+
+    # ------------------------------------------------------------------ micro-batches
+
+    def plan_micro_batch(self) -> memory.Plan:
+        """The micro-batch this attempt starts with: the spec's integer, or ('auto') the probe's
+        or the cache's answer on a GPU, the whole share on the CPU; never more than the
+        checkpoint's (an earlier attempt may have halved it). Every rank takes the smallest."""
+        asked, share = self.micro_asked, self.share
+        if asked == "auto" and self.rt.probe_memory:
+            plan = self._probe()
+        elif asked == "auto":
+            plan = memory.Plan(share, 1, "share")
+        else:
+            plan = memory.Plan(int(asked), 0, "spec")
+            known = self._known()
+            if known.fits(plan.micro_batch) is False:  # ran out of memory in an earlier cell
+                below = [d for d in memory.divisors(share) if known.fits(d) is not False]
+                plan = memory.Plan(below[-1] if below else 0, 0, "cache")
+        if 0 < self.state.micro_batch < plan.micro_batch:
+            plan = memory.Plan(self.state.micro_batch, 0, "checkpoint")
+        plan.micro_batch = distributed.agree_min(plan.micro_batch, self.rt)
+        if plan.micro_batch < 1:
+            raise memory.does_not_fit(
+                self.memory_key["model"], tuple(self.memory_key["resolution"]), self.rt.device
+            )
+        plan.accumulation_steps = memory.accumulation_steps(share, plan.micro_batch)
+        self._micro = self.state.micro_batch = plan.micro_batch
+        self._show_micro_batch()
+        bn = self._batchnorm_note().get("batchnorm_images")
+        if bn is not None and bn < BN_FEW and plan.accumulation_steps > 1:
+            log.warning(
+                "BatchNorm normalises micro-batches of %d images (batch_size %d): below %d its "
+                "batch statistics get noisy; use more GPUs or a lower image_size",
+                bn, self.loaders.train.batch_size, BN_FEW,
+            )  # fmt: skip
+        return plan
+
+    def _known(self) -> memory.Known:
+        if self.memory_cache is None or not self.rt.probe_memory:
+            return memory.Known()
+        return self.memory_cache.get(self.memory_key)
+
+    def _probe(self) -> memory.Plan:
+        known = self._known()
+        t0 = time.perf_counter()
+        micro, tried = memory.largest_fitting(self.share, self._fits, known)
+        if tried and self.memory_cache is not None:
+            self.memory_cache.put(self.memory_key, known)
+        if not tried:
+            return memory.Plan(micro, 0, "cache")
+        probe = {"tried": {str(k): v for k, v in tried.items()}}
+        probe["seconds"] = round(time.perf_counter() - t0, 3)
+        return memory.Plan(micro, 0, "probe", probe=probe)
+
+    def _fits(self, n: int) -> bool:
+        """One probe pass of ``n`` images with the run's precision, memory format and compile
+        settings, on the real model. Under DDP the bare module, with SyncBatchNorm in eval
+        mode: a probe pass must issue no collective, since ranks may run out of memory at
+        different sizes."""
+        dev = self.rt.device
+        # Training allocates AdamW's two moments at its first step: hold that much meanwhile.
+        fresh = not self.optimizer.state and dev.type == "cuda"
+        with memory.preserved(self.model, dev):
+            self._set_train_mode()
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.SyncBatchNorm):
+                    m.eval()
+            ok = memory.fits_pass(
+                self.forward if self._ddp is None else self.model,
+                n,
+                self.loaders.train.split.image_shape,
+                device=dev,
+                autocast=self.rt.autocast,
+                channels_last=self.rt.channels_last,
+                reserve_bytes=memory.optimizer_bytes(self.model) if fresh else 0,
+            )
+            self.model.zero_grad(set_to_none=True)
+        memory.release(dev)
+        log.info("micro-batch probe: %d images %s", n, "fit" if ok else "ran out of memory")
+        return ok
+
+    def _out_of_memory(self, failed: int, why: str) -> None:
+        """Training ran out of memory at micro-batch ``failed``: remember it, then halve the
+        micro-batch and let the caller redo the step (same data, same effective batch)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        memory.release(self.rt.device)
+        if self.memory_cache is not None and self.rt.probe_memory:
+            known = self.memory_cache.get(self.memory_key)
+            known.learn(failed, False)
+            self.memory_cache.put(self.memory_key, known)
+        new = memory.smaller(failed, self.share)
+        if new is None:
+            raise memory.does_not_fit(
+                self.memory_key["model"], tuple(self.memory_key["resolution"]), self.rt.device
+            )
+        s = self.state
         if self.rt.world_size > 1:
-            loss = loss.detach() * (n_global / self.rt.world_size) / max(y.shape[0], 1)
-        return loss, (out.argmax(1) == y).sum(), y.shape[0]
+            # Other ranks may already wait in this step's collectives (gradient all-reduce,
+            # SyncBatchNorm): no way back into step here. The next attempt resumes from the
+            # last checkpoint and plans below the size the cache now knows fails.
+            raise RetriableError(
+                f"rank {self.rt.rank} ran out of memory at micro_batch {failed} (epoch "
+                f"{s.epoch + 1} step {s.step + 1}); the next attempt resumes from the last "
+                f"checkpoint with a smaller micro-batch"
+            )
+        record = {
+            "epoch": s.epoch + 1,
+            "step": s.step + 1,
+            "from_micro_batch": failed,
+            "to_micro_batch": new,
+            "attempt": self.progress.attempt,
+            "error": why[:200],
+        }
+        log.warning(
+            "out of memory at micro_batch %d (epoch %d step %d): redoing the step with %d",
+            failed, s.epoch + 1, s.step + 1, new,
+        )  # fmt: skip
+        self._micro = s.micro_batch = new
+        s.remediations.append(record)
+        self._show_micro_batch()
+        self.observer.on_remediation(self.progress, record)
+
+    def _show_micro_batch(self) -> None:
+        p = self.progress
+        p.micro_batch = self.micro
+        p.accumulation_steps = memory.accumulation_steps(self.share, self.micro)
+        p.remediations = list(self.state.remediations)
 
     def validate(self) -> dict | None:
         if self.state.stop_reason is not None:
@@ -360,11 +548,12 @@ class Trainer:
 
     def _wrap(self, model):
         forward = model
+        self._ddp = None
         if self.rt.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-            forward = DDP(model, device_ids=ids)
+            forward = self._ddp = DDP(model, device_ids=ids)
         if self.rt.compile:
             forward = torch.compile(forward)
         return forward
@@ -483,8 +672,21 @@ class Trainer:
             "device": device_name(self.rt.device),
             "num_gpus": gpus,
             "attempts": self.progress.attempt,
+            "micro_batch": self.micro,
+            "accumulation_steps": memory.accumulation_steps(self.share, self.micro),
+            "remediations": list(s.remediations),
+            **self._batchnorm_note(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+
+    def _batchnorm_note(self) -> dict:
+        """With micro-batches, BatchNorm normalises each micro-batch by its own statistics (of
+        micro_batch images, times the GPUs under SyncBatchNorm), not by the whole batch's."""
+        bn = torch.nn.modules.batchnorm._BatchNorm
+        if self.recipe.freeze_backbone or not any(isinstance(m, bn) for m in self.model.modules()):
+            return {}
+        synced = any(isinstance(m, torch.nn.SyncBatchNorm) for m in self.model.modules())
+        return {"batchnorm_images": self.micro * (self.rt.world_size if synced else 1)}
 
 
 def head_module(model) -> torch.nn.Module:

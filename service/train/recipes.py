@@ -31,7 +31,9 @@ class Phase:
 class Recipe:
     name: str
     phases: tuple[Phase, ...]
-    augment: bool
+    augmentation: (
+        str  # 'none' | 'standard' | 'trivial_augment_wide': Protocol.effective_augmentation
+    )
     label_smoothing: float
     ema: bool
     ema_decay: float
@@ -59,7 +61,7 @@ def recipe_for(p: Protocol) -> Recipe:
         return Recipe(
             "paper",
             phases,
-            augment=False,
+            augmentation=p.effective_augmentation,
             label_smoothing=0.0,
             ema=False,
             ema_decay=p.ema_decay,
@@ -79,7 +81,7 @@ def recipe_for(p: Protocol) -> Recipe:
         return Recipe(
             "standard",
             (phase,),
-            augment=True,
+            augmentation=p.effective_augmentation,
             label_smoothing=p.label_smoothing,
             ema=p.ema,
             ema_decay=p.ema_decay,
@@ -100,7 +102,7 @@ def recipe_for(p: Protocol) -> Recipe:
         return Recipe(
             "linear_probe",
             (phase,),
-            augment=False,
+            augmentation=p.effective_augmentation,
             label_smoothing=0.0,
             ema=False,
             ema_decay=p.ema_decay,

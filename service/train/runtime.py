@@ -51,6 +51,7 @@ def runtime_for(p: Protocol, dist) -> Runtime:
         compile=p.compile and use_cuda,
         rank=dist.rank,
         world_size=dist.world_size,
+        probe_memory=use_cuda,
     )
 
 

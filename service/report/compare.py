@@ -1,0 +1,282 @@
+"""Two studies of the same grid side by side: how the rankings move between protocols.
+
+Made for the paper's question: does its flawed protocol (``paper-study-faithful.json``: the test
+split picks the checkpoint, test-split normalisation, fp32, no validation carve) rank backbones
+differently from the fixed one (``paper-study.json``)? Per dataset: each backbone's rank and
+mean test top-1 under both, the leader under both with its significance flag (leader vs
+runner-up, paired over seeds), and Kendall's tau between the two rankings; per domain and over
+all datasets: the mean-rank order under both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from service.report.tables import Board, Report, Standing, protocol_text
+
+
+@dataclass
+class Row:
+    backbone: str
+    rank_a: float | None
+    rank_b: float | None
+    top1_a: float | None
+    top1_b: float | None
+    vs_leader_a: str | None  # 'leader' or the paired verdict against that side's leader
+    vs_leader_b: str | None
+
+    @property
+    def delta(self) -> float | None:
+        if self.top1_a is None or self.top1_b is None:
+            return None
+        return self.top1_b - self.top1_a
+
+
+@dataclass
+class DatasetChange:
+    dataset: str
+    domain: str
+    leader_a: str | None
+    leader_b: str | None
+    flag_a: str  # leader vs runner-up on side a: 'distinguishable', ... or 'no runner-up'
+    flag_b: str
+    tau: float | None  # Kendall's tau-b between the two rankings (shared backbones)
+    rows: list[Row]
+    protocol_a: dict | None = None
+    protocol_b: dict | None = None
+
+    @property
+    def leader_changed(self) -> bool:
+        return self.leader_a != self.leader_b
+
+
+@dataclass
+class DomainChange:
+    domain: str
+    order_a: list[str]
+    order_b: list[str]
+    tau: float | None
+
+
+@dataclass
+class Comparison:
+    label_a: str
+    label_b: str
+    datasets: list[DatasetChange]
+    domains: list[DomainChange]
+    only_a: list[str] = field(default_factory=list)  # datasets only one side has
+    only_b: list[str] = field(default_factory=list)
+
+
+def kendall_tau(a: dict[str, float], b: dict[str, float]) -> float | None:
+    """Kendall's tau-b between two rank tables over their shared keys (ties allowed)."""
+    keys = sorted(set(a) & set(b))
+    if len(keys) < 2:
+        return None
+    concordant = discordant = ties_a = ties_b = 0
+    for i, x in enumerate(keys):
+        for y in keys[i + 1 :]:
+            da, db = a[x] - a[y], b[x] - b[y]
+            if da == 0 and db == 0:
+                continue
+            if da == 0:
+                ties_a += 1
+            elif db == 0:
+                ties_b += 1
+            elif (da > 0) == (db > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    n_a = concordant + discordant + ties_a
+    n_b = concordant + discordant + ties_b
+    if n_a == 0 or n_b == 0:
+        return None
+    return (concordant - discordant) / math.sqrt(n_a * n_b)
+
+
+def _flag(b: Board | None) -> str:
+    if b is None:
+        return "no results"
+    cmp = b.leader_vs_runner_up
+    return "no runner-up" if cmp is None else cmp.describe()
+
+
+def _verdict(b: Board, name: str) -> str | None:
+    e = next((e for e in b.entries if e.backbone == name), None)
+    if e is None:
+        return None
+    return "leader" if e.vs_leader is None else e.vs_leader.verdict
+
+
+def compare(a: Report, b: Report, label_a: str = "A", label_b: str = "B") -> Comparison:
+    boards_a = {x.dataset: x for x in a.main_boards()}
+    boards_b = {x.dataset: x for x in b.main_boards()}
+    order = list(boards_a) + [d for d in boards_b if d not in boards_a]
+    changes = []
+    for d in order:
+        ba, bb = boards_a.get(d), boards_b.get(d)
+        if ba is None or bb is None:
+            continue
+        ea = {e.backbone: e for e in ba.entries}
+        eb = {e.backbone: e for e in bb.entries}
+        names = [e.backbone for e in bb.entries] + [n for n in ea if n not in eb]
+        rows = [
+            Row(
+                n,
+                ea[n].rank if n in ea else None,
+                eb[n].rank if n in eb else None,
+                ea[n].top1.mean if n in ea else None,
+                eb[n].top1.mean if n in eb else None,
+                _verdict(ba, n),
+                _verdict(bb, n),
+            )
+            for n in names
+        ]
+        changes.append(
+            DatasetChange(
+                dataset=d,
+                domain=bb.domain,
+                leader_a=ba.entries[0].backbone,
+                leader_b=bb.entries[0].backbone,
+                flag_a=_flag(ba),
+                flag_b=_flag(bb),
+                tau=kendall_tau(
+                    {n: e.rank for n, e in ea.items()}, {n: e.rank for n, e in eb.items()}
+                ),
+                rows=rows,
+                protocol_a=ba.protocol,
+                protocol_b=bb.protocol,
+            )
+        )
+    domains = []
+    for domain in [*sorted(set(a.domains) | set(b.domains)), "all domains"]:
+        sa = a.overall if domain == "all domains" else a.domains.get(domain, [])
+        sb = b.overall if domain == "all domains" else b.domains.get(domain, [])
+        domains.append(
+            DomainChange(
+                domain,
+                [s.backbone for s in sa],
+                [s.backbone for s in sb],
+                kendall_tau(_mean_ranks(sa), _mean_ranks(sb)),
+            )
+        )
+    return Comparison(
+        label_a,
+        label_b,
+        changes,
+        domains,
+        only_a=[d for d in boards_a if d not in boards_b],
+        only_b=[d for d in boards_b if d not in boards_a],
+    )
+
+
+def _mean_ranks(standings: list[Standing]) -> dict[str, float]:
+    return {s.backbone: s.mean_rank for s in standings}
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def to_markdown(c: Comparison) -> str:
+    a, b = c.label_a, c.label_b
+    changed = sum(d.leader_changed for d in c.datasets)
+    lines = [
+        f"# Rankings under two protocols: {a} vs {b}",
+        "",
+        f"{len(c.datasets)} dataset(s) in both; the leader changes on {changed}. Kendall's tau "
+        "compares the two rankings (1: same order, -1: reversed). A leader flagged "
+        "'not distinguishable' from its runner-up (paired t-test over seeds) is no evidence of "
+        "a ranking change on its own.",
+        "",
+        "## By domain (mean rank across the domain's datasets)",
+        "",
+        f"| Domain | {a}: best, 2nd, 3rd | {b}: best, 2nd, 3rd | tau |",
+        "| --- | --- | --- | --- |",
+    ]
+    for d in c.domains:
+        lines.append(
+            f"| {d.domain} | {', '.join(d.order_a[:3]) or '–'} | {', '.join(d.order_b[:3]) or '–'}"
+            f" | {_num(d.tau, '.2f')} |"
+        )
+    lines += [
+        "",
+        "## By dataset",
+        "",
+        f"| Dataset | Domain | Leader {a} | Leader {b} | Changed | {a}: leader vs runner-up | "
+        f"{b}: leader vs runner-up | tau |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for d in c.datasets:
+        lines.append(
+            f"| {d.dataset} | {d.domain} | {d.leader_a} | {d.leader_b} | "
+            f"{'yes' if d.leader_changed else 'no'} | {d.flag_a} | {d.flag_b} | "
+            f"{_num(d.tau, '.2f')} |"
+        )
+    for d in c.datasets:
+        lines += ["", f"### {d.dataset} ({d.domain})", ""]
+        for label, p in ((a, d.protocol_a), (b, d.protocol_b)):
+            if p is not None:
+                lines.append(f"- {label} protocol: {protocol_text(p)}")
+        lines += [
+            "",
+            f"| Backbone | Rank {a} | Rank {b} | Top-1 % {a} | Top-1 % {b} | Δ top-1 (pp) | "
+            f"vs leader {a} | vs leader {b} |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in d.rows:
+            lines.append(
+                f"| {r.backbone} | {_num(r.rank_a, 'g')} | {_num(r.rank_b, 'g')} | "
+                f"{_num(None if r.top1_a is None else 100 * r.top1_a, '.2f')} | "
+                f"{_num(None if r.top1_b is None else 100 * r.top1_b, '.2f')} | "
+                f"{_num(None if r.delta is None else 100 * r.delta, '+.2f')} | "
+                f"{r.vs_leader_a or '–'} | {r.vs_leader_b or '–'} |"
+            )
+    if c.only_a or c.only_b:
+        lines += [
+            "",
+            f"Not compared: only in {a}: {', '.join(c.only_a) or 'none'}; only in {b}: "
+            f"{', '.join(c.only_b) or 'none'}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(c: Comparison) -> dict:
+    return {
+        "labels": [c.label_a, c.label_b],
+        "domains": [
+            {"domain": d.domain, "order_a": d.order_a, "order_b": d.order_b, "tau": d.tau}
+            for d in c.domains
+        ],
+        "datasets": [
+            {
+                "dataset": d.dataset,
+                "domain": d.domain,
+                "leader_a": d.leader_a,
+                "leader_b": d.leader_b,
+                "leader_changed": d.leader_changed,
+                "leader_vs_runner_up_a": d.flag_a,
+                "leader_vs_runner_up_b": d.flag_b,
+                "tau": d.tau,
+                "protocol_a": d.protocol_a,
+                "protocol_b": d.protocol_b,
+                "rows": [
+                    {
+                        "backbone": r.backbone,
+                        "rank_a": r.rank_a,
+                        "rank_b": r.rank_b,
+                        "top1_a": r.top1_a,
+                        "top1_b": r.top1_b,
+                        "delta": r.delta,
+                        "vs_leader_a": r.vs_leader_a,
+                        "vs_leader_b": r.vs_leader_b,
+                    }
+                    for r in d.rows
+                ],
+            }
+            for d in c.datasets
+        ],
+        "only_a": c.only_a,
+        "only_b": c.only_b,
+    }

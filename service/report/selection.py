@@ -1,0 +1,216 @@
+"""The report's "Selection" section: how a successive-halving search chose, per dataset.
+
+Reads the driver's ``_search/state.json`` (see service.search.driver): the rungs, each
+candidate's validation score with its interval and the decision, compute spent against the
+grid's estimate, and, where a full grid of the same dataset lies under the same output (another
+Study's folder), the agreement: same winner, Kendall's tau of the search's and the proxy's
+rankings against the grid's (mean test top-1 over seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+from service.storage import NotFound, Store
+
+STATE_KEY = "_search/state.json"
+_GRID_CELL = re.compile(
+    r"^(?P<study>[^/]+)/(?P<dataset>[^/]+)/(?P<backbone>[^/]+)/seed(?P<seed>\d+)-frac"
+    r"(?P<frac>[0-9.eE+-]+)/summary\.json$"
+)
+
+
+def read_state(store: Store, study: str | None) -> tuple[dict | None, str]:
+    """The search state under the prefix (the study folder, or its parent); and the prefix of
+    the study folder relative to ``store`` ('' or '<study>/')."""
+    bases = [""] + ([f"{study}/"] if study else [])
+    for base in bases:
+        try:
+            return json.loads(store.read_bytes(base + STATE_KEY)), base
+        except NotFound:
+            continue
+    return None, ""
+
+
+def survivors(state: dict) -> dict[str, list[str]]:
+    """Group -> the candidates of the latest rung (the last rung's when the search is done)."""
+    return state["rungs"][-1]["candidates"] if state.get("rungs") else {}
+
+
+def grid_rankings(root: Store, study: str) -> dict[str, tuple[str, dict[str, float]]]:
+    """'<dataset>/frac<F>' -> (other study, backbone -> mean test top-1) for every full grid of
+    another study under ``root`` (the output prefix above the study folder)."""
+    values: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for key in root.list(""):
+        m = _GRID_CELL.match(key)
+        if not m or m["study"] == study:
+            continue
+        try:
+            top1 = json.loads(root.read_bytes(key))["test"]["top1"]
+        except (NotFound, ValueError, KeyError, TypeError):
+            continue
+        group = f"{m['dataset']}/frac{float(m['frac'])}"
+        values.setdefault((m["study"], group), {}).setdefault(m["backbone"], []).append(top1)
+    out: dict[str, tuple[str, dict[str, float]]] = {}
+    for (other, group), by_backbone in sorted(values.items()):
+        means = {b: sum(v) / len(v) for b, v in by_backbone.items()}
+        if group not in out or len(means) > len(out[group][1]):
+            out[group] = (other, means)
+    return out
+
+
+def search_ranking(state: dict, group: str) -> list[str]:
+    """Best first: the rung a candidate reached, then its mean validation score there; then
+    the candidates the proxy pruned, by proxy score."""
+    reached: dict[str, tuple[int, float]] = {}
+    for rung in state.get("rungs", []):
+        for b, res in (rung.get("results") or {}).get(group, {}).items():
+            mean = res.get("mean")
+            reached[b] = (rung["rung"], mean if mean is not None else -1.0)
+    ranked = sorted(reached, key=lambda b: (-reached[b][0], -reached[b][1]))
+    proxy = (state.get("proxy") or {}).get(group)
+    if proxy:
+        ranked += sorted((b for b in proxy["scores"] if b not in reached),
+                         key=lambda b: -proxy["scores"][b])  # fmt: skip
+    return ranked
+
+
+def kendall_tau(a: list[str], b: list[str]) -> float | None:
+    """Kendall's tau-b between two best-first orderings, over the items both hold."""
+    common = [x for x in a if x in b]
+    if len(common) < 2:
+        return None
+    from scipy.stats import kendalltau
+
+    tau = kendalltau([a.index(x) for x in common], [b.index(x) for x in common]).statistic
+    return None if math.isnan(tau) else float(tau)
+
+
+def blocks(state: dict, grid: dict[str, tuple[str, dict[str, float]]]) -> list:
+    from service.report.render import H, Items, P, Table
+
+    s = state["search"]
+    out: list = [H(2, "Selection")]
+    out.append(
+        P(
+            f"Successive halving (eta {s['eta']}, schedule '{s['schedule']}'): per dataset, "
+            "every candidate trains on a small epoch budget; the best 1/eta by validation "
+            "top-1 (mean over seeds, 95% t-interval; the test split is never read) move on to "
+            "an eta-times larger budget; the last rung is the study's full protocol, whose "
+            "cells are the leaderboard above. Search state: "
+            + ("done." if state.get("phase") == "done" else f"running (rung {state['rung'] + 1}).")
+        )
+    )
+    n_seeds = len(state.get("seeds", [])) or 1
+    groups = list(state["rungs"][0]["candidates"]) if state.get("rungs") else []
+    for group in groups:
+        out.append(H(3, f"Selection: {group}"))
+        proxy = (state.get("proxy") or {}).get(group)
+        if proxy:
+            kept = set(proxy["kept"])
+            rows = [
+                [b, f"{v:.4f}", "kept" if b in kept else "pruned before rung 1"]
+                for b, v in sorted(proxy["scores"].items(), key=lambda kv: -kv[1])
+            ]
+            out.append(
+                P(
+                    f"Proxy ({proxy['method']} on frozen features, validation accuracy; "
+                    f"{proxy['seconds']:.1f} s): keeps {len(kept)}."
+                )
+            )
+            out.append(Table(["Backbone", "Proxy score", "Decision"], rows))
+        rows = []
+        spent_epochs = spent_seconds = 0.0
+        per_epoch: dict[str, float] = {}
+        max_epochs = 0
+        for rung in state["rungs"]:
+            max_epochs = max(max_epochs, rung["epochs"][group])
+            results = (rung.get("results") or {}).get(group, {})
+            promoted = (rung.get("promoted") or {}).get(group, [])
+            last = rung["rung"] == len(state.get("survivors_per_rung", [])) - 1
+            order = sorted(results, key=lambda b: -(results[b].get("mean") or -1))
+            for place, b in enumerate(order, 1):
+                res = results[b]
+                spent_epochs += res["epochs"]
+                spent_seconds += res["seconds"]
+                if res["epochs"]:
+                    per_epoch.setdefault(b, res["seconds"] / res["epochs"])
+                if b in promoted:
+                    why = "winner" if last else f"promoted (top {len(promoted)})"
+                else:
+                    why = f"stopped: ranked {place} of {len(order)}, top {len(promoted)} move on"
+                rows.append(
+                    [
+                        str(rung["rung"] + 1), str(rung["epochs"][group]), b,
+                        _score(res), f"{res['seconds']:.1f}", why,
+                    ]
+                )  # fmt: skip
+            if not rung.get("done"):
+                for b in rung["candidates"][group]:
+                    if b not in results:
+                        rows.append([str(rung["rung"] + 1), str(rung["epochs"][group]), b,
+                                     "–", "–", "running"])  # fmt: skip
+        out.append(
+            Table(["Rung", "Epochs", "Backbone", "Val top-1 [95% CI]", "Train s", "Decision"], rows)
+        )
+        n_cand = len(state.get("backbones", []))
+        grid_epochs = n_cand * n_seeds * max_epochs
+        known = [per_epoch[b] for b in per_epoch]
+        items = [
+            f"compute: {spent_epochs:.0f} epochs of training against the grid's "
+            f"{grid_epochs} ({n_cand} backbones × {n_seeds} seeds × {max_epochs} epochs): "
+            f"{spent_epochs / grid_epochs:.0%}"
+            if grid_epochs
+            else "compute: –",
+        ]
+        if known:
+            est = sum(known) / len(known) * grid_epochs
+            items.append(
+                f"training seconds: {spent_seconds:.1f} against an estimated {est:.1f} for the "
+                f"grid (mean seconds per epoch measured on the first rung): "
+                f"{spent_seconds / est:.0%}"
+            )
+        if proxy:
+            items.append(f"proxy: {proxy['seconds']:.1f} s of forward passes")
+        winner = (state.get("winners") or {}).get(group)
+        if group in grid:
+            other, means = grid[group]
+            grid_rank = sorted(means, key=lambda b: -means[b])
+            tau = kendall_tau(search_ranking(state, group), grid_rank)
+            agree = (
+                f"agreement with the full grid of study '{other}' (mean test top-1): grid winner "
+                f"{grid_rank[0]}; "
+                + (
+                    f"search winner {winner} ({'same' if winner == grid_rank[0] else 'differs'})"
+                    if winner
+                    else "search not finished"
+                )
+                + f"; Kendall tau of the search's ranking {_tau(tau)}"
+            )
+            if proxy:
+                px = proxy["scores"]
+                px_tau = kendall_tau(sorted(px, key=lambda b: -px[b]), grid_rank)
+                agree += f", of the proxy's {_tau(px_tau)}"
+            items.append(agree)
+        else:
+            items.append("agreement: no full grid of this dataset under the same output")
+        out.append(Items(items))
+    return out
+
+
+def _score(res: dict) -> str:
+    mean = res.get("mean")
+    if mean is None:
+        return "failed"
+    text = f"{100 * mean:.2f}"
+    if res.get("low") is not None:
+        text += f" [{100 * res['low']:.2f}, {100 * res['high']:.2f}]"
+    if res.get("failed_seeds"):
+        text += f" ({res['failed_seeds']} seed(s) failed)"
+    return text
+
+
+def _tau(t: float | None) -> str:
+    return "–" if t is None else f"{t:.2f}"

@@ -1,0 +1,2 @@
+"""Successive halving over backbones: a Study's ``search`` (pure planning, the driver, the
+zero-training proxy rung). ``plan`` imports no torch; ``driver`` and ``proxy`` do, lazily."""

@@ -1,0 +1,199 @@
+"""A search on Kubernetes: each rung is one Indexed Job, the driver submits the next when one
+ends. The driver runs where the user is (``backbones submit STUDY --follow``) or in the cluster
+as a Job of its own (``backbones render STUDY``, ServiceAccount ``backbones-search-driver``,
+k8s/search-driver.yaml), with the same state in the output store either way.
+
+A rung's Job is the study's Job with one index per rung cell: the worker finds its cell from
+``BACKBONES_RUNG`` (the rung, its candidates, how many entered the first rung), so the pod
+still parses the very same Study spec. Under ``schedule: continue`` a cell stops at the rung's
+epoch budget and exits 0 (its checkpoint is where the next rung resumes).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from service.search.plan import RungCell, first_rung_size, rung_cells
+from service.spec import Study
+
+RUNG_ENV = "BACKBONES_RUNG"
+DRIVER_SERVICE_ACCOUNT = "backbones-search-driver"
+
+
+def rung_job_name(study: str, rung: int) -> str:
+    return f"{study}-r{rung}"
+
+
+def render_rung(
+    study: Study,
+    rung: int,
+    candidates: dict[str, list[str]],
+    n0: int,
+    image: str | None = None,
+    namespace: str | None = None,
+) -> dict[str, Any]:
+    """The Indexed Job of one rung: index i runs ``rung_cells(...)[i]``."""
+    from service.k8s.render import JOB_HASH, LABEL_PREFIX, job_hash_of, render_job
+
+    job = copy.deepcopy(render_job(study, image, namespace))
+    n = len(rung_cells(study, rung, candidates, n0))
+    name = rung_job_name(study.name, rung)
+    job["metadata"]["name"] = name
+    for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
+        meta["labels"][f"{LABEL_PREFIX}/rung"] = str(rung)
+    job["metadata"]["annotations"][f"{LABEL_PREFIX}/cells"] = str(n)
+    js = job["spec"]
+    js["completions"] = n
+    js["parallelism"] = min(study.resources.parallelism or n, n)
+    js["maxFailedIndexes"] = (n + 1) // 2
+    env = js["template"]["spec"]["containers"][0]["env"]
+    payload = {"rung": rung, "candidates": candidates, "n0": n0}
+    env.append({"name": RUNG_ENV, "value": json.dumps(payload, sort_keys=True)})
+    job["metadata"]["annotations"][JOB_HASH] = job_hash_of(job)
+    return job
+
+
+def pick_rung_cell(study: Study, environ=os.environ) -> RungCell | None:
+    """The worker's cell when it runs a rung's Job (``BACKBONES_RUNG`` set), else None."""
+    from service.errors import UserError
+
+    raw = environ.get(RUNG_ENV)
+    if not raw:
+        return None
+    try:
+        rung = json.loads(raw)
+        cells = rung_cells(study, int(rung["rung"]), rung["candidates"], int(rung["n0"]))
+        index = int(environ.get("JOB_COMPLETION_INDEX", ""))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{RUNG_ENV} or JOB_COMPLETION_INDEX is malformed: {e}") from None
+    if not 0 <= index < len(cells):
+        raise UserError(f"JOB_COMPLETION_INDEX {index} is out of range 0-{len(cells) - 1}")
+    return cells[index]
+
+
+class ClusterRunner:
+    """Runs a rung as one Indexed Job and waits for it to end."""
+
+    def __init__(
+        self,
+        cluster,
+        study: Study,
+        *,
+        image: str | None = None,
+        say: Callable[[str], None] = print,
+        poll_seconds: float = 15.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.cluster, self.study = cluster, study
+        self.image, self.say, self.poll, self.sleep = image, say, poll_seconds, sleep
+
+    def __call__(self, rung: int, cells: list[RungCell]) -> None:
+        from service.k8s.ops import _finished
+
+        candidates: dict[str, list[str]] = {}
+        for c in cells:
+            if c.backbone not in candidates.setdefault(c.group, []):
+                candidates[c.group].append(c.backbone)
+        job = render_rung(
+            self.study,
+            rung,
+            candidates,
+            first_rung_size(self.study),
+            self.image,
+            self.cluster.namespace,
+        )
+        name = job["metadata"]["name"]
+        where = f"Job {self.cluster.namespace}/{name}"
+        # Only create, get, list and watch (the driver's Role): a rung's Job that exists is
+        # this rung's, from before a restart of the driver; it is waited for, never replaced.
+        if self.cluster.find_job(name) is None:
+            self.cluster.create_job(job)
+            self.say(f"{where}: created ({len(cells)} cells)")
+        else:
+            self.say(f"{where}: exists; waiting for it")
+        while True:
+            finished = _finished(self.cluster.get_job(name))
+            if finished is not None:
+                break
+            self.sleep(self.poll)
+        self.say(f"{where}: {finished}")
+        # A failed index leaves its cell without a score: it ranks last, as a failed cell
+        # of a local rung does.
+
+
+def render_driver(study: Study, image: str | None = None, namespace: str | None = None) -> dict:
+    """A one-pod Job that runs the driver in the cluster (``backbones search-driver``), under
+    the ServiceAccount of k8s/search-driver.yaml, which may create and watch Jobs only."""
+    from service.k8s.render import JOB_HASH, LABEL_PREFIX, job_hash_of, render_job
+
+    job = copy.deepcopy(render_job(study, image, namespace))
+    job["metadata"]["name"] = f"{study.name}-driver"[:63].rstrip("-")
+    for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
+        meta["labels"]["app.kubernetes.io/component"] = "search-driver"
+        meta["labels"][f"{LABEL_PREFIX}/study"] = meta["labels"].get(
+            f"{LABEL_PREFIX}/study", study.name
+        )
+    for key in [k for k in job["metadata"]["labels"] if k.startswith("kueue.x-k8s.io/")]:
+        del job["metadata"]["labels"][key]  # not queued behind GPU quota: it uses none
+    js = job["spec"]
+    js.pop("suspend", None)
+    for key in ("completionMode", "backoffLimitPerIndex", "maxFailedIndexes"):
+        js.pop(key, None)
+    js["completions"] = 1
+    js["parallelism"] = 1
+    js["backoffLimit"] = study.resources.backoff_limit
+    js.pop("podFailurePolicy", None)  # the driver resumes from the store after any failure
+    pod = js["template"]["spec"]
+    pod["serviceAccountName"] = DRIVER_SERVICE_ACCOUNT
+    pod["automountServiceAccountToken"] = True  # it talks to the API server
+    c = pod["containers"][0]
+    c["name"] = "driver"
+    c["command"] = ["backbones", "search-driver"]
+    c.pop("args", None)  # its /metrics (rung, survivors) stay on metrics.port
+    if study.search.proxy is None:
+        # No GPU: the driver only submits and waits. (With a proxy it embeds the datasets
+        # itself, so it keeps the study's resources.)
+        c["resources"] = {
+            "requests": {"cpu": "100m", "memory": "256Mi"},
+            "limits": {"cpu": "1", "memory": "1Gi"},
+        }
+        pod.pop("tolerations", None)
+        pod.pop("nodeSelector", None)
+        pod.pop("priorityClassName", None)
+        pod["volumes"] = [v for v in pod.get("volumes", []) if v["name"] != "dshm"]
+        c["volumeMounts"] = [m for m in c.get("volumeMounts", []) if m["name"] != "dshm"]
+    # checkov reads skips from annotations: this pod must reach the API server.
+    job["metadata"]["annotations"]["checkov.io/skip1"] = (
+        "CKV_K8S_38=the search driver creates and watches the rungs' Jobs"
+    )
+    job["metadata"]["annotations"][JOB_HASH] = job_hash_of(job)
+    return job
+
+
+def search_status(cluster, study: str) -> list[str]:
+    """The search state of a study whose Jobs are in this namespace (none: no lines)."""
+    from service.errors import BackbonesError
+    from service.k8s.render import LABEL_PREFIX, label_value
+    from service.search.driver import describe, read_state
+    from service.spec import SpecError, loads_spec
+
+    for job in cluster.list_jobs(f"{LABEL_PREFIX}/study={label_value(study)}"):
+        env = job["spec"]["template"]["spec"]["containers"][0].get("env") or []
+        text = next((e.get("value") for e in env if e["name"] == "BACKBONES_SPEC"), None)
+        try:
+            spec = loads_spec(text or "")
+        except SpecError:
+            continue
+        if not isinstance(spec, Study) or spec.search.strategy != "successive_halving":
+            continue
+        try:
+            state = read_state(spec)
+        except BackbonesError as e:
+            return [f"search {study}: state unreadable: {e}"]
+        return describe(state) if state else [f"search {study}: no state yet"]
+    return []
