@@ -25,12 +25,12 @@ Pure and offline by default: ``validate`` calls it and must stay fast and torch-
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from service import packing
+from service.data import layout
 from service.errors import UserError
 from service.spec import Dataset, Study
 
@@ -192,7 +192,7 @@ def dataset_size(dataset: Dataset, *, online: bool = False, storage=None) -> Dat
             classes = len(manifest.get("classes", [])) or None
             return DatasetSize(train, test, val, classes, "manifest")
     if parsed.scheme in ("", "file"):
-        counted = _count_imagefolder(_local_path(uri))
+        counted = _count_imagefolder(_local_path(uri), dataset.test_fraction)
         if counted is not None:
             return DatasetSize(*counted, "counted (ImageFolder)")
     if dataset.expected_images:
@@ -217,40 +217,39 @@ def _read_manifest(uri: str, *, online: bool, storage) -> dict | None:
     parsed = urlparse(uri)
     try:
         if parsed.scheme in ("", "file"):
-            path = _local_path(uri) / "manifest.json"
-            return json.loads(path.read_text()) if path.is_file() else None
+            path = _local_path(uri) / packing.MANIFEST
+            if not path.is_file():
+                return None
+            return packing.read_manifest(path.read_bytes(), str(path))
         if parsed.scheme == "s3" and online:
             from service.storage import open_store
 
-            return json.loads(open_store(uri, storage).read_bytes("manifest.json"))
+            data = open_store(uri, storage).read_bytes(packing.MANIFEST)
+            return packing.read_manifest(data, uri)
     except Exception:  # an estimate never fails on an unreadable manifest; the worker will
         return None
     return None
 
 
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
-
-
-def _count_imagefolder(root: Path) -> tuple[int, int, int | None, int | None] | None:
-    """(train, test, val, classes) of a local ImageFolder, or None when it is not one."""
-    if not (root / "train").is_dir():
+def _count_imagefolder(
+    root: Path, test_fraction: float | None = None
+) -> tuple[int, int, int | None, int | None] | None:
+    """(train, test, val, classes) of a local ImageFolder as training will read it (the same
+    scanner, service.data.layout), or None when it is not one. One folder of class subfolders
+    counts only with ``test_fraction``: then test is carved per class as training carves it."""
+    try:
+        found = layout.scan(root)
+    except (UserError, OSError):  # not an ImageFolder (or a broken one): the worker will say
         return None
+    val = found.count("val") if "val" in found.splits else None
+    if "all" in found.splits:
+        if test_fraction is None:
+            return None
+        from service.data.splits import carved_count
 
-    def count(split: str) -> int:
-        base = root / split
-        if not base.is_dir():
-            return 0
-        return sum(
-            1
-            for _dir, _subdirs, files in os.walk(base)
-            for f in files
-            if Path(f).suffix.lower() in _IMAGE_SUFFIXES
-        )
-
-    classes = sum(1 for p in (root / "train").iterdir() if p.is_dir()) or None
-    val = count("val") if (root / "val").is_dir() else None
-    train = count("train")
-    return (train, count("test"), val, classes) if train else None
+        test = sum(carved_count(n, test_fraction) for n in found.per_class("all").values())
+        return found.count("all") - test, test, None, len(found.classes)
+    return found.count("train"), found.count("test"), val, len(found.classes)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,16 +15,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service import packing
+from service.data import layout
 from service.errors import UserError
 from service.storage import is_s3
 
@@ -51,34 +51,26 @@ class Record:
 # --------------------------------------------------------------------------------------------
 
 
-def records(root: Path) -> Iterator[Record]:
-    """Every image of a local dataset folder (packed or ImageFolder)."""
+def records(root: Path, notes: list[str] | None = None) -> Iterator[Record]:
+    """Every image of a local dataset folder (packed or ImageFolder), as training reads it:
+    the packed manifest through ``service.packing``, a folder through ``service.data.layout``.
+    What a person should know but is not an error (skipped files) is appended to ``notes``."""
     manifest = root / packing.MANIFEST
     if manifest.is_file():
         m = packing.read_manifest(manifest.read_bytes(), str(manifest))
         for shard in m["shards"]:
-            yield from _shard_records(root / shard["key"], shard["split"])
+            path = root / shard["key"]
+            with open(path, "rb") as f:
+                for member in packing.shard_members(path, shard["key"], set(m["classes"])):
+                    f.seek(member.offset)
+                    yield Record(shard["split"], member.cls, member.name, f.read(member.size))
         return
-    splits = packing.scan_layout(root)
-    for split, items in splits.items():
+    found = layout.scan(root)
+    if notes is not None and found.skipped_note:
+        notes.append(found.skipped_note)
+    for split, items in packing.items(found).items():
         for item in items:
             yield Record(split, item.cls, item.name, item.path.read_bytes())
-
-
-def _shard_records(path: Path, split: str) -> Iterator[Record]:
-    # Read members without extracting them: nothing touches the file system, and anything that
-    # is not a plain "<class>/<file>" member is refused by name.
-    with tarfile.open(path, "r:*") as tar:
-        for member in tar:
-            parts = PurePosixPath(member.name).parts
-            if not member.isfile():
-                raise UserError(f"{path.name}: refusing member {member.name!r}: not a regular file")
-            if len(parts) != 2 or member.name.startswith("/") or ".." in parts:
-                raise UserError(
-                    f"{path.name}: refusing member {member.name!r}: expected <class>/<file>"
-                )
-            f = tar.extractfile(member)
-            yield Record(split, parts[0], parts[1], f.read() if f else b"")
 
 
 def open_local(uri: str, storage: Storage | None, cache_dir: Path | None) -> Path:
@@ -97,11 +89,8 @@ def open_local(uri: str, storage: Storage | None, cache_dir: Path | None) -> Pat
         if not is_archive(path):
             raise UserError(f"{path}: not a folder or a .tar/.tar.gz/.zip archive")
         tmp = Path(tempfile.mkdtemp(prefix="backbones-inspect-"))
+        # An archive of one top-level folder is stepped into by the layout, as training does.
         path = safe_extract(path, tmp / "x", max_member_bytes=1 << 30, max_total_bytes=1 << 40)
-        inner = [p for p in path.iterdir() if p.is_dir()]
-        # An archive of one top-level folder: the dataset is that folder.
-        if len(inner) == 1 and not (path / "train").is_dir():
-            path = inner[0]
     return path
 
 
@@ -111,7 +100,8 @@ def open_local(uri: str, storage: Storage | None, cache_dir: Path | None) -> Pat
 
 
 def card(root: Path, *, workers: int = 4) -> dict:
-    recs = list(records(root))
+    notes: list[str] = []
+    recs = list(records(root, notes))
     if not recs:
         raise UserError(f"{root}: no images found")
 
@@ -182,6 +172,7 @@ def card(root: Path, *, workers: int = 4) -> dict:
         },
         "modes": dict(sorted(Counter(i.mode for _, i, _ in ok).items())),
         "formats": dict(sorted(Counter(f for _, _, f in ok).items())),
+        "notes": notes,
     }
 
 
@@ -221,6 +212,7 @@ def render(c: dict) -> str:
     )
     lines.append("  modes: " + ", ".join(f"{k} {v}" for k, v in c["modes"].items()))
     lines.append("  formats: " + ", ".join(f"{k} {v}" for k, v in c["formats"].items()))
+    lines += [f"  note: {n}" for n in c.get("notes", [])]
     return "\n".join(lines)
 
 

@@ -1,11 +1,17 @@
-"""Writing the packed dataset layout: tar shards plus ``manifest.json``.
+"""The packed dataset format, its one owner: tar shards plus ``manifest.json``.
 
     <root>/manifest.json
     <root>/shards/<split>-<nnnnn>.tar     members "<class>/<file name>", original encoded bytes
 
 Why shards: a worker fetches a few dozen 64 MiB objects in parallel instead of hundreds of
 thousands of small ones (each a request with its own latency), verifies each by sha256, and
-caches the set by the manifest's hash. The reader lives in ``service.data``.
+caches the set by the manifest's hash.
+
+This module owns the format: ``MANIFEST`` and ``FORMAT``, the writer (``pack``), the one
+manifest reader (``read_manifest``) and the one shard member reader (``shard_members``), used by
+push, fetch, inspect, budget and training (``service.data.sources`` indexes what they return).
+Which files of a folder are images, and how a folder is split, are not decided here:
+``service.data.layout`` scans, ``service.data.splits`` carves.
 
 Everything here is deterministic (member order, tar headers, manifest bytes), so packing the
 same images twice gives byte-identical shards: that is what makes ``dataset push`` idempotent.
@@ -19,36 +25,18 @@ import json
 import random
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.data import layout
 from service.errors import UserError
 
 FORMAT = "backbones-packed/v1"
 MANIFEST = "manifest.json"
 SHARD_BYTES = 64 * 1024 * 1024
-SPLITS = ("train", "val", "test")
-SPLIT_ALIASES = {
-    "train": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-}
-IMAGE_SUFFIXES = {
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".ppm",
-    ".pgm",
-    ".pbm",
-}
+SPLITS = layout.SPLITS
 # Mean/std are computed on images reduced to at most this size on the long side: the channel
 # statistics barely move, and a 4000 px photo costs no more than a thumbnail.
 STATS_MAX_SIDE = 256
@@ -93,48 +81,14 @@ class Packed:
 # --------------------------------------------------------------------------------------------
 
 
-def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
-
-
-def _class_items(class_dir: Path) -> list[Item]:
-    items = []
-    for p in sorted(class_dir.rglob("*")):
-        if p.is_file() and is_image(p) and not any(s.startswith(".") for s in p.parts[-2:]):
-            # Nested folders inside a class are flattened; '__' keeps names unique.
-            name = "__".join(p.relative_to(class_dir).parts)
-            items.append(Item(class_dir.name, name, p))
-    return items
-
-
-def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def scan_layout(src: Path) -> dict[str, list[Item]]:
-    """The images of ``src`` as they lie: {train, val?, test?} for an ImageFolder, or
-    {"all": ...} for one folder of class subfolders."""
-    src = Path(src)
-    if not src.is_dir():
-        raise UserError(f"{src}: not a folder (expected an ImageFolder or class subfolders)")
-    subdirs = {p.name.lower(): p for p in _class_dirs(src)}
-    split_dirs = {SPLIT_ALIASES[n]: p for n, p in subdirs.items() if n in SPLIT_ALIASES}
-    if "train" in split_dirs:
-        splits = {
-            split: [i for c in _class_dirs(d) for i in _class_items(c)]
-            for split, d in sorted(split_dirs.items(), key=lambda kv: SPLITS.index(kv[0]))
-        }
-        _check_classes(src, splits)
-        return splits
-    if split_dirs:
-        raise UserError(
-            f"{src}: has {', '.join(sorted(split_dirs))}/ but no train/ (an ImageFolder needs "
-            "train/<class>/ folders)"
-        )
-    items = [i for c in _class_dirs(src) for i in _class_items(c)]
-    if not items:
-        raise UserError(f"{src}: no images found in class subfolders (<class>/<image>)")
-    return {"all": items}
+def items(found: layout.Layout) -> dict[str, list[Item]]:
+    """The images of a scanned folder by split, as packing names them: a file in a folder
+    nested inside its class folder becomes "<sub>__<file>" ('__' keeps names unique)."""
+    out: dict[str, list[Item]] = {}
+    for split, cls, path in found.files():
+        name = "__".join(path.relative_to(found.class_dir(split, cls)).parts)
+        out.setdefault(split, []).append(Item(cls, name, path))
+    return out
 
 
 def scan(
@@ -143,72 +97,77 @@ def scan(
     test_fraction: float | None = None,
     val_fraction: float | None = None,
     seed: int = 0,
+    found: layout.Layout | None = None,
 ) -> dict[str, list[Item]]:
     """The images of ``src`` by split: an ImageFolder with train/ (val/) test/, or one folder of
     class subfolders split stratified by ``test_fraction`` / ``val_fraction`` and ``seed``."""
-    layout = scan_layout(src)
-    if "all" not in layout:
+    found = found or layout.scan(src)
+    by_split = items(found)
+    if "all" not in by_split:
         if test_fraction is not None or val_fraction is not None:
             raise UserError(
-                f"{src}: already split into {', '.join(s + '/' for s in sorted(layout))}; "
+                f"{src}: already split into "
+                f"{', '.join(found.folders[s] + '/' for s in sorted(by_split))}; "
                 "--test-fraction/--val-fraction apply to one folder of class subfolders"
             )
-        return layout
+        return by_split
     if test_fraction is None:
         raise UserError(
             f"{src}: one folder of class subfolders has no test split; pass --test-fraction "
             "(and optionally --val-fraction) to carve stratified splits"
         )
-    by_class: dict[str, list[Item]] = {}
-    for item in layout["all"]:
-        by_class.setdefault(item.cls, []).append(item)
-    return stratified_split(by_class, test_fraction, val_fraction or 0.0, seed)
-
-
-def _check_classes(src: Path, splits: dict[str, list[Item]]) -> None:
-    train = {i.cls for i in splits["train"]}
-    if not train:
-        raise UserError(f"{src}/train: no images found in class subfolders")
-    for split, items in splits.items():
-        extra = sorted({i.cls for i in items} - train)
-        if extra:
-            raise UserError(
-                f"{src}/{split}: classes not in train: {', '.join(extra[:5])}"
-                + (" ..." if len(extra) > 5 else "")
-            )
+    return stratified_split(
+        by_split["all"], found.classes, test_fraction, val_fraction or 0.0, seed
+    )
 
 
 def stratified_split(
-    by_class: dict[str, list[Item]], test_fraction: float, val_fraction: float, seed: int
+    all_items: list[Item], classes: list[str], test_fraction: float, val_fraction: float, seed: int
 ) -> dict[str, list[Item]]:
-    """Per class: shuffle with a seed derived from (seed, class), cut test, then val, rest train.
+    """Carve test, then val, per class, with the splitter training uses (``service.data.splits``).
 
-    Reproducible across machines and Python versions (string seeds hash with SHA-512), and
-    adding a class does not reshuffle the others. Every class with 2+ images keeps at least one
-    train image and, when asked for, one test image.
+    ``all_items`` must be in the layout's canonical order: then the test split is the one that
+    training carves from the same folder with ``dataset.test_fraction`` (seed 0, the default).
+    ``val_fraction`` is a fraction of the whole folder, as the CLI says; training's
+    ``val_fraction`` is a fraction of what is left after test, so it is converted here.
     """
+    import numpy as np
+
+    from service.data import splits
+
     for what, f in (("--test-fraction", test_fraction), ("--val-fraction", val_fraction)):
         if not 0 <= f < 1:
             raise UserError(f"{what}: must be in [0, 1), got {f}")
+    if test_fraction <= 0:
+        raise UserError("--test-fraction: must be above 0 (training needs a test split)")
     if test_fraction + val_fraction >= 1:
         raise UserError("--test-fraction + --val-fraction must be below 1")
-    out: dict[str, list[Item]] = {"train": [], "val": [], "test": []}
-    for cls in sorted(by_class):
-        items = sorted(by_class[cls], key=lambda i: i.name)
-        random.Random(f"{seed}:{cls}").shuffle(items)
-        n = len(items)
-        n_test = _cut(n, test_fraction)
-        n_val = _cut(n - n_test, val_fraction * n / max(1, n - n_test))
-        out["test"] += items[:n_test]
-        out["val"] += items[n_test : n_test + n_val]
-        out["train"] += items[n_test + n_val :]
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.asarray([index[i.cls] for i in all_items], dtype=np.int64)
+    keep, test = splits.carve(
+        labels,
+        test_fraction,
+        seed,
+        "test",
+        classes,
+        f"test split (--test-fraction={test_fraction})",
+    )
+    val = np.zeros(0, dtype=np.int64)
+    if val_fraction > 0:
+        k, v = splits.carve(
+            labels[keep],
+            val_fraction / (1 - test_fraction),
+            seed,
+            "val",
+            classes,
+            f"validation split (--val-fraction={val_fraction})",
+        )
+        keep, val = keep[k], keep[v]
+    out = {
+        s: [all_items[i] for i in idx.tolist()]
+        for s, idx in (("train", keep), ("val", val), ("test", test))
+    }
     return {s: v for s, v in out.items() if v or s == "train"}
-
-
-def _cut(n: int, fraction: float) -> int:
-    if fraction <= 0 or n < 2:
-        return 0
-    return min(n - 1, max(1, round(n * fraction)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,16 +366,59 @@ def manifest_bytes(manifest: dict) -> bytes:
 
 
 def read_manifest(data: bytes, where: str) -> dict:
-    """Parse and check a manifest's shape; ``where`` names it in errors."""
+    """Parse and check a manifest's shape; ``where`` names it in errors.
+
+    The one reader of ``manifest.json`` (training, fetch, inspect, push, budget). Manifests
+    written by any release of ``backbones-packed/v1`` are read unchanged: the splits are what
+    the shards say, never recomputed.
+    """
     try:
         m = json.loads(data)
     except ValueError as e:
         raise UserError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         got = m.get("format") if isinstance(m, dict) else type(m).__name__
-        raise UserError(f"{where}: format must be {FORMAT!r}, got {got!r}")
-    for s in m.get("shards", []):
+        raise UserError(f"{where}: unsupported format {got!r} (this release reads {FORMAT!r})")
+    classes, shards = m.get("classes"), m.get("shards")
+    if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
+        raise UserError(f"{where}: 'classes' must be a list of class names")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+        raise UserError(f"{where}: 'shards' must be a list of objects")
+    for s in shards:
         key = s.get("key", "")
         if not isinstance(key, str) or not key.startswith("shards/") or ".." in key.split("/"):
             raise UserError(f"{where}: bad shard key {key!r}")
+        if s.get("split") not in SPLITS:
+            raise UserError(f"{where}: shard {key}: split must be one of {', '.join(SPLITS)}")
     return m
+
+
+@dataclass(frozen=True)
+class Member:
+    """One image inside a shard: its class, file name and byte range in the (plain) tar."""
+
+    cls: str
+    name: str
+    offset: int
+    size: int
+
+
+def shard_members(path: Path, key: str, classes) -> Iterator[Member]:
+    """The members of one shard, in tar order, each checked to be "<class>/<file>" with a class
+    of ``classes``: anything else (a path, a link, an unknown class) is refused by name."""
+    with tarfile.open(path, mode="r:") as tar:
+        for m in tar:
+            if m.isdir():
+                continue
+            parts = m.name.split("/")
+            if (
+                not m.isfile()
+                or len(parts) != 2
+                or parts[0] not in classes
+                or parts[1] in ("", ".", "..")
+            ):
+                raise UserError(
+                    f"{key}: member {m.name!r} is not <class>/<file> with a class listed in "
+                    f"{MANIFEST}"
+                )
+            yield Member(parts[0], parts[1], m.offset_data, m.size)

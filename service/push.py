@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service import packing
+from service.data import layout
 from service.errors import UserError
 from service.storage import NotFound, open_store
 
@@ -33,6 +34,7 @@ class PushResult:
     uploaded_bytes: int = 0
     manifest_changed: bool = True
     skipped: list[str] = field(default_factory=list)  # undecodable source files
+    notes: list[str] = field(default_factory=list)  # files that are not images, skipped
     dry_run: bool = False
 
     def lines(self) -> list[str]:
@@ -50,6 +52,7 @@ class PushResult:
                 + ", ".join(self.skipped[:3])
                 + (" ..." if len(self.skipped) > 3 else "")
             )
+        out += self.notes
         if not self.uploaded and not self.manifest_changed and not self.deleted:
             out.append(f"{self.dest}: up to date, nothing to upload")
             return out
@@ -84,7 +87,10 @@ def push(
     from service.spec import dataset_name_from_uri
 
     src = Path(src)
-    splits = packing.scan(src, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
+    found = layout.scan(src)
+    splits = packing.scan(
+        src, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed, found=found
+    )
     name = name or dataset_name_from_uri(dest.rstrip("/") or str(src))
     store = open_store(dest, storage)
     workers = workers or (storage.max_concurrency if storage else 8)
@@ -103,6 +109,7 @@ def push(
             dest=store.uri,
             manifest=manifest,
             skipped=packed.skipped,
+            notes=[found.skipped_note] if found.skipped_note else [],
             dry_run=dry_run,
             manifest_changed=remote is None or packing.manifest_bytes(remote) != new_bytes,
         )

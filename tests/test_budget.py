@@ -94,6 +94,7 @@ def test_a_local_manifest_gives_the_split_sizes(tmp_path):
         "format": "backbones-packed/v1",
         "classes": ["a", "b"],
         "splits": {"train": {"count": 900}, "val": {"count": 100}, "test": {"count": 300}},
+        "shards": [],
     }
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     spec = parse_spec(study(datasets=[{"uri": str(tmp_path), "name": "packed"}]))
@@ -168,7 +169,12 @@ def test_the_estimate_never_imports_torch():
 
 @pytest.mark.integration
 def test_online_the_manifest_on_s3_gives_the_sizes(s3_bucket, s3_storage):
-    manifest = {"classes": ["a", "b"], "splits": {"train": {"count": 4000}, "test": {"count": 800}}}
+    manifest = {
+        "format": "backbones-packed/v1",
+        "classes": ["a", "b"],
+        "splits": {"train": {"count": 4000}, "test": {"count": 800}},
+        "shards": [],
+    }
     from service.storage import open_store
 
     store = open_store(f"s3://{s3_bucket}/eurosat/", s3_storage)

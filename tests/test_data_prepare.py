@@ -336,11 +336,25 @@ def test_file_uri_is_a_local_path(folder, cache):
 # -- bad data: one line naming the file or class ----------------------------------------------
 
 
-def test_undecodable_file_is_named(folder, cache):
-    (folder / "train/dog/notes.txt").write_text("not an image")
+def test_undecodable_file_with_an_image_suffix_is_named(folder, cache):
+    (folder / "train/dog/notes.png").write_text("not an image")
     assert _err(spec_for(folder), cache) == (
-        f"{folder}: train/dog/notes.txt: not an image (unrecognised file format)"
+        f"{folder}: train/dog/notes.png: not an image (unrecognised file format)"
     )
+
+
+def test_a_file_without_an_image_suffix_is_skipped_with_a_note(folder, cache, caplog):
+    # As torchvision's ImageFolder filters by extension: notes beside the images are not data.
+    (folder / "train/dog/notes.txt").write_text("not an image")
+    (folder / "train/dog/Thumbs.db").write_bytes(b"junk")  # known junk: not even a note
+    with caplog.at_level("INFO", logger="service.data.dataset"):
+        p = prepare(spec_for(folder), cache)
+    assert len(p.train) + len(p.val) == 30
+    assert "train/dog/notes.txt" not in p.train.refs + p.val.refs
+    (note,) = p.notes
+    assert note.startswith("skipped 1 file(s) that are not images in a class folder (suffix ")
+    assert note.endswith(", e.g. train/dog/notes.txt")
+    assert note in caplog.text
 
 
 def test_zero_byte_file_is_named(folder, cache):
@@ -369,13 +383,21 @@ def test_single_class_is_refused(tmp_path, cache):
     )
 
 
-def test_train_test_class_mismatch_names_the_classes(tmp_path, cache):
+def test_a_test_class_that_train_lacks_is_named(tmp_path, cache):
     root = make_imagefolder(
         tmp_path / "mm", {"train": {"a": 3, "b": 3, "c": 3}, "test": {"a": 1, "b": 1, "d": 1}}
     )
-    assert _err(spec_for(root), cache) == (
-        f"{root}: train/test class mismatch: only in train/: c; only in test/: d"
+    assert _err(spec_for(root), cache) == f"{root}: class 'd' in test/ is not in train/"
+
+
+def test_a_test_split_may_lack_a_train_class(tmp_path, cache):
+    root = make_imagefolder(
+        tmp_path / "mm", {"train": {"a": 3, "b": 3, "c": 3}, "test": {"a": 1, "b": 1}}
     )
+    p = prepare(spec_for(root), cache)
+    assert p.classes == ["a", "b", "c"]
+    assert _counts(p.test, 3) == [1, 1, 0]
+    assert p.notes == ["test/ has no images of 1 train class(es): c"]
 
 
 def test_missing_train_folder_is_refused(tmp_path, cache):

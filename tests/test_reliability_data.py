@@ -199,9 +199,9 @@ CASES = [
         "{root}: train/ has a single class 'a': classification needs at least 2 classes",
     ),
     (
-        "train-test-class-mismatch",
+        "test-class-not-in-train",
         lambda t: _folder(t, {"train": {"a": 3, "b": 3, "c": 3}, "test": {"a": 1, "b": 1, "d": 1}}),
-        "{root}: train/test class mismatch: only in train/: c; only in test/: d",
+        "{root}: class 'd' in test/ is not in train/",
     ),
     (
         "packed-manifest-sha256-mismatch",

@@ -78,10 +78,10 @@ def test_run_of_another_spec_at_the_same_output_refuses_unless_forced(tmp_path):
             "bad.png",
         ),
         (lambda root: (_folder(root), (root / "train" / "bird").mkdir()), "'bird'"),
-        (lambda root: _folder(root, test_classes=("cat", "cow")), "class mismatch"),
+        (lambda root: _folder(root, test_classes=("cat", "cow")), "class 'cow' in test/ is not"),
         (lambda root: _folder(root, classes=("cat",)), "single class 'cat'"),
     ],
-    ids=["undecodable-file", "empty-class", "train-test-mismatch", "single-class"],
+    ids=["undecodable-file", "empty-class", "test-class-not-in-train", "single-class"],
 )
 def test_bad_data_is_one_line_and_exit_2(tmp_path, make, message):
     make(tmp_path / "data")

@@ -75,7 +75,7 @@ def test_a_packed_dataset_gives_the_same_card_as_its_source(tmp_path):
 
 
 def test_a_shard_with_a_traversal_member_is_refused_naming_it(tmp_path):
-    src = image_folder(tmp_path / "src", {"train": {"a": 2}})
+    src = image_folder(tmp_path / "src", {"train": {"a": 2, "b": 1}})
     push(src, str(tmp_path / "packed"))
     shard = tmp_path / "packed/shards/train-00000.tar"
     with tarfile.open(shard, "w") as tar:
@@ -85,7 +85,8 @@ def test_a_shard_with_a_traversal_member_is_refused_naming_it(tmp_path):
     with pytest.raises(UserError) as e:
         card(tmp_path / "packed")
     assert str(e.value) == (
-        "train-00000.tar: refusing member '../../etc/evil.png': expected <class>/<file>"
+        "shards/train-00000.tar: member '../../etc/evil.png' is not <class>/<file> with a class "
+        "listed in manifest.json"
     )
 
 

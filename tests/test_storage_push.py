@@ -42,12 +42,14 @@ def test_push_writes_shards_and_a_manifest_per_the_contract(tmp_path):
 
 
 def test_shard_members_are_class_slash_file_with_the_original_bytes(tmp_path):
-    src = image_folder(tmp_path / "src", {"train": {"cat": 2}, "test": {"cat": 1}})
+    src = image_folder(
+        tmp_path / "src", {"train": {"cat": 2, "dog": 1}, "test": {"cat": 1, "dog": 1}}
+    )
     push(src, str(tmp_path / "out"))
     with tarfile.open(tmp_path / "out" / "shards" / "train-00000.tar") as tar:
         names = sorted(tar.getnames())
         data = tar.extractfile("cat/000.png").read()
-    assert names == ["cat/000.png", "cat/001.png"]
+    assert names == ["cat/000.png", "cat/001.png", "dog/000.png"]
     assert data == (src / "train" / "cat" / "000.png").read_bytes()
 
 
@@ -62,8 +64,8 @@ def test_shards_are_cut_at_the_target_size(tmp_path):
 
 def test_train_mean_and_std_are_per_channel_on_a_0_1_scale(tmp_path):
     for i, rgb in enumerate([(255, 0, 0), (0, 0, 255)]):
-        (tmp_path / "src" / "train" / "c").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "src" / "train" / "c" / f"{i}.png").write_bytes(png(rgb))
+        (tmp_path / "src" / "train" / "cd"[i]).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / "train" / "cd"[i] / f"{i}.png").write_bytes(png(rgb))
     push(tmp_path / "src", str(tmp_path / "out"))
     m = _manifest(tmp_path / "out")
     assert m["mean"] == pytest.approx([0.5, 0.0, 0.5])
@@ -85,7 +87,7 @@ def test_stratified_split_is_reproducible_and_keeps_class_proportions(tmp_path):
 
 
 def test_a_class_folder_tree_needs_a_test_fraction(tmp_path):
-    src = class_tree(tmp_path / "src", {"a": 3})
+    src = class_tree(tmp_path / "src", {"a": 3, "b": 3})
     with pytest.raises(UserError) as e:
         push(src, str(tmp_path / "out"))
     assert str(e.value) == (
@@ -95,7 +97,7 @@ def test_a_class_folder_tree_needs_a_test_fraction(tmp_path):
 
 
 def test_fractions_are_refused_for_an_already_split_folder(tmp_path):
-    src = image_folder(tmp_path / "src", {"train": {"a": 2}, "test": {"a": 1}})
+    src = image_folder(tmp_path / "src", {"train": {"a": 2, "b": 2}, "test": {"a": 1}})
     with pytest.raises(UserError) as e:
         push(src, str(tmp_path / "out"), test_fraction=0.2)
     assert str(e.value) == (
@@ -117,7 +119,7 @@ def test_pushing_the_same_content_again_uploads_nothing(tmp_path):
 
 
 def test_one_new_image_uploads_only_the_changed_shards(tmp_path):
-    src = image_folder(tmp_path / "src", {"train": {"a": 4}, "test": {"a": 2}})
+    src = image_folder(tmp_path / "src", {"train": {"a": 4, "b": 2}, "test": {"a": 2}})
     push(src, str(tmp_path / "out"))
     (src / "test" / "a" / "new.png").write_bytes(png((1, 2, 3)))
     again = push(src, str(tmp_path / "out"))
@@ -127,7 +129,7 @@ def test_one_new_image_uploads_only_the_changed_shards(tmp_path):
 
 
 def test_stale_shards_are_deleted_after_the_new_manifest(tmp_path):
-    src = class_tree(tmp_path / "src", {"a": 20})
+    src = class_tree(tmp_path / "src", {"a": 10, "b": 10})
     push(src, str(tmp_path / "out"), test_fraction=0.2, shard_bytes=2048)
     n_before = len(list((tmp_path / "out" / "shards").iterdir()))
     result = push(src, str(tmp_path / "out"), test_fraction=0.2, shard_bytes=1 << 20)
@@ -152,12 +154,12 @@ def test_dry_run_says_what_it_would_do_and_writes_nothing(tmp_path):
 
 
 def test_undecodable_files_are_left_out_and_reported(tmp_path):
-    src = image_folder(tmp_path / "src", {"train": {"a": 3}, "test": {"a": 1}})
+    src = image_folder(tmp_path / "src", {"train": {"a": 3, "b": 1}, "test": {"a": 1}})
     (src / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg at all")
     result = push(src, str(tmp_path / "out"))
     assert result.skipped == [str(src / "train" / "a" / "broken.jpg")]
     m = _manifest(tmp_path / "out")
-    assert m["splits"]["train"]["count"] == 3
+    assert m["splits"]["train"]["count"] == 4
     assert m["image_stats"]["undecodable"] == 1
     assert result.lines()[1] == f"left out 1 undecodable file(s): {src / 'train/a/broken.jpg'}"
 

@@ -60,7 +60,10 @@ def dataset_push(
         None, "--test-fraction", help="Carve a stratified test split (class-folder source)."
     ),
     val_fraction: float = typer.Option(
-        None, "--val-fraction", help="Carve a stratified val split (class-folder source)."
+        None,
+        "--val-fraction",
+        help="Carve a stratified val split: this fraction of the whole folder "
+        "(class-folder source).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the stratified split."),
     dry_run: bool = typer.Option(

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from service import packing
 from service.data import decode as decoding
 from service.data import sources, splits
 from service.data.archive import is_archive, safe_extract
@@ -67,6 +68,8 @@ def prepare(spec, cache_dir: Path, *, local_path: Path | None = None, observer=N
 
     train = split("train")
     mean, std = channel_stats(train)
+    for note in catalog.notes:
+        log.info("dataset %s: %s", catalog.where, note)
     log.info(
         "dataset %s: %d train / %d val / %d test, %d classes, decode %s in %.1fs",
         catalog.where,
@@ -141,7 +144,7 @@ def _scan(ds, path: Path, cache_dir: Path, memo: sources.HashMemo) -> sources.Ca
         return digest
 
     if path.is_dir():
-        if (path / "manifest.json").is_file():
+        if (path / packing.MANIFEST).is_file():
             return sources.scan_packed(path, label=uri, sha=sha)
         catalog = sources.scan_folder(path, label=uri)
         catalog.hash_memo = memo

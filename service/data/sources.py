@@ -4,8 +4,10 @@ A catalog lists every image once, in a canonical order (source split, then class
 name), with its label and where its bytes are: a file, a member inside an uncompressed tar
 shard (offset and size, read with one pread), or a row of an array file. The decoded cache
 stores images in exactly this order, so the catalog alone (cheap to rebuild) indexes it.
-Structural problems (no train/, an empty class, a single class, train/test class mismatch, a
-shard member outside ``<class>/<file>``) are UserErrors naming the folder, class or member.
+Structural problems (no train/, an empty class, a single class, a val/test class that train
+lacks, a shard member outside ``<class>/<file>``) are UserErrors naming the folder, class or
+member. What an ImageFolder is, is decided by ``service.data.layout``; what a packed dataset is,
+by ``service.packing``: this module only indexes what they describe.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tarfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,11 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from service import packing
+from service.data import layout
 from service.errors import UserError
-
-SPLIT_NAMES = ("train", "val", "test")
-_IGNORED_FILES = {"thumbs.db", "desktop.ini", "license", "license.txt", "readme", "readme.md"}
-_IGNORED_DIRS = {"__macosx"}
 
 
 @dataclass
@@ -70,53 +69,9 @@ class Catalog:
         return len(self.refs)
 
 
-def _visible(p: Path) -> bool:
-    return not p.name.startswith(".") and p.name.lower() not in _IGNORED_DIRS
-
-
 # --------------------------------------------------------------------------------------------
-# ImageFolder
+# ImageFolder (the layout itself is read by service.data.layout, for every command alike)
 # --------------------------------------------------------------------------------------------
-
-
-def dataset_root(root: Path) -> Path:
-    """Step into a single top-level folder (as archives often have) when it holds the data."""
-    for _ in range(3):
-        dirs = [p for p in root.iterdir() if p.is_dir() and _visible(p)]
-        files = [p for p in root.iterdir() if p.is_file() and _visible(p)]
-        if (
-            len(dirs) == 1
-            and not files
-            and dirs[0].name not in SPLIT_NAMES
-            and any(p.is_dir() and _visible(p) for p in dirs[0].iterdir())
-        ):
-            root = dirs[0]
-        else:
-            break
-    return root
-
-
-def _class_files(split_dir: Path, rel: str) -> dict[str, list[Path]]:
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and _visible(p))
-    if not classes:
-        raise UserError(f"{rel}: no class folders (expected {rel}<class>/<image files>)")
-    out = {}
-    for c in classes:
-        files = sorted(
-            (
-                p
-                for p in (split_dir / c).rglob("*")
-                if p.is_file()
-                and p.name.lower() not in _IGNORED_FILES
-                and all(_visible(q) for q in p.relative_to(split_dir).parents if q.name)
-                and _visible(p)
-            ),
-            key=lambda p: p.relative_to(split_dir).as_posix(),
-        )
-        if not files:
-            raise UserError(f"class {c!r} in {rel} has no images")
-        out[c] = files
-    return out
 
 
 def _check_classes(classes: list[str], where: str) -> None:
@@ -126,58 +81,28 @@ def _check_classes(classes: list[str], where: str) -> None:
         )
 
 
-def _mismatch(train: list[str], other: list[str], name: str) -> None:
-    if train != other:
-        only_t = sorted(set(train) - set(other))
-        only_o = sorted(set(other) - set(train))
-        parts = []
-        if only_t:
-            parts.append("only in train/: " + ", ".join(only_t))
-        if only_o:
-            parts.append(f"only in {name}/: " + ", ".join(only_o))
-        raise UserError(f"train/{name} class mismatch: " + "; ".join(parts))
-
-
 def scan_folder(root: Path, kind: str = "imagefolder", label: str | None = None) -> Catalog:
     """ImageFolder: train/<class>/*, test/<class>/*, optional val/; or just <class>/*."""
-    where = label or str(root)
-    root = dataset_root(root)
-    subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p))
-    if "train" in subdirs:
-        per_split = {s: _class_files(root / s, f"{s}/") for s in SPLIT_NAMES if (root / s).is_dir()}
-        classes = list(per_split["train"])
-        _check_classes(classes, "train/")
-        for s in ("val", "test"):
-            if s in per_split:
-                _mismatch(classes, list(per_split[s]), s)
-    elif any(s in subdirs for s in ("test", "val")):
-        found = ", ".join(f"{s}/" for s in subdirs)
-        raise UserError(f"{where}: missing train/ folder (found {found})")
-    elif subdirs:
-        per_split = {"all": _class_files(root, "")}
-        classes = list(per_split["all"])
-        _check_classes(classes, where)
-    else:
-        raise UserError(
-            f"{where}: no class folders (expected train/<class>/* and test/<class>/*, or <class>/*)"
-        )
+    found = layout.scan(root, where=label or str(root))
     items, labels, parts = [], [], {}
-    for split, by_class in per_split.items():
+    index = {c: i for i, c in enumerate(found.classes)}
+    for split, by_class in found.splits.items():
         start = len(items)
-        for ci, c in enumerate(classes):
-            for p in by_class[c]:
-                items.append(Item(ref=p.relative_to(root).as_posix(), path=str(p)))
-                labels.append(ci)
+        for cls in found.classes:
+            for p in by_class.get(cls, []):
+                items.append(Item(ref=found.rel(p), path=str(p)))
+                labels.append(index[cls])
         parts[split] = np.arange(start, len(items))
     return Catalog(
         kind=kind,
-        classes=classes,
+        classes=list(found.classes),
         labels=np.asarray(labels, dtype=np.int64),
         refs=[it.ref for it in items],
         parts=parts,
         content_hash="",  # filled by hash_items (reads every byte; done once per prepare)
         items=items,
-        where=where,
+        where=found.where,
+        notes=found.notes,
     )
 
 
@@ -251,69 +176,55 @@ def scan_packed(
 ) -> Catalog:
     """Index the members of a pushed dataset's shards. With ``sha`` (a memoised file hash),
     every shard is checked against manifest.json first: a modified or corrupt shard must
-    never train silently."""
+    never train silently. The manifest is read by ``service.packing``, its one owner."""
     where = label or str(root)
-    raw = (root / "manifest.json").read_bytes()
-    try:
-        manifest = json.loads(raw)
-        classes = list(manifest["classes"])
-        shards = list(manifest["shards"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{where}/manifest.json: not a backbones packed manifest ({e})") from None
-    if manifest.get("format") != "backbones-packed/v1":
-        raise UserError(
-            f"{where}/manifest.json: unsupported format {manifest.get('format')!r} "
-            "(this release reads 'backbones-packed/v1')"
-        )
-    _check_classes(classes, f"{where}/manifest.json")
+    raw = (root / packing.MANIFEST).read_bytes()
+    manifest = packing.read_manifest(raw, f"{where}/{packing.MANIFEST}")
+    classes = list(manifest["classes"])
+    _check_classes(classes, f"{where}/{packing.MANIFEST}")
     known = {c: i for i, c in enumerate(classes)}
     items, labels, parts = [], [], {}
-    for split in SPLIT_NAMES:
+    for split in packing.SPLITS:
         start = len(items)
-        for shard in sorted((s for s in shards if s.get("split") == split), key=lambda s: s["key"]):
-            key = str(shard["key"])
-            if key.startswith("/") or ".." in key.split("/"):
-                raise UserError(f"{where}/manifest.json: shard key {key!r} escapes the dataset")
+        shards = [s for s in manifest["shards"] if s["split"] == split]
+        for shard in sorted(shards, key=lambda s: s["key"]):
+            key = shard["key"]
             path = root / key
             if sha is not None and shard.get("sha256"):
                 got = sha(path)
                 if got != shard["sha256"]:
                     raise UserError(
-                        f"{key}: sha256 {got[:12]}… does not match manifest.json "
+                        f"{key}: sha256 {got[:12]}… does not match {packing.MANIFEST} "
                         f"({str(shard['sha256'])[:12]}…): corrupt or modified shard"
                     )
-            found = []
-            with tarfile.open(path, mode="r:") as tf:
-                for m in tf:
-                    if m.isdir():
-                        continue
-                    parts_ = m.name.split("/")
-                    if (
-                        not m.isfile()
-                        or len(parts_) != 2
-                        or parts_[0] not in known
-                        or parts_[1] in ("", ".", "..")
-                    ):
-                        raise UserError(
-                            f"{key}: member {m.name!r} is not <class>/<file> with a class "
-                            "listed in manifest.json"
-                        )
-                    found.append((known[parts_[0]], m.name, m.offset_data, m.size))
-            for ci, name, off, size in found:
-                items.append(Item(ref=f"{key}:{name}", path=str(path), offset=off, size=size))
-                labels.append(ci)
+            for m in packing.shard_members(path, key, known):
+                items.append(
+                    Item(
+                        ref=f"{key}:{m.cls}/{m.name}", path=str(path), offset=m.offset, size=m.size
+                    )
+                )
+                labels.append(known[m.cls])
         if len(items) > start:
             parts[split] = np.arange(start, len(items))
     if "train" not in parts:
-        raise UserError(f"{where}/manifest.json: no train shards")
+        raise UserError(f"{where}/{packing.MANIFEST}: no train shards")
     labels_arr = np.asarray(labels, dtype=np.int64)
-    for split, idx in parts.items():
-        present = set(np.unique(labels_arr[idx]).tolist())
-        missing = [c for i, c in enumerate(classes) if i not in present]
-        if missing and split == "train":
-            raise UserError(f"class {missing[0]!r} in train has no images")
-        if missing:
-            _mismatch(classes, [c for c in classes if c not in missing], split)
+    # As for a folder (service.data.layout): every class has train images; val/test may lack some.
+    present = set(np.unique(labels_arr[parts["train"]]).tolist())
+    missing = [c for i, c in enumerate(classes) if i not in present]
+    if missing:
+        raise UserError(f"class {missing[0]!r} in train has no images")
+    notes = []
+    for split in ("val", "test"):
+        if split in parts:
+            have = set(np.unique(labels_arr[parts[split]]).tolist())
+            lack = [c for i, c in enumerate(classes) if i not in have]
+            if lack:
+                notes.append(
+                    f"{split}/ has no images of {len(lack)} train class(es): "
+                    + ", ".join(lack[:5])
+                    + (" ..." if len(lack) > 5 else "")
+                )
     return Catalog(
         kind="packed",
         classes=classes,
@@ -323,6 +234,7 @@ def scan_packed(
         content_hash=hashlib.sha256(raw).hexdigest(),  # it pins every shard's sha256
         items=items,
         where=where,
+        notes=notes,
     )
 
 

@@ -1,5 +1,9 @@
 """Stratified, seeded splitting and subsampling on label arrays (pure numpy, no images).
 
+The one splitter: training carves test and val with it, and ``backbones dataset push`` carves
+a folder of class subfolders with it (``service.packing.stratified_split``), so the same folder
+and fraction give the same test split whichever way it reaches training.
+
 Every function returns index arrays in ascending order, so the same inputs give the same
 output on every machine. Each class is handled on its own (exact per-class stratification,
 unlike a global rounding), from one permutation per class drawn from a generator seeded by
@@ -31,6 +35,12 @@ def _round(x: float) -> int:
     return int(np.floor(x + 0.5))  # half up, not banker's rounding
 
 
+def carved_count(n: int, fraction: float) -> int:
+    """How many of a class's ``n`` images ``carve`` takes: ``fraction`` of them rounded half
+    up, at least one, and never all of them (the budget counts with this too)."""
+    return min(max(_round(fraction * n), 1), n - 1)
+
+
 def carve(
     labels: np.ndarray, fraction: float, seed: int, purpose: str, classes: list[str], what: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +57,7 @@ def carve(
                 f"class {classes[labels[idx[0]]]!r} has only {n} image: too few to carve a "
                 f"{what}; add images or provide the split as a folder"
             )
-        k = min(max(_round(fraction * n), 1), n - 1)
+        k = carved_count(n, fraction)
         carved.append(idx[:k])
         kept.append(idx[k:])
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(carved))

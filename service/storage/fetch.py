@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from service import packing
+from service.data import layout
 from service.errors import RetriableError, UserError
 from service.storage import NotFound, is_s3
 
@@ -139,7 +140,8 @@ def _fetch_packed(
 
 
 def _fetch_folder(store: S3Store, cache: Path, on_download: Callable | None) -> Path:
-    objects = [o for o in store.list_objects() if packing.is_image(Path(o["key"]))]
+    # Only image objects are fetched: the suffix list and junk rules of service.data.layout.
+    objects = [o for o in store.list_objects() if layout.is_image(o["key"])]
     if not objects:
         raise UserError(
             f"{store.uri}: no manifest.json and no image objects under this prefix "
