@@ -8,7 +8,7 @@
 - exactly the container's ``env``: ``value``s as written, ``secretKeyRef`` from the given Secret
   objects, ``fieldRef`` from the pod's metadata; plus the image's ``ENV`` (read from the
   Dockerfile), its PATH, ``JOB_COMPLETION_INDEX`` for an Indexed Job (the Job controller sets
-  it), and PYTHONPATH to this repo (it stands in for the wheel installed in the image);
+  it), and PYTHONPATH to this repo bound at SITE (it stands in for the wheel in the image);
 - as the manifest's ``runAsUser``/``runAsGroup``, with no supplementary groups and the kubelet's
   umask; the working directory is the manifest's ``workingDir``;
 - each ``volumeMount`` is an emptyDir (mode 0777) under one stand-in folder. In a private mount
@@ -44,6 +44,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 NODE = "node-0"
+# Where the pod finds the package (standing in for the wheel in the image): the repo bound
+# read-only on a tmpfs over /mnt inside the pod's mount namespace, so no pod mount hides it
+# (a checkout under /tmp vanishes behind the pod's /tmp emptyDir) and nothing is written here.
+SITE_PARENT = "/mnt"
+SITE = f"{SITE_PARENT}/backbones"
 UMASK = 0o022  # containerd's default
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -189,7 +194,7 @@ class Pod:
             for k, v in env.items():
                 if v == p or v.startswith(p.rstrip("/") + "/"):
                     env[k] = str(d) + v[len(p.rstrip("/")) :]
-        env["PYTHONPATH"] = str(REPO)  # stands in for the wheel installed in the image
+        env["PYTHONPATH"] = SITE  # the repo, standing in for the wheel installed in the image
         return env
 
     # ---- the process ------------------------------------------------------------------------
@@ -198,6 +203,10 @@ class Pod:
         """In the child, before exec: the pod's mounts, working directory and user."""
         _check(_libc.unshare(_CLONE_NEWNS), "unshare")
         _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+        _mount("tmpfs", SITE_PARENT, "tmpfs", 0, "mode=0755")
+        os.mkdir(SITE)
+        _mount(str(REPO), SITE, None, _MS_BIND | _MS_REC)
+        _mount(None, SITE, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY)
         prefix = Path(sys.base_prefix).resolve()
         closed = next(
             (a for a in reversed(prefix.parents) if not a.stat().st_mode & stat.S_IXOTH), None
