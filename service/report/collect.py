@@ -251,7 +251,7 @@ def _collect_plain_runs(store: Store, keys: list[str], workers: int) -> Collecti
         """Coordinates from the summary, else from the spec the run wrote at its start."""
         if cell.summary is not None:
             s = cell.summary
-            ds, bb, seed, frac = s.get("dataset"), s.get("backbone"), s.get("seed"), None
+            ds, bb, seed = s.get("dataset"), s.get("backbone"), s.get("seed")
             frac = s.get("train_fraction")
         else:
             try:
