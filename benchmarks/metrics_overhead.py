@@ -29,8 +29,8 @@ import urllib.request
 import torch
 import torch.nn.functional as F
 
-from service.events import Observer, Progress
-from service.metrics import PrometheusObserver
+from service.run.events import Observer, Progress
+from service.run.metrics import PrometheusObserver
 from service.spec import parse_spec
 
 

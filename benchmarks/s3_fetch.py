@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
 
-    from service.push import push
+    from service.data.push import push
     from service.spec import Storage, parse_spec
     from service.storage.fetch import fetch_dataset
     from service.storage.s3 import S3Store, client_for

@@ -94,10 +94,10 @@ def study_doc(out: Path, name: str, epochs: int, search: dict | None, patches: P
 
 
 def run_grid(study) -> dict:
-    from service.outputs import RunOutputs
+    from service.run.outputs import RunOutputs
+    from service.run.worker import run_cell
+    from service.spec.study import expand
     from service.storage import open_store
-    from service.study import expand
-    from service.worker import run_cell
 
     t0 = time.perf_counter()
     out: dict[str, dict[str, list]] = {}

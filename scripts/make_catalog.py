@@ -1,6 +1,6 @@
-"""Regenerate service/catalog.json: the curated backbones with measured params and GMACs.
+"""Regenerate service/backbones/catalog.json: the curated backbones with measured params and GMACs.
 
-    python scripts/make_catalog.py            # writes service/catalog.json (1-2 min of CPU)
+    python scripts/make_catalog.py            # writes the file (1-2 min of CPU)
     python scripts/make_catalog.py --check    # exit 1 if the committed file differs
 
 What is typed here by hand: the names, families, weight tags and ImageNet-1k top-1 figures,
@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "service" / "catalog.json"
+OUT = Path(__file__).resolve().parent.parent / "service" / "backbones" / "catalog.json"
 
 TIMM_CSV = "timm results/results-imagenet.csv, row {row} (evaluated at {px} px)"
 MEASURED = "params and GMACs measured by scripts/make_catalog.py (timm {timm}, torch {torch})"
@@ -217,7 +217,7 @@ ENTRIES: list[dict] = [
 
 def _build(entry: dict):
     if entry.get("source") == "wavemix":
-        from service import wavemix
+        from service.backbones import wavemix
 
         return wavemix.create(1000)
     if entry.get("source") == "torchvision":

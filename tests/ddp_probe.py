@@ -61,8 +61,8 @@ def main() -> int:
     import torch  # noqa: F401
     import torchvision  # noqa: F401
 
-    from service import worker
     from service.data import dataset, sources, splits  # noqa: F401
+    from service.run import worker
 
     rank = int(os.environ.get("RANK", "0"))
     prepare = worker._prepare

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
+from service.backbones.factory import IMAGENET_MEAN, IMAGENET_STD, Built
 from service.data import BatchLoader, Prepared, Split
 from service.data.augment import TrivialAugmentWide, train_augment
 from service.data.normalise import split_stats
-from service.models import IMAGENET_MEAN, IMAGENET_STD, Built
 from service.spec import Protocol
 from tests.trainutil import run_here, tiny_spec
 

@@ -9,7 +9,11 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from service.budget import (
+from service.backbones.catalog import get as catalog_get
+from service.cli import app
+from service.errors import UserError
+from service.spec import parse_spec
+from service.spec.budget import (
     DEFAULT_GMACS,
     DEFAULT_TRAIN_IMAGES,
     REFERENCE_GPUS,
@@ -18,10 +22,6 @@ from service.budget import (
     estimate,
     estimate_gpu_hours,
 )
-from service.catalog import get as catalog_get
-from service.cli import app
-from service.errors import UserError
-from service.spec import parse_spec
 
 runner = CliRunner()
 A100 = REFERENCE_GPUS["A100-80GB"]
@@ -158,7 +158,7 @@ def test_validate_prints_cells_and_gpu_hours(tmp_path):
 
 def test_the_estimate_never_imports_torch():
     code = (
-        "import sys, json; from service.spec import parse_spec; from service.budget import "
+        "import sys, json; from service.spec import parse_spec; from service.spec.budget import "
         "estimate_gpu_hours; "
         f"estimate_gpu_hours(parse_spec(json.loads({json.dumps(json.dumps(study()))}))); "
         "print('torch' in sys.modules, 'timm' in sys.modules)"

@@ -7,7 +7,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from service import catalog
+from service.backbones import catalog
 from service.cli import app
 
 PAPER_BACKBONES = [
@@ -96,7 +96,7 @@ def test_get_returns_none_for_a_name_outside_the_catalog():
 
 def test_catalog_loads_without_importing_torch():
     code = (
-        "import sys; from service import catalog; assert len(catalog.names()) > 20; "
+        "import sys; from service.backbones import catalog; assert len(catalog.names()) > 20; "
         "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'imported torch'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -126,10 +126,10 @@ def test_the_cheap_set_covers_the_tiny_test_models():
 
 
 def test_shipped_timm_model_list_is_fresh():
-    """validate checks names against service/timm_models.txt without importing timm."""
+    """validate checks names against service/backbones/timm_models.txt without importing timm."""
     import timm
 
-    from service.checks import timm_names
+    from service.backbones.checks import timm_names
 
     assert timm_names() == frozenset(timm.list_models())
 

@@ -39,7 +39,7 @@ def test_catalog_piped_prints_plain_full_columns():
     assert "…" not in r.stdout and "┃" not in r.stdout  # nothing cut, no box drawing
     names = [line.split()[0] for line in lines[1:-1]]
     assert "convnext_tiny" in names and "resnet50" in names
-    from service.catalog import entries
+    from service.backbones.catalog import entries
 
     for e in entries():
         if not e.available:

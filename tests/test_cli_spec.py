@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from service import checks
+from service.backbones import checks
 from service.cli import _app, app
 from service.cli.spec_cmds import schemas
 from service.spec import load_spec
-from service.study import expand
+from service.spec.study import expand
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = str(REPO / "jobspecs" / "quickstart.json")
@@ -128,7 +128,7 @@ def test_study_backbone_problems_name_the_list_index(tmp_path):
 def test_an_unavailable_catalog_backbone_is_refused_with_the_reason(tmp_path, monkeypatch):
     import dataclasses
 
-    from service import catalog
+    from service.backbones import catalog
 
     real = catalog.get
     gone = dataclasses.replace(real("test_resnet"), available=False, note="no builder ships")

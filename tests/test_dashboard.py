@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.metrics import PrometheusObserver, SearchMetrics
+from service.run.metrics import PrometheusObserver, SearchMetrics
 from service.spec import parse_spec
 
 K8S = Path(__file__).resolve().parent.parent / "k8s"

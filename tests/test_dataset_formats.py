@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from service.budget import dataset_size
 from service.cli import app
 from service.data import layout, prepare
+from service.data.card import card, render
 from service.errors import UserError
-from service.inspect import card, render
+from service.spec.budget import dataset_size
 from tests.data_factory import image_bytes, make_imagefolder, spec_for
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"

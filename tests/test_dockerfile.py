@@ -145,7 +145,11 @@ def test_the_build_stage_makes_a_wheel_that_installs_and_runs(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    for needed in ("service/k8s/render.py", "service/worker.py", "service/timm_models.txt"):
+    for needed in (
+        "service/k8s/render.py",
+        "service/run/worker.py",
+        "service/backbones/timm_models.txt",
+    ):
         assert needed in names, f"{needed} missing from the wheel"
     assert "backbones = service.cli:main" in entry
 

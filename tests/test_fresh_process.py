@@ -86,7 +86,7 @@ def free_port() -> int:
 @pytest.fixture
 def mixed(tmp_path, s3_env, s3_bucket):
     """The mixed-mode folder pushed as a user would: to S3 and to a local packed folder."""
-    from service.push import push
+    from service.data.push import push
     from service.spec import Storage
 
     src = make_mixed_modes(tmp_path / "mixed")

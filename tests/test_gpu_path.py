@@ -19,8 +19,8 @@ import torch
 
 from service.data import BatchLoader, Split
 from service.data.loader import RESIDENT_SHARE, plan_residency
-from service.events import Observer, Progress
-from service.outputs import RunOutputs
+from service.run.events import Observer, Progress
+from service.run.outputs import RunOutputs
 from service.spec import Protocol, parse_spec
 from service.storage.local import LocalStore
 from service.train import Loaders, Runtime, Trainer, distributed, recipe_for
@@ -200,7 +200,7 @@ def test_residency_plan_is_one_budget_for_all_splits_and_one_copy_per_split():
 def test_select_on_test_shares_one_loader_and_one_copy_of_the_test_split():
     from types import SimpleNamespace
 
-    from service.worker import make_loaders
+    from service.run.worker import make_loaders
 
     data = SimpleNamespace(train=_split(40), val=_split(10), test=_split(20))
     p = Protocol(select_on="test", batch_size=8)
@@ -318,7 +318,7 @@ def test_device_memory_is_released_and_the_peak_reset_for_each_cell(monkeypatch,
 
     # ... and the worker does it at the start of every cell of a local Study.
     import service.train.runtime as runtime_mod
-    from service.study import expand
+    from service.spec.study import expand
     from tests.trainutil import run_here, tiny_study
 
     cells = []
@@ -390,7 +390,7 @@ def one_and_two_ranks(tmp_path_factory):
     no_sync accumulation and the loss weighting must still give the one process's batch."""
     tmp = tmp_path_factory.mktemp("ddp")
     one = subprocess.run(
-        [sys.executable, "-m", "service.worker", "--spec", str(_spec(tmp, "eq", "one"))],
+        [sys.executable, "-m", "service.run.worker", "--spec", str(_spec(tmp, "eq", "one"))],
         cwd=REPO,
         env=worker_env(tmp, tmp / "cache"),
         capture_output=True,

@@ -55,7 +55,11 @@ def test_the_built_image_holds_a_wheel_with_the_package_and_its_entry_point(whee
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    for needed in ("service/k8s/render.py", "service/worker.py", "service/timm_models.txt"):
+    for needed in (
+        "service/k8s/render.py",
+        "service/run/worker.py",
+        "service/backbones/timm_models.txt",
+    ):
         assert needed in names, f"{needed} missing from the wheel"
     assert "backbones = service.cli:main" in entry
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]

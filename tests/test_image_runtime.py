@@ -69,7 +69,7 @@ def image() -> dict:
 def test_the_worker_runs_inside_the_image_against_s3_on_loopback(
     image, tmp_path, s3_env, s3_bucket
 ):
-    from service.push import push
+    from service.data.push import push
     from service.spec import Storage
 
     push(

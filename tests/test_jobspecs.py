@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from service.checks import check_models
+from service.backbones.checks import check_models
 from service.spec import FineTune, Study, load_spec
 
 JOBSPECS = Path(__file__).resolve().parent.parent / "jobspecs"
@@ -42,7 +42,7 @@ def test_quickstart_runs_offline_on_a_cpu():
 
 
 def test_paper_study_is_the_papers_available_backbones_on_its_datasets_from_s3():
-    from service import catalog
+    from service.backbones import catalog
 
     spec = load_spec(JOBSPECS / "paper-study.json")
     assert isinstance(spec, Study) and spec.protocol.recipe == "paper"

@@ -16,7 +16,7 @@ from service.k8s import ops
 from service.k8s.client import Cluster, api_error, connect
 from service.k8s.render import render_job
 from service.spec import parse_spec
-from service.study import expand
+from service.spec.study import expand
 
 NS = "backbones"
 FORBIDDEN = (

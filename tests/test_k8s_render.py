@@ -22,7 +22,7 @@ from service.k8s.render import (
     warnings_for,
 )
 from service.spec import parse_spec
-from service.study import expand
+from service.spec.study import expand
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,7 +108,7 @@ def test_the_spec_travels_in_the_job_and_parses_back_to_the_same_model():
 
 
 def test_each_study_pod_runs_the_cell_of_its_completion_index(monkeypatch):
-    from service.worker import pick_cell, read_spec
+    from service.run.worker import pick_cell, read_spec
 
     spec = parse_spec(study())
     monkeypatch.setenv("BACKBONES_SPEC", env(render_job(spec))["BACKBONES_SPEC"])
@@ -171,7 +171,7 @@ def test_several_gpus_run_the_worker_under_torchrun_one_process_per_gpu():
         "--nproc-per-node=4",
         "--shutdown-timeout=290",  # ranks get the grace period to checkpoint, less a margin
         "-m",
-        "service.worker",
+        "service.run.worker",
     ]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
 
@@ -414,7 +414,7 @@ def test_backoff_deadline_and_ttl_come_from_the_spec():
 
 
 def test_without_a_deadline_in_the_spec_one_is_derived_from_the_budget_estimate():
-    from service.budget import job_deadline_seconds
+    from service.spec.budget import job_deadline_seconds
 
     for data in (finetune(), study()):
         deadline = job_of(data)["spec"]["activeDeadlineSeconds"]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from service.lease import Lease, LeaseHeld
+from service.run.lease import Lease, LeaseHeld
 from service.storage.local import LocalStore
 
 
@@ -103,7 +103,7 @@ def _foreign_acquire(store):
 HOLDER = """
 import socket, sys, time
 socket.gethostname = lambda: "dead-node"  # another node: the same-host pid check cannot apply
-from service.lease import Lease
+from service.run.lease import Lease
 from service.storage.local import LocalStore
 lease = Lease(LocalStore(sys.argv[1]), ttl=float(sys.argv[2])).acquire()
 print("held", flush=True)
@@ -128,7 +128,7 @@ def test_a_replacement_waits_out_a_killed_holders_lease_instead_of_exiting_75(st
     holder.kill()
     holder.wait()
     assert json.loads(store.read_bytes("lock.json"))["host"] == "dead-node"
-    caplog.set_level("WARNING", logger="service.lease")
+    caplog.set_level("WARNING", logger="service.run.lease")
     with Lease(store, ttl=3) as lease:  # the worker's way in
         assert lease.held() and lease.waited
         assert json.loads(store.read_bytes("lock.json"))["owner"] == lease.owner

@@ -8,8 +8,8 @@ import urllib.request
 
 import pytest
 
-from service.events import PHASES, Progress
-from service.metrics import PrometheusObserver, run_labels
+from service.run.events import PHASES, Progress
+from service.run.metrics import PrometheusObserver, run_labels
 from service.spec import parse_spec
 from tests.fixtures.prometheus import free_port
 
@@ -192,7 +192,7 @@ def test_a_cpu_run_counts_no_gpu_seconds_and_has_no_device_memory_series(observe
 
 def test_gpu_seconds_count_wall_time_times_gpus_while_busy(spec, monkeypatch):
     clock = iter([100.0, 100.0, 110.0, 130.0, 200.0])
-    monkeypatch.setattr("service.metrics.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("service.run.metrics.time.monotonic", lambda: next(clock))
     o = PrometheusObserver(spec, port=0, pushgateway_url=None, gpus=2)  # t=100
     o.on_phase(training(spec))  # t=100: Training starts
     o.on_step(training(spec), seconds=1, wait_seconds=0, images=1)  # t=110: +10 s x 2

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.events import Progress
-from service.metrics import PrometheusObserver
+from service.run.events import Progress
+from service.run.metrics import PrometheusObserver
 from service.spec import FineTune, parse_spec
 from tests.fixtures.prometheus import Prometheus, Pushgateway, free_port
 from tests.test_dashboard import FOREIGN, alert_rules_yaml, load_dashboard
@@ -112,7 +112,7 @@ def run_spec(output: Path) -> FineTune:
 def scraped(pushgateway, start_prometheus, tmp_path_factory) -> ScrapedRun:
     import torch
 
-    from service.worker import run_cell, run_outputs
+    from service.run.worker import run_cell, run_outputs
 
     root = tmp_path_factory.mktemp("run")
     port = free_port()

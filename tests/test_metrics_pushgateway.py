@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from service.events import Progress
-from service.metrics import PrometheusObserver, prune_pushgateway, pushed_runs
+from service.run.events import Progress
+from service.run.metrics import PrometheusObserver, prune_pushgateway, pushed_runs
 from service.spec import parse_spec
 
 pytestmark = pytest.mark.integration

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from service.errors import Interrupted
-from service.events import Observer
-from service.metrics import PrometheusObserver
+from service.run.events import Observer
+from service.run.metrics import PrometheusObserver
 from service.spec import parse_spec
 from service.train import memory
 from tests.trainutil import one_thread, results, run_dir, run_here, tiny_spec, write_spec
@@ -44,7 +44,7 @@ class FakeGpu:
 
 def hook_gpu(monkeypatch) -> FakeGpu:
     """A fake GPU, hooked into every model the worker builds."""
-    from service import models
+    from service.backbones import factory as models
 
     fake = FakeGpu()
     build = models.build
@@ -217,7 +217,7 @@ def test_a_probe_leaves_weights_batchnorm_statistics_and_random_state_alone(
 def test_when_one_image_does_not_fit_the_worker_exits_2_with_one_line(
     tmp_path, cache, gpu, probing, capsys
 ):
-    from service.worker import work
+    from service.run.worker import work
 
     gpu.limit = 0
     spec = spec_of(tmp_path, name="too-big", max_epochs=1, batch_size=8)
@@ -263,7 +263,7 @@ def test_out_of_memory_mid_epoch_halves_the_micro_batch_redoes_the_step_and_coun
 
 
 def test_out_of_memory_at_micro_batch_1_mid_epoch_exits_2(tmp_path, cache, gpu, capsys):
-    from service.worker import work
+    from service.run.worker import work
 
     spec = spec_of(tmp_path, name="mid-too-big", max_epochs=1, batch_size=16, micro_batch=4)
     path = write_spec(tmp_path, spec)

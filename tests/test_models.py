@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from service import models
+from service.backbones import factory as models
 from service.errors import UserError
 from service.spec import Backbone
 
@@ -105,7 +105,7 @@ def test_missing_weights_file_is_a_user_error(tmp_path):
 def test_catalog_entry_that_cannot_be_built_says_why(monkeypatch):
     import dataclasses
 
-    from service import catalog
+    from service.backbones import catalog
 
     gone = dataclasses.replace(catalog.get("test_resnet"), available=False, note="no builder")
     monkeypatch.setattr(models, "catalog_entry", lambda name: gone)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.paper_doc import ROWS, render, specs
+from service.spec.paper_doc import ROWS, render, specs
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "paper.md"
 
@@ -19,7 +19,7 @@ def test_the_row_matches_the_committed_specs(row):
 
 
 def test_docs_paper_md_is_fresh():
-    assert DOC.read_text() == render(), "run: python -m service.paper_doc > docs/paper.md"
+    assert DOC.read_text() == render(), "run: python -m service.spec.paper_doc > docs/paper.md"
 
 
 def test_the_table_covers_the_elements_the_issue_names():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from service.spec import Study, load_spec
-from service.study import expand
+from service.spec.study import expand
 
 JOBSPECS = Path(__file__).resolve().parent.parent / "jobspecs"
 FIXED = load_spec(JOBSPECS / "paper-study.json")
@@ -131,7 +131,7 @@ def test_both_studies_ask_for_the_same_backbone_and_size_pairs():
 def test_every_pair_builds_and_takes_a_training_step_on_the_meta_device(model, hw):
     import torch
 
-    from service import models
+    from service.backbones import factory as models
     from service.spec import Backbone
 
     if model == "wavemix":
@@ -150,8 +150,8 @@ def test_every_pair_builds_and_takes_a_training_step_on_the_meta_device(model, h
 
 def _need_wavemix() -> None:
     """The wavemix extra: skip without it here, fail in CI (which installs it)."""
+    from service.backbones.wavemix import wavemix_class
     from service.errors import UserError
-    from service.wavemix import wavemix_class
     from tests.conftest import IN_CI
 
     try:
@@ -164,7 +164,7 @@ def _need_wavemix() -> None:
 
 def test_validate_deep_accepts_the_paper_study():
     """What `backbones validate --deep` runs (the faithful study has the same pairs)."""
-    from service.checks import check_resolutions
+    from service.backbones.checks import check_resolutions
 
     assert check_resolutions(FIXED) == []
 

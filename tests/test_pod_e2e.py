@@ -17,7 +17,7 @@ import pytest
 
 from service.errors import EXIT_RETRY
 from service.spec import parse_spec
-from service.study import expand
+from service.spec.study import expand
 from tests.data_factory import make_mixed_modes, mixed_image
 from tests.pod import Pod, failure_rule, indexes, outside_writes, render, tree
 
@@ -51,7 +51,7 @@ def secret(s3_env) -> dict:
 
 @pytest.fixture
 def dataset(tmp_path, s3_env, s3_bucket) -> str:
-    from service.push import push
+    from service.data.push import push
     from service.spec import Storage
 
     uri = f"s3://{s3_bucket}/data/mixed/"

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from service.cli import app
 from service.errors import UserError
-from service.recommend import recommend
 from service.report import load
+from service.report.recommend import recommend
 from tests.reportutil import summary, write_summary
 
 runner = CliRunner()

@@ -1,7 +1,7 @@
 """Concurrency (issue 8, point 3): two workers on one run id — one trains, the other refuses.
 
 A Job retried while a slow node still runs the old pod, or the same spec submitted twice, puts
-two real ``backbones worker`` processes on one output folder. The lease (service/lease.py,
+two real ``backbones worker`` processes on one output folder. The lease (service/run/lease.py,
 unit-tested in tests/test_lease.py) lets one proceed. The other waits until it sees the
 holder's heartbeat move (a live worker: it exits 75, retry later, in one line) or the holder
 finish (then it finds the summary and does nothing); its retry finds the summary too. Never a

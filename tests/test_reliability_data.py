@@ -266,7 +266,7 @@ def test_a_pushed_dataset_whose_shard_does_not_match_its_manifest_is_refused(
 ):
     """The S3 path: `backbones dataset push`, then a shard changed behind the manifest's back
     (same size, one byte flipped): the run refuses it naming the shard, and caches nothing."""
-    from service.push import push
+    from service.data.push import push
     from service.spec import Storage
 
     uri = f"s3://{s3_bucket}/datasets/pets/"

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
+from service.data.push import push
 from service.errors import EXIT_OK, EXIT_RETRY
-from service.push import push
 from service.spec import Storage
 from service.storage.s3 import S3Store
 from tests.fixtures.faults import (

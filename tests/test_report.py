@@ -18,7 +18,7 @@ from service.errors import UserError
 from service.report import build_report
 from service.report.collect import collect
 from service.spec import parse_spec
-from service.study import expand
+from service.spec.study import expand
 from tests.reportutil import (
     T975,
     study_json,

@@ -111,7 +111,7 @@ def test_compare_shows_leader_changes_per_dataset_and_domain_with_flags(tmp_path
 
 def test_runs_that_predate_the_record_get_the_protocol_from_the_spec(tmp_path):
     from service.spec import parse_spec
-    from service.study import expand
+    from service.spec.study import expand
     from tests.reportutil import study_json
 
     out = tmp_path / "runs"

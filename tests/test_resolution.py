@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from service import checks, models
+from service.backbones import checks
+from service.backbones import factory as models
 from service.cli import app
 from service.spec import Backbone, parse_spec
 

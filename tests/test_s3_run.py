@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from service.cli import app
+from service.data.push import push
 from service.errors import EXIT_RETRY, EXIT_USER
-from service.push import push
 from service.spec import Storage, parse_spec
 from service.storage.s3 import S3Store
 from tests.s3util import digits_tree

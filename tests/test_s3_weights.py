@@ -8,11 +8,11 @@ import hashlib
 import pytest
 from typer.testing import CliRunner
 
+from service.backbones.weights_push import destination, push_weights
 from service.cli import app
 from service.errors import UserError
 from service.spec import Backbone
 from service.storage.s3 import S3Store
-from service.weights_push import destination, push_weights
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +104,7 @@ def test_cli_push_prints_the_uri_to_put_in_a_spec(trained, s3_bucket, seaweed):
 
 
 def test_the_worker_builds_a_model_from_s3_weights(trained, s3_bucket, s3_storage, tmp_path):
-    from service import models
+    from service.backbones import factory as models
 
     pushed = push_weights(str(trained), f"s3://{s3_bucket}/weights/", s3_storage)
     downloaded: list[int] = []

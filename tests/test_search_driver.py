@@ -8,7 +8,7 @@ import json
 import pytest
 
 from service.errors import UserError
-from service.outputs import RunOutputs
+from service.run.outputs import RunOutputs
 from service.search.driver import Driver, read_state
 from service.spec import parse_spec
 from service.storage import open_store

@@ -218,7 +218,7 @@ def test_status_study_shows_the_rungs_and_survivors(tmp_path, monkeypatch):
 
 
 def test_the_driver_exports_its_rung_and_survivors_per_dataset(tmp_path):
-    from service.metrics import SearchMetrics
+    from service.run.metrics import SearchMetrics
 
     s = study(tmp_path)
     m = SearchMetrics("sel", port=0, pushgateway_url=None)

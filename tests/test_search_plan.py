@@ -16,7 +16,7 @@ from service.search.plan import (
     survivors_per_rung,
 )
 from service.spec import SpecError, Study, parse_spec
-from service.study import expand
+from service.spec.study import expand
 
 
 def study(tmp_path, n=6, seeds=(0, 1), max_epochs=9, **search) -> Study:

@@ -116,7 +116,7 @@ def test_a_killed_search_resumes_inside_a_rung_and_between_rungs(tmp_path, sched
 
 
 def _expand(doc):
-    from service.study import expand
+    from service.spec.study import expand
 
     return expand(parse_spec(doc))
 
@@ -125,9 +125,9 @@ def test_a_rung_pod_trains_its_cell_to_the_budget_and_exits_0(tmp_path, monkeypa
     """What a rung Job's pod does under 'continue': the cell from BACKBONES_RUNG and the
     completion index, trained to the rung's budget (a checkpoint, no summary), exit 0; a retry
     of the pod finds the budget reached and exits 0 without training."""
+    from service.run.worker import work
     from service.search.cluster import RUNG_ENV
     from service.search.plan import rung_cells
-    from service.worker import work
     from tests.trainutil import one_thread
 
     doc = study_doc(tmp_path, "continue")

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from service.spec import FineTune, SpecError, Study, loads_spec, parse_spec
-from service.study import cell_name, cells_of, expand
+from service.spec.study import cell_name, cells_of, expand
 
 DELETE = object()
 CREDS = (

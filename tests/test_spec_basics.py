@@ -4,7 +4,7 @@ test_spec.py."""
 import json
 
 from service.spec import FineTune, loads_spec
-from service.study import expand
+from service.spec.study import expand
 
 
 def test_quickstart_is_a_finetune(repo_root):

@@ -1,9 +1,9 @@
-from service.spec_doc import render
+from service.spec.doc import render
 
 
 def test_docs_spec_md_is_generated_from_the_models(repo_root):
     committed = (repo_root / "docs/spec.md").read_text()
-    assert committed == render(), "docs/spec.md is stale: python -m service.spec_doc > docs/spec.md"
+    assert committed == render(), "docs/spec.md is stale: python -m service.spec.doc > docs/spec.md"
 
 
 def test_every_field_has_a_description():

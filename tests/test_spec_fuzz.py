@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from service.checks import check_models
+from service.backbones.checks import check_models
 from service.cli import app
 from service.spec import KINDS, SpecError, loads_spec, parse_spec
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from service import packing
+from service.data import packing
+from service.data.push import push
 from service.errors import UserError
-from service.push import push
 from service.spec import parse_spec
 from service.storage.fetch import fetch_dataset, fetch_uri, fetch_weights
 from service.storage.s3 import S3Store
@@ -144,7 +144,7 @@ def _safetensors(path: Path) -> Path:
 
 
 def test_weights_are_fetched_once_and_verified_by_their_sidecar(s3_bucket, s3_storage, tmp_path):
-    from service.weights_push import push_weights
+    from service.backbones.weights_push import push_weights
 
     local = _safetensors(tmp_path / "w.safetensors")
     pushed = push_weights(str(local), f"s3://{s3_bucket}/weights/", s3_storage)

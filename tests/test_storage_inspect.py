@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from service.cli import app
+from service.data.card import card, inspect_uri, render
+from service.data.push import push
 from service.errors import UserError
-from service.inspect import card, inspect_uri, render
-from service.push import push
 from tests.s3util import image_folder, png
 
 

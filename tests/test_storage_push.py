@@ -9,10 +9,10 @@ from collections import Counter
 import pytest
 from typer.testing import CliRunner
 
-from service import packing
 from service.cli import app
+from service.data import packing
+from service.data.push import push
 from service.errors import UserError
-from service.push import push
 from tests.s3util import class_tree, image_folder, png
 
 

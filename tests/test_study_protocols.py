@@ -8,11 +8,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from service.budget import estimate
-from service.catalog import get as catalog_get
+from service.backbones.catalog import get as catalog_get
 from service.cli import app
 from service.spec import SpecError, parse_spec
-from service.study import expand
+from service.spec.budget import estimate
+from service.spec.study import expand
 
 runner = CliRunner()
 

@@ -162,8 +162,8 @@ def _scripted_trainer(tmp_path, **protocol):
     """A Trainer on a 4->2 linear model whose validation results the test dictates."""
     import threading
 
-    from service.events import Observer, Progress
-    from service.outputs import RunOutputs
+    from service.run.events import Observer, Progress
+    from service.run.outputs import RunOutputs
     from service.spec import Protocol
     from service.storage.local import LocalStore
     from service.train import Loaders, Runtime, Trainer, recipe_for

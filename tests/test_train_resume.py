@@ -11,7 +11,7 @@ import time
 import pytest
 
 from service.errors import Interrupted
-from service.events import Observer
+from service.run.events import Observer
 from tests.trainutil import (
     results,
     run_dir,

@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service import models
+from service.backbones import factory as models
 from service.errors import UserError
 from service.spec import Backbone
 from tests.conftest import IN_CI
 
 try:
-    from service import wavemix
+    from service.backbones import wavemix
 
     wavemix.wavemix_class()
 except UserError as e:  # the extra is not installed
@@ -72,7 +72,7 @@ def test_wavemix_trains_in_the_worker(tmp_path, tiny):
 
 
 def test_the_imagenet_checkpoint_as_a_pth_is_pushed_and_loaded(tmp_path, tiny):
-    from service.weights_push import push_weights
+    from service.backbones.weights_push import push_weights
 
     imagenet = wavemix.create(1000)
     with torch.no_grad():

@@ -9,10 +9,11 @@ import pytest
 import timm
 import torch
 
-from service import catalog, models
+from service.backbones import catalog
+from service.backbones import factory as models
+from service.backbones.weights_push import _from_timm, push_weights
 from service.errors import UserError
 from service.spec import Backbone
-from service.weights_push import _from_timm, push_weights
 
 TIMM_ENTRIES = [e for e in catalog.entries() if e.source == "timm" and e.available]
 
@@ -54,7 +55,7 @@ def test_convnext_push_is_the_in1k_weights_not_timms_default(asked, tmp_path):
 
 
 def test_a_pushed_file_carries_its_tag_into_env_and_summary(tmp_path):
-    from service.weights_push import _save
+    from service.backbones.weights_push import _save
     from tests.trainutil import run_here, tiny_spec
 
     net = timm.create_model("test_resnet", num_classes=10)
@@ -103,7 +104,7 @@ def test_torchvision_entries_push_the_enum_a_timm_run_loads(entry, monkeypatch, 
 def test_wavemix_push_and_a_timm_run_take_the_same_hub_checkpoint(monkeypatch, tmp_path):
     """Both read wavemix.hub_checkpoint() (here a local stand-in for the hub's .pth) and record
     the catalog's tag; the pushed file then loads to the same weights."""
-    from service import wavemix
+    from service.backbones import wavemix
     from service.errors import UserError as _UE
 
     try:

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from service import worker
 from service.errors import UserError
+from service.run import worker
 from service.spec import parse_spec
 from tests.trainutil import one_thread, run_here, tiny_spec, tiny_study
 
@@ -147,7 +147,7 @@ def test_an_unreadable_checkpoint_is_a_user_error_naming_it(monkeypatch, tmp_pat
 
 
 def test_observers_see_every_phase_in_order_and_an_event_per_epoch(tmp_path):
-    from service.events import Observer
+    from service.run.events import Observer
 
     class Recorder(Observer):
         def __init__(self):

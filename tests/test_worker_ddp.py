@@ -15,7 +15,7 @@ def test_two_ranks_train_one_run_and_only_rank_0_writes(tmp_path):
     r = subprocess.run(
         [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            "-m", "service.worker", "--spec", str(path),
+            "-m", "service.run.worker", "--spec", str(path),
         ],
         cwd=REPO,
         env=worker_env(tmp_path),

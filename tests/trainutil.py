@@ -68,7 +68,7 @@ def one_thread():
 
 def run_here(spec: FineTune, **kw):
     """``run_cell`` in this process, on one thread."""
-    from service.worker import run_cell
+    from service.run.worker import run_cell
 
     with one_thread():
         return run_cell(spec, **kw)
@@ -92,7 +92,7 @@ def worker_env(tmp_path: Path, cache: Path | None = None) -> dict:
 
 def start_worker(tmp_path: Path, spec_path: Path, cache: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "service.worker", "--spec", str(spec_path)],
+        [sys.executable, "-m", "service.run.worker", "--spec", str(spec_path)],
         cwd=REPO,
         env=worker_env(tmp_path, cache),
         stdout=subprocess.PIPE,
@@ -105,7 +105,7 @@ def run_worker(
     tmp_path: Path, spec_path: Path, cache: Path | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "service.worker", "--spec", str(spec_path)],
+        [sys.executable, "-m", "service.run.worker", "--spec", str(spec_path)],
         cwd=REPO,
         env=worker_env(tmp_path, cache),
         capture_output=True,

@@ -23,7 +23,7 @@ def catalog(
 
     Any timm model name works in a spec; these are the ones with measured figures.
     """
-    from service.catalog import entries
+    from service.backbones.catalog import entries
 
     entries_ = [e for e in entries() if e.paper or not paper]
     if as_json:

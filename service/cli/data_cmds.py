@@ -76,7 +76,7 @@ def dataset_push(
     max_concurrency: int = _concurrency_opt,
 ) -> None:
     """Pack images into tar shards + manifest.json and upload what changed."""
-    from service.push import push
+    from service.data.push import push
 
     with edge():
         storage = _storage(endpoint_url, region, addressing_style, max_concurrency)
@@ -111,7 +111,7 @@ def dataset_inspect(
     max_concurrency: int = _concurrency_opt,
 ) -> None:
     """Print a dataset card: counts, imbalance, undecodable files, duplicates, sizes, modes."""
-    from service.inspect import inspect_uri, render, to_json
+    from service.data.card import inspect_uri, render, to_json
 
     with edge():
         storage = _storage(endpoint_url, region, addressing_style, max_concurrency)
@@ -131,7 +131,7 @@ def weights_push(
     max_concurrency: int = _concurrency_opt,
 ) -> None:
     """Store a model's pretrained weights as safetensors (plus a .sha256 sidecar)."""
-    from service.weights_push import push_weights
+    from service.backbones.weights_push import push_weights
 
     with edge():
         storage = _storage(endpoint_url, region, addressing_style, max_concurrency)

@@ -94,14 +94,14 @@ def submit(
     context: str = _context_opt,
 ) -> None:
     """Create the Job for a spec (kubeconfig or in-cluster credentials)."""
-    from service.budget import check_budget
     from service.k8s.ops import submit as do_submit
     from service.spec import Study
+    from service.spec.budget import check_budget
 
     with edge():
         spec, job = _render(spec_file, image, namespace)
         if deep:
-            from service.checks import check_models, check_resolutions
+            from service.backbones.checks import check_models, check_resolutions
 
             problems = check_models(spec, deep=True) or check_resolutions(spec)
             if problems:
@@ -190,7 +190,7 @@ def logs(
     """Print the worker's log (the newest pod of the Job, or of one Study cell)."""
     from service.k8s.ops import pick_pod
     from service.k8s.render import CONTAINER, spec_from_job
-    from service.study import cells_of
+    from service.spec.study import cells_of
 
     with edge():
         cluster = _cluster(namespace, context)
@@ -230,7 +230,7 @@ def search_driver() -> None:
     import os
 
     from service.cli.search_cmds import drive_on_cluster
-    from service.worker import read_spec
+    from service.run.worker import read_spec
 
     with edge():
         spec = read_spec(None)

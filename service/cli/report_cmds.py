@@ -112,9 +112,9 @@ def recommend(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
 ) -> None:
     """The best backbone for a dataset within limits, and the runners-up not significantly worse."""
-    from service.recommend import format_text
-    from service.recommend import recommend as pick
     from service.report import load
+    from service.report.recommend import format_text
+    from service.report.recommend import recommend as pick
 
     with edge():
         study = _study(spec)
@@ -135,7 +135,7 @@ def budget(
     as_json: bool = typer.Option(False, "--json", help="Print the breakdown as JSON."),
 ) -> None:
     """GPU-hours of a Study per dataset × backbone × fraction, and how they were estimated."""
-    from service.budget import estimate
+    from service.spec.budget import estimate
 
     with edge():
         study = _study(spec_file)

@@ -30,8 +30,8 @@ def run(
             from service.cli.search_cmds import run_search
 
             return run_search(spec, force=force, cache_dir=cache_dir)
-        from service.study import cells_of
-        from service.worker import run_cell, stop_on_signals
+        from service.run.worker import run_cell, stop_on_signals
+        from service.spec.study import cells_of
 
         try:
             cells = cells_of(spec)
@@ -81,7 +81,7 @@ def worker(
     force: bool = typer.Option(False, "--force", help="Overwrite outputs of another spec."),
 ) -> None:
     """The container's entry point: run one cell (a Study picks $JOB_COMPLETION_INDEX)."""
-    from service.worker import work
+    from service.run.worker import work
 
     code = work(
         str(spec_file) if spec_file else None,
@@ -93,13 +93,13 @@ def worker(
 
 
 def _observers(cell) -> list:
-    from service.worker import console_observers
+    from service.run.worker import console_observers
 
     return console_observers(cell.run_id if cell is not None else "")
 
 
 def list_outputs(uri: str, cell) -> None:
-    from service.worker import run_outputs
+    from service.run.worker import run_outputs
 
     store = run_outputs(cell).store
     typer.echo(f"outputs in {uri}:")

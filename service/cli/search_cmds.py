@@ -12,8 +12,8 @@ from service.errors import UserError
 
 
 def run_search(study, *, force: bool, cache_dir: Path | None) -> None:
+    from service.run.worker import console_observers, stop_on_signals
     from service.search.driver import Driver, LocalRunner, search_store
-    from service.worker import console_observers, stop_on_signals
 
     if force:
         raise UserError(
@@ -67,7 +67,7 @@ def _metrics(study, *, port: int):
     if not port and not study.metrics.pushgateway_url:
         return None
     try:
-        from service.metrics import SearchMetrics
+        from service.run.metrics import SearchMetrics
     except ImportError:
         return None
     m = SearchMetrics(study.name, port=port, pushgateway_url=study.metrics.pushgateway_url)

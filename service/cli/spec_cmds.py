@@ -25,7 +25,7 @@ def validate(
     ),
 ) -> None:
     """Check specs; print 'ok: FILE (...)' or one line per problem. Exit 2 if any is invalid."""
-    from service.checks import check_models, check_resolutions
+    from service.backbones.checks import check_models, check_resolutions
 
     failed = False
     for path in files:
@@ -46,7 +46,7 @@ def validate(
         if spec.kind == "Study":
             line = f"ok: {path} (Study {spec.name}, {spec.n_cells} cells"
             try:
-                from service.budget import estimate_gpu_hours
+                from service.spec.budget import estimate_gpu_hours
 
                 line += f", ~{estimate_gpu_hours(spec):.1f} GPU-hours"
                 if spec.search.strategy == "successive_halving":
@@ -92,7 +92,7 @@ def schema(
 def expand(file: Path = typer.Argument(..., help="A Study (or FineTune) spec.")) -> None:
     """Print the runs a spec becomes, one JSON object per line, in execution order, each with
     its effective protocol (the study's, with its dataset's overrides)."""
-    from service.study import cells_of, effective
+    from service.spec.study import cells_of, effective
 
     with edge():
         spec = load_or_exit(file)

@@ -24,9 +24,8 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from service import packing
 from service.data import decode as decoding
-from service.data import sources, splits
+from service.data import packing, sources, splits
 from service.data.archive import is_archive, safe_extract
 from service.data.types import Prepared, Split
 from service.errors import UserError

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from service.models import IMAGENET_MEAN, IMAGENET_STD
+from service.backbones.factory import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
+    from service.backbones.factory import Built
     from service.data.types import Prepared
-    from service.models import Built
 
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
 

@@ -7,7 +7,7 @@ stores images in exactly this order, so the catalog alone (cheap to rebuild) ind
 Structural problems (no train/, an empty class, a single class, a val/test class that train
 lacks, a shard member outside ``<class>/<file>``) are UserErrors naming the folder, class or
 member. What an ImageFolder is, is decided by ``service.data.layout``; what a packed dataset is,
-by ``service.packing``: this module only indexes what they describe.
+by ``service.data.packing``: this module only indexes what they describe.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service import packing
-from service.data import layout
+from service.data import layout, packing
 from service.errors import UserError
 
 
@@ -176,7 +175,7 @@ def scan_packed(
 ) -> Catalog:
     """Index the members of a pushed dataset's shards. With ``sha`` (a memoised file hash),
     every shard is checked against manifest.json first: a modified or corrupt shard must
-    never train silently. The manifest is read by ``service.packing``, its one owner."""
+    never train silently. The manifest is read by ``service.data.packing``, its one owner."""
     where = label or str(root)
     raw = (root / packing.MANIFEST).read_bytes()
     manifest = packing.read_manifest(raw, f"{where}/{packing.MANIFEST}")

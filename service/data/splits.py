@@ -1,7 +1,7 @@
 """Stratified, seeded splitting and subsampling on label arrays (pure numpy, no images).
 
 The one splitter: training carves test and val with it, and ``backbones dataset push`` carves
-a folder of class subfolders with it (``service.packing.stratified_split``), so the same folder
+a folder of class subfolders with it (``service.data.packing.stratified_split``), so the same folder
 and fraction give the same test split whichever way it reaches training.
 
 Every function returns index arrays in ascending order, so the same inputs give the same

@@ -7,7 +7,7 @@ worker contract: 2 if any rank said "user error"; 75 (retriable, ignored by the 
 policy) when every failed rank stopped retriably or by a signal; else 1, a crash, which counts
 against the backoff limit as a single worker's crash does.
 
-    python -m service.k8s.launch --standalone --nproc-per-node=4 -m service.worker
+    python -m service.k8s.launch --standalone --nproc-per-node=4 -m service.run.worker
 """
 
 from __future__ import annotations

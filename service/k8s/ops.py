@@ -22,7 +22,7 @@ from service.k8s.render import (
     spec_from_job,
 )
 from service.spec import FineTune, Study
-from service.study import cells_of
+from service.spec.study import cells_of
 
 MANAGED = "app.kubernetes.io/managed-by=backbones"
 
@@ -221,7 +221,7 @@ StatusReader = Callable[[FineTune | Study, FineTune], "dict | None"]
 
 def read_status_json(spec: FineTune | Study, cell: FineTune) -> dict | None:
     """status.json of one run in S3 (local output paths live inside the pod: not readable)."""
-    from service.outputs import RunOutputs
+    from service.run.outputs import RunOutputs
     from service.storage import is_s3, open_store
 
     if not is_s3(spec.output.uri):

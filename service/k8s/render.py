@@ -18,7 +18,7 @@ from typing import Any
 
 from service.errors import EXIT_RETRY, EXIT_USER, UserError
 from service.spec import FineTune, Study
-from service.study import cells_of
+from service.spec.study import cells_of
 
 IMAGE_REPO = "ghcr.io/backbones/backbones"
 CONTAINER = "worker"
@@ -170,7 +170,7 @@ def _command(gpus: int, grace: int) -> list[str]:
             f"--nproc-per-node={gpus}",
             f"--shutdown-timeout={max(1, grace - 10)}",
             "-m",
-            "service.worker",
+            "service.run.worker",
         ]
     return ["backbones", "worker"]
 
@@ -338,7 +338,7 @@ def _pod_failure_policy(study: bool) -> dict[str, Any]:
 
 def _deadline(spec: FineTune | Study) -> int:
     """``resources.active_deadline_seconds``, else one derived from the budget estimate."""
-    from service.budget import job_deadline_seconds
+    from service.spec.budget import job_deadline_seconds
 
     return spec.resources.active_deadline_seconds or job_deadline_seconds(spec)
 

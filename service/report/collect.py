@@ -107,7 +107,7 @@ def collect(
 
 
 def _collect_with_spec(store: Store, study: Study, workers: int) -> Collection:
-    from service.study import effective, expand
+    from service.spec.study import effective, expand
 
     cells = expand(study)
     datasets = [d.short_name for d in study.datasets]

@@ -71,7 +71,7 @@ class Group:
 
 def groups(study: Study) -> list[Group]:
     """The study's cells by (dataset, fraction), candidates in the study's backbone order."""
-    from service.study import expand
+    from service.spec.study import expand
 
     out: dict[str, dict[str, list[FineTune]]] = {}
     meta: dict[str, tuple[str, float]] = {}

@@ -18,9 +18,9 @@ from service.spec import Study
 
 def proxy_scores(study: Study, group: Group, *, cache_dir=None) -> dict[str, float]:
     """Backbone -> k-NN validation accuracy on frozen features, for one group."""
-    from service import models
+    from service.backbones import factory as models
     from service.data import prepare
-    from service.worker import cache_root, seed_everything
+    from service.run.worker import cache_root, seed_everything
 
     proxy = study.search.proxy
     first = next(iter(group.cells.values()))[0]
@@ -64,7 +64,7 @@ def pooled(model, x: torch.Tensor) -> torch.Tensor:
     Linear layer (torchvision)."""
     if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
         return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
-    from service.models import _last_linear
+    from service.backbones.factory import _last_linear
 
     captured = {}
     _, linear = _last_linear(model)

@@ -31,13 +31,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from service import packing
-from service.data import layout
+from service.data import layout, packing
 from service.errors import RetriableError, UserError
 from service.storage import NotFound, is_s3
 
 if TYPE_CHECKING:
-    from service.events import Observer
+    from service.run.events import Observer
     from service.spec import FineTune, Storage
     from service.storage.s3 import S3Store
 

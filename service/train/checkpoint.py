@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from service.errors import UserError
-from service.outputs import CHECKPOINTS, RunOutputs
+from service.run.outputs import CHECKPOINTS, RunOutputs
 
 FORMAT = 1
 _CKPT = re.compile(r"ckpt-(\d{5})-(\d{6})\.pt$")

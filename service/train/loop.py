@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from service.errors import Interrupted, RetriableError
-from service.events import Observer, Progress
-from service.outputs import BEST, SUMMARY, RunOutputs
+from service.run.events import Observer, Progress
+from service.run.outputs import BEST, SUMMARY, RunOutputs
 from service.train import distributed, evaluate, memory
 from service.train.checkpoint import Checkpointer, best_key, rng_state, set_rng_state
 from service.train.recipes import Recipe, make_optimizer, make_scheduler
@@ -693,7 +693,7 @@ def head_module(model) -> torch.nn.Module:
     """The classifier: timm's get_classifier(), else the last Linear layer (torchvision)."""
     if hasattr(model, "get_classifier"):
         return model.get_classifier()
-    from service.models import _last_linear
+    from service.backbones.factory import _last_linear
 
     return _last_linear(model)[1]
 

@@ -4,7 +4,7 @@ and why they differ.
 
 The rows are data with a check each: tests/test_paper_doc.py runs every check against the two
 committed specs (so a row cannot drift from them) and fails when docs/paper.md is stale
-(`python -m service.paper_doc > docs/paper.md` regenerates it). The paper's code is
+(`python -m service.spec.paper_doc > docs/paper.md` regenerates it). The paper's code is
 github.com/pranavphoenix/Backbones (one script per dataset under Code/, and split.py).
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from service.spec import Study, load_spec
 
-JOBSPECS = Path(__file__).resolve().parent.parent / "jobspecs"
+JOBSPECS = Path(__file__).resolve().parents[2] / "jobspecs"
 COUNT_AFTER = (
     "cub200",
     "dtd",
@@ -283,9 +283,9 @@ ROWS: list[Row] = [
 
 _INTRO = """# The paper's protocol, the fixed one, and the faithful one
 
-Generated from `service/paper_doc.py` by `python -m service.paper_doc > docs/paper.md`; do not
-edit. tests/test_paper_doc.py checks every row that names a spec setting against the committed
-specs.
+Generated from `service/spec/paper_doc.py` by `python -m service.spec.paper_doc > docs/paper.md`;
+do not edit. tests/test_paper_doc.py checks every row that names a spec setting against the
+committed specs.
 
 Jeevan & Sethi, "Which Backbone to Use" (arXiv 2406.05612, TMLR 2025), ran one script per
 dataset (github.com/pranavphoenix/Backbones, `Code/*.py`). The settings differ per dataset, and

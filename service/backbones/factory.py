@@ -60,7 +60,7 @@ class Built:
 def catalog_entry(name: str):
     """The catalog's entry for ``name``, or None (also while there is no catalog)."""
     try:
-        from service import catalog
+        from service.backbones import catalog
     except ImportError:
         return None
     try:
@@ -110,7 +110,7 @@ def build(
     """The backbone with a ``num_classes`` head, initial weights as ``backbone.weights`` says,
     built for ``image_size`` (height, width) when its architecture depends on the input size.
     ``on_download`` is told the bytes of weights fetched from S3 (the download counter)."""
-    from service.checks import check_model_name
+    from service.backbones.checks import check_model_name
 
     name, weights = backbone.model, backbone.weights
     entry = catalog_entry(name)
@@ -332,7 +332,7 @@ def _build_torchvision(name: str, num_classes: int, weights: str, path: Path | N
 
 
 def _build_wavemix(num_classes: int, weights: str, path: Path | None) -> Built:
-    from service import wavemix
+    from service.backbones import wavemix
 
     model = wavemix.create(num_classes)
     head = {k for k in model.state_dict() if k.startswith(wavemix.HEAD + ".")}
@@ -363,7 +363,7 @@ def _build_wavemix(num_classes: int, weights: str, path: Path | None) -> Built:
 def _wavemix_hub_state() -> dict:
     from huggingface_hub import constants
 
-    from service import wavemix
+    from service.backbones import wavemix
 
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in (
         "1",

@@ -44,7 +44,7 @@ class Entry:
 
 @functools.cache
 def _load() -> dict[str, Entry]:
-    data = json.loads(resources.files("service").joinpath("catalog.json").read_text())
+    data = json.loads(resources.files("service.backbones").joinpath("catalog.json").read_text())
     return {e["name"]: Entry(**e) for e in data["entries"]}
 
 

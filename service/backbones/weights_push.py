@@ -100,7 +100,7 @@ def _from_file(src: Path, out: Path) -> tuple[int, str]:
 
 def _from_hub(model: str, out: Path) -> tuple[int, str]:
     """The ImageNet weights `weights: timm` would load for ``model``, from whoever builds it."""
-    from service.models import catalog_source
+    from service.backbones.factory import catalog_source
 
     source = catalog_source(model)
     if source == "torchvision":
@@ -113,7 +113,7 @@ def _from_hub(model: str, out: Path) -> tuple[int, str]:
 def _from_torchvision(model: str, out: Path) -> tuple[int, str]:
     import torchvision
 
-    from service.models import catalog_entry
+    from service.backbones.factory import catalog_entry
 
     tag = catalog_entry(model).weights  # the enum `weights: timm` loads (models._build_torchvision)
     try:
@@ -127,7 +127,7 @@ def _from_torchvision(model: str, out: Path) -> tuple[int, str]:
 
 
 def _from_wavemix_hub(out: Path) -> tuple[int, str]:
-    from service import wavemix
+    from service.backbones import wavemix
 
     tag = f"{wavemix.HUB_REPO}:{wavemix.HUB_FILE}"
     try:
@@ -143,7 +143,7 @@ def _from_wavemix_hub(out: Path) -> tuple[int, str]:
 def _from_timm(model: str, out: Path) -> tuple[int, str]:
     import timm
 
-    from service.models import hub_name
+    from service.backbones.factory import hub_name
 
     if not timm.is_model(model):
         raise UserError(f"{model}: not a timm model name and not a local file")
@@ -172,7 +172,7 @@ def _save(state: object, out: Path, where: str, *, tag: str | None = None) -> in
             raise UserError(f"{where}: entry {k!r} is not a tensor")
         # Clone: safetensors refuses tensors that share storage (tied weights).
         tensors[str(k)] = v.detach().contiguous().clone()
-    from service.models import TAG_KEY
+    from service.backbones.factory import TAG_KEY
 
     # The tag travels in the file, so a run records which pretrained weights it started from.
     save_file(tensors, str(out), metadata={TAG_KEY: tag} if tag else None)

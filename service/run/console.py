@@ -13,7 +13,7 @@ from rich.progress import (
     Progress as Bar,
 )
 
-from service.events import Observer, Progress
+from service.run.events import Observer, Progress
 
 
 def _fmt(v: float | None, spec: str) -> str:

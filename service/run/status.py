@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from service.events import Observer, Progress
-from service.outputs import RunOutputs
+from service.run.events import Observer, Progress
+from service.run.outputs import RunOutputs
 
 log = logging.getLogger(__name__)
 

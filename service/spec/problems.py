@@ -7,6 +7,7 @@ and an unknown key gets a suggestion: ``protocol.batchsize: unknown field; did y
 
 from __future__ import annotations
 
+import json
 import re
 import types
 import typing
@@ -16,10 +17,17 @@ from pydantic import BaseModel, ValidationError
 
 from service.suggest import did_you_mean
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_$-]{1,64}")
+
+
+def loc_part(key: Any) -> str:
+    """A key as it appears in a field path: plain keys as they are, odd ones JSON-quoted, so a
+    key with a newline or a dot can never break the one-line error format."""
+    key = str(key)
+    return key if _PLAIN_KEY.fullmatch(key) else json.dumps(key[:64])
+
 
 def _loc_str(loc: tuple[Any, ...]) -> str:
-    from service.spec import loc_part
-
     return ".".join(loc_part(p) for p in loc)
 
 
@@ -125,7 +133,7 @@ def _one_per_field(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _other_kind_hint(key: str, root: type[BaseModel]) -> str:
     """``seeds`` in a FineTune: say it belongs to a Study, and the other way round."""
-    from service.spec import KINDS
+    from service.spec.model import KINDS
 
     for kind, model in KINDS.items():
         if model is not root and key in _keys(model):

@@ -5,8 +5,8 @@ The estimate is an upper bound built from four numbers per cell:
     GPU-seconds = epochs × (train images × s/train-image + val images × s/eval-image)
                   + test images × s/eval-image
 
-- **GMACs per image** come from the backbone catalog (``service.catalog``) at the catalog's
-  input size, scaled by pixel count to the dataset's effective ``protocol.image_size``
+- **GMACs per image** come from the backbone catalog (``service.backbones.catalog``) at the
+  catalog's input size, scaled by pixel count to the dataset's effective ``protocol.image_size``
   (``datasets[].protocol`` overrides the study's). A model the catalog does not
   know costs ``DEFAULT_GMACS`` at 224 px, larger than every paper backbone but DenseNet-161.
 - **Images** come from the dataset's ``manifest.json`` when it can be read offline (a local
@@ -29,8 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from service import packing
-from service.data import layout
+from service.data import layout, packing
 from service.errors import UserError
 from service.spec import Dataset, Study
 
@@ -154,7 +153,7 @@ def model_gmacs(model: str, hw: tuple[int, int]) -> tuple[float, str]:
 
 def _catalog_entry(model: str):
     try:
-        from service import catalog
+        from service.backbones import catalog
     except ImportError:  # the catalog module is optional for this estimate
         return None
     try:

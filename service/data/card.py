@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service import packing
-from service.data import layout
+from service.data import layout, packing
 from service.errors import UserError
 from service.storage import is_s3
 
@@ -53,7 +52,7 @@ class Record:
 
 def records(root: Path, notes: list[str] | None = None) -> Iterator[Record]:
     """Every image of a local dataset folder (packed or ImageFolder), as training reads it:
-    the packed manifest through ``service.packing``, a folder through ``service.data.layout``.
+    the packed manifest through ``service.data.packing``, a folder through ``service.data.layout``.
     What a person should know but is not an error (skipped files) is appended to ``notes``."""
     manifest = root / packing.MANIFEST
     if manifest.is_file():

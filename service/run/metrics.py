@@ -1,7 +1,7 @@
 """Progress as Prometheus metrics: a /metrics endpoint and an optional Pushgateway push.
 
 The only module that imports prometheus_client. ``PrometheusObserver`` listens to the trainer's
-events (service/events.py) and keeps its own ``CollectorRegistry``, so nothing global leaks
+events (service/run/events.py) and keeps its own ``CollectorRegistry``, so nothing global leaks
 between runs in one process (``backbones run`` of a Study runs many).
 
 Every series carries exactly the labels ``run``, ``study``, ``backbone`` and ``dataset``; the
@@ -35,7 +35,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import delete_from_gateway, push_to_gateway, start_http_server
 
-from service.events import PHASES, Observer, Progress
+from service.run.events import PHASES, Observer, Progress
 from service.spec import FineTune
 
 log = logging.getLogger("backbones.metrics")

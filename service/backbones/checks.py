@@ -16,19 +16,19 @@ from service.suggest import close_matches
 
 @functools.cache
 def timm_names() -> frozenset[str]:
-    text = resources.files("service").joinpath("timm_models.txt").read_text()
+    text = resources.files("service.backbones").joinpath("timm_models.txt").read_text()
     return frozenset(line for line in text.splitlines() if line and not line.startswith("#"))
 
 
 def catalog_names() -> list[str]:
-    from service.catalog import names
+    from service.backbones.catalog import names
 
     return names()
 
 
 def check_model_name(model: str, *, deep: bool = False) -> str | None:
     """None when the model is known, else the problem (with a suggestion when one is close)."""
-    from service.catalog import get
+    from service.backbones.catalog import get
 
     if model.startswith(("hf-hub:", "hf_hub:", "timm/")):
         return None  # hub-hosted configs: only the worker can resolve them
@@ -62,7 +62,7 @@ def check_resolutions(spec: FineTune | Study) -> list[tuple[str, str]]:
     """One problem per (backbone, image size) pair of the spec that cannot run, naming the pair,
     the datasets that ask for it and the fix. Builds each distinct pair once on the meta device
     (imports torch and timm; the paper study's ~40 pairs take a few seconds)."""
-    from service.models import nearest_size, probe
+    from service.backbones.factory import nearest_size, probe
 
     # (backbone index, model, hw) -> [(where the size comes from, dataset name)]
     pairs: dict[tuple[int, str, tuple[int, int]], list[tuple[str, str]]] = {}

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service import packing
-from service.data import layout
+from service.data import layout, packing
 from service.errors import UserError
 from service.storage import NotFound, open_store
 

@@ -1,4 +1,4 @@
-"""The worker: the composition root of one training process (``python -m service.worker``).
+"""The worker: the composition root of one training process (``python -m service.run.worker``).
 
 The Kubernetes pod runs it with the spec in ``BACKBONES_SPEC`` (a Study pod picks its cell by
 ``JOB_COMPLETION_INDEX``); ``backbones run`` calls ``run_cell`` for each cell on this machine.
@@ -30,8 +30,8 @@ from service.errors import (
     UserError,
     disk_full,
 )
-from service.events import Observer, Observers, Progress
-from service.outputs import ENV, SPEC, SUMMARY, RunOutputs
+from service.run.events import Observer, Observers, Progress
+from service.run.outputs import ENV, SPEC, SUMMARY, RunOutputs
 from service.spec import FineTune, SpecError, Study, load_spec, loads_spec
 from service.storage import open_store
 
@@ -69,7 +69,7 @@ def read_spec(path: str | None) -> FineTune | Study:
 def pick_cell(spec: FineTune | Study) -> FineTune:
     if isinstance(spec, FineTune):
         return spec
-    from service.study import expand
+    from service.spec.study import expand
 
     cells = expand(spec)
     raw = os.environ.get("JOB_COMPLETION_INDEX")
@@ -138,7 +138,7 @@ def wipe(outputs: RunOutputs) -> None:
 
 
 def cache_root(spec: FineTune, override: Path | None) -> Path:
-    from service.models import default_cache_dir
+    from service.backbones.factory import default_cache_dir
 
     if override is not None:
         return Path(override)
@@ -163,7 +163,7 @@ def run_cell(
     if done is not None:
         return Outcome(spec.run_id, outputs.uri, done, skipped=True)
 
-    from service.lease import Lease, LeasedStore
+    from service.run.lease import Lease, LeasedStore
 
     lease = Lease(outputs.store) if dist.rank == 0 else None
     if lease is not None:  # from here on, every write checks the lease is still ours
@@ -171,7 +171,7 @@ def run_cell(
     progress = Progress(run_id=spec.run_id, max_epochs=spec.protocol.max_epochs)
     observer = Observers(*(observers or [])) if dist.rank == 0 else Observer()
     if dist.rank == 0:
-        from service.status import StatusObserver
+        from service.run.status import StatusObserver
 
         observer.observers.insert(0, StatusObserver(outputs))
         observer.observers.extend(_prometheus(spec))
@@ -224,10 +224,10 @@ def one_line(e: BaseException) -> str:
 
 
 def _train(spec, outputs, progress, observer, stop, cache_dir, dist) -> dict:
-    from service import models
+    from service.backbones import factory as models
     from service.data import prepare
     from service.data.normalise import split_stats
-    from service.study import effective
+    from service.spec.study import effective
     from service.train import Trainer, distributed, recipe_for, runtime_for
     from service.train.checkpoint import Checkpointer
     from service.train.memory import ProbeCache
@@ -425,7 +425,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _gmacs(spec: FineTune, model, rt) -> float | None:
-    from service.models import catalog_entry, measure_gmacs
+    from service.backbones.factory import catalog_entry, measure_gmacs
 
     entry = catalog_entry(spec.backbone.model)
     hw = spec.protocol.hw
@@ -482,7 +482,7 @@ def environment(spec, rt, data, built, stats) -> dict:
 
 def console_observers(label: str = "") -> list[Observer]:
     """A rich progress bar on a terminal; one plain line per epoch in pod logs and pipes."""
-    from service.console import ConsoleObserver, LineObserver
+    from service.run.console import ConsoleObserver, LineObserver
 
     return [ConsoleObserver(label=label)] if sys.stderr.isatty() else [LineObserver()]
 
@@ -491,7 +491,7 @@ def _prometheus(spec: FineTune) -> list[Observer]:
     if spec.metrics.port == 0 and not spec.metrics.pushgateway_url:
         return []
     try:
-        from service.metrics import PrometheusObserver
+        from service.run.metrics import PrometheusObserver
     except ImportError:
         return []
     return [
@@ -559,7 +559,7 @@ def stop_on_signals(stop: threading.Event):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.worker", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m service.run.worker", description=__doc__)
     parser.add_argument("--spec", help="spec file (default: $BACKBONES_SPEC)")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--force", action="store_true")

@@ -1,12 +1,13 @@
 """Render the spec reference (docs/spec.md) from the pydantic models' field descriptions.
 
-The models are the single source of truth: `python -m service.spec_doc > docs/spec.md`
+The models are the single source of truth: `python -m service.spec.doc > docs/spec.md`
 regenerates the page, and tests/test_spec_doc.py fails when the committed page is stale.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import typing
 
 from pydantic import BaseModel
@@ -16,7 +17,7 @@ from service import spec as S
 
 _INTRO = """# Spec reference
 
-Generated from `service/spec.py` by `python -m service.spec_doc > docs/spec.md`; do not edit.
+Generated from `service/spec/model.py` by `python -m service.spec.doc > docs/spec.md`; do not edit.
 
 A spec is one JSON document. `kind: FineTune` is one run; `kind: Study` is a grid of runs
 (`backbones` × `datasets` × `seeds` × `train_fractions`) under one protocol. Unknown keys are
@@ -29,7 +30,8 @@ Check a spec with `backbones validate SPEC` (add `--deep` to ask timm about mode
 
 
 def _type(annotation: typing.Any) -> str:
-    text = str(annotation).replace("typing.", "").replace("service.spec.", "")
+    text = str(annotation).replace("typing.", "")
+    text = re.sub(r"service\.spec\.\w+\.", "", text)
     text = text.replace("<class '", "").replace("'>", "")
     return text.replace("|", "\\|")
 

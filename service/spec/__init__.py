@@ -1,0 +1,60 @@
+"""The job spec: a declarative FineTune or Study, validated before anything runs.
+
+``model`` holds the typed sections and kinds, ``loading`` turns JSON text into them (or a list
+of problems that each name a field, worded by ``problems``), ``study`` expands a Study into its
+FineTune cells, and ``budget`` estimates what a study will cost. This package imports no torch:
+``backbones validate`` must stay fast.
+"""
+
+from service.spec.loading import SpecError, load_spec, loads_spec, parse_spec
+from service.spec.model import (
+    API_VERSION,
+    BUILTIN_DATASETS,
+    KINDS,
+    SCHEMA_URL_FINETUNE,
+    SCHEMA_URL_STUDY,
+    Backbone,
+    Dataset,
+    FineTune,
+    Metrics,
+    Output,
+    Protocol,
+    Proxy,
+    Resources,
+    Search,
+    Spec,
+    Storage,
+    Study,
+    StudyDataset,
+    check_micro_batch,
+    dataset_name_from_uri,
+    run_id_for,
+)
+
+__all__ = [
+    "API_VERSION",
+    "BUILTIN_DATASETS",
+    "KINDS",
+    "SCHEMA_URL_FINETUNE",
+    "SCHEMA_URL_STUDY",
+    "Backbone",
+    "Dataset",
+    "FineTune",
+    "Metrics",
+    "Output",
+    "Protocol",
+    "Proxy",
+    "Resources",
+    "Search",
+    "Spec",
+    "SpecError",
+    "Storage",
+    "Study",
+    "StudyDataset",
+    "check_micro_batch",
+    "dataset_name_from_uri",
+    "load_spec",
+    "loads_spec",
+    "parse_spec",
+    "run_id_for",
+]
