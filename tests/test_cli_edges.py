@@ -55,7 +55,7 @@ def test_inspect_help_names_the_cache_default_it_uses(monkeypatch, tmp_path):
         env={**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)},
     )
     assert "$BACKBONES_CACHE, else ~/.cache/backbones" in " ".join(r.stdout.split())
-    from service.storage.fetch import default_cache_dir
+    from service.storage import default_cache_dir
 
     monkeypatch.setenv("BACKBONES_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path

@@ -273,8 +273,8 @@ def test_second_prepare_rereads_no_file_to_prove_the_content_unchanged(folder, c
     from service.data import sources
 
     hashed = []
-    real = sources.file_sha256
-    monkeypatch.setattr(sources, "file_sha256", lambda p: hashed.append(p) or real(p))
+    real = sources.sha256_file
+    monkeypatch.setattr(sources, "sha256_file", lambda p: hashed.append(p) or real(p))
     a = prepare(spec_for(folder), cache)
     assert len(hashed) == 39
     b = prepare(spec_for(folder), cache)

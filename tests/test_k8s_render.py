@@ -11,12 +11,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+import service
 from service.cli import app
 from service.errors import UserError
 from service.k8s.render import (
     default_image,
     label_value,
-    package_version,
     render_job,
     spec_from_job,
     warnings_for,
@@ -454,7 +454,7 @@ def test_labels_name_the_app_and_what_the_job_runs():
         "app.kubernetes.io/component": "worker",
         "app.kubernetes.io/managed-by": "backbones",
         "app.kubernetes.io/instance": "eurosat-convnext",
-        "app.kubernetes.io/version": package_version(),
+        "app.kubernetes.io/version": service.version(),
         "backbones.dev/run": "eurosat-convnext",
         "backbones.dev/backbone": "convnext_tiny",
         "backbones.dev/dataset": "eurosat",
@@ -499,7 +499,7 @@ def test_label_value_keeps_distinct_long_names_distinct():
 
 def test_the_default_image_is_this_release_pinned_by_version():
     assert container(job_of(finetune()))["image"] == (
-        f"ghcr.io/backbones/backbones:{package_version()}"
+        f"ghcr.io/backbones/backbones:{service.version()}"
     )
 
 

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from service.backbones import factory as models
+from service.digest import sha256_file
 from service.errors import UserError
 from service.spec import Backbone
 
@@ -77,7 +78,7 @@ def test_safetensors_weights_load_through_timm_and_the_head_is_new(tmp_path):
     assert torch.all(state["conv1.0.weight"] == 0.5)
     assert torch.all(state["layer4.0.conv1.weight"] == 0.5)
     assert not torch.all(state["fc.weight"] == 0.5)  # classifier dropped and re-initialised
-    assert built.weights_sha256 == models.sha256_file(path)
+    assert built.weights_sha256 == sha256_file(path)
 
 
 def test_weights_with_an_unexpected_key_are_refused_naming_it(tmp_path):
@@ -153,7 +154,7 @@ def test_s3_weights_are_downloaded_once_into_the_cache(tmp_path, monkeypatch):
         uri = "s3://weights/imagenet/test_resnet.safetensors"
         built = models.build(Backbone(model="test_resnet", weights=uri), 3, cache_dir=tmp_path)
         assert torch.all(built.model.state_dict()["conv1.0.weight"] == 0.5)
-        assert built.weights_sha256 == models.sha256_file(path)
+        assert built.weights_sha256 == sha256_file(path)
         cached = models.resolve_weights_file(uri, cache_dir=tmp_path)
         assert cached.is_relative_to(tmp_path / "weights")
         assert cached.read_bytes() == path.read_bytes()

@@ -12,6 +12,7 @@ import pytest
 
 from service.data import packing
 from service.data.push import push
+from service.digest import sha256_file
 from service.errors import UserError
 from service.spec import parse_spec
 from service.storage.fetch import fetch_dataset, fetch_uri, fetch_weights
@@ -47,7 +48,7 @@ def test_packed_dataset_is_fetched_verified_and_complete(pushed, s3_storage, tmp
     m = packing.read_manifest((path / "manifest.json").read_bytes(), "m")
     assert len(m["shards"]) > 3
     for shard in m["shards"]:
-        assert packing.sha256_file(path / shard["key"]) == shard["sha256"]
+        assert sha256_file(path / shard["key"]) == shard["sha256"]
     assert seen.total == sum(s["size"] for s in m["shards"])
     assert seen.calls == len(m["shards"])
     assert not list(path.parent.glob("*.partial"))

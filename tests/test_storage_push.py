@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from service.cli import app
 from service.data import packing
 from service.data.push import push
+from service.digest import sha256_file
 from service.errors import UserError
 from tests.s3util import class_tree, image_folder, png
 
@@ -38,7 +39,7 @@ def test_push_writes_shards_and_a_manifest_per_the_contract(tmp_path):
     for shard in m["shards"]:
         path = tmp_path / "out" / "toy" / shard["key"]
         assert shard["size"] == path.stat().st_size
-        assert shard["sha256"] == packing.sha256_file(path)
+        assert shard["sha256"] == sha256_file(path)
 
 
 def test_shard_members_are_class_slash_file_with_the_original_bytes(tmp_path):

@@ -10,7 +10,6 @@ backbone trains fine and just reports worse numbers.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import socket
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from service.digest import sha256_file
 from service.errors import UserError
 
 if TYPE_CHECKING:
@@ -58,15 +58,10 @@ class Built:
 
 
 def catalog_entry(name: str):
-    """The catalog's entry for ``name``, or None (also while there is no catalog)."""
-    try:
-        from service.backbones import catalog
-    except ImportError:
-        return None
-    try:
-        return catalog.get(name)
-    except (KeyError, LookupError, ValueError):
-        return None
+    """The catalog's entry for ``name``, or None for a name outside the catalog."""
+    from service.backbones import catalog
+
+    return catalog.get(name)
 
 
 def hub_name(name: str) -> str:
@@ -422,27 +417,16 @@ def resolve_weights_file(
     if parsed.scheme == "s3":
         # Cached per ETag and verified against the .sha256 sidecar `weights push` writes, so
         # weights re-pushed under the same URI are fetched again, never used stale.
+        from service.storage import default_cache_dir
         from service.storage.fetch import fetch_weights
 
         return fetch_weights(
-            uri, storage, Path(cache_dir or default_cache_dir()), on_download=on_download
+            uri, storage, Path(cache_dir or default_cache_dir(storage)), on_download=on_download
         )
     path = Path(parsed.path if parsed.scheme == "file" else uri).expanduser()
     if not path.is_file():
         raise UserError(f"backbone.weights: {path}: no such file")
     return path
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("BACKBONES_CACHE") or Path.home() / ".cache" / "backbones")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def count_params(model) -> int:

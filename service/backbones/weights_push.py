@@ -10,12 +10,12 @@ worker's ``fetch_weights`` verify what it downloads. Point a spec at it with
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service.digest import sha256_file
 from service.errors import UserError
 from service.storage import open_store
 
@@ -55,7 +55,7 @@ def push_weights(model: str, dest: str, storage: Storage | None = None) -> Pushe
             raise UserError(f"{model}: no such file")
         else:
             tensors, source = _from_hub(model, path)
-        sha = _sha256(path)
+        sha = sha256_file(path)
         store = open_store(parent, storage)
         store.upload_file(path, name)
         store.write_bytes(name + ".sha256", f"{sha}  {name}\n".encode())
@@ -177,11 +177,3 @@ def _save(state: object, out: Path, where: str, *, tag: str | None = None) -> in
     # The tag travels in the file, so a run records which pretrained weights it started from.
     save_file(tensors, str(out), metadata={TAG_KEY: tag} if tag else None)
     return len(tensors)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()

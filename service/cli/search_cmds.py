@@ -62,13 +62,11 @@ def drive_on_cluster(study, cluster, *, image: str | None, in_cluster: bool = Fa
 
 
 def _metrics(study, *, port: int):
-    """The driver's gauges (rung, survivors) as an on_state callback; a no-op without
-    prometheus_client or anywhere to send them."""
+    """The driver's gauges (rung, survivors) as an on_state callback; None without anywhere to
+    send them."""
     if not port and not study.metrics.pushgateway_url:
         return None
-    try:
-        from service.run.metrics import SearchMetrics
-    except ImportError:
-        return None
+    from service.run.metrics import SearchMetrics
+
     m = SearchMetrics(study.name, port=port, pushgateway_url=study.metrics.pushgateway_url)
     return m.update

@@ -74,7 +74,8 @@ def records(root: Path, notes: list[str] | None = None) -> Iterator[Record]:
 
 def open_local(uri: str, storage: Storage | None, cache_dir: Path | None) -> Path:
     """A local folder holding the dataset at ``uri`` (fetched or extracted as needed)."""
-    from service.storage.fetch import default_cache_dir, fetch_uri
+    from service.storage import default_cache_dir
+    from service.storage.fetch import fetch_uri
 
     if is_s3(uri):
         path = fetch_uri(uri, storage, cache_dir or default_cache_dir(storage))

@@ -19,7 +19,6 @@ same images twice gives byte-identical shards: that is what makes ``dataset push
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import random
@@ -30,7 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import service
 from service.data import layout
+from service.digest import sha256_file
 from service.errors import UserError
 
 FORMAT = "backbones-packed/v1"
@@ -235,24 +236,6 @@ def _tarinfo(member: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as _version
-
-    try:
-        return _version("backbones")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
-def sha256_file(path: Path, chunk: int = 4 * 1024 * 1024) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def pack(
     splits: dict[str, list[Item]],
     out: Path,
@@ -266,7 +249,7 @@ def pack(
     out = Path(out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     if created_by is None:
-        created_by = f"backbones {version()}"
+        created_by = f"backbones {service.version()}"
 
     all_items = [(s, i) for s in SPLITS for i in splits.get(s, [])]
 

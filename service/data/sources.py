@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from service.data import layout, packing
+from service.digest import sha256_file
 from service.errors import UserError
 
 
@@ -107,7 +108,7 @@ def scan_folder(root: Path, kind: str = "imagefolder", label: str | None = None)
 
 def hash_items(items: list[Item], workers: int, memo: HashMemo | None = None) -> str:
     """sha256 over (ref, sha256 of bytes) of every item, in catalog order."""
-    digest = memo.sha256 if memo is not None else file_sha256
+    digest = memo.sha256 if memo is not None else sha256_file
 
     h = hashlib.sha256(b"backbones-imagefolder/v1\0")
     with ThreadPoolExecutor(max_workers=workers) as ex:
@@ -116,14 +117,6 @@ def hash_items(items: list[Item], workers: int, memo: HashMemo | None = None) ->
             h.update(it.ref.encode() + b"\0" + hexdigest.encode())
     if memo is not None:
         memo.save()
-    return h.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -150,7 +143,7 @@ class HashMemo:
         hit = self.entries.get(key)
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return hit[2]
-        digest = file_sha256(key)
+        digest = sha256_file(key)
         self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
         self.dirty = True
         return digest
@@ -294,7 +287,7 @@ def scan_digits() -> Catalog:
     return _array_catalog("builtin", "builtin://digits", labels, lambda i, j: images[i:j, None], h)
 
 
-def scan_npz(path: Path, images_key: str, labels_key: str, sha=file_sha256) -> Catalog:
+def scan_npz(path: Path, images_key: str, labels_key: str, sha=sha256_file) -> Catalog:
     where = path.name
     try:
         z = np.load(path, allow_pickle=False)
@@ -316,7 +309,7 @@ def scan_npz(path: Path, images_key: str, labels_key: str, sha=file_sha256) -> C
     return catalog
 
 
-def scan_h5(path: Path, images_key: str, labels_key: str, sha=file_sha256) -> Catalog:
+def scan_h5(path: Path, images_key: str, labels_key: str, sha=sha256_file) -> Catalog:
     import h5py
 
     where = path.name

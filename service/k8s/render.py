@@ -16,6 +16,8 @@ import json
 import re
 from typing import Any
 
+import service
+from service.digest import bounded_name
 from service.errors import EXIT_RETRY, EXIT_USER, UserError
 from service.spec import FineTune, Study
 from service.spec.study import cells_of
@@ -35,18 +37,9 @@ JOB_HASH = f"{LABEL_PREFIX}/job-hash"
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("backbones")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "0.0.0"
-
-
 def default_image() -> str:
     """This release's image: the tag is the package version, so CLI and pod always agree."""
-    return f"{IMAGE_REPO}:{package_version()}"
+    return f"{IMAGE_REPO}:{service.version()}"
 
 
 def check_image(image: str) -> str:
@@ -69,10 +62,7 @@ def label_value(text: str) -> str:
     Long values keep a readable head and end in a short hash so distinct names stay distinct;
     the full text goes into an annotation of the same key.
     """
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-_.")
-    if len(slug) > 63 or not slug:
-        digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-        slug = f"{slug[:54].rstrip('-_.')}-{digest}".lstrip("-")
+    slug = bounded_name(re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-_."), source=text)
     assert _LABEL_VALUE.fullmatch(slug), slug
     return slug
 
@@ -136,7 +126,7 @@ def labels_of(spec: FineTune | Study) -> dict[str, str]:
         "app.kubernetes.io/component": "worker",
         "app.kubernetes.io/managed-by": "backbones",
         "app.kubernetes.io/instance": spec.name,
-        "app.kubernetes.io/version": label_value(package_version()),
+        "app.kubernetes.io/version": label_value(service.version()),
     }
     for key, value in _identity(spec).items():
         if "," not in value:

@@ -46,7 +46,6 @@ class Progress:
     accumulation_steps: int | None = None  # micro-batches per optimizer step
     remediations: list[dict] = field(default_factory=list)  # out-of-memory recoveries
     error: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -138,11 +138,9 @@ def wipe(outputs: RunOutputs) -> None:
 
 
 def cache_root(spec: FineTune, override: Path | None) -> Path:
-    from service.backbones.factory import default_cache_dir
+    from service.storage import default_cache_dir
 
-    if override is not None:
-        return Path(override)
-    return Path(spec.storage.cache_dir) if spec.storage.cache_dir else default_cache_dir()
+    return Path(override) if override is not None else default_cache_dir(spec.storage)
 
 
 def run_cell(
@@ -490,10 +488,8 @@ def console_observers(label: str = "") -> list[Observer]:
 def _prometheus(spec: FineTune) -> list[Observer]:
     if spec.metrics.port == 0 and not spec.metrics.pushgateway_url:
         return []
-    try:
-        from service.run.metrics import PrometheusObserver
-    except ImportError:
-        return []
+    from service.run.metrics import PrometheusObserver
+
     return [
         PrometheusObserver(
             spec, port=spec.metrics.port, pushgateway_url=spec.metrics.pushgateway_url

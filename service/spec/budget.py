@@ -152,14 +152,9 @@ def model_gmacs(model: str, hw: tuple[int, int]) -> tuple[float, str]:
 
 
 def _catalog_entry(model: str):
-    try:
-        from service.backbones import catalog
-    except ImportError:  # the catalog module is optional for this estimate
-        return None
-    try:
-        return catalog.get(model)
-    except Exception:  # an unknown name: the default is the conservative answer
-        return None
+    from service.backbones import catalog
+
+    return catalog.get(model)  # None for a name not in the catalog: the default GMACs apply
 
 
 def _as_hw(size) -> tuple[int, int] | None:

@@ -7,20 +7,16 @@ report lists cells in the same order.
 
 from __future__ import annotations
 
-import hashlib
 import re
 
+from service.digest import bounded_name
 from service.spec import FineTune, Protocol, Study
 
 
 def cell_name(study: str, dataset: str, model: str, seed: int, fraction: float) -> str:
     """A DNS-1123 label for one cell; long names are cut and made unique with a short hash."""
     raw = f"{study}-{dataset}-{model}-s{seed}-f{fraction}"
-    slug = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")
-    if len(slug) <= 63:
-        return slug
-    digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
-    return f"{slug[:54].rstrip('-')}-{digest}"
+    return bounded_name(re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-"), source=raw)
 
 
 def expand(study: Study) -> list[FineTune]:

@@ -11,6 +11,7 @@ makes "a checkpoint is never seen half-written" hold on both backends.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlparse
@@ -50,6 +51,14 @@ class Store(Protocol):
         """Remove what writers killed mid-write left behind (local temp files, unfinished
         multipart uploads) at least ``older_than`` seconds ago. Returns how many."""
         ...
+
+
+def default_cache_dir(storage: Storage | None = None) -> Path:
+    """Where downloads and decoded datasets are cached, decided once for every command and the
+    worker: ``storage.cache_dir``, else ``$BACKBONES_CACHE``, else ``~/.cache/backbones``."""
+    if storage is not None and storage.cache_dir:
+        return Path(storage.cache_dir).expanduser()
+    return Path(os.environ.get("BACKBONES_CACHE") or "~/.cache/backbones").expanduser()
 
 
 def is_s3(uri: str) -> bool:

@@ -44,13 +44,6 @@ OBJECT_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".npz", ".h5", ".hdf5")
 ATTEMPTS = 3  # per file, on top of botocore's own retries: a stream can break mid-body
 
 
-def default_cache_dir(storage: Storage | None = None) -> Path:
-    """``storage.cache_dir``, else ``$BACKBONES_CACHE``, else ``~/.cache/backbones``."""
-    if storage is not None and storage.cache_dir:
-        return Path(storage.cache_dir).expanduser()
-    return Path(os.environ.get("BACKBONES_CACHE", "~/.cache/backbones")).expanduser()
-
-
 def fetch_dataset(spec: FineTune, cache_dir: Path, observer: Observer | None = None) -> Path:
     """A local path for ``spec.dataset.uri`` (local paths are returned as they are)."""
     uri = spec.dataset.uri
