@@ -31,7 +31,8 @@ from urllib.parse import urlparse
 
 from service.data import layout, packing
 from service.errors import UserError
-from service.spec import Dataset, Study
+from service.spec.model import Study
+from service.spec.sections import Dataset
 
 
 @dataclass(frozen=True)
