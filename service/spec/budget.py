@@ -33,6 +33,7 @@ from service.data import layout, packing
 from service.errors import UserError
 from service.spec.model import Study
 from service.spec.sections import Dataset, Protocol
+from service.train.recipes import recipe_for
 
 
 @dataclass(frozen=True)
@@ -325,7 +326,8 @@ def _epoch_images(dataset: Dataset, size: DatasetSize, fraction: float) -> tuple
 def _seconds(proto: Protocol, train: int, val: int, test: int, train_ips: float) -> float:
     """One seed's seconds on one GPU: every epoch (capped by max_minutes), then the test pass."""
     eval_ips = train_ips / EVAL_COST
-    train_cost = EVAL_COST if proto.recipe == "linear_probe" else 1.0
+    # A frozen backbone ('linear_probe') trains only its head: about a forward pass per image.
+    train_cost = EVAL_COST if recipe_for(proto).freeze_backbone else 1.0
     epoch_s = train / train_ips * train_cost + val / eval_ips
     train_s = proto.max_epochs * epoch_s
     if proto.max_minutes:
