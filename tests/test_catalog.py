@@ -129,7 +129,7 @@ def test_shipped_timm_model_list_is_fresh():
     """validate checks names against service/backbones/timm_models.txt without importing timm."""
     import timm
 
-    from service.backbones.checks import timm_names
+    from service.backbones.names import timm_names
 
     assert timm_names() == frozenset(timm.list_models())
 

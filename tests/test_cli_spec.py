@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from service.backbones import checks
+from service.backbones import names
 from service.cli import _app, app
 from service.cli.spec_cmds import schemas
 from service.spec import load_spec
@@ -229,7 +229,7 @@ def test_deep_checks_names_against_timm_itself(tmp_path, monkeypatch):
     doc = finetune()
     doc["backbone"]["model"] = "resnet18"  # in timm, not in the catalog
     spec = write(tmp_path, "r18.json", doc)
-    monkeypatch.setattr(checks, "timm_names", lambda: frozenset())  # a stale shipped list
+    monkeypatch.setattr(names, "timm_names", lambda: frozenset())  # a stale shipped list
     assert validate(spec).exit_code == 2
     assert validate("--deep", spec).exit_code == 0
 

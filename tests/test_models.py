@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from service.backbones import factory as models
+from service.backbones import weights
 from service.digest import sha256_file
 from service.errors import UserError
 from service.spec import Backbone
@@ -155,6 +156,6 @@ def test_s3_weights_are_downloaded_once_into_the_cache(tmp_path, monkeypatch):
         built = models.build(Backbone(model="test_resnet", weights=uri), 3, cache_dir=tmp_path)
         assert torch.all(built.model.state_dict()["conv1.0.weight"] == 0.5)
         assert built.weights_sha256 == sha256_file(path)
-        cached = models.resolve_weights_file(uri, cache_dir=tmp_path)
+        cached = weights.resolve_weights_file(uri, cache_dir=tmp_path)
         assert cached.is_relative_to(tmp_path / "weights")
         assert cached.read_bytes() == path.read_bytes()

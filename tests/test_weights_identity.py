@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from service.backbones import catalog
+from service.backbones import catalog, weights
 from service.backbones import factory as models
 from service.backbones.weights_push import _from_timm, push_weights
 from service.errors import UserError
@@ -125,7 +125,7 @@ def test_wavemix_push_and_a_timm_run_take_the_same_hub_checkpoint(monkeypatch, t
     pth = tmp_path / "hub.pth"
     torch.save(wavemix.create(1000).state_dict(), pth)
     monkeypatch.setattr(wavemix, "hub_checkpoint", lambda: str(pth))
-    monkeypatch.setattr(models, "hub_reachable", lambda *a: True)
+    monkeypatch.setattr(weights, "hub_reachable", lambda *a: True)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     from huggingface_hub import constants
 

@@ -172,7 +172,7 @@ def _save(state: object, out: Path, where: str, *, tag: str | None = None) -> in
             raise UserError(f"{where}: entry {k!r} is not a tensor")
         # Clone: safetensors refuses tensors that share storage (tied weights).
         tensors[str(k)] = v.detach().contiguous().clone()
-    from service.backbones.factory import TAG_KEY
+    from service.backbones.weights import TAG_KEY
 
     # The tag travels in the file, so a run records which pretrained weights it started from.
     save_file(tensors, str(out), metadata={TAG_KEY: tag} if tag else None)

@@ -64,10 +64,10 @@ def pooled(model, x: torch.Tensor) -> torch.Tensor:
     Linear layer (torchvision)."""
     if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
         return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
-    from service.backbones.factory import _last_linear
+    from service.backbones.weights import last_linear
 
     captured = {}
-    _, linear = _last_linear(model)
+    _, linear = last_linear(model)
     handle = linear.register_forward_hook(lambda m, i, o: captured.setdefault("x", i[0]))
     try:
         model(x)

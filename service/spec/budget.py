@@ -31,7 +31,9 @@ from urllib.parse import urlparse
 
 from service.data import layout, packing
 from service.errors import UserError
-from service.spec import Dataset, Study
+from service.spec.model import Study
+from service.spec.sections import Dataset, Protocol
+from service.train.recipes import recipe_for
 
 
 @dataclass(frozen=True)
@@ -261,40 +263,18 @@ def estimate(
     """Per-cell breakdown and total GPU-hours of a Study on the reference GPU."""
     gpu = REFERENCE_GPUS[reference]
     gpus = study.resources.gpus
-    result = Estimate(study.name, study.n_cells, gpu.name, gpus)
-    if gpus == 0:
-        result.notes.append("resources.gpus is 0: the study runs on CPUs and uses no GPU-hours")
-    epochs = sorted({study.protocol_for(d).max_epochs for d in study.datasets})
-    result.notes.append(
-        f"epochs: protocol.max_epochs ({', '.join(map(str, epochs))}), a ceiling"
-        + (" (per-dataset overrides)" if len(epochs) > 1 else "")
-    )
-    result.notes.append(f"throughput: {gpu.source}")
+    result = Estimate(study.name, study.n_cells, gpu.name, gpus, notes=_notes(study, gpu))
     scale = 0.0 if gpus == 0 else (1.0 if gpus == 1 else 1.0 / MULTI_GPU_EFFICIENCY)
     sizes = _sizes(study, online=online, storage=storage or study.storage)
     for dataset, size in zip(study.datasets, sizes, strict=True):
         # Each dataset's cells run under its effective protocol (datasets[].protocol).
         proto = study.protocol_for(dataset)
-        hw = proto.hw
-        train_cost = EVAL_COST if proto.recipe == "linear_probe" else 1.0
         for backbone in study.backbones:
-            gmacs, gmacs_source = model_gmacs(backbone.model, hw)
+            gmacs, gmacs_source = model_gmacs(backbone.model, proto.hw)
             train_ips = min(gpu.gmac_images_per_second / gmacs, gpu.max_images_per_second)
-            eval_ips = train_ips / EVAL_COST
             for fraction in study.train_fractions:
-                if size.val is not None:
-                    pool, val = size.train, size.val
-                else:
-                    val = round(size.train * dataset.val_fraction)
-                    pool = size.train - val
-                train = max(1, round(pool * fraction))
-                if dataset.samples_per_class and size.classes:
-                    train = min(train, dataset.samples_per_class * size.classes)
-                epoch_s = train / train_ips * train_cost + val / eval_ips
-                train_s = proto.max_epochs * epoch_s
-                if proto.max_minutes:
-                    train_s = min(train_s, proto.max_minutes * 60)
-                seconds = train_s + size.test / eval_ips
+                train, val = _epoch_images(dataset, size, fraction)
+                seconds = _seconds(proto, train, val, size.test, train_ips)
                 result.cells.append(
                     CellEstimate(
                         dataset=dataset.short_name,
@@ -310,10 +290,49 @@ def estimate(
                         epochs=proto.max_epochs,
                         images_per_second=train_ips,
                         gpu_hours_per_seed=seconds / 3600 * scale,
-                        image_size=hw,
+                        image_size=proto.hw,
                     )
                 )
     return result
+
+
+def _notes(study: Study, gpu: ReferenceGPU) -> list[str]:
+    """What an estimate assumes: no GPU at all, the epoch ceiling, the throughput source."""
+    notes = []
+    if study.resources.gpus == 0:
+        notes.append("resources.gpus is 0: the study runs on CPUs and uses no GPU-hours")
+    epochs = sorted({study.protocol_for(d).max_epochs for d in study.datasets})
+    notes.append(
+        f"epochs: protocol.max_epochs ({', '.join(map(str, epochs))}), a ceiling"
+        + (" (per-dataset overrides)" if len(epochs) > 1 else "")
+    )
+    notes.append(f"throughput: {gpu.source}")
+    return notes
+
+
+def _epoch_images(dataset: Dataset, size: DatasetSize, fraction: float) -> tuple[int, int]:
+    """Train and validation images per epoch: after the val carve-out, fraction and class cap."""
+    if size.val is not None:
+        pool, val = size.train, size.val
+    else:
+        val = round(size.train * dataset.val_fraction)
+        pool = size.train - val
+    train = max(1, round(pool * fraction))
+    if dataset.samples_per_class and size.classes:
+        train = min(train, dataset.samples_per_class * size.classes)
+    return train, val
+
+
+def _seconds(proto: Protocol, train: int, val: int, test: int, train_ips: float) -> float:
+    """One seed's seconds on one GPU: every epoch (capped by max_minutes), then the test pass."""
+    eval_ips = train_ips / EVAL_COST
+    # A frozen backbone ('linear_probe') trains only its head: about a forward pass per image.
+    train_cost = EVAL_COST if recipe_for(proto).freeze_backbone else 1.0
+    epoch_s = train / train_ips * train_cost + val / eval_ips
+    train_s = proto.max_epochs * epoch_s
+    if proto.max_minutes:
+        train_s = min(train_s, proto.max_minutes * 60)
+    return train_s + test / eval_ips
 
 
 def _sizes(study: Study, *, online: bool, storage) -> list[DatasetSize]:

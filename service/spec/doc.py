@@ -13,11 +13,15 @@ import typing
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from service import spec as S
+from service.spec.infra import Metrics, Output, Resources, Storage
+from service.spec.model import FineTune, Study
+from service.spec.search import Proxy, Search
+from service.spec.sections import Backbone, Dataset, Protocol, StudyDataset
 
 _INTRO = """# Spec reference
 
-Generated from `service/spec/model.py` by `python -m service.spec.doc > docs/spec.md`; do not edit.
+Generated from the models in `service/spec/`
+by `python -m service.spec.doc > docs/spec.md`; do not edit.
 
 A spec is one JSON document. `kind: FineTune` is one run; `kind: Study` is a grid of runs
 (`backbones` × `datasets` × `seeds` × `train_fractions`) under one protocol. Unknown keys are
@@ -60,31 +64,31 @@ def _table(model: type[BaseModel], prefix: str = "", skip: type[BaseModel] | Non
 
 def render() -> str:
     out = [_INTRO]
-    for kind in (S.FineTune, S.Study):
+    for kind in (FineTune, Study):
         out += [f"## kind: {kind.__name__}", "", (kind.__doc__ or "").strip(), ""]
         out += _table(kind)
         out.append("")
     sections = [
-        ("backbone (FineTune) / backbones[] (Study)", S.Backbone),
-        ("dataset (FineTune) / datasets[] (Study)", S.Dataset),
-        ("protocol", S.Protocol),
-        ("output", S.Output),
-        ("resources", S.Resources),
-        ("storage", S.Storage),
-        ("metrics", S.Metrics),
-        ("search (Study)", S.Search),
-        ("search.proxy (Study)", S.Proxy),
+        ("backbone (FineTune) / backbones[] (Study)", Backbone),
+        ("dataset (FineTune) / datasets[] (Study)", Dataset),
+        ("protocol", Protocol),
+        ("output", Output),
+        ("resources", Resources),
+        ("storage", Storage),
+        ("metrics", Metrics),
+        ("search (Study)", Search),
+        ("search.proxy (Study)", Proxy),
     ]
     for title, model in sections:
         out += [f"## {title}", "", (model.__doc__ or "").strip(), ""]
         out += _table(model)
         out.append("")
-        if model is S.Dataset:
+        if model is Dataset:
             out += [
                 "A Study's `datasets[]` entries take one more field: their own protocol "
                 "overrides, any `protocol` field but `seed` (its checks apply).",
                 "",
-                *_table(S.StudyDataset, "datasets[].", skip=S.Dataset),
+                *_table(StudyDataset, "datasets[].", skip=Dataset),
                 "",
             ]
     return "\n".join(out)

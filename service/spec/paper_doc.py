@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.spec import Study, load_spec
+from service.spec.loading import load_spec
+from service.spec.model import Study
 
 JOBSPECS = Path(__file__).resolve().parents[2] / "jobspecs"
 COUNT_AFTER = (

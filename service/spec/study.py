@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 
 from service.digest import bounded_name
-from service.spec import FineTune, Protocol, Study
+from service.spec.model import FineTune, Study
+from service.spec.sections import Protocol
 
 
 def cell_name(study: str, dataset: str, model: str, seed: int, fraction: float) -> str:

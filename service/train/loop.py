@@ -693,9 +693,9 @@ def head_module(model) -> torch.nn.Module:
     """The classifier: timm's get_classifier(), else the last Linear layer (torchvision)."""
     if hasattr(model, "get_classifier"):
         return model.get_classifier()
-    from service.backbones.factory import _last_linear
+    from service.backbones.weights import last_linear
 
-    return _last_linear(model)[1]
+    return last_linear(model)[1]
 
 
 def peak_memory_bytes(device: torch.device) -> int:

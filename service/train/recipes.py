@@ -1,18 +1,24 @@
-"""The three recipes as data: which optimizer, schedule and stopping rule each phase uses.
+"""The recipes, by name: which optimizer, schedule and stopping rule each phase uses.
 
-A recipe is a short tuple of phases. ``paper`` has two (AdamW, then SGD from the best AdamW
-weights), each ending after ``patience`` epochs without validation improvement; ``standard`` and
-``linear_probe`` have one, a fixed number of epochs under warmup + cosine. The fit loop only
-walks the phases; everything recipe-specific lives here.
+``RECIPES`` is the one registry of recipes. The spec's ``protocol.recipe`` accepts exactly its
+names, in its order, and describes them with its summaries (``service.spec.sections`` builds the
+field from it, so the JSON Schema and docs/spec.md follow); ``recipe_for`` builds the named one
+with the protocol's overrides applied. A recipe is a short tuple of phases. ``paper`` has two
+(AdamW, then SGD from the best AdamW weights), each ending after ``patience`` epochs without
+validation improvement; ``standard`` and ``linear_probe`` have one, a fixed number of epochs
+under warmup + cosine. The fit loop only walks the phases; everything recipe-specific lives here.
+
+This module imports neither torch (only inside the optimizer and scheduler factories) nor the
+spec: ``backbones validate`` reads the names.
 """
 
 from __future__ import annotations
 
 import math
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
-
-from service.spec import Protocol
 
 
 @dataclass(frozen=True)
@@ -43,75 +49,119 @@ class Recipe:
     warmup_epochs: int
 
 
-def recipe_for(p: Protocol) -> Recipe:
+class Settings(typing.Protocol):
+    """What a recipe reads from the spec's protocol (a ``service.spec.Protocol``)."""
+
+    recipe: str
+    lr: float | None
+    weight_decay: float | None
+    label_smoothing: float
+    ema: bool
+    ema_decay: float
+    patience: int
+    max_epochs: int
+    warmup_epochs: int
+
+    @property
+    def effective_augmentation(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Definition:
+    """A registry entry: how the spec describes a recipe, and how to build it."""
+
+    summary: str  # follows "'<name>': " in protocol.recipe's description
+    augmentation: str  # what protocol.augmentation 'recipe' (the default) trains with
+    build: Callable[[Settings], Recipe]
+
+
+def _recipe(p: Settings, name: str, phases: tuple[Phase, ...], **rest) -> Recipe:
+    """A recipe whose augmentation, EMA decay and epoch limits are the protocol's."""
+    return Recipe(
+        name,
+        phases,
+        augmentation=p.effective_augmentation,
+        ema_decay=p.ema_decay,
+        patience=p.patience,
+        max_epochs=p.max_epochs,
+        **rest,
+    )
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _paper(p: Settings) -> Recipe:
+    # Jeevan & Sethi: AdamW(1e-3, wd 1e-2) to a plateau, reload best, SGD(1e-3, m 0.9).
+    lr = p.lr or 1e-3
+    adamw = Phase("adamw", "adamw", lr, _or(p.weight_decay, 1e-2), until_plateau=True)
+    sgd = Phase("sgd", "sgd", lr, 0.0, momentum=0.9, until_plateau=True, reload_best=True)
+    return _recipe(
+        p,
+        "paper",
+        (adamw, sgd),
+        label_smoothing=0.0,
+        ema=False,
+        freeze_backbone=False,
+        warmup_epochs=0,
+    )
+
+
+def _standard(p: Settings) -> Recipe:
+    wd = _or(p.weight_decay, 0.05)
+    phase = Phase("cosine", "adamw", p.lr or 1e-3, wd, schedule="warmup_cosine")
+    return _recipe(
+        p,
+        "standard",
+        (phase,),
+        label_smoothing=p.label_smoothing,
+        ema=p.ema,
+        freeze_backbone=False,
+        warmup_epochs=p.warmup_epochs,
+    )
+
+
+def _linear_probe(p: Settings) -> Recipe:
+    # Only a linear head trains: a larger step suits it, and no weight decay by default.
+    wd = _or(p.weight_decay, 0.0)
+    phase = Phase("probe", "adamw", p.lr or 1e-2, wd, schedule="warmup_cosine")
+    return _recipe(
+        p,
+        "linear_probe",
+        (phase,),
+        label_smoothing=0.0,
+        ema=False,
+        freeze_backbone=True,
+        warmup_epochs=p.warmup_epochs,
+    )
+
+
+# The order is the spec's: the JSON Schema's enum and docs/spec.md list the names in it.
+RECIPES: dict[str, Definition] = {
+    "paper": Definition(
+        "the study's AdamW-then-SGD plateau protocol (no augmentation unless "
+        "protocol.augmentation sets one; docs/paper.md lists how it differs from the paper's "
+        "code).",
+        augmentation="none",
+        build=_paper,
+    ),
+    "standard": Definition(
+        "AdamW, warmup + cosine, label smoothing, random-resized-crop and flip, fixed epochs.",
+        augmentation="standard",
+        build=_standard,
+    ),
+    "linear_probe": Definition(
+        "frozen backbone, head only.", augmentation="none", build=_linear_probe
+    ),
+}
+
+
+def recipe_for(p: Settings) -> Recipe:
     """The recipe ``protocol.recipe`` names, with the protocol's overrides applied."""
-    if p.recipe == "paper":
-        # Jeevan & Sethi: AdamW(1e-3, wd 1e-2) to a plateau, reload best, SGD(1e-3, m 0.9).
-        lr = p.lr or 1e-3
-        phases = (
-            Phase(
-                "adamw",
-                "adamw",
-                lr,
-                1e-2 if p.weight_decay is None else p.weight_decay,
-                until_plateau=True,
-            ),
-            Phase("sgd", "sgd", lr, 0.0, momentum=0.9, until_plateau=True, reload_best=True),
-        )
-        return Recipe(
-            "paper",
-            phases,
-            augmentation=p.effective_augmentation,
-            label_smoothing=0.0,
-            ema=False,
-            ema_decay=p.ema_decay,
-            freeze_backbone=False,
-            patience=p.patience,
-            max_epochs=p.max_epochs,
-            warmup_epochs=0,
-        )
-    if p.recipe == "standard":
-        phase = Phase(
-            "cosine",
-            "adamw",
-            p.lr or 1e-3,
-            0.05 if p.weight_decay is None else p.weight_decay,
-            schedule="warmup_cosine",
-        )
-        return Recipe(
-            "standard",
-            (phase,),
-            augmentation=p.effective_augmentation,
-            label_smoothing=p.label_smoothing,
-            ema=p.ema,
-            ema_decay=p.ema_decay,
-            freeze_backbone=False,
-            patience=p.patience,
-            max_epochs=p.max_epochs,
-            warmup_epochs=p.warmup_epochs,
-        )
-    if p.recipe == "linear_probe":
-        # Only a linear head trains: a larger step suits it, and no weight decay by default.
-        phase = Phase(
-            "probe",
-            "adamw",
-            p.lr or 1e-2,
-            0.0 if p.weight_decay is None else p.weight_decay,
-            schedule="warmup_cosine",
-        )
-        return Recipe(
-            "linear_probe",
-            (phase,),
-            augmentation=p.effective_augmentation,
-            label_smoothing=0.0,
-            ema=False,
-            ema_decay=p.ema_decay,
-            freeze_backbone=True,
-            patience=p.patience,
-            max_epochs=p.max_epochs,
-            warmup_epochs=p.warmup_epochs,
-        )
-    raise ValueError(f"unknown recipe {p.recipe!r}")
+    if p.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {p.recipe!r}")
+    return RECIPES[p.recipe].build(p)
 
 
 def make_optimizer(phase: Phase, params, *, fused: bool):
