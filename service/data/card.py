@@ -104,6 +104,39 @@ def card(root: Path, *, workers: int = 4) -> dict:
     recs = list(records(root, notes))
     if not recs:
         raise UserError(f"{root}: no images found")
+    looks = _look_all(recs, workers)
+    splits: dict[str, Counter] = defaultdict(Counter)
+    for r in recs:
+        splits[r.split][r.cls] += 1
+    classes = sorted({r.cls for r in recs})
+    ok = [(r, info, fmt) for r, (_, info, fmt) in zip(recs, looks, strict=True) if info.ok]
+    bad = [
+        {"file": r.ref, "error": info.error}
+        for r, (_, info, _) in zip(recs, looks, strict=True)
+        if not info.ok
+    ]
+    sizes = Counter(f"{info.width}x{info.height}" for _, info, _ in ok)
+    return {
+        "root": str(root),
+        "classes": classes,
+        "images": len(recs),
+        "bytes": sum(len(r.data) for r in recs),
+        "splits": {s: _split_card(splits[s], classes) for s in _split_order(splits)},
+        "undecodable": bad,
+        "duplicates": _duplicates(recs, [h for h, _, _ in looks]),
+        "sizes": {
+            "width": packing.size_stats([i.width for _, i, _ in ok]),
+            "height": packing.size_stats([i.height for _, i, _ in ok]),
+            "most_common": dict(sizes.most_common(5)),
+        },
+        "modes": dict(sorted(Counter(i.mode for _, i, _ in ok).items())),
+        "formats": dict(sorted(Counter(f for _, _, f in ok).items())),
+        "notes": notes,
+    }
+
+
+def _look_all(recs: list[Record], workers: int) -> list[tuple[str, packing.ImageInfo, str]]:
+    """Per record, in parallel: its content hash, what decoding it tells, its image format."""
 
     def _look(r: Record) -> tuple[str, packing.ImageInfo, str]:
         from PIL import Image
@@ -117,14 +150,14 @@ def card(root: Path, *, workers: int = 4) -> dict:
 
     packing.import_codecs()  # Rule: no module is first imported inside a thread or pool.
     with ThreadPoolExecutor(workers) as pool:
-        looks = list(pool.map(_look, recs))
+        return list(pool.map(_look, recs))
 
-    splits: dict[str, Counter] = defaultdict(Counter)
-    for r in recs:
-        splits[r.split][r.cls] += 1
-    classes = sorted({r.cls for r in recs})
+
+def _duplicates(recs: list[Record], hashes: list[str]) -> dict:
+    """Groups of identical images (by content hash): within a split, across splits, and those
+    whose copies carry different labels."""
     by_hash: dict[str, list[Record]] = defaultdict(list)
-    for r, (h, _, _) in zip(recs, looks, strict=True):
+    for r, h in zip(recs, hashes, strict=True):
         by_hash[h].append(r)
     groups = [g for g in by_hash.values() if len(g) > 1]
     within = [
@@ -135,44 +168,17 @@ def card(root: Path, *, workers: int = 4) -> dict:
     ]
     across = [[x.ref for x in g] for g in groups if len({x.split for x in g}) > 1]
     conflicting = [[x.ref for x in g] for g in groups if len({x.cls for x in g}) > 1]
-    ok = [(r, info, fmt) for r, (_, info, fmt) in zip(recs, looks, strict=True) if info.ok]
-    bad = [
-        {"file": r.ref, "error": info.error}
-        for r, (_, info, _) in zip(recs, looks, strict=True)
-        if not info.ok
-    ]
+    return {"within_split": within, "across_splits": across, "conflicting_labels": conflicting}
 
-    def _split_card(counts: Counter) -> dict:
-        per_class = {c: counts.get(c, 0) for c in classes}
-        present = [n for n in per_class.values() if n]
-        return {
-            "count": sum(per_class.values()),
-            "per_class": per_class,
-            "missing_classes": [c for c, n in per_class.items() if n == 0],
-            "imbalance": round(max(present) / min(present), 3) if present else None,
-        }
 
-    sizes = Counter(f"{info.width}x{info.height}" for _, info, _ in ok)
+def _split_card(counts: Counter, classes: list[str]) -> dict:
+    per_class = {c: counts.get(c, 0) for c in classes}
+    present = [n for n in per_class.values() if n]
     return {
-        "root": str(root),
-        "classes": classes,
-        "images": len(recs),
-        "bytes": sum(len(r.data) for r in recs),
-        "splits": {s: _split_card(splits[s]) for s in _split_order(splits)},
-        "undecodable": bad,
-        "duplicates": {
-            "within_split": within,
-            "across_splits": across,
-            "conflicting_labels": conflicting,
-        },
-        "sizes": {
-            "width": packing.size_stats([i.width for _, i, _ in ok]),
-            "height": packing.size_stats([i.height for _, i, _ in ok]),
-            "most_common": dict(sizes.most_common(5)),
-        },
-        "modes": dict(sorted(Counter(i.mode for _, i, _ in ok).items())),
-        "formats": dict(sorted(Counter(f for _, _, f in ok).items())),
-        "notes": notes,
+        "count": sum(per_class.values()),
+        "per_class": per_class,
+        "missing_classes": [c for c, n in per_class.items() if n == 0],
+        "imbalance": round(max(present) / min(present), 3) if present else None,
     }
 
 

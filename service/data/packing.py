@@ -252,6 +252,32 @@ def pack(
         created_by = f"backbones {service.version()}"
 
     all_items = [(s, i) for s in SPLITS for i in splits.get(s, [])]
+    # Two passes over the files (describe, then write) so memory stays flat for any size.
+    infos = _describe_all(all_items, workers)
+    skipped = [str(all_items[k][1].path) for k in range(len(all_items)) if not infos[k].ok]
+    good = [k for k in range(len(all_items)) if infos[k].ok]
+    if not any(all_items[k][0] == "train" for k in good):
+        raise UserError(f"{name}: no decodable training images")
+    classes = sorted({all_items[k][1].cls for k in good})
+    manifest_splits, shards = _pack_splits(all_items, infos, good, classes, out, shard_bytes)
+    mean, std = _mean_std([infos[k] for k in good if all_items[k][0] == "train"])
+    manifest = {
+        "format": FORMAT,
+        "name": name,
+        "classes": classes,
+        "splits": manifest_splits,
+        "shards": shards,
+        "image_stats": _image_stats([infos[k] for k in good], undecodable=len(skipped)),
+        "mean": [round(m, 6) for m in mean],
+        "std": [round(s, 6) for s in std],
+        "created_by": created_by,
+    }
+    (out / MANIFEST).write_bytes(manifest_bytes(manifest))
+    return Packed(manifest=manifest, root=out, skipped=skipped)
+
+
+def _describe_all(all_items: list[tuple[str, Item]], workers: int) -> list[ImageInfo]:
+    """Decode every image once (in parallel): size, mode, and pixel sums for train images."""
 
     def _describe(si: tuple[str, Item]) -> ImageInfo:
         data = si[1].path.read_bytes()
@@ -259,16 +285,15 @@ def pack(
         info.nbytes = len(data)
         return info
 
-    # Two passes over the files (describe, then write) so memory stays flat for any size.
     import_codecs()  # Rule: no module is first imported inside a thread or pool.
     with ThreadPoolExecutor(workers) as pool:
-        infos = list(pool.map(_describe, all_items))
-    skipped = [str(all_items[k][1].path) for k in range(len(all_items)) if not infos[k].ok]
-    good = [k for k in range(len(all_items)) if infos[k].ok]
-    if not any(all_items[k][0] == "train" for k in good):
-        raise UserError(f"{name}: no decodable training images")
-    classes = sorted({all_items[k][1].cls for k in good})
+        return list(pool.map(_describe, all_items))
 
+
+def _pack_splits(
+    all_items, infos, good: list[int], classes: list[str], out: Path, shard_bytes: int
+) -> tuple[dict[str, dict], list[dict]]:
+    """Write every split's shards; return the manifest's ``splits`` and ``shards`` entries."""
     manifest_splits: dict[str, dict] = {}
     shards: list[dict] = []
     for split in SPLITS:
@@ -285,32 +310,26 @@ def pack(
         ks = sorted(ks, key=lambda k: all_items[k][1].member)
         random.Random(f"shards:{split}").shuffle(ks)
         shards += _write_shards(split, ks, all_items, infos, out, shard_bytes)
+    return manifest_splits, shards
 
-    train = [infos[k] for k in good if all_items[k][0] == "train"]
+
+def _mean_std(train: list[ImageInfo]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std over every train pixel, from the per-image sums."""
     n = sum(i.n for i in train)
     mean = [sum(i.s[c] for i in train) / n for c in range(3)]
     std = [max(0.0, sum(i.ss[c] for i in train) / n - mean[c] ** 2) ** 0.5 for c in range(3)]
-    good_infos = [infos[k] for k in good]
-    manifest = {
-        "format": FORMAT,
-        "name": name,
-        "classes": classes,
-        "splits": manifest_splits,
-        "shards": shards,
-        "image_stats": {
-            "count": len(good),
-            "undecodable": len(skipped),
-            "modes": dict(sorted(Counter(i.mode for i in good_infos).items())),
-            "width": size_stats([i.width for i in good_infos]),
-            "height": size_stats([i.height for i in good_infos]),
-            "bytes": sum(infos[k].nbytes for k in good),
-        },
-        "mean": [round(m, 6) for m in mean],
-        "std": [round(s, 6) for s in std],
-        "created_by": created_by,
+    return mean, std
+
+
+def _image_stats(good_infos: list[ImageInfo], *, undecodable: int) -> dict:
+    return {
+        "count": len(good_infos),
+        "undecodable": undecodable,
+        "modes": dict(sorted(Counter(i.mode for i in good_infos).items())),
+        "width": size_stats([i.width for i in good_infos]),
+        "height": size_stats([i.height for i in good_infos]),
+        "bytes": sum(i.nbytes for i in good_infos),
     }
-    (out / MANIFEST).write_bytes(manifest_bytes(manifest))
-    return Packed(manifest=manifest, root=out, skipped=skipped)
 
 
 def _write_shards(split, ks, all_items, infos, out: Path, shard_bytes: int) -> list[dict]:

@@ -98,54 +98,68 @@ def push(
         echo(f"packing {total} images from {src} ...")
     with tempfile.TemporaryDirectory(prefix="backbones-push-") as tmp:
         packed = packing.pack(splits, Path(tmp), name=name, shard_bytes=shard_bytes)
-        manifest = packed.manifest
-        new_bytes = packing.manifest_bytes(manifest)
-        remote = _remote_manifest(store)
-        remote_shards = {s["key"]: s for s in (remote or {}).get("shards", [])}
-        objects = _remote_sizes(store)
-
-        result = PushResult(
-            dest=store.uri,
-            manifest=manifest,
-            skipped=packed.skipped,
-            notes=[found.skipped_note] if found.skipped_note else [],
-            dry_run=dry_run,
-            manifest_changed=remote is None or packing.manifest_bytes(remote) != new_bytes,
-        )
-        for shard in manifest["shards"]:
-            old = remote_shards.get(shard["key"])
-            same = (
-                old is not None
-                and old.get("sha256") == shard["sha256"]
-                and old.get("size") == shard["size"]
-                and objects.get(shard["key"]) == shard["size"]
-            )
-            if same:
-                result.unchanged.append(shard["key"])
-            else:
-                result.uploaded.append(shard["key"])
-                result.uploaded_bytes += shard["size"]
-        keep = {s["key"] for s in manifest["shards"]}
-        result.deleted = sorted(k for k in objects if k.startswith("shards/") and k not in keep)
+        result = _plan(store, packed, notes=[found.skipped_note] if found.skipped_note else [])
+        result.dry_run = dry_run
         if dry_run:
             return result
-
-        # Rule: no module is first imported inside a thread or pool; reading the remote
-        # manifest above, on this thread, imported boto3 and built the client the uploads share.
-        with ThreadPoolExecutor(max(1, min(workers, 8))) as pool:
-            futures = {
-                pool.submit(store.upload_file, Path(tmp) / key, key): key for key in result.uploaded
-            }
-            for fut in as_completed(futures):
-                fut.result()
-                if echo:
-                    echo(f"  uploaded {futures[fut]}")
-        if result.manifest_changed or result.uploaded:
-            store.write_bytes(packing.MANIFEST, new_bytes)
-            result.manifest_changed = True
-        for key in result.deleted:
-            store.delete(key)
+        _apply(store, result, Path(tmp), workers=workers, echo=echo)
     return result
+
+
+def _plan(store, packed: packing.Packed, notes: list[str]) -> PushResult:
+    """Compare the freshly packed dataset with what ``store`` holds: which shards to upload,
+    which are unchanged, which are stale, and whether the manifest changes."""
+    manifest = packed.manifest
+    remote = _remote_manifest(store)
+    remote_shards = {s["key"]: s for s in (remote or {}).get("shards", [])}
+    objects = _remote_sizes(store)
+    result = PushResult(
+        dest=store.uri,
+        manifest=manifest,
+        skipped=packed.skipped,
+        notes=notes,
+        manifest_changed=(
+            remote is None or packing.manifest_bytes(remote) != packing.manifest_bytes(manifest)
+        ),
+    )
+    for shard in manifest["shards"]:
+        old = remote_shards.get(shard["key"])
+        same = (
+            old is not None
+            and old.get("sha256") == shard["sha256"]
+            and old.get("size") == shard["size"]
+            and objects.get(shard["key"]) == shard["size"]
+        )
+        if same:
+            result.unchanged.append(shard["key"])
+        else:
+            result.uploaded.append(shard["key"])
+            result.uploaded_bytes += shard["size"]
+    keep = {s["key"] for s in manifest["shards"]}
+    result.deleted = sorted(k for k in objects if k.startswith("shards/") and k not in keep)
+    return result
+
+
+def _apply(
+    store, result: PushResult, packed_dir: Path, *, workers: int, echo: Callable | None
+) -> None:
+    """Carry out the plan in the order readers rely on: changed shards (in parallel), then
+    ``manifest.json``, then stale shards deleted."""
+    # Rule: no module is first imported inside a thread or pool; reading the remote
+    # manifest in _plan, on this thread, imported boto3 and built the client the uploads share.
+    with ThreadPoolExecutor(max(1, min(workers, 8))) as pool:
+        futures = {
+            pool.submit(store.upload_file, packed_dir / key, key): key for key in result.uploaded
+        }
+        for fut in as_completed(futures):
+            fut.result()
+            if echo:
+                echo(f"  uploaded {futures[fut]}")
+    if result.manifest_changed or result.uploaded:
+        store.write_bytes(packing.MANIFEST, packing.manifest_bytes(result.manifest))
+        result.manifest_changed = True
+    for key in result.deleted:
+        store.delete(key)
 
 
 def _remote_manifest(store) -> dict | None:

@@ -180,43 +180,14 @@ def scan_packed(
         start = len(items)
         shards = [s for s in manifest["shards"] if s["split"] == split]
         for shard in sorted(shards, key=lambda s: s["key"]):
-            key = shard["key"]
-            path = root / key
-            if sha is not None and shard.get("sha256"):
-                got = sha(path)
-                if got != shard["sha256"]:
-                    raise UserError(
-                        f"{key}: sha256 {got[:12]}… does not match {packing.MANIFEST} "
-                        f"({str(shard['sha256'])[:12]}…): corrupt or modified shard"
-                    )
-            for m in packing.shard_members(path, key, known):
-                items.append(
-                    Item(
-                        ref=f"{key}:{m.cls}/{m.name}", path=str(path), offset=m.offset, size=m.size
-                    )
-                )
-                labels.append(known[m.cls])
+            for item, cls in _shard_items(root, shard, known, sha):
+                items.append(item)
+                labels.append(known[cls])
         if len(items) > start:
             parts[split] = np.arange(start, len(items))
     if "train" not in parts:
         raise UserError(f"{where}/{packing.MANIFEST}: no train shards")
     labels_arr = np.asarray(labels, dtype=np.int64)
-    # As for a folder (service.data.layout): every class has train images; val/test may lack some.
-    present = set(np.unique(labels_arr[parts["train"]]).tolist())
-    missing = [c for i, c in enumerate(classes) if i not in present]
-    if missing:
-        raise UserError(f"class {missing[0]!r} in train has no images")
-    notes = []
-    for split in ("val", "test"):
-        if split in parts:
-            have = set(np.unique(labels_arr[parts[split]]).tolist())
-            lack = [c for i, c in enumerate(classes) if i not in have]
-            if lack:
-                notes.append(
-                    f"{split}/ has no images of {len(lack)} train class(es): "
-                    + ", ".join(lack[:5])
-                    + (" ..." if len(lack) > 5 else "")
-                )
     return Catalog(
         kind="packed",
         classes=classes,
@@ -226,8 +197,48 @@ def scan_packed(
         content_hash=hashlib.sha256(raw).hexdigest(),  # it pins every shard's sha256
         items=items,
         where=where,
-        notes=notes,
+        notes=_class_coverage(classes, labels_arr, parts),
     )
+
+
+def _shard_items(
+    root: Path, shard: dict, known: dict[str, int], sha: Callable[[Path], str] | None
+) -> Iterator[tuple[Item, str]]:
+    """Each member of one shard as (item, class), after checking the shard's sha256 when
+    ``sha`` is given."""
+    key = shard["key"]
+    path = root / key
+    if sha is not None and shard.get("sha256"):
+        got = sha(path)
+        if got != shard["sha256"]:
+            raise UserError(
+                f"{key}: sha256 {got[:12]}… does not match {packing.MANIFEST} "
+                f"({str(shard['sha256'])[:12]}…): corrupt or modified shard"
+            )
+    for m in packing.shard_members(path, key, known):
+        item = Item(ref=f"{key}:{m.cls}/{m.name}", path=str(path), offset=m.offset, size=m.size)
+        yield item, m.cls
+
+
+def _class_coverage(classes: list[str], labels: np.ndarray, parts: dict) -> list[str]:
+    """As for a folder (service.data.layout): every class has train images (else a UserError);
+    val/test may lack some, which is a note."""
+    present = set(np.unique(labels[parts["train"]]).tolist())
+    missing = [c for i, c in enumerate(classes) if i not in present]
+    if missing:
+        raise UserError(f"class {missing[0]!r} in train has no images")
+    notes = []
+    for split in ("val", "test"):
+        if split in parts:
+            have = set(np.unique(labels[parts[split]]).tolist())
+            lack = [c for i, c in enumerate(classes) if i not in have]
+            if lack:
+                notes.append(
+                    f"{split}/ has no images of {len(lack)} train class(es): "
+                    + ", ".join(lack[:5])
+                    + (" ..." if len(lack) > 5 else "")
+                )
+    return notes
 
 
 # --------------------------------------------------------------------------------------------

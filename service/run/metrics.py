@@ -36,6 +36,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import delete_from_gateway, push_to_gateway, start_http_server
 
 from service.run.events import PHASES, Observer, Progress
+from service.run.metric_defs import RUN_METRICS
 from service.spec import FineTune
 
 log = logging.getLogger("backbones.metrics")
@@ -46,8 +47,7 @@ disable_created_metrics()
 LABELS = ("run", "study", "backbone", "dataset")
 PUSH_JOB = "backbones"
 PUSH_TIMEOUT_SECONDS = 5.0
-# One CPU step of a timm test model is ~20 ms, one 224 px GPU step of a 30 M model ~50-500 ms.
-STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_KINDS = {"gauge": Gauge, "counter": Counter, "histogram": Histogram, "summary": Summary}
 # Phases in which the run holds its GPUs (for the GPU-seconds counter).
 _BUSY = frozenset({"Downloading", "Training", "Evaluating", "Uploading"})
 
@@ -120,16 +120,26 @@ class PrometheusObserver(Observer):
     ):
         self.run_id = spec.run_id
         self.pushgateway_url = pushgateway_url or None
-        self.registry = r = CollectorRegistry(auto_describe=True)
-        labels = run_labels(spec)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.labels = run_labels(spec)
+        self._define_metrics(spec)
+        self._remediations_seen = 0
+        self._gpus = gpus
+        self._gpus_now = gpus or 0
+        self._children: dict[Gauge, Gauge] = {}
+        self._last_tick = time.monotonic()
+        self._busy = False
+        self._pushed_phase: str | None = None
+        self._push_warned = False
+        self.server = None
+        if port:
+            self._serve(port, addr)
+
+    def _define_metrics(self, spec: FineTune) -> None:
+        """Register the run's families on its own registry, in the order they are exposed:
+        ``backbones_run_info``, the phase state set, ``RUN_METRICS``, then device memory."""
+        r, labels = self.registry, self.labels
         names = list(labels)
-
-        def gauge(name: str, doc: str):
-            return Gauge(name, doc, names, registry=r).labels(**labels)
-
-        def counter(name: str, doc: str):
-            return Counter(name, doc, names, registry=r).labels(**labels)
-
         info = Info(
             "backbones_run", "The run: labels, recipe, spec hash and image.", names, registry=r
         )
@@ -147,91 +157,13 @@ class PrometheusObserver(Observer):
             registry=r,
         )
         self._phase = {p: phase.labels(**labels, phase=p) for p in PHASES}
-        self._attempt = gauge("backbones_attempt", "Attempt number of this run (1 = first pod).")
-        self._epoch = gauge("backbones_epoch", "Epochs completed.")
-        self._progress = gauge("backbones_progress_ratio", "Progress of the run, 0 to 1.")
-        # Created on first value: a 0 before the first epoch would read as a real figure.
-        self._eta = Gauge(
-            "backbones_eta_seconds", "Estimated seconds to the end.", names, registry=r
-        )
-        self._loss = Gauge(
-            "backbones_train_loss", "Mean training loss so far this epoch.", names, registry=r
-        )
-        self._val = Gauge(
-            "backbones_validation_top1_ratio",
-            "Validation top-1 accuracy of the last epoch.",
-            names,
-            registry=r,
-        )
-        self._best = Gauge(
-            "backbones_validation_top1_best_ratio",
-            "Best validation top-1 accuracy so far.",
-            names,
-            registry=r,
-        )
-        self._ips = Gauge(
-            "backbones_train_images_per_second",
-            "Training throughput as the progress bar shows it (rate(backbones_train_images_total)"
-            " is the same from the counter).",
-            names,
-            registry=r,
-        )
-        self.labels = labels
-        self._step = Histogram(
-            "backbones_step_duration_seconds",
-            "Wall time of one optimizer step, input wait included.",
-            names,
-            buckets=STEP_BUCKETS,
-            registry=r,
-        ).labels(**labels)
-        self._wait = counter(
-            "backbones_input_wait_seconds", "Seconds the training loop waited for input batches."
-        )
-        self._images = counter("backbones_train_images", "Training images processed.")
-        self._downloaded = counter(
-            "backbones_downloaded_bytes", "Bytes of dataset and weights downloaded."
-        )
-        self._ckpt = Summary(
-            "backbones_checkpoint_duration_seconds",
-            "Time to write one checkpoint.",
-            names,
-            registry=r,
-        ).labels(**labels)
-        self._ckpt_ok = Gauge(
-            "backbones_checkpoint_last_success_timestamp_seconds",
-            "Unix time of the last checkpoint written completely.",
-            names,
-            registry=r,
-        )
-        self._gpu_seconds = counter(
-            "backbones_gpu_seconds", "GPU-seconds held by the run (wall time x GPUs)."
-        )
-        self._gpu_count = gauge("backbones_gpus", "GPUs this run uses.")
-        self._remediations = counter(
-            "backbones_oom_remediations",
-            "Out-of-memory errors in training recovered by halving the micro-batch (every "
-            "attempt of the run: a resumed attempt starts from the checkpoint's count).",
-        )
-        self._remediations_seen = 0
-        self._success = Gauge(
-            "backbones_run_last_success_timestamp_seconds",
-            "Unix time the run succeeded (the Pushgateway batch-job pattern).",
-            names,
-            registry=r,
-        )
+        for d in RUN_METRICS:
+            kind = _KINDS[d.kind]
+            extra = {"buckets": d.buckets} if d.buckets else {}
+            family = kind(d.name, d.doc, names, registry=r, **extra)
+            setattr(self, d.attr, family.labels(**labels) if d.eager else family)
         self._memory = _DeviceMemory(labels)
         r.register(self._memory)
-
-        self._gpus = gpus
-        self._gpus_now = gpus or 0
-        self._children: dict[Gauge, Gauge] = {}
-        self._last_tick = time.monotonic()
-        self._busy = False
-        self._pushed_phase: str | None = None
-        self._push_warned = False
-        self.server = None
-        if port:
-            self._serve(port, addr)
 
     # ---- plumbing ---------------------------------------------------------------------------
 

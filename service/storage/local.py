@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-from service.storage import PARTIAL_MAX_AGE, NotFound
+from service.storage.base import PARTIAL_MAX_AGE, NotFound
 
 
 @contextlib.contextmanager

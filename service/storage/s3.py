@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from service.errors import RetriableError, UserError
-from service.storage import PARTIAL_MAX_AGE, NotFound
+from service.storage.base import PARTIAL_MAX_AGE, NotFound
 
 if TYPE_CHECKING:
     from service.spec import Storage
