@@ -241,9 +241,12 @@ class _JobView:
 
 
 def _job_view(
-    job: dict[str, Any], spec: FineTune | Study, cells: list[FineTune], now: dt.datetime,
+    job: dict[str, Any],
+    spec: FineTune | Study,
+    cells: list[FineTune],
+    now: dt.datetime,
     events: EventLister,
-) -> _JobView:  # fmt: skip
+) -> _JobView:
     status = job.get("status") or {}
     indexed = isinstance(spec, Study)
     done = parse_indexes(status.get("completedIndexes")) if indexed else set()
