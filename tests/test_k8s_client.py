@@ -15,6 +15,7 @@ from service.errors import EXIT_RETRY, EXIT_USER, RetriableError, UserError
 from service.k8s import ops
 from service.k8s.client import Cluster, api_error, connect
 from service.k8s.render import render_job
+from service.k8s.status import Row, duration, parse_indexes
 from service.spec import parse_spec
 from service.spec.study import expand
 
@@ -519,7 +520,7 @@ def test_status_of_a_running_finetune_joins_job_pods_and_status_json():
 
     (row,) = ops.status_rows(cluster_of(api), "q", None, read_status=reader, now=NOW)
     assert seen == ["q"]
-    assert row == ops.Row(
+    assert row == Row(
         job="q",
         index=None,
         run="q",
@@ -657,7 +658,7 @@ def test_status_json_is_read_from_the_runs_folder_in_s3(monkeypatch):
 
 
 def test_durations_read_at_a_glance():
-    assert [ops.duration(s) for s in (None, 5, 125, 3 * 3600 + 5 * 60, 2 * 86400 + 4 * 3600)] == [
+    assert [duration(s) for s in (None, 5, 125, 3 * 3600 + 5 * 60, 2 * 86400 + 4 * 3600)] == [
         "-",
         "5s",
         "2m",
@@ -667,8 +668,8 @@ def test_durations_read_at_a_glance():
 
 
 def test_completed_index_ranges_parse():
-    assert ops.parse_indexes("0-2,5,7-8") == {0, 1, 2, 5, 7, 8}
-    assert ops.parse_indexes(None) == set()
+    assert parse_indexes("0-2,5,7-8") == {0, 1, 2, 5, 7, 8}
+    assert parse_indexes(None) == set()
 
 
 # ---- logs -----------------------------------------------------------------------------------

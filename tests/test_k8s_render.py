@@ -389,7 +389,7 @@ def test_counted_failures_end_at_the_backoff_limit_the_table_names():
 
 def test_retriable_exits_are_the_workers_and_ignored_only_for_its_container():
     from service.errors import EXIT_RETRY
-    from service.k8s.render import RETRIABLE_EXIT_CODES
+    from service.k8s.pod import RETRIABLE_EXIT_CODES
 
     assert RETRIABLE_EXIT_CODES == [EXIT_RETRY, 143]
     job = job_of(finetune())

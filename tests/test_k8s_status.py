@@ -16,6 +16,7 @@ import pytest
 from service.k8s import ops
 from service.k8s.client import Cluster
 from service.k8s.render import render_job
+from service.k8s.status import Row, job_rows
 from service.spec import parse_spec
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "k8s"
@@ -47,7 +48,7 @@ def recorded(case: str, spec: dict = FINETUNE) -> tuple[dict, list[dict], list[d
     return job, data["pods"], data["events"]
 
 
-def rows_of(case: str, spec: dict = FINETUNE) -> list[ops.Row]:
+def rows_of(case: str, spec: dict = FINETUNE) -> list[Row]:
     job, pods, events = recorded(case, spec)
 
     def lister(kind: str, name: str) -> list[dict]:
@@ -57,7 +58,7 @@ def rows_of(case: str, spec: dict = FINETUNE) -> list[ops.Row]:
             if (e["involvedObject"]["kind"], e["involvedObject"]["name"]) == (kind, name)
         ]
 
-    return ops.job_rows(job, pods, lambda s, c: None, NOW, events=lister)
+    return job_rows(job, pods, lambda s, c: None, NOW, events=lister)
 
 
 def test_a_pod_that_cannot_pull_its_image_says_so_with_the_fix():
@@ -192,7 +193,7 @@ def test_a_job_failed_by_cache_evictions_says_evicted_not_just_exit_137():
     # after backoff_limit of them the Job fails. The line names the cache, not a bare 137.
     job, pods, _ = recorded("evicted-cache")
     job["status"] = json.loads((FIXTURES / "backoff-limit-oom.json").read_text())["job_status"]
-    (row,) = ops.job_rows(job, pods[:1], lambda s, c: None, NOW)
+    (row,) = job_rows(job, pods[:1], lambda s, c: None, NOW)
     assert row.phase == "Failed"
     assert row.error == (
         'BackoffLimitExceeded: 4 attempts failed; Evicted: Usage of EmptyDir volume "cache" '

@@ -152,7 +152,7 @@ def print_rows(rows) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from service.k8s.ops import duration
+    from service.k8s.status import duration
 
     if not rows:
         typer.echo("no backbones Jobs found")
@@ -189,7 +189,8 @@ def logs(
 ) -> None:
     """Print the worker's log (the newest pod of the Job, or of one Study cell)."""
     from service.k8s.ops import pick_pod
-    from service.k8s.render import CONTAINER, spec_from_job
+    from service.k8s.pod import CONTAINER
+    from service.k8s.render import spec_from_job
     from service.spec.study import cells_of
 
     with edge():

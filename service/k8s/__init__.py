@@ -1,2 +1,4 @@
-"""Kubernetes: ``render`` (pure: spec -> Job dict) and ``client`` (the only module that imports
-the ``kubernetes`` package; every API failure names the verb and ``namespace/name``)."""
+"""Kubernetes: ``render`` and ``pod`` (pure: spec -> Job dict), ``status`` (pure: Job, pods and
+status.json -> the status table), ``ops`` (submit, status, logs, cancel over a ``Cluster``) and
+``client`` (the only module that imports the ``kubernetes`` package; every API failure names
+the verb and ``namespace/name``)."""

@@ -1,7 +1,7 @@
 """What submit, status, logs and cancel do, over a ``Cluster`` (no ``kubernetes`` import here).
 
-The status rows are computed by pure functions from the Job, its pods and each run's
-status.json, so the table logic is tested without a cluster.
+The status rows themselves are computed by pure functions (service.k8s.status); here they are
+fed with the Jobs, pods and events the cluster returns and each run's status.json.
 """
 
 from __future__ import annotations
@@ -12,17 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.errors import BackbonesError, UserError
-from service.k8s.client import INDEX_LABEL, Cluster
-from service.k8s.render import (
-    CONTAINER,
-    JOB_HASH,
-    LABEL_PREFIX,
-    dry_run_name,
-    label_value,
-    spec_from_job,
-)
+from service.k8s.client import Cluster
+from service.k8s.render import JOB_HASH, LABEL_PREFIX, dry_run_name, label_value
+from service.k8s.status import Row, StatusReader, condition, index_of, job_rows
 from service.spec import FineTune, Study
-from service.spec.study import cells_of
 
 MANAGED = "app.kubernetes.io/managed-by=backbones"
 
@@ -53,9 +46,9 @@ class Submitted:
 
 def _finished(job: dict[str, Any]) -> str | None:
     """'Complete' or 'Failed' (with the controller's reason) once the Job has ended."""
-    if _condition(job, "Complete"):
+    if condition(job, "Complete"):
         return "Complete"
-    failed = _condition(job, "Failed")
+    failed = condition(job, "Failed")
     if failed:
         return f"Failed ({failed.get('reason') or 'no reason given'})"
     return None
@@ -185,38 +178,13 @@ def pick_pod(pods: list[dict[str, Any]], job: str, index: int | None, cells: int
     want = 0 if index is None else index
     if not 0 <= want < cells:
         raise UserError(f"--index: must be 0..{cells - 1} for Job {job}, got {want}")
-    matching = [p for p in pods if _index_of(p) in (want, None)]
+    matching = [p for p in pods if index_of(p) in (want, None)]
     if not matching:
         raise UserError(f"Job {job} has no pod for index {want} yet (queued or pending)")
     return matching[-1]["metadata"]["name"]
 
 
-def _index_of(pod: dict[str, Any]) -> int | None:
-    meta = pod.get("metadata") or {}
-    raw = (meta.get("labels") or {}).get(INDEX_LABEL) or (meta.get("annotations") or {}).get(
-        INDEX_LABEL
-    )
-    return int(raw) if raw is not None else None
-
-
 # ---- status ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    job: str
-    index: int | None
-    run: str
-    phase: str
-    progress: float | None
-    eta_seconds: float | None
-    best_val_top1: float | None
-    attempts: int
-    age_seconds: float | None
-    error: str | None = None
-
-
-StatusReader = Callable[[FineTune | Study, FineTune], "dict | None"]
 
 
 def read_status_json(spec: FineTune | Study, cell: FineTune) -> dict | None:
@@ -228,249 +196,6 @@ def read_status_json(spec: FineTune | Study, cell: FineTune) -> dict | None:
         return None
     store = open_store(spec.output.uri, spec.storage).child(cell.run_id)
     return RunOutputs(store).status()
-
-
-def parse_indexes(text: str | None) -> set[int]:
-    """'0-2,5' -> {0, 1, 2, 5} (the Job's completedIndexes / failedIndexes format)."""
-    out: set[int] = set()
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
-def _condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
-    for c in (job.get("status") or {}).get("conditions") or []:
-        if c.get("type") == kind and c.get("status") == "True":
-            return c
-    return None
-
-
-def _age(timestamp: str | None, now: dt.datetime) -> float | None:
-    if not timestamp:
-        return None
-    created = dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    return max(0.0, (now - created).total_seconds())
-
-
-def _pod_phase(pod: dict[str, Any]) -> str:
-    """Pod phase, or the reason a container waits (ImagePullBackOff, ContainerCreating...)."""
-    status = pod.get("status") or {}
-    for cs in status.get("containerStatuses") or []:
-        waiting = (cs.get("state") or {}).get("waiting")
-        if cs.get("name") == CONTAINER and waiting and waiting.get("reason"):
-            return waiting["reason"]
-    return status.get("phase") or "Pending"
-
-
-# ---- why a run does not progress ------------------------------------------------------------
-
-EventLister = Callable[[str, str], list[dict[str, Any]]]
-_PULL = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull")
-
-
-def _one_line(text: str | None, limit: int = 300) -> str:
-    return " ".join(str(text or "").split())[:limit]
-
-
-def _worker(pod: dict[str, Any]) -> dict[str, Any]:
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        if cs.get("name") == CONTAINER:
-            return cs
-    return {}
-
-
-def _memory_limit(pod: dict[str, Any]) -> str:
-    for c in (pod.get("spec") or {}).get("containers") or []:
-        if c.get("name") == CONTAINER:
-            return ((c.get("resources") or {}).get("limits") or {}).get("memory") or "?"
-    return "?"
-
-
-def terminated_line(pod: dict[str, Any], logs_hint: str) -> str | None:
-    """How the worker container of a finished pod ended, with the fix where it is known."""
-    done = (_worker(pod).get("state") or {}).get("terminated")
-    if not done:
-        return None
-    code, reason = done.get("exitCode"), done.get("reason")
-    if reason == "OOMKilled":
-        return (
-            f"OOMKilled (exit {code}): the worker needed more memory than its limit "
-            f"({_memory_limit(pod)}, /dev/shm included); raise resources.memory (or lower "
-            "protocol.batch_size / micro_batch)"
-        )
-    if code == 2:
-        return f"exit 2: bad spec or data, not retried; {logs_hint} says why"
-    if code in (75, 143):
-        return f"exit {code}: stopped, to be resumed (storage down, deleted or preempted)"
-    if code:
-        return f"exit {code} ({reason or 'Error'}); {logs_hint} has the traceback"
-    return None
-
-
-def pod_blocker(pod: dict[str, Any], events: list[dict[str, Any]] = ()) -> str | None:
-    """Why a pod is not running: image pull, missing Secret, unschedulable, evicted."""
-    status = pod.get("status") or {}
-    if status.get("reason") == "Evicted":
-        message = _one_line(status.get("message"))
-        fix = (
-            "; raise resources.cache_size"
-            if "EmptyDir" in message or "ephemeral" in message
-            else ""
-        )
-        return f"Evicted: {message}{fix}"
-    waiting = (_worker(pod).get("state") or {}).get("waiting") or {}
-    reason, message = waiting.get("reason"), _one_line(waiting.get("message"))
-    if reason in _PULL:
-        return (
-            f"{reason}: {message}: check the image (--image or resources.image) and that "
-            "the nodes may pull it (imagePullSecrets, registry reachable)"
-        )
-    if reason == "CreateContainerConfigError":
-        fix = (
-            "; create it (docs/kubernetes.md, section 3) or fix storage.credentials_secret"
-            if "secret" in message.lower()
-            else ""
-        )
-        return f"CreateContainerConfigError: {message}{fix}"
-    if reason and reason != "ContainerCreating":
-        return f"{reason}: {message}" if message else reason
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-            return f"{cond.get('reason') or 'Unschedulable'}: {_one_line(cond.get('message'))}"
-    warnings = [e for e in events if e.get("type") == "Warning"]
-    if warnings and status.get("phase", "Pending") == "Pending":
-        return f"{warnings[-1].get('reason')}: {_one_line(warnings[-1].get('message'))}"
-    return None
-
-
-def _ended(pod: dict[str, Any], logs_hint: str) -> str | None:
-    """How an attempt ended: an eviction says more than its exit code (137, grace 0)."""
-    if (pod.get("status") or {}).get("reason") == "Evicted":
-        return pod_blocker(pod)
-    return terminated_line(pod, logs_hint)
-
-
-def _attempt_trouble(pod: dict[str, Any]) -> str | None:
-    """What a user must fix about a past attempt, even though a retry now runs."""
-    if (pod.get("status") or {}).get("reason") == "Evicted":
-        return pod_blocker(pod)
-    line = terminated_line(pod, "")
-    return line if line and line.startswith("OOMKilled") else None
-
-
-def job_verdict(job: dict[str, Any], cell_names: dict[int, str]) -> str | None:
-    """The terminal reason of a failed Job, in words a user acts on."""
-    failed = _condition(job, "Failed")
-    if not failed:
-        return None
-    reason, message = failed.get("reason") or "Failed", _one_line(failed.get("message"))
-    spec = job.get("spec") or {}
-    if reason == "DeadlineExceeded":
-        return (
-            f"DeadlineExceeded: the Job ran longer than {spec.get('activeDeadlineSeconds')} s "
-            "(resources.active_deadline_seconds; retries and Pending pods count)"
-        )
-    if reason == "BackoffLimitExceeded":
-        return f"BackoffLimitExceeded: {spec.get('backoffLimit', 0) + 1} attempts failed"
-    if reason in ("FailedIndexes", "MaxFailedIndexesExceeded"):
-        bad = sorted(parse_indexes((job.get("status") or {}).get("failedIndexes")))
-        names = ", ".join(cell_names.get(i, str(i)) for i in bad)
-        return f"{reason}: {len(bad)} cell(s) failed for good: {names}"
-    return f"{reason}: {message}" if message else reason
-
-
-def job_blocker(job: dict[str, Any], events: list[dict[str, Any]]) -> str | None:
-    """Why a Job has no pods: the controller's FailedCreate (admission refused the pod)."""
-    refused = [e for e in events if e.get("reason") == "FailedCreate"]
-    if not refused:
-        return None
-    message = _one_line(refused[-1].get("message"))
-    fix = ""
-    if "service account" in message or "serviceaccount" in message:
-        fix = "; create that ServiceAccount in the Job's namespace or fix "
-        fix += "resources.service_account"
-    elif "quota" in message:
-        fix = "; free quota or lower resources"
-    return f"pods are refused: {message}{fix}"
-
-
-def job_rows(
-    job: dict[str, Any],
-    pods: list[dict[str, Any]],
-    read_status: StatusReader,
-    now: dt.datetime,
-    events: EventLister = lambda kind, name: [],
-) -> list[Row]:
-    """One row per cell: phase from the Job's verdict, else status.json, else the pod; the
-    error says why a cell failed or does not progress."""
-    spec = spec_from_job(job)
-    cells = cells_of(spec)
-    name = job["metadata"]["name"]
-    status = job.get("status") or {}
-    age = _age(job["metadata"].get("creationTimestamp"), now)
-    indexed = isinstance(spec, Study)
-    done = parse_indexes(status.get("completedIndexes")) if indexed else set()
-    failed = parse_indexes(status.get("failedIndexes")) if indexed else set()
-    if not indexed and status.get("succeeded"):
-        done = {0}
-    job_failed = _condition(job, "Failed")
-    verdict = job_verdict(job, {i: c.run_id for i, c in enumerate(cells)})
-    suspended = (job.get("spec") or {}).get("suspend") and not status.get("startTime")
-    job_events: list[dict[str, Any]] | None = None
-    rows = []
-    for i, cell in enumerate(cells):
-        mine = [p for p in pods if (_index_of(p) if indexed else 0) == i]
-        logs_hint = f"backbones logs {name}" + (f" --index {i}" if indexed else "")
-        try:
-            run = read_status(spec, cell) or {}
-        except Exception as e:  # unreachable storage must not hide the cluster's view
-            run = {"error": f"status.json unreadable: {' '.join(str(e).split())[:120]}"}
-        error = run.get("error")
-        ended = [line for p in mine if (line := _ended(p, logs_hint))]
-        trouble = [t for p in mine[:-1] if (t := _attempt_trouble(p))]
-        if i in done:
-            phase = "Succeeded"
-        elif i in failed or (job_failed and i not in done):
-            phase = "Failed"
-            why = [verdict, ended[-1] if ended else None]
-            error = "; ".join(x for x in why if x) or (job_failed or {}).get("message") or error
-        elif suspended:
-            phase = "Queued"
-        elif run.get("phase") and mine and _pod_phase(mine[-1]) == "Running":
-            phase = run["phase"]
-        elif mine:
-            phase = _pod_phase(mine[-1])
-            pod_name = mine[-1]["metadata"]["name"]
-            blocker = pod_blocker(mine[-1])
-            if blocker is None and phase == "Pending":
-                blocker = pod_blocker(mine[-1], events("Pod", pod_name))
-            error = blocker or error
-        else:
-            phase = "Pending"
-            if job_events is None:
-                job_events = events("Job", name)
-            error = job_blocker(job, job_events) or error
-        if phase not in ("Succeeded", "Failed") and trouble and not error:
-            error = f"earlier attempt: {trouble[-1]}"
-        progress = 1.0 if phase == "Succeeded" else run.get("progress")
-        rows.append(
-            Row(
-                job=name,
-                index=i if indexed else None,
-                run=cell.run_id,
-                phase=phase,
-                progress=progress,
-                eta_seconds=None if phase in ("Succeeded", "Failed") else run.get("eta_seconds"),
-                best_val_top1=run.get("best_val_top1"),
-                attempts=max(len(mine), int(run.get("attempt") or 0)),
-                age_seconds=age,
-                error=error,
-            )
-        )
-    return rows
 
 
 def status_rows(
@@ -486,17 +211,3 @@ def status_rows(
         pods = cluster.job_pods(job["metadata"]["name"])
         rows.extend(job_rows(job, pods, read_status, now, events=cluster.events))
     return rows
-
-
-def duration(seconds: float | None) -> str:
-    """'45s', '12m', '3h05m', '2d4h': the precision a person scans a table with."""
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600}h"

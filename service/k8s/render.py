@@ -5,6 +5,9 @@ A FineTune becomes a batch/v1 Job with one pod; a Study becomes ONE Indexed Job 
 as ``BACKBONES_SPEC`` (its canonical ``to_json()``); the pod parses it with the same model, so
 nothing is re-assembled from a dozen env vars.
 
+The pod template (container, env, security, volumes, failure policy) is service.k8s.pod; here
+the Job around it: names, labels, hashes, completions, retries and deadline.
+
 Everything here is deterministic in the spec and the image: the golden files in k8s/examples/
 are a fresh render, byte for byte.
 """
@@ -18,14 +21,12 @@ from typing import Any
 
 import service
 from service.digest import bounded_name
-from service.errors import EXIT_RETRY, EXIT_USER, UserError
+from service.errors import UserError
+from service.k8s.pod import CACHE_DIR, pod_failure_policy, pod_spec
 from service.spec import FineTune, Study
 from service.spec.study import cells_of
 
 IMAGE_REPO = "ghcr.io/backbones/backbones"
-CONTAINER = "worker"
-UID = 10001
-CACHE_DIR = "/cache"
 LABEL_PREFIX = "backbones.dev"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"
@@ -142,190 +143,6 @@ def annotations_of(spec: FineTune | Study) -> dict[str, str]:
     return out
 
 
-def _needs_hub(spec: FineTune | Study) -> bool:
-    return any(c.backbone.weights == "timm" for c in cells_of(spec))
-
-
-def _command(gpus: int, grace: int) -> list[str]:
-    if gpus > 1:
-        # torchrun, one process per GPU, --standalone: a local rendezvous (no etcd). Through
-        # service.k8s.launch, which keeps a rank's exit code 2 (plain torchrun exits 1).
-        # torchrun SIGKILLs ranks 30 s after forwarding SIGTERM unless told otherwise: give them
-        # the pod's grace period, less a margin for the launcher itself to exit.
-        return [
-            "python",
-            "-m",
-            "service.k8s.launch",
-            "--standalone",
-            f"--nproc-per-node={gpus}",
-            f"--shutdown-timeout={max(1, grace - 10)}",
-            "-m",
-            "service.run.worker",
-        ]
-    return ["backbones", "worker"]
-
-
-def _env(spec: FineTune | Study, image: str) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [
-        {"name": "BACKBONES_SPEC", "value": spec.to_json()},
-        {"name": "BACKBONES_IMAGE", "value": image},
-        {"name": "BACKBONES_JOB", "value": spec.name},
-        {"name": "BACKBONES_SPEC_HASH", "value": spec_hash_of(spec)},
-        {"name": "BACKBONES_CACHE", "value": CACHE_DIR},
-        {"name": "BACKBONES_NAMESPACE", "valueFrom": _field("metadata.namespace")},
-        {"name": "BACKBONES_POD", "valueFrom": _field("metadata.name")},
-        {"name": "BACKBONES_NODE", "valueFrom": _field("spec.nodeName")},
-        # The root filesystem is read-only: every library cache goes to a writable emptyDir.
-        {"name": "HOME", "value": "/tmp"},
-        {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
-        {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
-        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
-        {"name": "TORCH_HOME", "value": f"{CACHE_DIR}/torch"},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-    ]
-    # The image defaults to offline. Weights from S3 or a random init: fail fast instead of
-    # retrying the hub for ~47 s; weights: "timm" needs the hub.
-    env.append({"name": "HF_HUB_OFFLINE", "value": "0" if _needs_hub(spec) else "1"})
-    secret = spec.storage.credentials_secret
-    if secret:
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
-    return env
-
-
-def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value))
-
-
-def _field(path: str) -> dict[str, Any]:
-    return {"fieldRef": {"fieldPath": path}}
-
-
-def _resources(spec: FineTune | Study) -> dict[str, Any]:
-    r = spec.resources
-    amounts: dict[str, str] = {"cpu": r.cpu, "memory": r.memory}
-    limits = dict(amounts)
-    if r.gpus > 0:
-        limits["nvidia.com/gpu"] = str(r.gpus)
-    # Requests equal limits: a training pod that is throttled or OOM-killed mid-epoch wastes
-    # more than the headroom saves.
-    return {"requests": amounts, "limits": limits}
-
-
-def _container(spec: FineTune | Study, image: str) -> dict[str, Any]:
-    c: dict[str, Any] = {
-        "name": CONTAINER,
-        "image": image,
-        # Re-checks the tag's digest on each start; layers stay cached on the node.
-        "imagePullPolicy": "Always",
-        "command": _command(spec.resources.gpus, spec.resources.termination_grace_seconds),
-        # Relative paths in a spec (./runs) land in the writable /tmp emptyDir.
-        "workingDir": "/tmp",
-        "env": _env(spec, image),
-        "resources": _resources(spec),
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": UID,
-            "runAsGroup": UID,
-            "privileged": False,
-            "readOnlyRootFilesystem": True,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "volumeMounts": [
-            {"name": "cache", "mountPath": CACHE_DIR},
-            {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-        ],
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
-    if spec.metrics.port:
-        c["ports"] = [{"name": "metrics", "containerPort": spec.metrics.port, "protocol": "TCP"}]
-    return c
-
-
-def _pod_spec(spec: FineTune | Study, image: str) -> dict[str, Any]:
-    r = spec.resources
-    pod: dict[str, Any] = {
-        # podFailurePolicy requires Never; the Job controller does the retrying.
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": r.termination_grace_seconds,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": UID,
-            "runAsGroup": UID,
-            "fsGroup": UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "containers": [_container(spec, image)],
-        "volumes": [
-            {"name": "cache", "emptyDir": {"sizeLimit": r.cache_size}},
-            {"name": "tmp", "emptyDir": {}},
-            # DataLoader workers pass batches through shared memory; the default 64 MiB is too
-            # small. Memory-backed: it counts against the container's memory limit.
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": r.shm_size}},
-        ],
-    }
-    if r.service_account:
-        pod["serviceAccountName"] = r.service_account
-    # Passed through as plain JSON values (the spec loader may hand over dict subclasses).
-    if r.node_selector:
-        pod["nodeSelector"] = _plain(r.node_selector)
-    if r.tolerations:
-        pod["tolerations"] = _plain(r.tolerations)
-    if r.affinity:
-        pod["affinity"] = _plain(r.affinity)
-    return pod
-
-
-# Exit codes the worker uses for "stopped, resume me later": 75 (storage down, SIGTERM handled,
-# lease held) and 143 (SIGTERM before the handler was installed, e.g. during imports).
-RETRIABLE_EXIT_CODES = [EXIT_RETRY, 128 + 15]
-
-
-def _pod_failure_policy(study: bool) -> dict[str, Any]:
-    """The retry table of docs/kubernetes.md ("What a Job does on failure"), rule for rule.
-
-    Rules match in order. ``Ignore`` does not count against the backoff limit but retries
-    without end: ``activeDeadlineSeconds`` (always set, see ``_deadline``) bounds it.
-    """
-    return {
-        "rules": [
-            # Preemption, eviction, node drain: not the run's fault; retry without counting.
-            {
-                "action": "Ignore",
-                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
-            },
-            # Exit 2 = bad spec or bad data: retrying only burns GPU hours. In a Study only that
-            # cell fails (a corrupt dataset must not cancel the other datasets' cells).
-            {
-                "action": "FailIndex" if study else "FailJob",
-                "onExitCodes": {
-                    "containerName": CONTAINER,
-                    "operator": "In",
-                    "values": [EXIT_USER],
-                },
-            },
-            # Retriable stops (S3 outage, `kubectl delete pod`, a held lease): the run resumes
-            # from its checkpoint, so they must not use up the Job the way crashes do.
-            {
-                "action": "Ignore",
-                "onExitCodes": {
-                    "containerName": CONTAINER,
-                    "operator": "In",
-                    "values": list(RETRIABLE_EXIT_CODES),
-                },
-            },
-            # Anything else (a crash; 137 = OOMKilled, killed after the grace period, or evicted
-            # for the cache emptyDir, which sets no DisruptionTarget) falls
-            # through to the default: counted against backoffLimit(PerIndex).
-        ]
-    }
-
-
 def _deadline(spec: FineTune | Study) -> int:
     """``resources.active_deadline_seconds``, else one derived from the budget estimate."""
     from service.spec.budget import job_deadline_seconds
@@ -341,14 +158,6 @@ def render_job(
     r = spec.resources
     labels = labels_of(spec)
     annotations = annotations_of(spec)
-    pod_annotations = dict(annotations)
-    if spec.metrics.port:
-        # For clusters without the Prometheus operator (k8s/monitoring/ covers those with).
-        pod_annotations |= {
-            "prometheus.io/scrape": "true",
-            "prometheus.io/port": str(spec.metrics.port),
-            "prometheus.io/path": "/metrics",
-        }
     job_labels = dict(labels)
     job: dict[str, Any] = {
         "apiVersion": "batch/v1",
@@ -359,9 +168,39 @@ def render_job(
             "labels": job_labels,
             "annotations": annotations,
         },
-        "spec": {},
+        "spec": _run_policy(spec),
     }
     js: dict[str, Any] = job["spec"]
+    if r.queue:
+        # Kueue admits the Job by unsuspending it when quota frees up.
+        js["suspend"] = True
+        job_labels[KUEUE_QUEUE] = r.queue
+        if r.priority_class:
+            job_labels[KUEUE_PRIORITY] = r.priority_class
+    js["template"] = {
+        "metadata": {"labels": dict(labels), "annotations": _pod_annotations(spec, annotations)},
+        "spec": pod_spec(spec, image, spec_hash_of(spec)),
+    }
+    annotations[JOB_HASH] = job_hash_of(job)
+    return job
+
+
+def _pod_annotations(spec: FineTune | Study, annotations: dict[str, str]) -> dict[str, str]:
+    out = dict(annotations)
+    if spec.metrics.port:
+        # For clusters without the Prometheus operator (k8s/monitoring/ covers those with).
+        out |= {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(spec.metrics.port),
+            "prometheus.io/path": "/metrics",
+        }
+    return out
+
+
+def _run_policy(spec: FineTune | Study) -> dict[str, Any]:
+    """How many pods, how many retries, for how long: the Job's spec without its template."""
+    r = spec.resources
+    js: dict[str, Any] = {}
     if isinstance(spec, Study):
         cells = spec.n_cells
         js |= {
@@ -375,7 +214,7 @@ def render_job(
         }
     else:
         js |= {"completions": 1, "parallelism": 1, "backoffLimit": r.backoff_limit}
-    js["podFailurePolicy"] = _pod_failure_policy(isinstance(spec, Study))
+    js["podFailurePolicy"] = pod_failure_policy(isinstance(spec, Study))
     # A replacement pod starts only once the old one is gone: two workers never write the same
     # run's checkpoints at once.
     js["podReplacementPolicy"] = "Failed"
@@ -383,18 +222,7 @@ def render_job(
     # start (image pull, missing Secret, no quota) would otherwise hold the Job forever.
     js["activeDeadlineSeconds"] = _deadline(spec)
     js["ttlSecondsAfterFinished"] = r.ttl_seconds_after_finished
-    if r.queue:
-        # Kueue admits the Job by unsuspending it when quota frees up.
-        js["suspend"] = True
-        job_labels[KUEUE_QUEUE] = r.queue
-        if r.priority_class:
-            job_labels[KUEUE_PRIORITY] = r.priority_class
-    js["template"] = {
-        "metadata": {"labels": dict(labels), "annotations": pod_annotations},
-        "spec": _pod_spec(spec, image),
-    }
-    annotations[JOB_HASH] = job_hash_of(job)
-    return job
+    return js
 
 
 def warnings_for(spec: FineTune | Study) -> list[str]:

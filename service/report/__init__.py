@@ -1,10 +1,17 @@
 """The study report: which backbone to use per dataset and domain, how sure we are, at what cost.
 
-collect  list and read every cell's summary.json / status.json under a prefix (parallel)
-stats    t-intervals over seeds, paired tests, ranks
-tables   leaderboards per dataset, standings per domain, data curves
-plots    Pareto and train-fraction figures (matplotlib, Agg)
-render   leaderboard.csv / .json, report.md, self-contained report.html
+collect       list and read every cell's summary.json / status.json under a prefix (parallel)
+search_state  a search's _search/state.json: which cells it still expects
+stats         t-intervals over seeds, paired tests, ranks
+tables        leaderboards per dataset, standings per domain, data curves
+selection     a search's Selection section: rungs, decisions, agreement with a full grid
+plots         Pareto and train-fraction figures (matplotlib, Agg)
+blocks        the document model (heading, paragraph, table, image, list) -> Markdown, HTML
+sections      the report's sections as blocks
+render        leaderboard.csv / .json, report.md, self-contained report.html
+compare       two reports' rankings side by side; recommend: a backbone for a new dataset
+
+Data flows one way: collect -> tables / stats / selection -> sections -> render.
 """
 
 from __future__ import annotations
@@ -35,10 +42,11 @@ def load(
 def _add_selection(report: Report, uri: str, storage: Storage | None, study: str | None) -> None:
     """A search's Selection section, from its state beside the cells."""
     from service.report import selection
+    from service.report.search_state import read_state
     from service.storage import open_store
 
     store = open_store(uri, storage)
-    state, base = selection.read_state(store, study)
+    state, base = read_state(store, study)
     if state is None:
         return
     # Full grids of the same datasets lie in other study folders beside this one.

@@ -163,7 +163,7 @@ def _collect_with_spec(store: Store, study: Study, workers: int) -> Collection:
 def _search_survivors(store: Store, study: Study, expected: list[Cell]):
     """A search expects the cells of its latest rung's candidates only: the others were
     stopped on purpose (the report's Selection section says why)."""
-    from service.report.selection import read_state, survivors
+    from service.report.search_state import read_state, survivors
 
     state, _ = read_state(store, study.name)
     if state is None:

@@ -215,24 +215,7 @@ def to_markdown(c: Comparison) -> str:
             f"{_num(d.tau, '.2f')} |"
         )
     for d in c.datasets:
-        lines += ["", f"### {d.dataset} ({d.domain})", ""]
-        for label, p in ((a, d.protocol_a), (b, d.protocol_b)):
-            if p is not None:
-                lines.append(f"- {label} protocol: {protocol_text(p)}")
-        lines += [
-            "",
-            f"| Backbone | Rank {a} | Rank {b} | Top-1 % {a} | Top-1 % {b} | Δ top-1 (pp) | "
-            f"vs leader {a} | vs leader {b} |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for r in d.rows:
-            lines.append(
-                f"| {r.backbone} | {_num(r.rank_a, 'g')} | {_num(r.rank_b, 'g')} | "
-                f"{_num(None if r.top1_a is None else 100 * r.top1_a, '.2f')} | "
-                f"{_num(None if r.top1_b is None else 100 * r.top1_b, '.2f')} | "
-                f"{_num(None if r.delta is None else 100 * r.delta, '+.2f')} | "
-                f"{r.vs_leader_a or '–'} | {r.vs_leader_b or '–'} |"
-            )
+        lines += _dataset_markdown(d, a, b)
     if c.only_a or c.only_b:
         lines += [
             "",
@@ -240,6 +223,29 @@ def to_markdown(c: Comparison) -> str:
             f"{', '.join(c.only_b) or 'none'}.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _dataset_markdown(d: DatasetChange, a: str, b: str) -> list[str]:
+    """One dataset's section: both protocols, then every backbone's rank and top-1 under each."""
+    lines = ["", f"### {d.dataset} ({d.domain})", ""]
+    for label, p in ((a, d.protocol_a), (b, d.protocol_b)):
+        if p is not None:
+            lines.append(f"- {label} protocol: {protocol_text(p)}")
+    lines += [
+        "",
+        f"| Backbone | Rank {a} | Rank {b} | Top-1 % {a} | Top-1 % {b} | Δ top-1 (pp) | "
+        f"vs leader {a} | vs leader {b} |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in d.rows:
+        lines.append(
+            f"| {r.backbone} | {_num(r.rank_a, 'g')} | {_num(r.rank_b, 'g')} | "
+            f"{_num(None if r.top1_a is None else 100 * r.top1_a, '.2f')} | "
+            f"{_num(None if r.top1_b is None else 100 * r.top1_b, '.2f')} | "
+            f"{_num(None if r.delta is None else 100 * r.delta, '+.2f')} | "
+            f"{r.vs_leader_a or '–'} | {r.vs_leader_b or '–'} |"
+        )
+    return lines
 
 
 def to_json(c: Comparison) -> dict:

@@ -57,8 +57,36 @@ def pareto_png(report: Report) -> bytes | None:
     backbones = sorted({e.backbone for b in boards for e in b.entries})
     cmap = plt.get_cmap("tab20" if len(backbones) > 10 else "tab10")
     colors = {name: cmap(i % cmap.N) for i, name in enumerate(backbones)}
+    rows = _pareto_rows(boards)
 
-    rows: list[tuple[str, list[tuple[str, float | None, float | None, float]]]] = []
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.4 * len(rows)), squeeze=False)
+    label = len(backbones) <= LABEL_LIMIT
+    for (title, pts), (ax_g, ax_t) in zip(rows, axes, strict=True):
+        for ax, idx, xlabel in ((ax_g, 1, "GMACs per image"), (ax_t, 2, "training time (h)")):
+            xy = [(p[idx], 100 * p[3], p[0]) for p in pts if p[idx] is not None and p[idx] > 0]
+            _pareto_panel(ax, xy, colors, label)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("test top-1 (%)")
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+    if not label:
+        handles = [
+            plt.Line2D([], [], marker="o", ls="", color=colors[n], label=n) for n in backbones
+        ]
+        top = 1 - 0.75 / fig.get_figheight()
+        fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(1.0, top), fontsize=7)
+    fig.suptitle("Accuracy versus cost (dashed: Pareto front)", y=1 - 0.15 / fig.get_figheight())
+    _margins(fig, len(rows), right=0.85 if not label else 0.97)
+    return _png(fig)
+
+
+_ParetoRow = tuple[str, list[tuple[str, float | None, float | None, float]]]
+
+
+def _pareto_rows(boards: list[Board]) -> list[_ParetoRow]:
+    """(title, [(backbone, GMACs, training hours, top-1)]): the mean over datasets, then one
+    row per dataset (at most MAX_DATASET_ROWS)."""
+    rows: list[_ParetoRow] = []
     overall: dict[str, list] = {}
     for b in boards:
         for e in b.entries:
@@ -87,38 +115,24 @@ def pareto_png(report: Report) -> bytes | None:
                 ],
             )
         )
+    return rows
 
-    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.4 * len(rows)), squeeze=False)
-    label = len(backbones) <= LABEL_LIMIT
-    for (title, pts), (ax_g, ax_t) in zip(rows, axes, strict=True):
-        for ax, idx, xlabel in ((ax_g, 1, "GMACs per image"), (ax_t, 2, "training time (h)")):
-            xy = [(p[idx], 100 * p[3], p[0]) for p in pts if p[idx] is not None and p[idx] > 0]
-            if xy:
-                xs, ys, names = zip(*xy, strict=True)
-                ax.scatter(xs, ys, c=[colors[n] for n in names], s=28, zorder=3)
-            front = pareto_front([(x, y) for x, y, _ in xy])
-            if len(front) > 1:
-                fx, fy = zip(*front, strict=True)
-                ax.step(fx, fy, where="post", color="grey", lw=1, ls="--", zorder=2)
-            if xy:
-                _log_x(ax, ticks=nice_log_ticks(min(xs), max(xs)))
-                if label:
-                    _label_points(ax, xy)
-            else:
-                ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("test top-1 (%)")
-            ax.set_title(title, fontsize=9)
-            ax.grid(alpha=0.3)
-    if not label:
-        handles = [
-            plt.Line2D([], [], marker="o", ls="", color=colors[n], label=n) for n in backbones
-        ]
-        top = 1 - 0.75 / fig.get_figheight()
-        fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(1.0, top), fontsize=7)
-    fig.suptitle("Accuracy versus cost (dashed: Pareto front)", y=1 - 0.15 / fig.get_figheight())
-    _margins(fig, len(rows), right=0.85 if not label else 0.97)
-    return _png(fig)
+
+def _pareto_panel(ax, xy: list[tuple[float, float, str]], colors: dict, label: bool) -> None:
+    """The points (cost, top-1 %, name) of one panel and their Pareto front."""
+    if xy:
+        xs, ys, names = zip(*xy, strict=True)
+        ax.scatter(xs, ys, c=[colors[n] for n in names], s=28, zorder=3)
+    front = pareto_front([(x, y) for x, y, _ in xy])
+    if len(front) > 1:
+        fx, fy = zip(*front, strict=True)
+        ax.step(fx, fy, where="post", color="grey", lw=1, ls="--", zorder=2)
+    if xy:
+        _log_x(ax, ticks=nice_log_ticks(min(xs), max(xs)))
+        if label:
+            _label_points(ax, xy)
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
 
 
 def fractions_png(report: Report) -> bytes | None:

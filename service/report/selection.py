@@ -12,31 +12,15 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass, field
 
+from service.report.blocks import H, Items, P, Table
 from service.storage import NotFound, Store
 
-STATE_KEY = "_search/state.json"
 _GRID_CELL = re.compile(
     r"^(?P<study>[^/]+)/(?P<dataset>[^/]+)/(?P<backbone>[^/]+)/seed(?P<seed>\d+)-frac"
     r"(?P<frac>[0-9.eE+-]+)/summary\.json$"
 )
-
-
-def read_state(store: Store, study: str | None) -> tuple[dict | None, str]:
-    """The search state under the prefix (the study folder, or its parent); and the prefix of
-    the study folder relative to ``store`` ('' or '<study>/')."""
-    bases = [""] + ([f"{study}/"] if study else [])
-    for base in bases:
-        try:
-            return json.loads(store.read_bytes(base + STATE_KEY)), base
-        except NotFound:
-            continue
-    return None, ""
-
-
-def survivors(state: dict) -> dict[str, list[str]]:
-    """Group -> the candidates of the latest rung (the last rung's when the search is done)."""
-    return state["rungs"][-1]["candidates"] if state.get("rungs") else {}
 
 
 def grid_rankings(root: Store, study: str) -> dict[str, tuple[str, dict[str, float]]]:
@@ -89,8 +73,8 @@ def kendall_tau(a: list[str], b: list[str]) -> float | None:
 
 
 def blocks(state: dict, grid: dict[str, tuple[str, dict[str, float]]]) -> list:
-    from service.report.render import H, Items, P, Table
-
+    """The Selection section: how the search works, then per dataset its proxy, its rungs
+    and what it cost against the grid."""
     s = state["search"]
     out: list = [H(2, "Selection")]
     out.append(
@@ -103,101 +87,136 @@ def blocks(state: dict, grid: dict[str, tuple[str, dict[str, float]]]) -> list:
             + ("done." if state.get("phase") == "done" else f"running (rung {state['rung'] + 1}).")
         )
     )
-    n_seeds = len(state.get("seeds", [])) or 1
     groups = list(state["rungs"][0]["candidates"]) if state.get("rungs") else []
     for group in groups:
-        out.append(H(3, f"Selection: {group}"))
-        proxy = (state.get("proxy") or {}).get(group)
-        if proxy:
-            kept = set(proxy["kept"])
-            rows = [
-                [b, f"{v:.4f}", "kept" if b in kept else "pruned before rung 1"]
-                for b, v in sorted(proxy["scores"].items(), key=lambda kv: -kv[1])
-            ]
-            out.append(
-                P(
-                    f"Proxy ({proxy['method']} on frozen features, validation accuracy; "
-                    f"{proxy['seconds']:.1f} s): keeps {len(kept)}."
-                )
-            )
-            out.append(Table(["Backbone", "Proxy score", "Decision"], rows))
-        rows = []
-        spent_epochs = spent_seconds = 0.0
-        per_epoch: dict[str, float] = {}
-        max_epochs = 0
-        for rung in state["rungs"]:
-            max_epochs = max(max_epochs, rung["epochs"][group])
-            results = (rung.get("results") or {}).get(group, {})
-            promoted = (rung.get("promoted") or {}).get(group, [])
-            last = rung["rung"] == len(state.get("survivors_per_rung", [])) - 1
-            order = sorted(results, key=lambda b: -(results[b].get("mean") or -1))
-            for place, b in enumerate(order, 1):
-                res = results[b]
-                spent_epochs += res["epochs"]
-                spent_seconds += res["seconds"]
-                if res["epochs"]:
-                    per_epoch.setdefault(b, res["seconds"] / res["epochs"])
-                if b in promoted:
-                    why = "winner" if last else f"promoted (top {len(promoted)})"
-                else:
-                    why = f"stopped: ranked {place} of {len(order)}, top {len(promoted)} move on"
-                rows.append(
-                    [
-                        str(rung["rung"] + 1), str(rung["epochs"][group]), b,
-                        _score(res), f"{res['seconds']:.1f}", why,
-                    ]
-                )  # fmt: skip
-            if not rung.get("done"):
-                for b in rung["candidates"][group]:
-                    if b not in results:
-                        rows.append([str(rung["rung"] + 1), str(rung["epochs"][group]), b,
-                                     "–", "–", "running"])  # fmt: skip
-        out.append(
-            Table(["Rung", "Epochs", "Backbone", "Val top-1 [95% CI]", "Train s", "Decision"], rows)
-        )
-        n_cand = len(state.get("backbones", []))
-        grid_epochs = n_cand * n_seeds * max_epochs
-        known = [per_epoch[b] for b in per_epoch]
-        items = [
-            f"compute: {spent_epochs:.0f} epochs of training against the grid's "
-            f"{grid_epochs} ({n_cand} backbones × {n_seeds} seeds × {max_epochs} epochs): "
-            f"{spent_epochs / grid_epochs:.0%}"
-            if grid_epochs
-            else "compute: –",
-        ]
-        if known:
-            est = sum(known) / len(known) * grid_epochs
-            items.append(
-                f"training seconds: {spent_seconds:.1f} against an estimated {est:.1f} for the "
-                f"grid (mean seconds per epoch measured on the first rung): "
-                f"{spent_seconds / est:.0%}"
-            )
-        if proxy:
-            items.append(f"proxy: {proxy['seconds']:.1f} s of forward passes")
-        winner = (state.get("winners") or {}).get(group)
-        if group in grid:
-            other, means = grid[group]
-            grid_rank = sorted(means, key=lambda b: -means[b])
-            tau = kendall_tau(search_ranking(state, group), grid_rank)
-            agree = (
-                f"agreement with the full grid of study '{other}' (mean test top-1): grid winner "
-                f"{grid_rank[0]}; "
-                + (
-                    f"search winner {winner} ({'same' if winner == grid_rank[0] else 'differs'})"
-                    if winner
-                    else "search not finished"
-                )
-                + f"; Kendall tau of the search's ranking {_tau(tau)}"
-            )
-            if proxy:
-                px = proxy["scores"]
-                px_tau = kendall_tau(sorted(px, key=lambda b: -px[b]), grid_rank)
-                agree += f", of the proxy's {_tau(px_tau)}"
-            items.append(agree)
-        else:
-            items.append("agreement: no full grid of this dataset under the same output")
-        out.append(Items(items))
+        out += _group_blocks(state, grid, group)
     return out
+
+
+def _group_blocks(state: dict, grid: dict[str, tuple[str, dict[str, float]]], group: str) -> list:
+    out: list = [H(3, f"Selection: {group}")]
+    proxy = (state.get("proxy") or {}).get(group)
+    if proxy:
+        out += _proxy_blocks(proxy)
+    spent = _Spent()
+    rows = _rung_rows(state, group, spent)
+    out.append(
+        Table(["Rung", "Epochs", "Backbone", "Val top-1 [95% CI]", "Train s", "Decision"], rows)
+    )
+    items = _compute_items(state, spent, proxy)
+    items.append(_agreement(state, group, grid, proxy))
+    out.append(Items(items))
+    return out
+
+
+def _proxy_blocks(proxy: dict) -> list:
+    kept = set(proxy["kept"])
+    rows = [
+        [b, f"{v:.4f}", "kept" if b in kept else "pruned before rung 1"]
+        for b, v in sorted(proxy["scores"].items(), key=lambda kv: -kv[1])
+    ]
+    return [
+        P(
+            f"Proxy ({proxy['method']} on frozen features, validation accuracy; "
+            f"{proxy['seconds']:.1f} s): keeps {len(kept)}."
+        ),
+        Table(["Backbone", "Proxy score", "Decision"], rows),
+    ]
+
+
+@dataclass
+class _Spent:
+    """What a group's rungs used, summed while their rows are made."""
+
+    epochs: float = 0.0
+    seconds: float = 0.0
+    per_epoch: dict[str, float] = field(default_factory=dict)  # backbone -> s, first rung run
+    max_epochs: int = 0
+
+
+def _rung_rows(state: dict, group: str, spent: _Spent) -> list[list[str]]:
+    """One row per candidate and rung: its score and the decision, with its reason."""
+    rows = []
+    for rung in state["rungs"]:
+        spent.max_epochs = max(spent.max_epochs, rung["epochs"][group])
+        results = (rung.get("results") or {}).get(group, {})
+        promoted = (rung.get("promoted") or {}).get(group, [])
+        last = rung["rung"] == len(state.get("survivors_per_rung", [])) - 1
+        order = sorted(results, key=lambda b: -(results[b].get("mean") or -1))
+        for place, b in enumerate(order, 1):
+            res = results[b]
+            spent.epochs += res["epochs"]
+            spent.seconds += res["seconds"]
+            if res["epochs"]:
+                spent.per_epoch.setdefault(b, res["seconds"] / res["epochs"])
+            if b in promoted:
+                why = "winner" if last else f"promoted (top {len(promoted)})"
+            else:
+                why = f"stopped: ranked {place} of {len(order)}, top {len(promoted)} move on"
+            rows.append(
+                [
+                    str(rung["rung"] + 1), str(rung["epochs"][group]), b,
+                    _score(res), f"{res['seconds']:.1f}", why,
+                ]
+            )  # fmt: skip
+        if not rung.get("done"):
+            for b in rung["candidates"][group]:
+                if b not in results:
+                    rows.append([str(rung["rung"] + 1), str(rung["epochs"][group]), b,
+                                 "–", "–", "running"])  # fmt: skip
+    return rows
+
+
+def _compute_items(state: dict, spent: _Spent, proxy: dict | None) -> list[str]:
+    """Epochs and seconds spent against what the full grid would have cost."""
+    n_seeds = len(state.get("seeds", [])) or 1
+    n_cand = len(state.get("backbones", []))
+    grid_epochs = n_cand * n_seeds * spent.max_epochs
+    known = [spent.per_epoch[b] for b in spent.per_epoch]
+    items = [
+        f"compute: {spent.epochs:.0f} epochs of training against the grid's "
+        f"{grid_epochs} ({n_cand} backbones × {n_seeds} seeds × {spent.max_epochs} epochs): "
+        f"{spent.epochs / grid_epochs:.0%}"
+        if grid_epochs
+        else "compute: –",
+    ]
+    if known:
+        est = sum(known) / len(known) * grid_epochs
+        items.append(
+            f"training seconds: {spent.seconds:.1f} against an estimated {est:.1f} for the "
+            f"grid (mean seconds per epoch measured on the first rung): "
+            f"{spent.seconds / est:.0%}"
+        )
+    if proxy:
+        items.append(f"proxy: {proxy['seconds']:.1f} s of forward passes")
+    return items
+
+
+def _agreement(
+    state: dict, group: str, grid: dict[str, tuple[str, dict[str, float]]], proxy: dict | None
+) -> str:
+    """Same winner as a full grid of the dataset, and how alike the rankings are."""
+    if group not in grid:
+        return "agreement: no full grid of this dataset under the same output"
+    winner = (state.get("winners") or {}).get(group)
+    other, means = grid[group]
+    grid_rank = sorted(means, key=lambda b: -means[b])
+    tau = kendall_tau(search_ranking(state, group), grid_rank)
+    agree = (
+        f"agreement with the full grid of study '{other}' (mean test top-1): grid winner "
+        f"{grid_rank[0]}; "
+        + (
+            f"search winner {winner} ({'same' if winner == grid_rank[0] else 'differs'})"
+            if winner
+            else "search not finished"
+        )
+        + f"; Kendall tau of the search's ranking {_tau(tau)}"
+    )
+    if proxy:
+        px = proxy["scores"]
+        px_tau = kendall_tau(sorted(px, key=lambda b: -px[b]), grid_rank)
+        agree += f", of the proxy's {_tau(px_tau)}"
+    return agree
 
 
 def _score(res: dict) -> str:

@@ -133,6 +133,39 @@ class Report:
 
 
 def build(collection: Collection, *, now: float | None = None) -> Report:
+    board_list = _boards(collection)
+    main_fraction: dict[str, float] = {}
+    for b in board_list:
+        main_fraction[b.dataset] = max(main_fraction.get(b.dataset, 0.0), b.fraction)
+    main = [b for b in board_list if b.fraction == main_fraction[b.dataset]]
+
+    domains: dict[str, list[Standing]] = {}
+    for domain in sorted({b.domain for b in main}):
+        domains[domain] = _standings([b for b in main if b.domain == domain])
+
+    done = collection.done
+    leaky = sorted(c.key for c in done if (c.summary or {}).get("select_on") == "test")
+    return Report(
+        uri=collection.uri,
+        study=collection.study,
+        generated_at=time.time() if now is None else now,
+        boards=board_list,
+        main_fraction=main_fraction,
+        domains=domains,
+        overall=_standings(main),
+        curves=_curves(board_list),
+        problems=collection.problems,
+        leaky_runs=leaky,
+        counts=_counts(collection),
+        notes=list(collection.notes),
+        grid=collection.grid,
+        methods=_methods(),
+    )
+
+
+def _boards(collection: Collection) -> list[Board]:
+    """One ranked board per dataset and fraction; per dataset, the full training split first:
+    it is the one ranked across datasets."""
     done = collection.done
     groups: dict[tuple[str, float, str], list[Cell]] = {}
     for cell in done:
@@ -144,7 +177,6 @@ def build(collection: Collection, *, now: float | None = None) -> Report:
     for e in entries:
         boards.setdefault((e.dataset, e.fraction), []).append(e)
     board_list = []
-    # Per dataset, the full training split first: it is the one ranked across datasets.
     for (dataset, fraction), es in sorted(
         boards.items(), key=lambda kv: (ds_order.get(kv[0][0], len(ds_order)), kv[0][0], -kv[0][1])
     ):
@@ -153,60 +185,46 @@ def build(collection: Collection, *, now: float | None = None) -> Report:
             [c for c in done if c.dataset == dataset and c.fraction == fraction]
         )
         board_list.append(board)
+    return board_list
 
-    main_fraction: dict[str, float] = {}
-    for b in board_list:
-        main_fraction[b.dataset] = max(main_fraction.get(b.dataset, 0.0), b.fraction)
-    main = [b for b in board_list if b.fraction == main_fraction[b.dataset]]
 
-    domains: dict[str, list[Standing]] = {}
-    for domain in sorted({b.domain for b in main}):
-        domains[domain] = _standings([b for b in main if b.domain == domain])
-
+def _curves(boards: list[Board]) -> dict[str, dict[str, list[tuple[float, Interval]]]]:
+    """Dataset -> backbone -> (train fraction, top-1 interval), by fraction."""
     curves: dict[str, dict[str, list[tuple[float, Interval]]]] = {}
-    for b in board_list:
+    for b in boards:
         for e in b.entries:
             curves.setdefault(b.dataset, {}).setdefault(e.backbone, []).append((b.fraction, e.top1))
     for per in curves.values():
         for pts in per.values():
             pts.sort(key=lambda p: p[0])
+    return curves
 
-    leaky = sorted(c.key for c in done if (c.summary or {}).get("select_on") == "test")
-    counts = {
-        "cells": len(collection.cells),
-        "done": len(done),
-        "failed": sum(c.state == "failed" for c in collection.cells),
-        "incomplete": sum(c.state == "incomplete" for c in collection.cells),
-        "missing": sum(c.state == "missing" for c in collection.cells),
-        "unreadable": sum(c.state == "unreadable" for c in collection.cells),
-        "stale": sum(c.state == "stale" for c in collection.cells),
-        "datasets": len({c.dataset for c in collection.cells}),
-        "backbones": len({c.backbone for c in collection.cells}),
+
+def _counts(collection: Collection) -> dict[str, int]:
+    cells = collection.cells
+    return {
+        "cells": len(cells),
+        "done": len(collection.done),
+        "failed": sum(c.state == "failed" for c in cells),
+        "incomplete": sum(c.state == "incomplete" for c in cells),
+        "missing": sum(c.state == "missing" for c in cells),
+        "unreadable": sum(c.state == "unreadable" for c in cells),
+        "stale": sum(c.state == "stale" for c in cells),
+        "datasets": len({c.dataset for c in cells}),
+        "backbones": len({c.backbone for c in cells}),
     }
-    return Report(
-        uri=collection.uri,
-        study=collection.study,
-        generated_at=time.time() if now is None else now,
-        boards=board_list,
-        main_fraction=main_fraction,
-        domains=domains,
-        overall=_standings(main),
-        curves=curves,
-        problems=collection.problems,
-        leaky_runs=leaky,
-        counts=counts,
-        notes=list(collection.notes),
-        grid=collection.grid,
-        methods={
-            "interval": INTERVAL_METHOD,
-            "sampling": SAMPLING_METHOD,
-            "leader_vs_runner_up": PAIRED_METHOD,
-            "rank": "rank by mean test top-1 within each dataset (1 = best, ties share the "
-            "average rank) at the dataset's largest train fraction; mean rank over the datasets "
-            "of a domain, and over all datasets",
-            "metric": "test split of summary.json only (validation picked the checkpoint)",
-        },
-    )
+
+
+def _methods() -> dict[str, str]:
+    return {
+        "interval": INTERVAL_METHOD,
+        "sampling": SAMPLING_METHOD,
+        "leader_vs_runner_up": PAIRED_METHOD,
+        "rank": "rank by mean test top-1 within each dataset (1 = best, ties share the "
+        "average rank) at the dataset's largest train fraction; mean rank over the datasets "
+        "of a domain, and over all datasets",
+        "metric": "test split of summary.json only (validation picked the checkpoint)",
+    }
 
 
 def _entry(cells: list[Cell]) -> Entry:
