@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.spec import parse_spec
-
 
 def image_bytes(seed: int, size=(24, 20), fmt: str = "PNG", mode: str = "RGB") -> bytes:
     """A small random-looking image; distinct per seed so content hashes differ."""
@@ -40,19 +38,6 @@ def make_imagefolder(
                 k += 1
                 (d / f"{cls}_{i:03d}.{ext}").write_bytes(image_bytes(k, fmt=fmt))
     return root
-
-
-def spec_for(uri, **dataset) -> object:
-    protocol = dataset.pop("protocol", {})
-    return parse_spec(
-        {
-            "kind": "FineTune",
-            "name": "t",
-            "backbone": {"model": "test_resnet", "weights": "none"},
-            "dataset": {"uri": str(uri), **dataset},
-            "protocol": {"image_size": 16, "batch_size": 8, **protocol},
-        }
-    )
 
 
 def make_packed(root: Path, splits: dict[str, dict[str, int]], extra_members=()) -> Path:

@@ -12,7 +12,8 @@ from service.data import BatchLoader, Prepared, Split
 from service.data.augment import TrivialAugmentWide, train_augment
 from service.data.normalise import split_stats
 from service.spec import Protocol
-from tests.trainutil import run_here, tiny_spec
+from tests.specs import tiny_spec
+from tests.trainutil import run_here
 
 
 def _split(n: int, value: int | None = None, seed: int = 0) -> Split:

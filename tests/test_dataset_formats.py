@@ -21,7 +21,8 @@ from service.data import layout, prepare
 from service.data.card import card, render
 from service.errors import UserError
 from service.spec.budget import dataset_size
-from tests.data_factory import image_bytes, make_imagefolder, spec_for
+from tests.data_factory import image_bytes, make_imagefolder
+from tests.specs import spec_for
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 

@@ -319,7 +319,8 @@ def test_device_memory_is_released_and_the_peak_reset_for_each_cell(monkeypatch,
     # ... and the worker does it at the start of every cell of a local Study.
     import service.train.runtime as runtime_mod
     from service.spec.study import expand
-    from tests.trainutil import run_here, tiny_study
+    from tests.specs import tiny_study
+    from tests.trainutil import run_here
 
     cells = []
     monkeypatch.setattr(runtime_mod, "fresh_device_memory", lambda d: cells.append(d))

@@ -21,7 +21,8 @@ from service.run.events import Observer
 from service.run.metrics import PrometheusObserver
 from service.spec import parse_spec
 from service.train import memory
-from tests.trainutil import one_thread, results, run_dir, run_here, tiny_spec, write_spec
+from tests.specs import tiny_spec, write_spec
+from tests.trainutil import one_thread, results, run_dir, run_here
 
 
 class FakeGpu:

@@ -173,7 +173,8 @@ def test_the_faithful_protocol_runs_end_to_end_on_a_tiny_model(tmp_path):
     """select_on test, no validation carve, test-split statistics, fp32, TrivialAugmentWide."""
     import json
 
-    from tests.trainutil import run_here, tiny_spec
+    from tests.specs import tiny_spec
+    from tests.trainutil import run_here
 
     spec = tiny_spec(
         tmp_path,

@@ -28,8 +28,8 @@ from tests.fixtures.faults import (
     tiny_spec,
     trip_cmd,
     worker_cmd,
-    write_spec,
 )
+from tests.specs import write_spec
 
 pytestmark = pytest.mark.integration
 

@@ -29,9 +29,9 @@ from tests.fixtures.faults import (
     tiny_spec,
     wait_for,
     worker_cmd,
-    write_spec,
 )
 from tests.s3util import digits_tree
+from tests.specs import write_spec
 
 pytestmark = pytest.mark.integration
 

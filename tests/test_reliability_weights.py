@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from service.cli import app
 from service.errors import EXIT_USER
 from service.storage.local import LocalStore
-from tests.fixtures.faults import tiny_spec, write_spec
+from tests.fixtures.faults import tiny_spec
+from tests.specs import write_spec
 
 REPO = Path(__file__).resolve().parent.parent
 

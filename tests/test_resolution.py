@@ -133,7 +133,8 @@ def test_validate_deep_accepts_swin_at_the_paper_sizes(tmp_path):
 def test_a_run_trains_a_fixed_size_model_at_the_spec_size(tmp_path):
     """test_vit3 is fixed at 160 px ("Input height (32) doesn't match model (160)" without
     img_size); the worker builds it for the spec's 32 px and trains."""
-    from tests.trainutil import run_here, tiny_spec
+    from tests.specs import tiny_spec
+    from tests.trainutil import run_here
 
     spec = tiny_spec(tmp_path, image_size=32, max_epochs=1)
     spec = spec.model_copy(update={"backbone": Backbone(model="test_vit3", weights="none")})

@@ -10,7 +10,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from service.cli import app
-from tests.trainutil import one_thread, tiny_spec, tiny_study, write_spec
+from tests.specs import tiny_spec, tiny_study, write_spec
+from tests.trainutil import one_thread
 
 
 def _image(path, value: int) -> None:

@@ -62,7 +62,8 @@ def test_a_size_its_three_wavelet_levels_cannot_halve_is_refused_with_a_fix():
 
 
 def test_wavemix_trains_in_the_worker(tmp_path, tiny):
-    from tests.trainutil import run_here, tiny_spec
+    from tests.specs import tiny_spec
+    from tests.trainutil import run_here
 
     spec = tiny_spec(tmp_path, image_size=32, max_epochs=1)
     spec = spec.model_copy(update={"backbone": Backbone(model="wavemix", weights="none")})

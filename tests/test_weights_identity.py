@@ -56,7 +56,8 @@ def test_convnext_push_is_the_in1k_weights_not_timms_default(asked, tmp_path):
 
 def test_a_pushed_file_carries_its_tag_into_env_and_summary(tmp_path):
     from service.backbones.weights_push import _save
-    from tests.trainutil import run_here, tiny_spec
+    from tests.specs import tiny_spec
+    from tests.trainutil import run_here
 
     net = timm.create_model("test_resnet", num_classes=10)
     path = tmp_path / "test_resnet.safetensors"
