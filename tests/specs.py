@@ -20,6 +20,10 @@ from service.spec import FineTune, parse_spec
 
 __all__ = [
     "ON_S3",
+    "PAPER_OPTIONS",
+    "STUDY_ON_S3",
+    "cluster_finetune",
+    "cluster_study",
     "finetune",
     "merge",
     "parse_spec",
@@ -49,6 +53,11 @@ ON_S3 = {
     "dataset": {"uri": "s3://data/eurosat/"},
     "output": {"uri": "s3://runs/"},
 }
+STUDY_ON_S3 = {
+    "backbones": [{"model": "resnet50", "weights": "none"}],
+    "datasets": [{"uri": "s3://data/eurosat/"}],
+    "output": {"uri": "s3://runs/"},
+}
 # What trains in ~0.3 s an epoch at 16 px on one CPU thread.
 TINY_PROTOCOL = {
     "recipe": "standard",
@@ -57,6 +66,13 @@ TINY_PROTOCOL = {
     "max_epochs": 2,
     "warmup_epochs": 0,
     "device": "cpu",
+}
+# The paper's training options (its recipe, TrivialAugmentWide, per-split statistics), patience 1.
+PAPER_OPTIONS = {
+    "recipe": "paper",
+    "patience": 1,
+    "augmentation": "trivial_augment_wide",
+    "normalize": "split",
 }
 
 
@@ -82,6 +98,17 @@ def finetune(*layers: dict, **over) -> dict:
 def study(*layers: dict, **over) -> dict:
     """A Study document: test_resnet × builtin digits, then ``layers``, then ``over``."""
     return merge(STUDY, *layers, over)
+
+
+def cluster_finetune(*layers: dict, **over) -> dict:
+    """The Job the k8s tests submit: ``q``, resnet50 on S3 data, under a ServiceAccount."""
+    base = finetune(ON_S3, name="q", resources={"service_account": "backbones-worker"})
+    return merge(base, *layers, over)
+
+
+def cluster_study(*layers: dict, **over) -> dict:
+    """The Study the k8s tests submit: ``rs``, resnet50 on S3 data, four seeds (four cells)."""
+    return study(STUDY_ON_S3, {"name": "rs", "seeds": [0, 1, 2, 3]}, *layers, over)
 
 
 def write_spec(folder: Path, spec, fname: str | None = None) -> Path:
