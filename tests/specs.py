@@ -2,9 +2,9 @@
 
 ``finetune(...)`` and ``study(...)`` return the plain dict a user writes; ``parse_spec`` turns it
 into the model and ``write_spec`` into a file. Overrides lie over the defaults in order: dicts
-merge key by key, anything else (a list too) replaces, and ``None`` removes the key::
+merge key by key, anything else (a list too) replaces, and ``DELETE`` removes the key::
 
-    finetune(ON_S3, name="q", resources={"gpus": 2}, storage=None)
+    finetune(ON_S3, name="q", resources={"gpus": 2}, metrics=DELETE)
 
 ``tiny_spec`` / ``tiny_study`` are runs that really train, in seconds on two cores; ``spec_for``
 is a spec around a dataset, for the data tests.
@@ -19,6 +19,7 @@ from pathlib import Path
 from service.spec import FineTune, parse_spec
 
 __all__ = [
+    "DELETE",
     "ON_S3",
     "PAPER_OPTIONS",
     "STUDY_ON_S3",
@@ -33,6 +34,8 @@ __all__ = [
     "tiny_study",
     "write_spec",
 ]
+
+DELETE = object()  # an override that removes the key
 
 # test_resnet without weights on scikit-learn's digits: builds in milliseconds, offline.
 FINETUNE = {
@@ -77,11 +80,11 @@ PAPER_OPTIONS = {
 
 
 def merge(base: dict, *layers: dict) -> dict:
-    """A deep copy of ``base`` with each layer laid over it (dicts merge, ``None`` removes)."""
+    """A deep copy of ``base`` with each layer laid over it (dicts merge, ``DELETE`` removes)."""
     out = copy.deepcopy(base)
     for layer in layers:
         for key, value in layer.items():
-            if value is None:
+            if value is DELETE:
                 out.pop(key, None)
             elif isinstance(value, dict) and isinstance(out.get(key), dict):
                 out[key] = merge(out[key], value)
