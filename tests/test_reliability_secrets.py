@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from service.errors import EXIT_OK, EXIT_USER
+from tests.data_factory import digits_tree
 from tests.fixtures.faults import backbones, run, start, stop
 from tests.fixtures.prometheus import free_port
 from tests.fixtures.seaweed import ADMIN
-from tests.s3util import digits_tree
 
 pytestmark = pytest.mark.integration
 

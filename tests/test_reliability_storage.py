@@ -18,6 +18,7 @@ from service.data.push import push
 from service.errors import EXIT_OK, EXIT_RETRY
 from service.spec import Storage
 from service.storage.s3 import S3Store
+from tests.data_factory import digits_tree
 from tests.fixtures.faults import (
     FaultyProxy,
     assert_intact,
@@ -30,7 +31,6 @@ from tests.fixtures.faults import (
     wait_for,
     worker_cmd,
 )
-from tests.s3util import digits_tree
 from tests.specs import write_spec
 
 pytestmark = pytest.mark.integration

@@ -4,27 +4,23 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from service.cli import app
+from tests.data_factory import make_imagefolder
 from tests.specs import tiny_spec, tiny_study, write_spec
 from tests.trainutil import one_thread
 
 
-def _image(path, value: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((12, 12, 3), value, dtype=np.uint8)).save(path)
-
-
 def _folder(root, classes=("cat", "dog"), test_classes=None, per_class=4):
-    for split, names in (("train", classes), ("test", test_classes or classes)):
-        for c, name in enumerate(names):
-            for i in range(per_class):
-                _image(root / split / name / f"{i}.png", 40 * c + i)
-    return root
+    return make_imagefolder(
+        root,
+        {
+            "train": dict.fromkeys(classes, per_class),
+            "test": dict.fromkeys(test_classes or classes, per_class),
+        },
+    )
 
 
 def _run(tmp_path, dataset_uri: str | None = None, *args: str, **protocol):

@@ -19,7 +19,7 @@ from service.data.push import push
 from service.errors import EXIT_RETRY, EXIT_USER
 from service.spec import Storage, parse_spec
 from service.storage.s3 import S3Store
-from tests.s3util import digits_tree
+from tests.data_factory import digits_tree
 from tests.trainutil import results, run_worker, start_worker
 
 pytestmark = pytest.mark.integration
