@@ -275,6 +275,7 @@ def test_expand_of_an_invalid_spec_prints_its_problems_and_exits_2(tmp_path):
 def test_schema_writes_both_kinds(tmp_path):
     result = runner.invoke(app, ["schema", "--out", str(tmp_path)])
     assert result.exit_code == 0
+    assert len(schemas()) == 2
     for fname, body in schemas().items():
         assert json.loads((tmp_path / fname).read_text()) == body
         assert f"wrote {tmp_path / fname}" in result.stdout

@@ -158,6 +158,7 @@ def test_push_inspect_budget_and_training_see_the_same_folder(
 
     # Training, on the folder itself and on what push made of it.
     runs = [_trained(uri, tmp_path / "cache") for uri in (src, tmp_path / "pushed")]
+    assert len(runs) == 2
     for got_classes, seen, _ in runs:
         assert got_classes == classes
         assert seen == counts

@@ -113,7 +113,9 @@ def test_each_study_pod_runs_the_cell_of_its_completion_index(monkeypatch):
 
     spec = parse_spec(study())
     monkeypatch.setenv("BACKBONES_SPEC", env(render_job(spec))["BACKBONES_SPEC"])
-    for index, cell in enumerate(expand(spec)):
+    cells = expand(spec)
+    assert len(cells) == 6
+    for index, cell in enumerate(cells):
         monkeypatch.setenv("JOB_COMPLETION_INDEX", str(index))
         assert pick_cell(read_spec(None)) == cell
 
@@ -329,7 +331,9 @@ def retry_table(which: int = 0) -> list[dict[str, str]]:
 def action_for(job: dict, shows: str) -> str:
     """What the Job controller does with a failed pod: the first matching rule, else Count."""
     kind, value = shows.replace("`", "").split()[:2]
-    for rule in job["spec"]["podFailurePolicy"]["rules"]:
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules
+    for rule in rules:
         if kind == "exit" and "onExitCodes" in rule:
             on = rule["onExitCodes"]
             assert on["containerName"] == container(job)["name"]

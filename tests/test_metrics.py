@@ -73,12 +73,16 @@ def test_every_series_carries_exactly_the_run_labels(observer, spec):
         "backbones_run_phase": {"phase"},
         "backbones_step_duration_seconds_bucket": {"le"},
     }
-    for name, labels in samples(observer).items():
+    seen = samples(observer)
+    assert "backbones_run_info" in seen
+    for name, labels in seen.items():
         assert set(labels) - extra_allowed.get(name, set()) == LABELS, name
 
 
 def test_names_use_the_prefix_base_units_and_total_for_counters(observer):
-    for family in observer.registry.collect():
+    families = list(observer.registry.collect())
+    assert families
+    for family in families:
         assert family.name.startswith("backbones_")
         if family.type == "counter":
             assert all(s.name.endswith("_total") for s in family.samples), family.name

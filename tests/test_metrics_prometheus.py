@@ -155,6 +155,7 @@ def test_prometheus_scrapes_every_family_with_exactly_the_run_labels(scraped):
     families = by_family(result)
     assert set(families) == set(FAMILIES)
     for name, series in families.items():
+        assert series, name
         for labels in series:
             assert set(labels) - {"job", "instance"} == RUN_LABELS | FAMILIES[name], name
 
@@ -295,9 +296,9 @@ def test_every_dashboard_variable_lists_the_run(scraped):
         "dataset": spec.dataset.short_name,
         "run": spec.run_id,
     }
-    for var in load_dashboard()["templating"]["list"]:
-        if var["type"] != "query":
-            continue
+    queries = [v for v in load_dashboard()["templating"]["list"] if v["type"] == "query"]
+    assert sorted(v["name"] for v in queries) == sorted(expected)
+    for var in queries:
         m = re.fullmatch(r"label_values\((.+), (\w+)\)", var["definition"])
         selector, label = substitute(m.group(1), scraped), m.group(2)
         values = scraped.prometheus.api(f"label/{label}/values", **{"match[]": selector})

@@ -85,6 +85,7 @@ def test_the_grid_is_the_papers_11_backbones_on_its_19_datasets(spec):
 
 
 def test_the_fixed_study_selects_on_validation_with_train_statistics():
+    assert len(FIXED.datasets) == len(PAPER)
     for i in range(len(FIXED.datasets)):
         p = FIXED.protocol_for(i)
         assert (p.select_on, p.normalize, p.precision) == ("val", "dataset", "auto")
@@ -94,6 +95,7 @@ def test_the_fixed_study_selects_on_validation_with_train_statistics():
 def test_the_faithful_study_differs_only_where_the_papers_code_does():
     assert FAITHFUL.name == "paper-faithful"
     special = {"dtd": "imagenet", "galaxy10-decals": "raw"}  # the paper's DTD and Galaxy10
+    assert len(FIXED.datasets) == len(PAPER)
     for i, (a, b) in enumerate(zip(FIXED.datasets, FAITHFUL.datasets, strict=True)):
         pa, pb = FIXED.protocol_for(i), FAITHFUL.protocol_for(i)
         assert b.val_fraction == 0  # no validation carve: all of train trains

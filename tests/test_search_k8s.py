@@ -60,6 +60,7 @@ def test_a_rung_is_one_indexed_job_of_its_cells_and_passes_the_strict_schema(tmp
     assert parse_spec(json.loads(env["BACKBONES_SPEC"])) == s  # the pod parses the same Study
     # Each index is the rung cell of the same position, as the worker picks it.
     cells = rung_cells(s, 1, cands, 6)
+    assert cells
     for i, cell in enumerate(cells):
         picked = pick_rung_cell(s, {"BACKBONES_RUNG": env["BACKBONES_RUNG"],
                                     "JOB_COMPLETION_INDEX": str(i)})  # fmt: skip

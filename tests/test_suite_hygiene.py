@@ -61,6 +61,8 @@ def _non_empty(expr: ast.expr, names: dict[str, ast.expr], depth: int = 0) -> bo
         return isinstance(expr.value, str | bytes) and len(expr.value) > 0
     if isinstance(expr, ast.Name):
         return expr.id in names and again(names[expr.id])
+    if isinstance(expr, ast.ListComp | ast.SetComp | ast.DictComp | ast.GeneratorExp):
+        return all(not g.ifs and again(g.iter) for g in expr.generators)
     if not isinstance(expr, ast.Call):
         return False
     func, args = expr.func, expr.args
@@ -195,6 +197,10 @@ def test_the_rule_tells_a_loop_that_may_not_run_from_one_that_must(tmp_path):
         "        assert c\n"
         "    for i, c in enumerate(sorted({'x': 1}.items())):\n"
         "        assert c\n"
+        "    for c in [c.upper() for c in CASES]:\n"
+        "        assert c\n"
+        "    for c in [c for c in CASES if c > 'a']:\n"
+        "        assert c\n"
         "def test_pinned(rows):\n"
         "    assert len(rows) == 2\n"
         "    for r in rows:\n"
@@ -216,4 +222,9 @@ def test_the_rule_tells_a_loop_that_may_not_run_from_one_that_must(tmp_path):
         "        assert p\n"
     )
     found = [line.split(": ", 1)[1] for line in unproven_loops(path, tmp_path)]
-    assert found == ["for ... in rows", "for ... in rows", "for ... in iter(rows)"]
+    assert found == [
+        "for ... in rows",
+        "for ... in rows",
+        "for ... in [c for c in CASES if c > 'a']",
+        "for ... in iter(rows)",
+    ]
