@@ -22,21 +22,24 @@ from service.spec.budget import (
     estimate,
     estimate_gpu_hours,
 )
+from tests import specs
 
 runner = CliRunner()
 A100 = REFERENCE_GPUS["A100-80GB"]
 
 
 def study(**over) -> dict:
-    base = {
-        "kind": "Study",
-        "name": "b",
-        "backbones": [{"model": "resnet50"}],
-        "datasets": [{"uri": "s3://bucket/eurosat/", "expected_images": 20_000}],
-        "seeds": [0],
-        "protocol": {"max_epochs": 10},
-    }
-    return {**base, **over}
+    """resnet50 × EuroSAT (20,000 images by its hint) × one seed, 10 epochs."""
+    return specs.study(
+        {
+            "name": "b",
+            "backbones": [{"model": "resnet50"}],
+            "datasets": [{"uri": "s3://bucket/eurosat/", "expected_images": 20_000}],
+            "seeds": [0],
+            "protocol": {"max_epochs": 10},
+        },
+        over,
+    )
 
 
 def hours_by_hand(gmacs, train_pool, val_fraction, test, epochs, fraction=1.0):

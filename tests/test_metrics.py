@@ -12,21 +12,15 @@ from service.run.events import PHASES, Progress
 from service.run.metrics import PrometheusObserver, run_labels
 from service.spec import parse_spec
 from tests.fixtures.prometheus import free_port
+from tests.specs import finetune
 
 LABELS = {"run", "study", "backbone", "dataset"}
 
 
 def make_spec(**over):
-    doc = {
-        "kind": "FineTune",
-        "name": "m1",
-        "study": "s1",
-        "backbone": {"model": "test_resnet", "weights": "none"},
-        "dataset": {"uri": "builtin://digits"},
-        "protocol": {"recipe": "paper"},
-    }
-    doc.update(over)
-    return parse_spec(doc)
+    return parse_spec(
+        finetune({"name": "m1", "study": "s1", "protocol": {"recipe": "paper"}}, over)
+    )
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from service.run.events import Progress
 from service.run.metrics import PrometheusObserver
 from service.spec import FineTune, parse_spec
 from tests.fixtures.prometheus import Prometheus, Pushgateway, free_port
+from tests.specs import finetune
 from tests.test_dashboard import FOREIGN, alert_rules_yaml, load_dashboard
 
 pytestmark = pytest.mark.integration
@@ -88,24 +89,21 @@ def run_spec(output: Path) -> FineTune:
 
     metrics.port 0: the worker adds no exporter of its own; the test passes one in.
     """
-    return parse_spec(
-        {
-            "kind": "FineTune",
-            "name": "mon",
-            "study": "monitoring",
-            "backbone": {"model": "test_resnet", "weights": "none"},
-            "dataset": {"uri": "builtin://digits", "test_fraction": 0.2, "train_fraction": 0.3},
-            "protocol": {
-                "recipe": "standard",
-                "image_size": 16,
-                "batch_size": 32,
-                "max_epochs": 3,
-                "device": "cpu",
-            },
-            "output": {"uri": str(output)},
-            "metrics": {"port": 0},
-        }
+    doc = finetune(
+        name="mon",
+        study="monitoring",
+        dataset={"test_fraction": 0.2, "train_fraction": 0.3},
+        protocol={
+            "recipe": "standard",
+            "image_size": 16,
+            "batch_size": 32,
+            "max_epochs": 3,
+            "device": "cpu",
+        },
+        output={"uri": str(output)},
+        metrics={"port": 0},
     )
+    return parse_spec(doc)
 
 
 @pytest.fixture(scope="module")

@@ -16,19 +16,19 @@ from service.backbones import checks
 from service.backbones import factory as models
 from service.cli import app
 from service.spec import Backbone, parse_spec
+from tests.specs import study
 
 runner = CliRunner()
 
 
 def _study(backbones, datasets, image_size=256) -> dict:
-    return {
-        "kind": "Study",
-        "name": "res",
-        "backbones": [{"model": m, "weights": "none"} for m in backbones],
-        "datasets": datasets,
-        "seeds": [0],
-        "protocol": {"recipe": "paper", "image_size": image_size},
-    }
+    return study(
+        name="res",
+        backbones=[{"model": m, "weights": "none"} for m in backbones],
+        datasets=datasets,
+        seeds=[0],
+        protocol={"recipe": "paper", "image_size": image_size},
+    )
 
 
 @pytest.mark.parametrize(

@@ -18,20 +18,13 @@ from service.spec import parse_spec
 from service.storage.fetch import fetch_dataset, fetch_uri, fetch_weights
 from service.storage.s3 import S3Store
 from tests.data_factory import make_imagefolder
+from tests.specs import finetune
 
 pytestmark = pytest.mark.integration
 
 
 def _spec(uri: str, storage) -> object:
-    return parse_spec(
-        {
-            "kind": "FineTune",
-            "name": "fetch",
-            "backbone": {"model": "test_resnet", "weights": "none"},
-            "dataset": {"uri": uri},
-            "storage": storage.model_dump(),
-        }
-    )
+    return parse_spec(finetune(name="fetch", dataset={"uri": uri}, storage=storage.model_dump()))
 
 
 @pytest.fixture
