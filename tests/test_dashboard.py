@@ -16,6 +16,7 @@ import yaml
 
 from service.run.metrics import PrometheusObserver, SearchMetrics
 from service.spec import parse_spec
+from tests.specs import finetune
 
 K8S = Path(__file__).resolve().parent.parent / "k8s"
 DS = {"type": "prometheus", "uid": "${datasource}"}
@@ -45,14 +46,7 @@ def dashboard() -> dict:
 @pytest.fixture(scope="module")
 def exported_series() -> set[str]:
     """Every sample name the exporter can produce (GPU memory ones only appear on CUDA)."""
-    spec = parse_spec(
-        {
-            "kind": "FineTune",
-            "name": "d",
-            "backbone": {"model": "test_resnet", "weights": "none"},
-            "dataset": {"uri": "builtin://digits"},
-        }
-    )
+    spec = parse_spec(finetune(name="d"))
     o = PrometheusObserver(spec, port=0, pushgateway_url=None)
     search = SearchMetrics("s", port=0, pushgateway_url=None)
     search.update({"rungs": [{"candidates": {"digits/frac1.0": ["a", "b"]}}]})
@@ -222,13 +216,7 @@ def test_podmonitor_selects_the_worker_pods_on_their_metrics_port():
 
     monitor = yaml.safe_load((K8S / "monitoring" / "podmonitor.yaml").read_text())
     spec = parse_spec(
-        {
-            "kind": "FineTune",
-            "name": "pm",
-            "backbone": {"model": "test_resnet", "weights": "none"},
-            "dataset": {"uri": "s3://bucket/data/"},
-            "metrics": {"port": 9108},
-        }
+        finetune(name="pm", dataset={"uri": "s3://bucket/data/"}, metrics={"port": 9108})
     )
     pod = render_job(spec, image="ghcr.io/acme/backbones:0.1.0")["spec"]["template"]
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"

@@ -12,24 +12,22 @@ from pathlib import Path
 import pytest
 
 from service.spec import parse_spec
+from tests.specs import tiny_study
 from tests.trainutil import REPO, worker_env
 
 
 def study_doc(tmp_path: Path, schedule: str) -> dict:
-    return {
-        "kind": "Study",
-        "name": "pick",
-        "backbones": [
+    return tiny_study(
+        tmp_path,
+        name="pick",
+        backbones=[
             {"model": m, "weights": "none"}
             for m in ("test_resnet", "test_vit", "test_efficientnet")
         ],
-        "datasets": [{"uri": "builtin://digits", "test_fraction": 0.2}],
-        "seeds": [0],
-        "protocol": {"image_size": 16, "max_epochs": 3, "warmup_epochs": 0, "device": "cpu"},
-        "search": {"strategy": "successive_halving", "eta": 3, "schedule": schedule},
-        "output": {"uri": str(tmp_path / "runs")},
-        "metrics": {"port": 0},
-    }
+        seeds=[0],
+        protocol={"max_epochs": 3, "warmup_epochs": 0},
+        search={"strategy": "successive_halving", "eta": 3, "schedule": schedule},
+    )
 
 
 def start(tmp_path: Path, spec: Path) -> subprocess.Popen:

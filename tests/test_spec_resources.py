@@ -15,30 +15,17 @@ from typer.testing import CliRunner
 from service.cli import app
 from service.k8s.render import render_job
 from service.spec import parse_spec
+from tests import specs
 
 runner = CliRunner()
 
 
 def finetune(**resources) -> dict:
-    return {
-        "kind": "FineTune",
-        "name": "q",
-        "backbone": {"model": "resnet50", "weights": "none"},
-        "dataset": {"uri": "s3://data/eurosat/"},
-        "output": {"uri": "s3://runs/"},
-        "resources": resources,
-    }
+    return specs.finetune(specs.ON_S3, name="q", resources=resources)
 
 
 def study(name: str, seeds: int) -> dict:
-    return {
-        "kind": "Study",
-        "name": name,
-        "backbones": [{"model": "resnet50", "weights": "none"}],
-        "datasets": [{"uri": "s3://data/eurosat/"}],
-        "seeds": list(range(seeds)),
-        "output": {"uri": "s3://runs/"},
-    }
+    return specs.study(specs.STUDY_ON_S3, name=name, seeds=list(range(seeds)))
 
 
 def validate(tmp_path, data: dict):
