@@ -118,9 +118,10 @@ def cluster_study(*layers: dict, **over) -> dict:
 
 def write_spec(folder: Path, spec, fname: str | None = None) -> Path:
     """``spec`` (a document or a model) as ``folder/<fname>``, by default ``<name>.json``."""
-    doc = spec if isinstance(spec, dict) else json.loads(spec.to_json())
-    path = Path(folder) / (fname or f"{doc['name']}.json")
-    path.write_text(json.dumps(doc, indent=2))
+    text = json.dumps(spec) if isinstance(spec, dict) else spec.to_json()
+    name = spec["name"] if isinstance(spec, dict) else spec.name
+    path = Path(folder) / (fname or f"{name}.json")
+    path.write_text(text)
     return path
 
 

@@ -38,6 +38,13 @@ def dashboard_exprs(dashboard: dict) -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
 
 
+def matches(dashboard: dict, pattern: str) -> list[tuple[str, re.Match]]:
+    """(panel title, match) for every match of ``pattern`` in every query of the dashboard."""
+    return [
+        (title, m) for title, expr in dashboard_exprs(dashboard) for m in re.finditer(pattern, expr)
+    ]
+
+
 @pytest.fixture(scope="module")
 def dashboard() -> dict:
     return load_dashboard()
@@ -139,11 +146,7 @@ def test_has_the_panels_people_look_for(dashboard):
 
 
 def test_every_backbones_selector_filters_by_all_four_variables(dashboard):
-    found = [
-        (title, m)
-        for title, expr in dashboard_exprs(dashboard)
-        for m in re.finditer(r"\b(backbones_\w+)(\{[^}]*\})?", expr)
-    ]
+    found = matches(dashboard, r"\b(backbones_\w+)(\{[^}]*\})?")
     assert found
     for title, m in found:
         assert m.group(2), f"{title}: {m.group(1)} has no selector"
@@ -152,13 +155,10 @@ def test_every_backbones_selector_filters_by_all_four_variables(dashboard):
 
 
 def test_every_metric_the_dashboard_reads_is_exported(dashboard, exported_series):
-    read = [
-        (title, name)
-        for title, expr in dashboard_exprs(dashboard)
-        for name in re.findall(r"\b(backbones_\w+|DCGM_\w+|kube_\w+)", expr)
-    ]
+    read = matches(dashboard, r"\b(backbones_\w+|DCGM_\w+|kube_\w+)")
     assert read
-    for title, name in read:
+    for title, m in read:
+        name = m.group(1)
         assert name in exported_series or name in FOREIGN, f"{title}: {name}"
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.data_factory import make_mixed_modes
+from tests.fixtures.prometheus import free_port
 from tests.specs import finetune, write_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,12 +74,6 @@ def spec(name: str, uri: str, output: str, endpoint: str, cache: Path, port: int
         metrics={"port": port},
         storage={"endpoint_url": endpoint, "cache_dir": str(cache), "max_concurrency": 8},
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from service.k8s.client import Cluster, api_error, connect
 from service.k8s.render import render_job
 from service.spec import parse_spec
 from service.spec.study import expand
-from tests.specs import cluster_finetune, cluster_study
+from tests.specs import cluster_finetune, cluster_study, write_spec
 
 NS = "backbones"
 FORBIDDEN = (
@@ -750,8 +750,7 @@ def test_cancel_needs_a_name_or_a_study():
 
 @pytest.fixture
 def spec_file(tmp_path):
-    path = tmp_path / "q.json"
-    path.write_text(json.dumps(cluster_finetune()))
+    path = write_spec(tmp_path, cluster_finetune(), "q.json")
     return path
 
 

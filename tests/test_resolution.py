@@ -5,8 +5,6 @@ meta device here (shapes, no memory, no arithmetic); real forward passes use tin
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -16,7 +14,7 @@ from service.backbones import checks
 from service.backbones import factory as models
 from service.cli import app
 from service.spec import Backbone, parse_spec
-from tests.specs import study
+from tests.specs import study, write_spec
 
 runner = CliRunner()
 
@@ -104,8 +102,7 @@ def test_check_resolutions_names_the_pair_the_datasets_and_the_fix():
 
 def test_validate_deep_refuses_the_pair_in_one_line_exit_2(tmp_path):
     doc = _study(["test_vit"], [{"uri": "builtin://digits"}], image_size=[100, 70])
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(doc))
+    path = write_spec(tmp_path, doc, "s.json")
     shallow = runner.invoke(app, ["validate", str(path)])
     assert shallow.exit_code == 0  # the schema alone cannot tell
     deep = runner.invoke(app, ["validate", "--deep", str(path)])
@@ -124,8 +121,7 @@ def test_validate_deep_accepts_swin_at_the_paper_sizes(tmp_path):
             {"uri": "/data/bh", "name": "bh", "protocol": {"image_size": [448, 672]}},
         ],
     )
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(doc))
+    path = write_spec(tmp_path, doc, "s.json")
     result = runner.invoke(app, ["validate", "--deep", str(path)])
     assert result.exit_code == 0, result.output
 
@@ -151,8 +147,7 @@ def test_submit_deep_refuses_the_pair_before_any_job_exists(tmp_path, monkeypatc
 
     monkeypatch.setattr(k8s_cmds, "_cluster", no_cluster)
     doc = _study(["test_vit"], [{"uri": "builtin://digits"}], image_size=[100, 70])
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(doc))
+    path = write_spec(tmp_path, doc, "s.json")
     result = runner.invoke(app, ["submit", "--deep", "--yes", str(path)])
     assert result.exit_code == 2
     assert "backbones.0.model: 'test_vit' cannot run at 100x70" in result.stderr

@@ -94,8 +94,9 @@ def test_bad_data_is_one_line_and_exit_2(tmp_path, make, message):
 
 
 def test_invalid_spec_names_the_field(tmp_path):
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps({"kind": "FineTune", "name": "x", "backbone": {"model": "m"}}))
+    path = write_spec(
+        tmp_path, {"kind": "FineTune", "name": "x", "backbone": {"model": "m"}}, "s.json"
+    )
     r = CliRunner().invoke(app, ["run", str(path)])
     assert r.exit_code == 2
     assert r.stderr.strip() == f"{path}: dataset: required field is missing"
@@ -103,8 +104,7 @@ def test_invalid_spec_names_the_field(tmp_path):
 
 def test_run_of_a_study_runs_every_cell_in_order(tmp_path):
     study = tiny_study(tmp_path)
-    path = tmp_path / "study.json"
-    path.write_text(json.dumps(study))
+    path = write_spec(tmp_path, study, "study.json")
     with one_thread():
         r = CliRunner().invoke(app, ["run", str(path), "--cache-dir", str(tmp_path / "c")])
     assert r.exit_code == 0, r.output
@@ -124,8 +124,7 @@ def test_a_bad_cell_of_a_study_fails_alone_and_the_others_run(tmp_path):
     study["seeds"] = [0]
     bad = _folder(tmp_path / "scans", classes=("cat",))  # a single class
     study["datasets"] = [{"uri": str(bad)}, {"uri": "builtin://digits", "test_fraction": 0.2}]
-    path = tmp_path / "study.json"
-    path.write_text(json.dumps(study))
+    path = write_spec(tmp_path, study, "study.json")
     with one_thread():
         r = CliRunner().invoke(app, ["run", str(path), "--cache-dir", str(tmp_path / "c")])
     assert r.exit_code == 2, r.output

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from service.spec import parse_spec
-from tests.specs import tiny_study
+from tests.specs import tiny_study, write_spec
 from tests.trainutil import REPO, worker_env
 
 
@@ -73,8 +73,7 @@ def kill_when(proc: subprocess.Popen, condition, timeout: float = 600) -> None:
 @pytest.mark.parametrize("schedule", ["continue", "restart"])
 def test_a_killed_search_resumes_inside_a_rung_and_between_rungs(tmp_path, schedule):
     doc = study_doc(tmp_path, schedule)
-    spec = tmp_path / "study.json"
-    spec.write_text(json.dumps(doc))
+    spec = write_spec(tmp_path, doc, "study.json")
     runs = tmp_path / "runs"
     rung0 = "pick" if schedule == "continue" else "pick/_search/r0"
     first_metrics = runs / rung0 / "digits/test_resnet/seed0-frac1.0/metrics.jsonl"

@@ -6,8 +6,6 @@ account, and a Study name short enough for its pods' hostnames (<name>-<last ind
 
 from __future__ import annotations
 
-import json
-
 import kubernetes_validate
 import pytest
 from typer.testing import CliRunner
@@ -16,6 +14,7 @@ from service.cli import app
 from service.k8s.render import render_job
 from service.spec import parse_spec
 from tests import specs
+from tests.specs import write_spec
 
 runner = CliRunner()
 
@@ -29,8 +28,7 @@ def study(name: str, seeds: int) -> dict:
 
 
 def validate(tmp_path, data: dict):
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps(data))
+    path = write_spec(tmp_path, data, "spec.json")
     result = runner.invoke(app, ["validate", str(path)])
     return result, path
 

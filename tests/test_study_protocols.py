@@ -14,6 +14,7 @@ from service.spec import SpecError, parse_spec
 from service.spec.budget import estimate
 from service.spec.study import expand
 from tests import specs
+from tests.specs import write_spec
 
 runner = CliRunner()
 
@@ -61,8 +62,7 @@ def test_each_cell_runs_its_datasets_effective_protocol():
 
 
 def test_expand_prints_the_effective_protocol_of_each_cell(tmp_path):
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(study()))
+    path = write_spec(tmp_path, study(), "s.json")
     result = runner.invoke(app, ["expand", str(path)])
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.splitlines()]
