@@ -28,7 +28,6 @@ __all__ = [
     "cluster_study",
     "finetune",
     "merge",
-    "parse_spec",
     "spec_for",
     "study",
     "tiny_doc",
