@@ -43,5 +43,25 @@ def _torch_threads():
 
 
 @pytest.fixture
+def tiny_wavemix(monkeypatch):
+    """WaveMix shrunk to depth 1 and 16 channels (the paper's 3 levels, 'pachify', patch 4): the
+    same architecture, built in milliseconds. The test skips where the extra is missing."""
+    from service.backbones import wavemix
+
+    tiny = {
+        "depth": 1,
+        "mult": 1,
+        "ff_channel": 16,
+        "final_dim": 16,
+        "dropout": 0.5,
+        "level": 3,
+        "initial_conv": "pachify",
+        "patch_size": 4,
+    }
+    monkeypatch.setattr(wavemix, "PAPER_CONFIG", tiny)
+    return tiny
+
+
+@pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent

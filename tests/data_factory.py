@@ -1,4 +1,5 @@
-"""Tiny datasets made on the fly for the data tests (16-32 px, a few dozen images)."""
+"""The one factory for the tests' image data: tiny images (16-32 px) and folders of them made on
+the fly: ImageFolder trees, the packed layout, mixed modes, and real digits to learn from."""
 
 from __future__ import annotations
 
@@ -10,13 +11,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.spec import parse_spec
 
-
-def image_bytes(seed: int, size=(24, 20), fmt: str = "PNG", mode: str = "RGB") -> bytes:
-    """A small random-looking image; distinct per seed so content hashes differ."""
-    rng = np.random.default_rng(seed)
-    arr = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+def image_bytes(
+    seed: int = 0,
+    size=(24, 20),
+    fmt: str = "PNG",
+    mode: str = "RGB",
+    rgb: tuple[int, int, int] | None = None,
+) -> bytes:
+    """A small image (``size`` is width, height): noise distinct per seed, so content hashes
+    differ, or one flat ``rgb`` colour."""
+    if rgb is None:
+        rng = np.random.default_rng(seed)
+        arr = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    else:
+        arr = np.broadcast_to(np.array(rgb, dtype=np.uint8), (size[1], size[0], 3)).copy()
     im = Image.fromarray(arr).convert(mode)
     buf = io.BytesIO()
     im.save(buf, fmt)
@@ -28,8 +37,11 @@ def make_imagefolder(
     splits: dict[str, dict[str, int]],
     fmt: str = "PNG",
     seed: int = 0,
+    size=(24, 20),
 ) -> Path:
-    """``splits = {"train": {"cat": 6, "dog": 6}, "test": {...}}``; ``""`` for no split level."""
+    """``splits = {"train": {"cat": 6, "dog": 6}, "test": {...}}`` as
+    ``root/<split>/<class>/<class>_<i>.png``; split ``""`` for ``root/<class>/...`` (no split
+    level). Every image differs; another ``seed`` gives other images."""
     ext = {"PNG": "png", "JPEG": "jpg"}[fmt]
     k = seed * 10_000
     for split, classes in splits.items():
@@ -38,21 +50,23 @@ def make_imagefolder(
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 k += 1
-                (d / f"{cls}_{i:03d}.{ext}").write_bytes(image_bytes(k, fmt=fmt))
+                (d / f"{cls}_{i:03d}.{ext}").write_bytes(image_bytes(k, size, fmt=fmt))
     return root
 
 
-def spec_for(uri, **dataset) -> object:
-    protocol = dataset.pop("protocol", {})
-    return parse_spec(
-        {
-            "kind": "FineTune",
-            "name": "t",
-            "backbone": {"model": "test_resnet", "weights": "none"},
-            "dataset": {"uri": str(uri), **dataset},
-            "protocol": {"image_size": 16, "batch_size": 8, **protocol},
-        }
-    )
+def digits_tree(root: Path, n: int = 300, size: int = 16) -> Path:
+    """scikit-learn digits as ``root/<digit>/<i>.png``: real, learnable, offline."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for i in range(min(n, len(d.target))):
+        cls = root / str(d.target[i])
+        cls.mkdir(parents=True, exist_ok=True)
+        a = (d.images[i] * (255 / 16)).astype(np.uint8)
+        Image.fromarray(a).resize((size, size), Image.NEAREST).convert("RGB").save(
+            cls / f"{i:04d}.png"
+        )
+    return root
 
 
 def make_packed(root: Path, splits: dict[str, dict[str, int]], extra_members=()) -> Path:

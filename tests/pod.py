@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import ctypes
-import json
 import os
 import re
 import shutil
@@ -41,6 +40,8 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+
+from tests.specs import write_spec
 
 REPO = Path(__file__).resolve().parent.parent
 NODE = "node-0"
@@ -65,8 +66,7 @@ def console(name: str = "backbones") -> str:
 
 def render(doc: dict, workdir: Path) -> dict:
     """The Job that ``backbones render SPEC`` prints for ``doc``."""
-    path = workdir / f"{doc['name']}.spec.json"
-    path.write_text(json.dumps(doc))
+    path = write_spec(workdir, doc, f"{doc['name']}.spec.json")
     out = subprocess.run(
         [console(), "render", str(path)],
         capture_output=True,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tests.specs import study
+
 T975 = {1: 12.706204736174698, 2: 4.302652729911275, 3: 3.182446305284263}  # t(0.975, df)
 
 
@@ -96,12 +98,11 @@ def write_grid(out: Path, study: str, values: dict, **kw) -> None:
 
 
 def study_json(name: str, datasets, backbones, seeds, out: Path, fractions=(1.0,)) -> dict:
-    return {
-        "kind": "Study",
-        "name": name,
-        "backbones": [{"model": b, "weights": "none"} for b in backbones],
-        "datasets": [{"uri": f"s3://bucket/{d}/", "name": d, "domain": dom} for d, dom in datasets],
-        "seeds": list(seeds),
-        "train_fractions": list(fractions),
-        "output": {"uri": str(out)},
-    }
+    return study(
+        name=name,
+        backbones=[{"model": b, "weights": "none"} for b in backbones],
+        datasets=[{"uri": f"s3://bucket/{d}/", "name": d, "domain": dom} for d, dom in datasets],
+        seeds=list(seeds),
+        train_fractions=list(fractions),
+        output={"uri": str(out)},
+    )

@@ -12,7 +12,8 @@ from service.data import BatchLoader, Prepared, Split
 from service.data.augment import TrivialAugmentWide, train_augment
 from service.data.normalise import split_stats
 from service.spec import Protocol
-from tests.trainutil import run_here, tiny_spec
+from tests.specs import PAPER_OPTIONS, tiny_spec
+from tests.trainutil import run_dir, run_here
 
 
 def _split(n: int, value: int | None = None, seed: int = 0) -> Split:
@@ -123,16 +124,9 @@ def test_raw_feeds_pixel_values_as_they_are():
 
 
 def test_a_run_with_the_papers_options_records_them(tmp_path):
-    spec = tiny_spec(
-        tmp_path,
-        recipe="paper",
-        max_epochs=1,
-        patience=1,
-        augmentation="trivial_augment_wide",
-        normalize="split",
-    )
+    spec = tiny_spec(tmp_path, max_epochs=1, **PAPER_OPTIONS)
     out = run_here(spec)
-    env = json.loads((tmp_path / "runs" / spec.run_id / "env.json").read_text())
+    env = json.loads((run_dir(spec) / "env.json").read_text())
     assert env["augmentation"] == "trivial_augment_wide"
     assert env["normalize"]["by"] == "split"
     per = env["normalize"]["per_split"]

@@ -22,21 +22,25 @@ from service.spec.budget import (
     estimate,
     estimate_gpu_hours,
 )
+from tests import specs
+from tests.specs import write_spec
 
 runner = CliRunner()
 A100 = REFERENCE_GPUS["A100-80GB"]
 
 
 def study(**over) -> dict:
-    base = {
-        "kind": "Study",
-        "name": "b",
-        "backbones": [{"model": "resnet50"}],
-        "datasets": [{"uri": "s3://bucket/eurosat/", "expected_images": 20_000}],
-        "seeds": [0],
-        "protocol": {"max_epochs": 10},
-    }
-    return {**base, **over}
+    """resnet50 × EuroSAT (20,000 images by its hint) × one seed, 10 epochs."""
+    return specs.study(
+        {
+            "name": "b",
+            "backbones": [{"model": "resnet50"}],
+            "datasets": [{"uri": "s3://bucket/eurosat/", "expected_images": 20_000}],
+            "seeds": [0],
+            "protocol": {"max_epochs": 10},
+        },
+        over,
+    )
 
 
 def hours_by_hand(gmacs, train_pool, val_fraction, test, epochs, fraction=1.0):
@@ -148,8 +152,7 @@ def test_yes_overrides_the_budget_and_a_study_under_budget_passes():
 
 
 def test_validate_prints_cells_and_gpu_hours(tmp_path):
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(study(seeds=[0, 1])))
+    path = write_spec(tmp_path, study(seeds=[0, 1]), "s.json")
     hours = estimate_gpu_hours(parse_spec(study(seeds=[0, 1])))
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 0, result.output
@@ -191,8 +194,7 @@ def test_online_the_manifest_on_s3_gives_the_sizes(s3_bucket, s3_storage):
 
 
 def test_cli_budget_prints_the_breakdown_per_dataset_backbone_and_fraction(tmp_path):
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(study(seeds=[0, 1], train_fractions=[0.5, 1.0])))
+    path = write_spec(tmp_path, study(seeds=[0, 1], train_fractions=[0.5, 1.0]), "s.json")
     est = estimate(parse_spec(study(seeds=[0, 1], train_fractions=[0.5, 1.0])))
     result = runner.invoke(app, ["budget", str(path)])
     assert result.exit_code == 0, result.output

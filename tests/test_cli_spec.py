@@ -13,6 +13,7 @@ from service.cli import _app, app
 from service.cli.spec_cmds import schemas
 from service.spec import load_spec
 from service.spec.study import expand
+from tests import specs
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = str(REPO / "jobspecs" / "quickstart.json")
@@ -40,16 +41,12 @@ def write(tmp_path: Path, name: str, doc) -> str:
 
 
 def finetune(**patch) -> dict:
-    doc = {
-        "kind": "FineTune",
-        "name": "run",
-        "backbone": {"model": "test_resnet", "weights": "none"},
-        "dataset": {"uri": "builtin://digits"},
-    }
+    """``tests.specs.finetune`` named ``run``; ``protocol__batch_size=0`` sets one field."""
+    layer: dict = {}
     for dotted, value in patch.items():
         section, key = dotted.split("__")
-        doc.setdefault(section, {})[key] = value
-    return doc
+        layer.setdefault(section, {})[key] = value
+    return specs.finetune({"name": "run"}, layer)
 
 
 def validate(*args: str):
@@ -113,12 +110,7 @@ def test_backbone_name_close_to_a_catalog_name_gets_did_you_mean(tmp_path):
 
 
 def test_study_backbone_problems_name_the_list_index(tmp_path):
-    doc = {
-        "kind": "Study",
-        "name": "s",
-        "backbones": [{"model": "resnet50"}, {"model": "regnety_32"}],
-        "datasets": [{"uri": "builtin://digits"}],
-    }
+    doc = specs.study(name="s", backbones=[{"model": "resnet50"}, {"model": "regnety_32"}])
     bad = write(tmp_path, "study.json", doc)
     assert validate(bad).stderr == (
         f"{bad}: backbones.1.model: unknown model 'regnety_32'; did you mean 'regnety_032'?\n"
@@ -275,6 +267,7 @@ def test_expand_of_an_invalid_spec_prints_its_problems_and_exits_2(tmp_path):
 def test_schema_writes_both_kinds(tmp_path):
     result = runner.invoke(app, ["schema", "--out", str(tmp_path)])
     assert result.exit_code == 0
+    assert len(schemas()) == 2
     for fname, body in schemas().items():
         assert json.loads((tmp_path / fname).read_text()) == body
         assert f"wrote {tmp_path / fname}" in result.stdout

@@ -16,6 +16,7 @@ import yaml
 
 from service.run.metrics import PrometheusObserver, SearchMetrics
 from service.spec import parse_spec
+from tests.specs import finetune
 
 K8S = Path(__file__).resolve().parent.parent / "k8s"
 DS = {"type": "prometheus", "uid": "${datasource}"}
@@ -37,6 +38,13 @@ def dashboard_exprs(dashboard: dict) -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
 
 
+def matches(dashboard: dict, pattern: str) -> list[tuple[str, re.Match]]:
+    """(panel title, match) for every match of ``pattern`` in every query of the dashboard."""
+    return [
+        (title, m) for title, expr in dashboard_exprs(dashboard) for m in re.finditer(pattern, expr)
+    ]
+
+
 @pytest.fixture(scope="module")
 def dashboard() -> dict:
     return load_dashboard()
@@ -45,14 +53,7 @@ def dashboard() -> dict:
 @pytest.fixture(scope="module")
 def exported_series() -> set[str]:
     """Every sample name the exporter can produce (GPU memory ones only appear on CUDA)."""
-    spec = parse_spec(
-        {
-            "kind": "FineTune",
-            "name": "d",
-            "backbone": {"model": "test_resnet", "weights": "none"},
-            "dataset": {"uri": "builtin://digits"},
-        }
-    )
+    spec = parse_spec(finetune(name="d"))
     o = PrometheusObserver(spec, port=0, pushgateway_url=None)
     search = SearchMetrics("s", port=0, pushgateway_url=None)
     search.update({"rungs": [{"candidates": {"digits/frac1.0": ["a", "b"]}}]})
@@ -89,6 +90,7 @@ def test_panel_ids_are_unique(dashboard):
 
 def test_panels_do_not_overlap(dashboard):
     cells = set()
+    assert dashboard["panels"]
     for p in dashboard["panels"]:
         g = p["gridPos"]
         assert g["x"] + g["w"] <= 24, p["title"]
@@ -106,9 +108,10 @@ def test_the_datasource_is_a_template_variable(dashboard):
 
 
 def test_every_panel_and_target_uses_the_datasource_variable(dashboard):
+    assert dashboard["panels"]
     for p in dashboard["panels"]:
         assert p["datasource"] == DS, p["title"]
-        for t in p["targets"]:
+        for t in p["targets"]:  # may not run: a text panel queries nothing
             assert t["datasource"] == DS, p["title"]
 
 
@@ -143,17 +146,20 @@ def test_has_the_panels_people_look_for(dashboard):
 
 
 def test_every_backbones_selector_filters_by_all_four_variables(dashboard):
-    for title, expr in dashboard_exprs(dashboard):
-        for m in re.finditer(r"\b(backbones_\w+)(\{[^}]*\})?", expr):
-            assert m.group(2), f"{title}: {m.group(1)} has no selector"
-            for matcher in SELECTOR:
-                assert matcher in m.group(2), f"{title}: {m.group(0)} lacks {matcher}"
+    found = matches(dashboard, r"\b(backbones_\w+)(\{[^}]*\})?")
+    assert found
+    for title, m in found:
+        assert m.group(2), f"{title}: {m.group(1)} has no selector"
+        for matcher in SELECTOR:
+            assert matcher in m.group(2), f"{title}: {m.group(0)} lacks {matcher}"
 
 
 def test_every_metric_the_dashboard_reads_is_exported(dashboard, exported_series):
-    for title, expr in dashboard_exprs(dashboard):
-        for name in re.findall(r"\b(backbones_\w+|DCGM_\w+|kube_\w+)", expr):
-            assert name in exported_series or name in FOREIGN, f"{title}: {name}"
+    read = matches(dashboard, r"\b(backbones_\w+|DCGM_\w+|kube_\w+)")
+    assert read
+    for title, m in read:
+        name = m.group(1)
+        assert name in exported_series or name in FOREIGN, f"{title}: {name}"
 
 
 def test_gpu_panels_join_dcgm_series_by_pod(dashboard):
@@ -210,13 +216,7 @@ def test_podmonitor_selects_the_worker_pods_on_their_metrics_port():
 
     monitor = yaml.safe_load((K8S / "monitoring" / "podmonitor.yaml").read_text())
     spec = parse_spec(
-        {
-            "kind": "FineTune",
-            "name": "pm",
-            "backbone": {"model": "test_resnet", "weights": "none"},
-            "dataset": {"uri": "s3://bucket/data/"},
-            "metrics": {"port": 9108},
-        }
+        finetune(name="pm", dataset={"uri": "s3://bucket/data/"}, metrics={"port": 9108})
     )
     pod = render_job(spec, image="ghcr.io/acme/backbones:0.1.0")["spec"]["template"]
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"

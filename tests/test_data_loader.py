@@ -100,7 +100,9 @@ def test_augmentation_differs_between_epochs(split):
 def test_augmentation_stays_within_the_image_value_range(split):
     lo = (0 - torch.tensor(MEAN)) / torch.tensor(STD)
     hi = (1 - torch.tensor(MEAN)) / torch.tensor(STD)
-    for x, _ in _batches(_loader(split, augment=True)):
+    batches = _batches(_loader(split, augment=True))
+    assert batches
+    for x, _ in batches:
         per_channel = x.transpose(0, 1).reshape(3, -1)
         assert (per_channel.min(1).values >= lo - 1e-4).all()
         assert (per_channel.max(1).values <= hi + 1e-4).all()
@@ -115,6 +117,7 @@ def test_full_crop_without_flip_is_the_identity(split, monkeypatch):
     monkeypatch.setattr(loader_mod, "CROP_RATIO", (1.0, 1.0))
     x_aug, _ = _batches(_loader(split, augment=True, shuffle=False))[0]
     x, _ = _batches(_loader(split, augment=False, shuffle=False))[0]
+    assert len(x) > 0
     for a, b in zip(x_aug, x, strict=True):
         assert torch.allclose(a, b, atol=1e-5) or torch.allclose(a, b.flip(-1), atol=1e-5)
 
@@ -124,6 +127,7 @@ def test_ranks_split_each_global_batch_without_overlap(split):
     parts = [
         _batches(_loader(split, drop_last=True, rank=r, world_size=2), epoch=1) for r in (0, 1)
     ]
+    assert full
     for step, (_, y) in enumerate(full):
         ys = [parts[r][step][1] for r in (0, 1)]
         assert [len(v) for v in ys] == [4, 4]
@@ -135,6 +139,7 @@ def test_ranks_split_each_global_batch_without_overlap(split):
 def test_cuda_batches_equal_cpu_batches(split, resident):
     cpu = _batches(_loader(split, augment=True), epoch=1)
     gpu = _batches(_loader(split, augment=True, device="cuda", resident=resident), epoch=1)
+    assert cpu
     for (xc, yc), (xg, yg) in zip(cpu, gpu, strict=True):
         assert xg.is_cuda and yg.is_cuda
         assert torch.equal(yc, yg.cpu())

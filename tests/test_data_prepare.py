@@ -16,7 +16,8 @@ import torch
 from service.data import dataset as dataset_mod
 from service.data import decode, prepare
 from service.errors import UserError
-from tests.data_factory import image_bytes, make_imagefolder, make_packed, spec_for
+from tests.data_factory import image_bytes, make_imagefolder, make_packed
+from tests.specs import spec_for
 
 TWO_SPLITS = {"train": {"cat": 10, "dog": 10, "eel": 10}, "test": {"cat": 3, "dog": 3, "eel": 3}}
 

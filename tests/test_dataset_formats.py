@@ -21,7 +21,8 @@ from service.data import layout, prepare
 from service.data.card import card, render
 from service.errors import UserError
 from service.spec.budget import dataset_size
-from tests.data_factory import image_bytes, make_imagefolder, spec_for
+from tests.data_factory import image_bytes, make_imagefolder
+from tests.specs import spec_for
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
@@ -157,6 +158,7 @@ def test_push_inspect_budget_and_training_see_the_same_folder(
 
     # Training, on the folder itself and on what push made of it.
     runs = [_trained(uri, tmp_path / "cache") for uri in (src, tmp_path / "pushed")]
+    assert len(runs) == 2
     for got_classes, seen, _ in runs:
         assert got_classes == classes
         assert seen == counts

@@ -47,7 +47,7 @@ def test_hadolint_finds_nothing():
 
 def test_every_hadolint_skip_is_explained_by_the_comment_above_it():
     lines = DOCKERFILE.splitlines()
-    for i, line in enumerate(lines):
+    for i, line in enumerate(lines):  # may not run: a Dockerfile with no skips passes
         if "hadolint ignore" in line:
             assert i > 0 and lines[i - 1].startswith("# "), f"line {i + 1}: say why"
 

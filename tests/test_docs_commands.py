@@ -8,7 +8,7 @@ Placeholders the docs use and what stands in for them:
   study.json                     -> jobspecs/cluster-study.json
   REG/... or "$IMAGE" images     -> a digest-pinned image reference
   ./runs                         -> a synthetic study output (tests/reportutil.py)
-  ./images, ./digits             -> small image folders (tests/s3util.py)
+  ./images, ./digits             -> small image folders (tests/data_factory.py)
   ./convnext_tiny.safetensors,
   ./test_resnet.pth              -> weights of a freshly built test_resnet
   s3://<bucket>/...              -> a bucket of the real SeaweedFS fixture
@@ -116,8 +116,8 @@ def test_the_docs_show_backbones_commands_and_each_is_run_or_named_as_needing_a_
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Stand-ins for what the docs call ./runs, ./images, spec files and weight files."""
+    from tests.data_factory import digits_tree
     from tests.reportutil import summary, write_summary
-    from tests.s3util import digits_tree
 
     root = tmp_path_factory.mktemp("docs")
     for ds, domain in (("eurosat", "remote_sensing"), ("digits", "natural")):

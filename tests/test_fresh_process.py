@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 import pytest
 
 from tests.data_factory import make_mixed_modes
+from tests.fixtures.prometheus import free_port
+from tests.specs import finetune, write_spec
 
 REPO = Path(__file__).resolve().parent.parent
 TRACE_DIR = REPO / "tests" / "import_trace"
@@ -65,22 +66,14 @@ def thread_imports(trace: Path) -> list[str]:
 
 
 def spec(name: str, uri: str, output: str, endpoint: str, cache: Path, port: int = 0) -> dict:
-    return {
-        "kind": "FineTune",
-        "name": name,
-        "backbone": {"model": "test_resnet", "weights": "none"},
-        "dataset": {"uri": uri},
-        "protocol": {"image_size": 16, "batch_size": 16, "max_epochs": 1, "device": "cpu"},
-        "output": {"uri": output},
-        "metrics": {"port": port},
-        "storage": {"endpoint_url": endpoint, "cache_dir": str(cache), "max_concurrency": 8},
-    }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return finetune(
+        name=name,
+        dataset={"uri": uri},
+        protocol={"image_size": 16, "batch_size": 16, "max_epochs": 1, "device": "cpu"},
+        output={"uri": output},
+        metrics={"port": port},
+        storage={"endpoint_url": endpoint, "cache_dir": str(cache), "max_concurrency": 8},
+    )
 
 
 @pytest.fixture
@@ -109,8 +102,7 @@ def test_fresh_runs_decode_a_mixed_mode_dataset_with_no_import_in_a_thread(
             s3_env.endpoint,
             tmp_path / f"cache-{i}",  # cold cache: the decode pool runs every time
         )
-        path = tmp_path / f"spec-{i}.json"
-        path.write_text(json.dumps(doc))
+        path = write_spec(tmp_path, doc, f"spec-{i}.json")
         # A 1 s lease renews every 0.25 s: the heartbeat thread writes during the run.
         env = fresh_env(tmp_path, trace, BACKBONES_LEASE_TTL="1")
         r = subprocess.run(

@@ -27,6 +27,7 @@ from service.train import Loaders, Runtime, Trainer, distributed, recipe_for
 from service.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from service.train.loop import SYNC_EVERY
 from service.train.runtime import choose_precision, fresh_device_memory
+from tests.specs import tiny_doc, write_spec
 from tests.trainutil import REPO, worker_env
 
 CUDA1 = torch.device("cuda", 1)
@@ -319,7 +320,8 @@ def test_device_memory_is_released_and_the_peak_reset_for_each_cell(monkeypatch,
     # ... and the worker does it at the start of every cell of a local Study.
     import service.train.runtime as runtime_mod
     from service.spec.study import expand
-    from tests.trainutil import run_here, tiny_study
+    from tests.specs import tiny_study
+    from tests.trainutil import run_here
 
     cells = []
     monkeypatch.setattr(runtime_mod, "fresh_device_memory", lambda d: cells.append(d))
@@ -348,25 +350,19 @@ def test_the_process_group_timeout_is_set_deliberately(monkeypatch):
 
 
 def _spec(tmp_path: Path, name: str, out: str, **protocol) -> Path:
-    doc = {
-        "kind": "FineTune",
-        "name": name,
-        # No BatchNorm: SyncBatchNorm needs a GPU, and per-rank statistics would differ.
-        "backbone": {"model": "test_convnext", "weights": "none"},
-        "dataset": {"uri": "builtin://digits", "test_fraction": 0.2, "samples_per_class": 40},
-        "protocol": {
-            "recipe": "standard", "image_size": 32, "max_epochs": 2, "warmup_epochs": 0,
-            "device": "cpu", "ema": False,
-            # Odd: the two ranks' shares differ by one sample in every batch.
-            "batch_size": 33,
-            **protocol,
+    doc = tiny_doc(
+        tmp_path,
+        name,
+        {
+            # No BatchNorm: SyncBatchNorm needs a GPU, and per-rank statistics would differ.
+            "backbone": {"model": "test_convnext"},
+            "dataset": {"samples_per_class": 40},
+            "output": {"uri": str(tmp_path / out)},
         },
-        "output": {"uri": str(tmp_path / out)},
-        "metrics": {"port": 0},
-    }  # fmt: skip
-    path = tmp_path / f"{out}.json"
-    path.write_text(json.dumps(doc))
-    return path
+        # Odd: the two ranks' shares differ by one sample in every batch.
+        **{"image_size": 32, "ema": False, "batch_size": 33, **protocol},
+    )
+    return write_spec(tmp_path, doc, f"{out}.json")
 
 
 def _torchrun(tmp_path: Path, *args: str, timeout: float = 300, **env: str):

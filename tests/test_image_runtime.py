@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.s3util import digits_tree
+from tests.data_factory import digits_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "build_image_local.sh"

@@ -18,6 +18,7 @@ from service.k8s.render import render_job
 from service.k8s.status import Row, duration, parse_indexes
 from service.spec import parse_spec
 from service.spec.study import expand
+from tests.specs import cluster_finetune, cluster_study, write_spec
 
 NS = "backbones"
 FORBIDDEN = (
@@ -160,31 +161,11 @@ CHECKS = [  # what submit asks before it touches the Job
 ]
 
 
-def spec_data(**over) -> dict:
-    data = {
-        "kind": "FineTune",
-        "name": "q",
-        "backbone": {"model": "resnet50", "weights": "none"},
-        "dataset": {"uri": "s3://data/eurosat/"},
-        "output": {"uri": "s3://runs/"},
-        "resources": {"service_account": "backbones-worker"},
-    }
-    data.update(over)
-    return data
-
-
 def job_for(**over) -> dict:
-    return render_job(parse_spec(spec_data(**over)))
+    return render_job(parse_spec(cluster_finetune(**over)))
 
 
-STUDY = {
-    "kind": "Study",
-    "name": "rs",
-    "backbones": [{"model": "resnet50", "weights": "none"}],
-    "datasets": [{"uri": "s3://data/eurosat/"}],
-    "seeds": [0, 1, 2, 3],
-    "output": {"uri": "s3://runs/"},
-}
+STUDY = cluster_study()
 
 
 # ---- submit ---------------------------------------------------------------------------------
@@ -300,7 +281,7 @@ def test_the_job_hash_covers_what_shapes_the_job_besides_the_spec(change):
 
 
 def test_the_image_changes_the_job_hash():
-    spec = parse_spec(spec_data())
+    spec = parse_spec(cluster_finetune())
     a = render_job(spec, image="r.example.com/b:1")["metadata"]["annotations"]
     b = render_job(spec, image="r.example.com/b:2")["metadata"]["annotations"]
     assert a["backbones.dev/job-hash"] != b["backbones.dev/job-hash"]
@@ -770,8 +751,7 @@ def test_cancel_needs_a_name_or_a_study():
 
 @pytest.fixture
 def spec_file(tmp_path):
-    path = tmp_path / "q.json"
-    path.write_text(json.dumps(spec_data()))
+    path = write_spec(tmp_path, cluster_finetune(), "q.json")
     return path
 
 

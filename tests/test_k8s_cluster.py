@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from service.cli import app
+from tests.specs import write_spec
 
 pytestmark = pytest.mark.cluster
 
@@ -45,8 +46,7 @@ def test_submit_status_and_cancel_on_a_real_cluster(cluster, tmp_path):
     name = f"bb-test-{uuid.uuid4().hex[:8]}"
     spec = json.loads((ROOT / "jobspecs" / "quickstart.json").read_text())
     spec |= {"name": name, "resources": {**spec["resources"], "namespace": cluster.namespace}}
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps(spec))
+    path = write_spec(tmp_path, spec, "spec.json")
     cli = CliRunner()
 
     dry = cli.invoke(app, ["submit", str(path), "--dry-run"])

@@ -23,35 +23,36 @@ from service.k8s.render import (
 )
 from service.spec import parse_spec
 from service.spec.study import expand
+from tests import specs
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def finetune(**over) -> dict:
-    spec = {
-        "kind": "FineTune",
-        "name": "eurosat-convnext",
-        "backbone": {"model": "convnext_tiny", "weights": "s3://w/convnext_tiny.safetensors"},
-        "dataset": {"uri": "s3://data/eurosat/", "domain": "remote_sensing"},
-        "output": {"uri": "s3://runs/"},
-        "storage": {"credentials_secret": "s3-credentials"},
-    }
-    for key, value in over.items():
-        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
-    return spec
+    """convnext_tiny with weights on S3, reading EuroSAT from S3, credentials from a Secret."""
+    return specs.finetune(
+        specs.ON_S3,
+        {
+            "name": "eurosat-convnext",
+            "backbone": {"model": "convnext_tiny", "weights": "s3://w/convnext_tiny.safetensors"},
+            "dataset": {"domain": "remote_sensing"},
+            "storage": {"credentials_secret": "s3-credentials"},
+        },
+        over,
+    )
 
 
 def study(**over) -> dict:
-    spec = {
-        "kind": "Study",
-        "name": "rs",
-        "backbones": [{"model": "resnet50", "weights": "none"}, {"model": "convnext_tiny"}],
-        "datasets": [{"uri": "s3://data/eurosat/"}],
-        "seeds": [0, 1, 2],
-        "output": {"uri": "s3://runs/"},
-    }
-    spec.update(over)
-    return spec
+    """Two backbones × EuroSAT on S3 × three seeds: six cells."""
+    return specs.study(
+        specs.STUDY_ON_S3,
+        {
+            "backbones": [{"model": "resnet50", "weights": "none"}, {"model": "convnext_tiny"}],
+            "name": "rs",
+            "seeds": [0, 1, 2],
+        },
+        over,
+    )
 
 
 def job_of(data: dict, **kw) -> dict:
@@ -112,14 +113,15 @@ def test_each_study_pod_runs_the_cell_of_its_completion_index(monkeypatch):
 
     spec = parse_spec(study())
     monkeypatch.setenv("BACKBONES_SPEC", env(render_job(spec))["BACKBONES_SPEC"])
-    for index, cell in enumerate(expand(spec)):
+    cells = expand(spec)
+    assert len(cells) == 6
+    for index, cell in enumerate(cells):
         monkeypatch.setenv("JOB_COMPLETION_INDEX", str(index))
         assert pick_cell(read_spec(None)) == cell
 
 
 def test_output_is_ready_for_kubectl_apply_as_yaml_and_as_json(tmp_path):
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps(finetune()))
+    path = specs.write_spec(tmp_path, finetune())
     expected = job_of(finetune())
     as_yaml = CliRunner().invoke(app, ["render", str(path)])
     as_json = CliRunner().invoke(app, ["render", str(path), "-o", "json"])
@@ -129,16 +131,14 @@ def test_output_is_ready_for_kubectl_apply_as_yaml_and_as_json(tmp_path):
 
 
 def test_render_refuses_an_unknown_output_format(tmp_path):
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps(finetune()))
+    path = specs.write_spec(tmp_path, finetune())
     result = CliRunner().invoke(app, ["render", str(path), "-o", "toml"])
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --output: must be 'yaml' or 'json', got 'toml'"
 
 
 def test_render_of_a_bad_spec_names_the_field_and_exits_2(tmp_path):
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps(finetune(resources={"gpus": -1})))
+    path = specs.write_spec(tmp_path, finetune(resources={"gpus": -1}))
     result = CliRunner().invoke(app, ["render", str(path)])
     assert result.exit_code == 2
     assert "resources.gpus" in result.stderr
@@ -331,7 +331,9 @@ def retry_table(which: int = 0) -> list[dict[str, str]]:
 def action_for(job: dict, shows: str) -> str:
     """What the Job controller does with a failed pod: the first matching rule, else Count."""
     kind, value = shows.replace("`", "").split()[:2]
-    for rule in job["spec"]["podFailurePolicy"]["rules"]:
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules
+    for rule in rules:
         if kind == "exit" and "onExitCodes" in rule:
             on = rule["onExitCodes"]
             assert on["containerName"] == container(job)["name"]
@@ -539,8 +541,9 @@ def test_a_namespace_override_moves_the_job():
 
 def test_pass_through_fields_from_a_spec_file_render_as_plain_yaml(tmp_path):
     affinity = {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps(finetune(resources={"affinity": affinity, "tolerations": [{}]})))
+    path = specs.write_spec(
+        tmp_path, finetune(resources={"affinity": affinity, "tolerations": [{}]})
+    )
     result = CliRunner().invoke(app, ["render", str(path)])
     assert result.exit_code == 0, result.output
     assert pod(yaml.safe_load(result.stdout))["affinity"] == affinity

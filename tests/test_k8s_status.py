@@ -18,26 +18,12 @@ from service.k8s.client import Cluster
 from service.k8s.render import render_job
 from service.k8s.status import Row, job_rows
 from service.spec import parse_spec
+from tests.specs import cluster_finetune, cluster_study
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "k8s"
 NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
-FINETUNE = {
-    "kind": "FineTune",
-    "name": "q",
-    "backbone": {"model": "resnet50", "weights": "none"},
-    "dataset": {"uri": "s3://data/eurosat/"},
-    "output": {"uri": "s3://runs/"},
-    "resources": {"service_account": "backbones-worker"},
-    "storage": {"credentials_secret": "s3-credentials"},
-}
-STUDY = {
-    "kind": "Study",
-    "name": "rs",
-    "backbones": [{"model": "resnet50", "weights": "none"}],
-    "datasets": [{"uri": "s3://data/eurosat/"}],
-    "seeds": [0, 1, 2, 3],
-    "output": {"uri": "s3://runs/"},
-}
+FINETUNE = cluster_finetune(storage={"credentials_secret": "s3-credentials"})
+STUDY = cluster_study()
 
 
 def recorded(case: str, spec: dict = FINETUNE) -> tuple[dict, list[dict], list[dict]]:

@@ -12,21 +12,15 @@ from service.run.events import PHASES, Progress
 from service.run.metrics import PrometheusObserver, run_labels
 from service.spec import parse_spec
 from tests.fixtures.prometheus import free_port
+from tests.specs import finetune
 
 LABELS = {"run", "study", "backbone", "dataset"}
 
 
 def make_spec(**over):
-    doc = {
-        "kind": "FineTune",
-        "name": "m1",
-        "study": "s1",
-        "backbone": {"model": "test_resnet", "weights": "none"},
-        "dataset": {"uri": "builtin://digits"},
-        "protocol": {"recipe": "paper"},
-    }
-    doc.update(over)
-    return parse_spec(doc)
+    return parse_spec(
+        finetune({"name": "m1", "study": "s1", "protocol": {"recipe": "paper"}}, over)
+    )
 
 
 @pytest.fixture
@@ -73,12 +67,16 @@ def test_every_series_carries_exactly_the_run_labels(observer, spec):
         "backbones_run_phase": {"phase"},
         "backbones_step_duration_seconds_bucket": {"le"},
     }
-    for name, labels in samples(observer).items():
+    seen = samples(observer)
+    assert "backbones_run_info" in seen
+    for name, labels in seen.items():
         assert set(labels) - extra_allowed.get(name, set()) == LABELS, name
 
 
 def test_names_use_the_prefix_base_units_and_total_for_counters(observer):
-    for family in observer.registry.collect():
+    families = list(observer.registry.collect())
+    assert families
+    for family in families:
         assert family.name.startswith("backbones_")
         if family.type == "counter":
             assert all(s.name.endswith("_total") for s in family.samples), family.name

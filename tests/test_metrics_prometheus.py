@@ -21,6 +21,7 @@ from service.run.events import Progress
 from service.run.metrics import PrometheusObserver
 from service.spec import FineTune, parse_spec
 from tests.fixtures.prometheus import Prometheus, Pushgateway, free_port
+from tests.specs import finetune
 from tests.test_dashboard import FOREIGN, alert_rules_yaml, load_dashboard
 
 pytestmark = pytest.mark.integration
@@ -88,24 +89,21 @@ def run_spec(output: Path) -> FineTune:
 
     metrics.port 0: the worker adds no exporter of its own; the test passes one in.
     """
-    return parse_spec(
-        {
-            "kind": "FineTune",
-            "name": "mon",
-            "study": "monitoring",
-            "backbone": {"model": "test_resnet", "weights": "none"},
-            "dataset": {"uri": "builtin://digits", "test_fraction": 0.2, "train_fraction": 0.3},
-            "protocol": {
-                "recipe": "standard",
-                "image_size": 16,
-                "batch_size": 32,
-                "max_epochs": 3,
-                "device": "cpu",
-            },
-            "output": {"uri": str(output)},
-            "metrics": {"port": 0},
-        }
+    doc = finetune(
+        name="mon",
+        study="monitoring",
+        dataset={"test_fraction": 0.2, "train_fraction": 0.3},
+        protocol={
+            "recipe": "standard",
+            "image_size": 16,
+            "batch_size": 32,
+            "max_epochs": 3,
+            "device": "cpu",
+        },
+        output={"uri": str(output)},
+        metrics={"port": 0},
     )
+    return parse_spec(doc)
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +153,7 @@ def test_prometheus_scrapes_every_family_with_exactly_the_run_labels(scraped):
     families = by_family(result)
     assert set(families) == set(FAMILIES)
     for name, series in families.items():
+        assert series, name
         for labels in series:
             assert set(labels) - {"job", "instance"} == RUN_LABELS | FAMILIES[name], name
 
@@ -295,9 +294,9 @@ def test_every_dashboard_variable_lists_the_run(scraped):
         "dataset": spec.dataset.short_name,
         "run": spec.run_id,
     }
-    for var in load_dashboard()["templating"]["list"]:
-        if var["type"] != "query":
-            continue
+    queries = [v for v in load_dashboard()["templating"]["list"] if v["type"] == "query"]
+    assert sorted(v["name"] for v in queries) == sorted(expected)
+    for var in queries:
         m = re.fullmatch(r"label_values\((.+), (\w+)\)", var["definition"])
         selector, label = substitute(m.group(1), scraped), m.group(2)
         values = scraped.prometheus.api(f"label/{label}/values", **{"match[]": selector})

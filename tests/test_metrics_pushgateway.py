@@ -10,21 +10,14 @@ import pytest
 from service.run.events import Progress
 from service.run.metrics import PrometheusObserver, prune_pushgateway, pushed_runs
 from service.spec import parse_spec
+from tests.specs import finetune
 
 pytestmark = pytest.mark.integration
 
 
-def spec_for(name: str, pushgateway_url: str, study: str | None = None):
-    return parse_spec(
-        {
-            "kind": "FineTune",
-            "name": name,
-            "study": study,
-            "backbone": {"model": "test_resnet", "weights": "none"},
-            "dataset": {"uri": "builtin://digits"},
-            "metrics": {"port": 0, "pushgateway_url": pushgateway_url},
-        }
-    )
+def pushing(name: str, pushgateway_url: str, study: str | None = None):
+    metrics = {"port": 0, "pushgateway_url": pushgateway_url}
+    return parse_spec(finetune(name=name, study=study, metrics=metrics))
 
 
 def pushed_value(pushgateway, name: str, run: str, **labels: str) -> float | None:
@@ -46,7 +39,7 @@ def observer_for(spec):
 
 
 def test_a_phase_change_pushes_and_a_step_does_not(clean):
-    spec = spec_for("steps", clean.url)
+    spec = pushing("steps", clean.url)
     o = observer_for(spec)
     p = Progress(run_id=spec.run_id, phase="Training")
     o.on_phase(p)
@@ -57,7 +50,7 @@ def test_a_phase_change_pushes_and_a_step_does_not(clean):
 
 
 def test_the_end_pushes_the_final_state_and_success_time(clean):
-    spec = spec_for("ends", clean.url)
+    spec = pushing("ends", clean.url)
     o = observer_for(spec)
     p = Progress(run_id=spec.run_id, phase="Training")
     o.on_phase(p)
@@ -72,7 +65,7 @@ def test_the_end_pushes_the_final_state_and_success_time(clean):
 
 
 def test_a_study_run_id_with_slashes_is_one_group(clean):
-    spec = spec_for("cell", clean.url, study="s2")
+    spec = pushing("cell", clean.url, study="s2")
     observer_for(spec).on_phase(Progress(run_id=spec.run_id))
     assert list(pushed_runs(clean.url)) == ["s2/digits/test_resnet/seed0-frac1.0"]
 
@@ -80,14 +73,14 @@ def test_a_study_run_id_with_slashes_is_one_group(clean):
 def test_pushed_runs_lists_each_group_with_its_push_time(clean):
     before = time.time()
     for name in ("one", "two"):
-        observer_for(spec_for(name, clean.url)).on_phase(Progress(run_id=name))
+        observer_for(pushing(name, clean.url)).on_phase(Progress(run_id=name))
     runs = pushed_runs(clean.url)
     assert sorted(runs) == ["one", "two"]
     assert all(before - 1 <= t <= time.time() + 1 for t in runs.values())
 
 
 def test_prune_deletes_only_groups_older_than_the_grace_period(clean):
-    observer_for(spec_for("old", clean.url)).on_phase(Progress(run_id="old"))
+    observer_for(pushing("old", clean.url)).on_phase(Progress(run_id="old"))
     assert prune_pushgateway(clean.url, max_age_seconds=3600) == []
     later = time.time() + 7200
     assert prune_pushgateway(clean.url, max_age_seconds=3600, now=later) == ["old"]

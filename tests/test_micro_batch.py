@@ -21,7 +21,8 @@ from service.run.events import Observer
 from service.run.metrics import PrometheusObserver
 from service.spec import parse_spec
 from service.train import memory
-from tests.trainutil import one_thread, results, run_dir, run_here, tiny_spec, write_spec
+from tests.specs import finetune, tiny_spec, write_spec
+from tests.trainutil import one_thread, results, run_dir, run_here
 
 
 class FakeGpu:
@@ -89,10 +90,8 @@ def probing(monkeypatch):
 
 
 def spec_of(tmp_path, *, name: str, model: str = "test_resnet", **protocol):
-    doc = json.loads(tiny_spec(tmp_path, name=name, **protocol).to_json())
-    doc["backbone"]["model"] = model
-    doc["dataset"]["train_fraction"] = 0.5  # ~18 steps of 32 an epoch
-    return parse_spec(doc)
+    layer = {"backbone": {"model": model}, "dataset": {"train_fraction": 0.5}}  # ~18 steps of 32
+    return tiny_spec(tmp_path, name, layer, **protocol)
 
 
 def env_of(spec) -> dict:
@@ -387,14 +386,7 @@ def test_the_latest_evidence_wins_in_the_cache():
 def test_spec_checks_name_the_field(protocol, gpus, error):
     from service.spec import SpecError
 
-    doc = {
-        "kind": "FineTune",
-        "name": "x",
-        "backbone": {"model": "test_resnet", "weights": "none"},
-        "dataset": {"uri": "builtin://digits"},
-        "protocol": protocol,
-        "resources": {"gpus": gpus},
-    }
+    doc = finetune(name="x", protocol=protocol, resources={"gpus": gpus})
     with pytest.raises(SpecError, match=r"protocol\.micro_batch: ") as e:
         parse_spec(doc)
     assert error in str(e.value)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from service.backbones import catalog
 from service.spec import Study, load_spec
 from service.spec.study import expand
 
@@ -54,19 +55,7 @@ COUNT_AFTER = {
     "breakhis-200x",
     "breakhis-400x",
 }
-BACKBONES = [
-    "resnet50",
-    "convnext_tiny",
-    "swin_tiny_patch4_window7_224",
-    "swinv2_tiny_window8_256",
-    "tf_efficientnetv2_s",
-    "densenet161",
-    "mobilenetv3_large_100",
-    "regnety_032",
-    "resnext50_32x4d",
-    "shufflenet_v2_x2_0",
-    "wavemix",
-]
+BACKBONES = [e.name for e in catalog.entries() if e.paper]  # test_catalog pins the list
 
 
 def _pairs(*specs: Study) -> list[tuple[str, tuple[int, int]]]:
@@ -96,6 +85,7 @@ def test_the_grid_is_the_papers_11_backbones_on_its_19_datasets(spec):
 
 
 def test_the_fixed_study_selects_on_validation_with_train_statistics():
+    assert len(FIXED.datasets) == len(PAPER)
     for i in range(len(FIXED.datasets)):
         p = FIXED.protocol_for(i)
         assert (p.select_on, p.normalize, p.precision) == ("val", "dataset", "auto")
@@ -105,6 +95,7 @@ def test_the_fixed_study_selects_on_validation_with_train_statistics():
 def test_the_faithful_study_differs_only_where_the_papers_code_does():
     assert FAITHFUL.name == "paper-faithful"
     special = {"dtd": "imagenet", "galaxy10-decals": "raw"}  # the paper's DTD and Galaxy10
+    assert len(FIXED.datasets) == len(PAPER)
     for i, (a, b) in enumerate(zip(FIXED.datasets, FAITHFUL.datasets, strict=True)):
         pa, pb = FIXED.protocol_for(i), FAITHFUL.protocol_for(i)
         assert b.val_fraction == 0  # no validation carve: all of train trains
@@ -173,18 +164,10 @@ def test_the_faithful_protocol_runs_end_to_end_on_a_tiny_model(tmp_path):
     """select_on test, no validation carve, test-split statistics, fp32, TrivialAugmentWide."""
     import json
 
-    from tests.trainutil import run_here, tiny_spec
+    from tests.specs import PAPER_OPTIONS, tiny_spec
+    from tests.trainutil import run_dir, run_here
 
-    spec = tiny_spec(
-        tmp_path,
-        recipe="paper",
-        max_epochs=2,
-        patience=1,
-        select_on="test",
-        normalize="split",
-        precision="fp32",
-        augmentation=TAW,
-    )
+    spec = tiny_spec(tmp_path, max_epochs=2, select_on="test", precision="fp32", **PAPER_OPTIONS)
     spec = spec.model_copy(
         update={"dataset": spec.dataset.model_copy(update={"val_fraction": 0.0})}
     )
@@ -192,5 +175,5 @@ def test_the_faithful_protocol_runs_end_to_end_on_a_tiny_model(tmp_path):
     s = out.summary
     assert s["n_val"] == 0 and s["n_train"] + s["n_test"] == 1797  # all of train trains
     assert s["select_on"] == "test" and "warning" in s
-    env = json.loads((tmp_path / "runs" / spec.run_id / "env.json").read_text())
+    env = json.loads((run_dir(spec) / "env.json").read_text())
     assert env["precision"] == "fp32" and env["val_source"].startswith("none")

@@ -10,7 +10,6 @@ import base64
 import json
 import os
 import re
-import socket
 import time
 
 import pytest
@@ -18,7 +17,9 @@ import pytest
 from service.errors import EXIT_RETRY
 from service.spec import parse_spec
 from service.spec.study import expand
+from tests import specs
 from tests.data_factory import make_mixed_modes, mixed_image
+from tests.fixtures.prometheus import free_port
 from tests.pod import Pod, failure_rule, indexes, outside_writes, render, tree
 
 pytestmark = pytest.mark.integration
@@ -59,15 +60,8 @@ def dataset(tmp_path, s3_env, s3_bucket) -> str:
     return uri
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def doc(kind: str, name: str, dataset: str, bucket: str, endpoint: str, **protocol) -> dict:
-    d = {
-        "kind": kind,
+    common = {
         "name": name,
         "protocol": {
             "image_size": 16,
@@ -80,16 +74,15 @@ def doc(kind: str, name: str, dataset: str, bucket: str, endpoint: str, **protoc
         "metrics": {"port": free_port()},
         "storage": {"endpoint_url": endpoint, "credentials_secret": SECRET},
     }
-    model = {"model": "test_resnet", "weights": "none"}
     if kind == "FineTune":
-        d.update(backbone=model, dataset={"uri": dataset})
-    else:
-        d.update(
-            backbones=[model, {"model": "test_efficientnet", "weights": "none"}],
-            datasets=[{"uri": dataset}],
-            seeds=[0],
-        )
-    return d
+        return specs.finetune(common, dataset={"uri": dataset})
+    models = ("test_resnet", "test_efficientnet")
+    return specs.study(
+        common,
+        backbones=[{"model": m, "weights": "none"} for m in models],
+        datasets=[{"uri": dataset}],
+        seeds=[0],
+    )
 
 
 def run_ids(d: dict) -> list[str]:

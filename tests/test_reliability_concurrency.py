@@ -29,8 +29,8 @@ from tests.fixtures.faults import (
     tiny_spec,
     wait_for,
     worker_cmd,
-    write_spec,
 )
+from tests.specs import write_spec
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,8 @@ from service.cli import app
 from service.errors import EXIT_USER
 from service.storage.local import LocalStore
 from tests.data_factory import image_bytes, make_imagefolder, make_packed
-from tests.fixtures.faults import tiny_spec, write_spec
+from tests.fixtures.faults import tiny_spec
+from tests.specs import write_spec
 
 GOOD = {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}}
 

@@ -28,8 +28,8 @@ from tests.fixtures.faults import (
     tiny_spec,
     trip_cmd,
     worker_cmd,
-    write_spec,
 )
+from tests.specs import write_spec
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +53,7 @@ def test_sigkill_at_five_random_steps_and_after_evaluation_then_restart_gives_th
     path, store = write_spec(tmp_path, spec), _store(spec)
     points = kill_points(SEED, KILLS, _steps_per_epoch(clean_tiny) * EPOCHS)
     log = []
+    assert len(points) == KILLS
     for at in points:
         killed = run(trip_cmd(path, at_step=at), tiny_cache)
         assert killed.returncode == -signal.SIGKILL, killed.stderr

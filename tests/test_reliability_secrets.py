@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 
 from service.errors import EXIT_OK, EXIT_USER
+from tests.data_factory import digits_tree
 from tests.fixtures.faults import backbones, run, start, stop
 from tests.fixtures.prometheus import free_port
 from tests.fixtures.seaweed import ADMIN
-from tests.s3util import digits_tree
+from tests.specs import TINY_PROTOCOL, study, write_spec
 
 pytestmark = pytest.mark.integration
 
@@ -43,29 +44,18 @@ def _needles() -> dict[str, bytes]:
 
 
 def _study(tmp: Path, bucket: str, endpoint: str, metrics: dict) -> Path:
-    doc = {
-        "kind": "Study",
-        "name": "secrets",
-        "backbones": [{"model": "test_resnet", "weights": "none"}],
-        "datasets": [{"uri": f"s3://{bucket}/datasets/digits/", "domain": "natural"}],
-        "seeds": [0],
-        "train_fractions": [1.0],
-        "protocol": {
-            "recipe": "standard",
-            "image_size": 16,
-            "batch_size": 32,
-            "max_epochs": 2,
-            "warmup_epochs": 0,
-            "device": "cpu",
-        },
-        "output": {"uri": f"s3://{bucket}/runs/"},
-        "storage": {"endpoint_url": endpoint, "credentials_secret": "s3-credentials"},
-        "resources": {"gpus": 0},
-        "metrics": metrics,
-    }
-    path = tmp / "study.json"
-    path.write_text(json.dumps(doc))
-    return path
+    doc = study(
+        name="secrets",
+        datasets=[{"uri": f"s3://{bucket}/datasets/digits/", "domain": "natural"}],
+        seeds=[0],
+        train_fractions=[1.0],
+        protocol={**TINY_PROTOCOL, "batch_size": 32},
+        output={"uri": f"s3://{bucket}/runs/"},
+        storage={"endpoint_url": endpoint, "credentials_secret": "s3-credentials"},
+        resources={"gpus": 0},
+        metrics=metrics,
+    )
+    return write_spec(tmp, doc, "study.json")
 
 
 class _Scraper:

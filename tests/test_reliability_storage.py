@@ -18,6 +18,7 @@ from service.data.push import push
 from service.errors import EXIT_OK, EXIT_RETRY
 from service.spec import Storage
 from service.storage.s3 import S3Store
+from tests.data_factory import digits_tree
 from tests.fixtures.faults import (
     FaultyProxy,
     assert_intact,
@@ -29,9 +30,8 @@ from tests.fixtures.faults import (
     tiny_spec,
     wait_for,
     worker_cmd,
-    write_spec,
 )
-from tests.s3util import digits_tree
+from tests.specs import write_spec
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from service.cli import app
 from service.errors import EXIT_USER
 from service.storage.local import LocalStore
-from tests.fixtures.faults import tiny_spec, write_spec
+from tests.fixtures.faults import tiny_spec
+from tests.specs import write_spec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,8 +78,7 @@ def test_a_pickle_disguised_as_safetensors_weights_is_refused(tmp_path):
     spec = tiny_spec(tmp_path, "disguised", epochs=1)
     doc = json.loads(spec.to_json())
     doc["backbone"]["weights"] = str(weights)
-    path = tmp_path / "disguised.json"
-    path.write_text(json.dumps(doc))
+    path = write_spec(tmp_path, doc, "disguised.json")
     r = CliRunner().invoke(app, ["run", str(path), "--cache-dir", str(tmp_path / "cache")])
     assert not marker.exists()
     assert r.exit_code == EXIT_USER, r.output
@@ -106,8 +106,7 @@ def test_weights_push_of_a_code_carrying_pth_is_refused(tmp_path):
 def test_the_spec_refuses_pickle_weight_files(tmp_path, weights):
     doc = json.loads(tiny_spec(tmp_path, "pickled").to_json())
     doc["backbone"]["weights"] = weights
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(doc))
+    path = write_spec(tmp_path, doc, "s.json")
     r = CliRunner().invoke(app, ["validate", str(path)])
     assert r.exit_code == EXIT_USER
     [line] = [x for x in r.output.splitlines() if "backbone.weights" in x]

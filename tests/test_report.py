@@ -381,6 +381,7 @@ def test_pareto_plots_show_tick_values_and_keep_every_name_inside_the_figure(tmp
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     width = fig.bbox.x1
+    assert fig.axes
     for ax in fig.axes:
         assert [t.get_text() for t in ax.get_xticklabels() if t.get_text()], ax.get_title()
         names = [t for t in ax.texts if t.get_text() in long_names]

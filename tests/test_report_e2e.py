@@ -13,33 +13,25 @@ import os
 import subprocess
 import sys
 
+from tests.specs import tiny_study, write_spec
+
 CLI = [sys.executable, "-c", "from service.cli import main; main()"]
 
 
 def test_a_tiny_study_runs_locally_and_is_reported(tmp_path):
-    study = {
-        "kind": "Study",
-        "name": "tiny",
-        "backbones": [
+    study = tiny_study(
+        tmp_path,
+        name="tiny",
+        backbones=[
             {"model": "test_resnet", "weights": "none"},
             {"model": "test_efficientnet", "weights": "none"},
         ],
-        "datasets": [{"uri": "builtin://digits", "domain": "natural", "test_fraction": 0.2}],
-        "seeds": [0, 1],
-        "train_fractions": [0.25],
-        "protocol": {
-            "recipe": "standard",
-            "image_size": 16,
-            "batch_size": 64,
-            "max_epochs": 1,
-            "device": "cpu",
-        },
-        "output": {"uri": str(tmp_path / "runs")},
-        "resources": {"gpus": 0},
-        "metrics": {"port": 0},
-    }
-    spec = tmp_path / "study.json"
-    spec.write_text(json.dumps(study))
+        datasets=[{"uri": "builtin://digits", "domain": "natural", "test_fraction": 0.2}],
+        train_fractions=[0.25],
+        protocol={"recipe": "standard", "batch_size": 64},
+        resources={"gpus": 0},
+    )
+    spec = write_spec(tmp_path, study, "study.json")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "BACKBONES_CACHE": str(tmp_path / "cache")}
     run = subprocess.run(
         [*CLI, "run", str(spec)], capture_output=True, text=True, env=env, timeout=300

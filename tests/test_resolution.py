@@ -5,8 +5,6 @@ meta device here (shapes, no memory, no arithmetic); real forward passes use tin
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -16,19 +14,19 @@ from service.backbones import checks
 from service.backbones import factory as models
 from service.cli import app
 from service.spec import Backbone, parse_spec
+from tests.specs import study, write_spec
 
 runner = CliRunner()
 
 
 def _study(backbones, datasets, image_size=256) -> dict:
-    return {
-        "kind": "Study",
-        "name": "res",
-        "backbones": [{"model": m, "weights": "none"} for m in backbones],
-        "datasets": datasets,
-        "seeds": [0],
-        "protocol": {"recipe": "paper", "image_size": image_size},
-    }
+    return study(
+        name="res",
+        backbones=[{"model": m, "weights": "none"} for m in backbones],
+        datasets=datasets,
+        seeds=[0],
+        protocol={"recipe": "paper", "image_size": image_size},
+    )
 
 
 @pytest.mark.parametrize(
@@ -104,8 +102,7 @@ def test_check_resolutions_names_the_pair_the_datasets_and_the_fix():
 
 def test_validate_deep_refuses_the_pair_in_one_line_exit_2(tmp_path):
     doc = _study(["test_vit"], [{"uri": "builtin://digits"}], image_size=[100, 70])
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(doc))
+    path = write_spec(tmp_path, doc, "s.json")
     shallow = runner.invoke(app, ["validate", str(path)])
     assert shallow.exit_code == 0  # the schema alone cannot tell
     deep = runner.invoke(app, ["validate", "--deep", str(path)])
@@ -124,8 +121,7 @@ def test_validate_deep_accepts_swin_at_the_paper_sizes(tmp_path):
             {"uri": "/data/bh", "name": "bh", "protocol": {"image_size": [448, 672]}},
         ],
     )
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(doc))
+    path = write_spec(tmp_path, doc, "s.json")
     result = runner.invoke(app, ["validate", "--deep", str(path)])
     assert result.exit_code == 0, result.output
 
@@ -133,7 +129,8 @@ def test_validate_deep_accepts_swin_at_the_paper_sizes(tmp_path):
 def test_a_run_trains_a_fixed_size_model_at_the_spec_size(tmp_path):
     """test_vit3 is fixed at 160 px ("Input height (32) doesn't match model (160)" without
     img_size); the worker builds it for the spec's 32 px and trains."""
-    from tests.trainutil import run_here, tiny_spec
+    from tests.specs import tiny_spec
+    from tests.trainutil import run_here
 
     spec = tiny_spec(tmp_path, image_size=32, max_epochs=1)
     spec = spec.model_copy(update={"backbone": Backbone(model="test_vit3", weights="none")})
@@ -150,8 +147,7 @@ def test_submit_deep_refuses_the_pair_before_any_job_exists(tmp_path, monkeypatc
 
     monkeypatch.setattr(k8s_cmds, "_cluster", no_cluster)
     doc = _study(["test_vit"], [{"uri": "builtin://digits"}], image_size=[100, 70])
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(doc))
+    path = write_spec(tmp_path, doc, "s.json")
     result = runner.invoke(app, ["submit", "--deep", "--yes", str(path)])
     assert result.exit_code == 2
     assert "backbones.0.model: 'test_vit' cannot run at 100x70" in result.stderr

@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from service.cli import app
-from tests.trainutil import one_thread, tiny_spec, tiny_study, write_spec
-
-
-def _image(path, value: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((12, 12, 3), value, dtype=np.uint8)).save(path)
+from tests.data_factory import make_imagefolder
+from tests.specs import tiny_spec, tiny_study, write_spec
+from tests.trainutil import one_thread
 
 
 def _folder(root, classes=("cat", "dog"), test_classes=None, per_class=4):
-    for split, names in (("train", classes), ("test", test_classes or classes)):
-        for c, name in enumerate(names):
-            for i in range(per_class):
-                _image(root / split / name / f"{i}.png", 40 * c + i)
-    return root
+    return make_imagefolder(
+        root,
+        {
+            "train": dict.fromkeys(classes, per_class),
+            "test": dict.fromkeys(test_classes or classes, per_class),
+        },
+    )
 
 
 def _run(tmp_path, dataset_uri: str | None = None, *args: str, **protocol):
@@ -97,8 +94,9 @@ def test_bad_data_is_one_line_and_exit_2(tmp_path, make, message):
 
 
 def test_invalid_spec_names_the_field(tmp_path):
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps({"kind": "FineTune", "name": "x", "backbone": {"model": "m"}}))
+    path = write_spec(
+        tmp_path, {"kind": "FineTune", "name": "x", "backbone": {"model": "m"}}, "s.json"
+    )
     r = CliRunner().invoke(app, ["run", str(path)])
     assert r.exit_code == 2
     assert r.stderr.strip() == f"{path}: dataset: required field is missing"
@@ -106,8 +104,7 @@ def test_invalid_spec_names_the_field(tmp_path):
 
 def test_run_of_a_study_runs_every_cell_in_order(tmp_path):
     study = tiny_study(tmp_path)
-    path = tmp_path / "study.json"
-    path.write_text(json.dumps(study))
+    path = write_spec(tmp_path, study, "study.json")
     with one_thread():
         r = CliRunner().invoke(app, ["run", str(path), "--cache-dir", str(tmp_path / "c")])
     assert r.exit_code == 0, r.output
@@ -127,8 +124,7 @@ def test_a_bad_cell_of_a_study_fails_alone_and_the_others_run(tmp_path):
     study["seeds"] = [0]
     bad = _folder(tmp_path / "scans", classes=("cat",))  # a single class
     study["datasets"] = [{"uri": str(bad)}, {"uri": "builtin://digits", "test_fraction": 0.2}]
-    path = tmp_path / "study.json"
-    path.write_text(json.dumps(study))
+    path = write_spec(tmp_path, study, "study.json")
     with one_thread():
         r = CliRunner().invoke(app, ["run", str(path), "--cache-dir", str(tmp_path / "c")])
     assert r.exit_code == 2, r.output

@@ -9,7 +9,6 @@ import json
 import signal
 import tarfile
 import time
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -19,7 +18,8 @@ from service.data.push import push
 from service.errors import EXIT_RETRY, EXIT_USER
 from service.spec import Storage, parse_spec
 from service.storage.s3 import S3Store
-from tests.s3util import digits_tree
+from tests.data_factory import digits_tree
+from tests.specs import TINY_PROTOCOL, finetune, write_spec
 from tests.trainutil import results, run_worker, start_worker
 
 pytestmark = pytest.mark.integration
@@ -29,30 +29,15 @@ IMAGES = 200
 
 
 def _spec(dataset: str, output: str, endpoint: str, name: str = "s3run", epochs: int = EPOCHS):
-    return parse_spec(
-        {
-            "kind": "FineTune",
-            "name": name,
-            "backbone": {"model": "test_resnet", "weights": "none"},
-            "dataset": {"uri": dataset},
-            "protocol": {
-                "recipe": "standard",
-                "image_size": 16,
-                "batch_size": 32,
-                "max_epochs": epochs,
-                "warmup_epochs": 0,
-                "device": "cpu",
-            },
-            "output": {"uri": output},
-            "storage": {"endpoint_url": endpoint},
-            "metrics": {"port": 0},
-        }
+    doc = finetune(
+        name=name,
+        dataset={"uri": dataset},
+        protocol={**TINY_PROTOCOL, "batch_size": 32, "max_epochs": epochs},
+        output={"uri": output},
+        storage={"endpoint_url": endpoint},
+        metrics={"port": 0},
     )
-
-
-def _write(tmp: Path, spec, fname: str) -> Path:
-    (tmp / fname).write_text(spec.to_json())
-    return tmp / fname
+    return parse_spec(doc)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +55,7 @@ def digits_s3(weed, tmp_path_factory):
         storage = Storage(endpoint_url=weed.endpoint)
         push(src, dataset, storage, test_fraction=0.2, val_fraction=0.1)
         spec = _spec(dataset, f"s3://{bucket}/runs/", weed.endpoint)
-        done = run_worker(tmp, _write(tmp, spec, "ref.json"))
+        done = run_worker(tmp, write_spec(tmp, spec, "ref.json"))
         assert done.returncode == 0, done.stderr
         yield {"bucket": bucket, "dataset": dataset, "spec": spec, "tmp": tmp}
 
@@ -115,7 +100,7 @@ def test_a_run_with_s3_dataset_and_outputs_writes_every_output(digits_s3):
 def test_kill_and_resume_with_s3_as_the_store_gives_the_same_result(digits_s3, weed):
     tmp, ref = digits_s3["tmp"], digits_s3["spec"]
     spec = _spec(digits_s3["dataset"], ref.output.uri, weed.endpoint, name="s3kill")
-    path = _write(tmp, spec, "kill.json")
+    path = write_spec(tmp, spec, "kill.json")
     store = _outputs(spec)
     proc = start_worker(tmp, path)
     try:
@@ -137,7 +122,7 @@ def test_wrong_credentials_fail_the_run_in_one_line_with_exit_2(digits_s3, weed,
     spec = _spec(digits_s3["dataset"], digits_s3["spec"].output.uri, weed.endpoint, "s3cred")
     with pytest.MonkeyPatch.context() as m:
         m.setenv("AWS_SECRET_ACCESS_KEY", "this-is-not-the-secret")
-        r = CliRunner().invoke(app, ["run", str(_write(tmp_path, spec, "s.json"))])
+        r = CliRunner().invoke(app, ["run", str(write_spec(tmp_path, spec, "s.json"))])
     assert r.exit_code == EXIT_USER
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: {spec.output.uri}s3cred/summary.json: wrong credentials: {weed.endpoint} "
@@ -174,7 +159,7 @@ def test_a_hostile_archive_object_is_refused_naming_the_member(digits_s3, weed, 
     )
     spec = _spec(f"s3://{bucket}/evil/evil.tar", f"s3://{bucket}/runs/", weed.endpoint, "evil")
     r = CliRunner().invoke(
-        app, ["run", str(_write(tmp_path, spec, "e.json")), "--cache-dir", str(tmp_path / "c")]
+        app, ["run", str(write_spec(tmp_path, spec, "e.json")), "--cache-dir", str(tmp_path / "c")]
     )
     assert r.exit_code == EXIT_USER, r.output
     line = r.stderr.strip().splitlines()[-1]
@@ -188,7 +173,7 @@ def test_an_s3_outage_mid_run_loses_nothing(digits_s3, weed):
     the same result as the uninterrupted run."""
     tmp, ref = digits_s3["tmp"], digits_s3["spec"]
     spec = _spec(digits_s3["dataset"], ref.output.uri, weed.endpoint, name="s3outage")
-    path = _write(tmp, spec, "outage.json")
+    path = write_spec(tmp, spec, "outage.json")
     store = _outputs(spec)
     proc = start_worker(tmp, path)
     try:

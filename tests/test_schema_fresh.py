@@ -19,11 +19,14 @@ def test_committed_schema_is_fresh(fname):
 
 
 def test_schemas_forbid_unknown_keys_and_describe_every_field():
+    assert len(schemas()) == 2
     for body in schemas().values():
         assert body["additionalProperties"] is False
+        assert body["properties"] and body["$defs"]
         for name, prop in body["properties"].items():
             assert prop.get("description"), name
         for section, sub in body["$defs"].items():
             assert sub.get("additionalProperties") is False, section
+            assert sub["properties"], section
             for name, prop in sub["properties"].items():
                 assert prop.get("description"), f"{section}.{name}"

@@ -12,27 +12,30 @@ from service.run.outputs import RunOutputs
 from service.search.driver import Driver, read_state
 from service.spec import parse_spec
 from service.storage import open_store
+from tests import specs
+from tests.specs import DELETE
 
 # Validation top-1 per backbone (test top-1 is the reverse order: selection must not see it).
 VAL = {"m0": 0.50, "m1": 0.90, "m2": 0.70, "m3": 0.60, "m4": 0.80, "m5": 0.40}
 
 
-def study(tmp_path, schedule="restart", proxy=None, name="sel"):
-    search = {"strategy": "successive_halving", "eta": 3, "schedule": schedule}
-    if proxy:
-        search["proxy"] = proxy
-    return parse_spec(
+def search_doc(tmp_path, schedule: str, **over) -> dict:
+    """VAL's six backbones × digits × seeds 0 and 1, 9 epochs, by successive halving (eta 3)."""
+    return specs.study(
         {
-            "kind": "Study",
-            "name": name,
+            "name": "sel",
             "backbones": [{"model": m, "weights": "none"} for m in VAL],
-            "datasets": [{"uri": "builtin://digits"}],
             "seeds": [0, 1],
             "protocol": {"max_epochs": 9},
-            "search": search,
+            "search": {"strategy": "successive_halving", "eta": 3, "schedule": schedule},
             "output": {"uri": str(tmp_path / "runs")},
-        }
+        },
+        over,
     )
+
+
+def study(tmp_path, schedule="restart", proxy=None, name="sel"):
+    return parse_spec(search_doc(tmp_path, schedule, name=name, search={"proxy": proxy or DELETE}))
 
 
 class FakeRunner:

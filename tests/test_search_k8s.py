@@ -19,26 +19,14 @@ from service.search.plan import groups, rung_cells
 from service.spec import parse_spec
 from tests.test_k8s_client import NS, FakeApi, cluster_of
 from tests.test_k8s_manifests import API_CALLS, NEWEST, OLDEST, ROOT, kustomize_build, validate
-from tests.test_search_driver import VAL, FakeRunner
+from tests.test_search_driver import FakeRunner, search_doc
 
 IMAGE = "ghcr.io/backbones/backbones:1.0.0"
 
 
 def study(tmp_path, schedule="continue"):
-    return parse_spec(
-        {
-            "kind": "Study",
-            "name": "sel",
-            "backbones": [{"model": m, "weights": "none"} for m in VAL],
-            "datasets": [{"uri": "builtin://digits"}],
-            "seeds": [0, 1],
-            "protocol": {"max_epochs": 9},
-            "search": {"strategy": "successive_halving", "eta": 3, "schedule": schedule},
-            "output": {"uri": str(tmp_path / "runs")},
-            "resources": {"service_account": "backbones-worker"},
-            "metrics": {"port": 9108},
-        }
-    )
+    resources = {"service_account": "backbones-worker"}
+    return parse_spec(search_doc(tmp_path, schedule, resources=resources, metrics={"port": 9108}))
 
 
 def all_candidates(s):
@@ -60,6 +48,7 @@ def test_a_rung_is_one_indexed_job_of_its_cells_and_passes_the_strict_schema(tmp
     assert parse_spec(json.loads(env["BACKBONES_SPEC"])) == s  # the pod parses the same Study
     # Each index is the rung cell of the same position, as the worker picks it.
     cells = rung_cells(s, 1, cands, 6)
+    assert cells
     for i, cell in enumerate(cells):
         picked = pick_rung_cell(s, {"BACKBONES_RUNG": env["BACKBONES_RUNG"],
                                     "JOB_COMPLETION_INDEX": str(i)})  # fmt: skip

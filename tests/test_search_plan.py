@@ -17,21 +17,20 @@ from service.search.plan import (
 )
 from service.spec import SpecError, Study, parse_spec
 from service.spec.study import expand
+from tests import specs
 
 
 def study(tmp_path, n=6, seeds=(0, 1), max_epochs=9, **search) -> Study:
-    return parse_spec(
-        {
-            "kind": "Study",
-            "name": "sel",
-            "backbones": [{"model": f"test_m{i}", "weights": "none"} for i in range(n)],
-            "datasets": [{"uri": "builtin://digits"}, {"uri": str(tmp_path / "b.npz")}],
-            "seeds": list(seeds),
-            "protocol": {"max_epochs": max_epochs, "max_minutes": 90},
-            "search": {"strategy": "successive_halving", **search},
-            "output": {"uri": str(tmp_path / "runs")},
-        }
+    doc = specs.study(
+        name="sel",
+        backbones=[{"model": f"test_m{i}", "weights": "none"} for i in range(n)],
+        datasets=[{"uri": "builtin://digits"}, {"uri": str(tmp_path / "b.npz")}],
+        seeds=list(seeds),
+        protocol={"max_epochs": max_epochs, "max_minutes": 90},
+        search={"strategy": "successive_halving", **search},
+        output={"uri": str(tmp_path / "runs")},
     )
+    return parse_spec(doc)
 
 
 def test_candidates_shrink_by_eta_to_one_and_budgets_grow_by_eta_to_the_full_protocol():

@@ -12,24 +12,22 @@ from pathlib import Path
 import pytest
 
 from service.spec import parse_spec
+from tests.specs import tiny_study, write_spec
 from tests.trainutil import REPO, worker_env
 
 
 def study_doc(tmp_path: Path, schedule: str) -> dict:
-    return {
-        "kind": "Study",
-        "name": "pick",
-        "backbones": [
+    return tiny_study(
+        tmp_path,
+        name="pick",
+        backbones=[
             {"model": m, "weights": "none"}
             for m in ("test_resnet", "test_vit", "test_efficientnet")
         ],
-        "datasets": [{"uri": "builtin://digits", "test_fraction": 0.2}],
-        "seeds": [0],
-        "protocol": {"image_size": 16, "max_epochs": 3, "warmup_epochs": 0, "device": "cpu"},
-        "search": {"strategy": "successive_halving", "eta": 3, "schedule": schedule},
-        "output": {"uri": str(tmp_path / "runs")},
-        "metrics": {"port": 0},
-    }
+        seeds=[0],
+        protocol={"max_epochs": 3, "warmup_epochs": 0},
+        search={"strategy": "successive_halving", "eta": 3, "schedule": schedule},
+    )
 
 
 def start(tmp_path: Path, spec: Path) -> subprocess.Popen:
@@ -75,8 +73,7 @@ def kill_when(proc: subprocess.Popen, condition, timeout: float = 600) -> None:
 @pytest.mark.parametrize("schedule", ["continue", "restart"])
 def test_a_killed_search_resumes_inside_a_rung_and_between_rungs(tmp_path, schedule):
     doc = study_doc(tmp_path, schedule)
-    spec = tmp_path / "study.json"
-    spec.write_text(json.dumps(doc))
+    spec = write_spec(tmp_path, doc, "study.json")
     runs = tmp_path / "runs"
     rung0 = "pick" if schedule == "continue" else "pick/_search/r0"
     first_metrics = runs / rung0 / "digits/test_resnet/seed0-frac1.0/metrics.jsonl"

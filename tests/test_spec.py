@@ -383,7 +383,9 @@ def test_cell_names_are_unique_dns_labels_even_for_long_names():
 
 
 def test_cells_validate_again_from_their_json():
-    for cell in expand(parse_spec(STUDY)):
+    cells = expand(parse_spec(STUDY))
+    assert len(cells) == parse_spec(STUDY).n_cells > 1
+    for cell in cells:
         again = loads_spec(cell.to_json())
         assert again == cell and again.run_id == cell.run_id
 

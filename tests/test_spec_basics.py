@@ -5,6 +5,7 @@ import json
 
 from service.spec import FineTune, loads_spec
 from service.spec.study import expand
+from tests.specs import study
 
 
 def test_quickstart_is_a_finetune(repo_root):
@@ -14,17 +15,7 @@ def test_quickstart_is_a_finetune(repo_root):
 
 
 def test_spec_roundtrips_through_its_json():
-    spec = loads_spec(
-        json.dumps(
-            {
-                "kind": "Study",
-                "name": "s",
-                "backbones": [{"model": "resnet50"}],
-                "datasets": [{"uri": "builtin://digits"}],
-                "seeds": [0, 1],
-            }
-        )
-    )
+    spec = loads_spec(json.dumps(study(name="s", backbones=[{"model": "resnet50"}], seeds=[0, 1])))
     cells = expand(spec)
     assert [c.run_id for c in cells] == [
         "s/digits/resnet50/seed0-frac1.0",

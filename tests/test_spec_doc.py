@@ -11,12 +11,15 @@ def test_every_field_has_a_description():
 
     from service import spec
 
-    for name in dir(spec):
-        model = getattr(spec, name)
-        if (
-            isinstance(model, type)
-            and issubclass(model, BaseModel)
-            and model.__module__.startswith(spec.__name__ + ".")
-        ):
-            for field_name, field in model.model_fields.items():
-                assert field.description, f"{name}.{field_name} has no description"
+    models = [
+        m
+        for m in map(vars(spec).get, dir(spec))
+        if isinstance(m, type)
+        and issubclass(m, BaseModel)
+        and m.__module__.startswith(spec.__name__)
+    ]
+    assert {"FineTune", "Study"} <= {m.__name__ for m in models}
+    for model in models:
+        assert model.model_fields, model.__name__
+        for field_name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{field_name} has no description"

@@ -141,7 +141,7 @@ def _check(parse) -> list[tuple[str, str]]:
 
 def _names_a_field_of(doc, problems):
     """Each field path starts at a key the document has or the spec defines."""
-    for loc, _ in problems:
+    for loc, _ in problems:  # may not run: a mutation may leave the document valid
         if loc:
             first = (
                 json.JSONDecoder().raw_decode(loc)[0] if loc.startswith('"') else loc.split(".")[0]

@@ -6,8 +6,6 @@ account, and a Study name short enough for its pods' hostnames (<name>-<last ind
 
 from __future__ import annotations
 
-import json
-
 import kubernetes_validate
 import pytest
 from typer.testing import CliRunner
@@ -15,35 +13,22 @@ from typer.testing import CliRunner
 from service.cli import app
 from service.k8s.render import render_job
 from service.spec import parse_spec
+from tests import specs
+from tests.specs import write_spec
 
 runner = CliRunner()
 
 
 def finetune(**resources) -> dict:
-    return {
-        "kind": "FineTune",
-        "name": "q",
-        "backbone": {"model": "resnet50", "weights": "none"},
-        "dataset": {"uri": "s3://data/eurosat/"},
-        "output": {"uri": "s3://runs/"},
-        "resources": resources,
-    }
+    return specs.finetune(specs.ON_S3, name="q", resources=resources)
 
 
 def study(name: str, seeds: int) -> dict:
-    return {
-        "kind": "Study",
-        "name": name,
-        "backbones": [{"model": "resnet50", "weights": "none"}],
-        "datasets": [{"uri": "s3://data/eurosat/"}],
-        "seeds": list(range(seeds)),
-        "output": {"uri": "s3://runs/"},
-    }
+    return specs.study(specs.STUDY_ON_S3, name=name, seeds=list(range(seeds)))
 
 
 def validate(tmp_path, data: dict):
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps(data))
+    path = write_spec(tmp_path, data, "spec.json")
     result = runner.invoke(app, ["validate", str(path)])
     return result, path
 

@@ -17,26 +17,19 @@ from service.errors import UserError
 from service.spec import parse_spec
 from service.storage.fetch import fetch_dataset, fetch_uri, fetch_weights
 from service.storage.s3 import S3Store
-from tests.s3util import Bytes, class_tree, image_folder
+from tests.data_factory import make_imagefolder
+from tests.specs import finetune
 
 pytestmark = pytest.mark.integration
 
 
 def _spec(uri: str, storage) -> object:
-    return parse_spec(
-        {
-            "kind": "FineTune",
-            "name": "fetch",
-            "backbone": {"model": "test_resnet", "weights": "none"},
-            "dataset": {"uri": uri},
-            "storage": storage.model_dump(),
-        }
-    )
+    return parse_spec(finetune(name="fetch", dataset={"uri": uri}, storage=storage.model_dump()))
 
 
 @pytest.fixture
 def pushed(s3_bucket, s3_storage, tmp_path) -> str:
-    src = class_tree(tmp_path / "src", {"a": 12, "b": 12, "c": 12})
+    src = make_imagefolder(tmp_path / "src", {"": {"a": 12, "b": 12, "c": 12}})
     uri = f"s3://{s3_bucket}/datasets/toy/"
     push(src, uri, s3_storage, test_fraction=0.25, shard_bytes=4096)
     return uri
@@ -90,7 +83,7 @@ def test_a_corrupt_shard_is_refused_naming_it(pushed, s3_storage, tmp_path, seaw
 
 
 def test_an_image_folder_prefix_is_fetched_with_parallel_gets(s3_bucket, s3_storage, tmp_path):
-    src = image_folder(tmp_path / "src", {"train": {"a": 5, "b": 5}, "test": {"a": 2, "b": 2}})
+    src = make_imagefolder(tmp_path / "src", {"train": {"a": 5, "b": 5}, "test": {"a": 2, "b": 2}})
     store = S3Store(f"s3://{s3_bucket}/raw/flowers/", s3_storage)
     for p in sorted(src.rglob("*.png")):
         store.upload_file(p, p.relative_to(src).as_posix())
@@ -99,7 +92,7 @@ def test_an_image_folder_prefix_is_fetched_with_parallel_gets(s3_bucket, s3_stor
     path = fetch_uri(store.uri, s3_storage, tmp_path / "cache", seen)
     got = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
     assert got == sorted(p.relative_to(src).as_posix() for p in src.rglob("*.png"))
-    assert (path / "train/a/000.png").read_bytes() == (src / "train/a/000.png").read_bytes()
+    assert (path / "train/a/a_000.png").read_bytes() == (src / "train/a/a_000.png").read_bytes()
     assert seen.calls == 14
     again = Bytes()
     assert fetch_uri(store.uri, s3_storage, tmp_path / "cache", again) == path
@@ -163,3 +156,15 @@ def test_weights_that_do_not_match_their_sidecar_are_refused(s3_bucket, s3_stora
     with pytest.raises(UserError) as e:
         fetch_weights(f"s3://{s3_bucket}/weights/w.safetensors", s3_storage, tmp_path / "c")
     assert str(e.value).startswith(f"s3://{s3_bucket}/weights/w.safetensors: corrupt object (")
+
+
+class Bytes:
+    """An observer that counts what ``on_download`` reports."""
+
+    def __init__(self):
+        self.total = 0
+        self.calls = 0
+
+    def on_download(self, nbytes: int) -> None:
+        self.total += nbytes
+        self.calls += 1

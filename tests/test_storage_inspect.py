@@ -14,18 +14,19 @@ from service.cli import app
 from service.data.card import card, inspect_uri, render
 from service.data.push import push
 from service.errors import UserError
-from tests.s3util import image_folder, png
+from tests.data_factory import image_bytes, make_imagefolder
 
 
 @pytest.fixture
 def messy(tmp_path):
     """6:2 imbalance, one undecodable file, and three kinds of duplicate."""
-    src = image_folder(tmp_path / "src", {"train": {"a": 6, "b": 2}, "test": {"a": 2, "b": 2}})
-    shutil.copy(src / "train/a/000.png", src / "train/a/copy.png")  # within train
-    shutil.copy(src / "train/b/000.png", src / "test/b/leak.png")  # train -> test leak
-    shutil.copy(src / "train/a/001.png", src / "train/b/mislabel.png")  # two labels
+    splits = {"train": {"a": 6, "b": 2}, "test": {"a": 2, "b": 2}}
+    src = make_imagefolder(tmp_path / "src", splits, size=(16, 16))
+    shutil.copy(src / "train/a/a_000.png", src / "train/a/copy.png")  # within train
+    shutil.copy(src / "train/b/b_000.png", src / "test/b/leak.png")  # train -> test leak
+    shutil.copy(src / "train/a/a_001.png", src / "train/b/mislabel.png")  # two labels
     (src / "train/a/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    (src / "test/a/big.png").write_bytes(png(size=32, seed=99))
+    (src / "test/a/big.png").write_bytes(image_bytes(99, (32, 32)))
     return src
 
 
@@ -44,9 +45,9 @@ def test_card_lists_undecodable_files(messy):
 
 def test_card_finds_exact_duplicates_within_and_across_splits(messy):
     d = card(messy)["duplicates"]
-    assert ["train/a/000.png", "train/a/copy.png"] in d["within_split"]
-    assert ["train/b/000.png", "test/b/leak.png"] in d["across_splits"]
-    assert ["train/a/001.png", "train/b/mislabel.png"] in d["conflicting_labels"]
+    assert ["train/a/a_000.png", "train/a/copy.png"] in d["within_split"]
+    assert ["train/b/b_000.png", "test/b/leak.png"] in d["across_splits"]
+    assert ["train/a/a_001.png", "train/b/mislabel.png"] in d["conflicting_labels"]
     assert len(d["across_splits"]) == 1
 
 
@@ -62,12 +63,12 @@ def test_rendered_card_reads_as_text(messy):
     text = render(card(messy))
     assert "  train: 11 images, imbalance 2.67x (min 3, max 8 per class)" in text
     assert "  duplicates across splits: 1 group(s)" in text
-    assert "    train/b/000.png = test/b/leak.png" in text
+    assert "    train/b/b_000.png = test/b/leak.png" in text
     assert "  undecodable: 1" in text
 
 
 def test_a_packed_dataset_gives_the_same_card_as_its_source(tmp_path):
-    src = image_folder(tmp_path / "src", {"train": {"a": 4, "b": 3}, "test": {"a": 1, "b": 2}})
+    src = make_imagefolder(tmp_path / "src", {"train": {"a": 4, "b": 3}, "test": {"a": 1, "b": 2}})
     push(src, str(tmp_path / "packed"))
     packed, plain = card(tmp_path / "packed"), card(src)
     for key in ("classes", "images", "splits", "sizes", "modes", "duplicates"):
@@ -75,7 +76,7 @@ def test_a_packed_dataset_gives_the_same_card_as_its_source(tmp_path):
 
 
 def test_a_shard_with_a_traversal_member_is_refused_naming_it(tmp_path):
-    src = image_folder(tmp_path / "src", {"train": {"a": 2, "b": 1}})
+    src = make_imagefolder(tmp_path / "src", {"train": {"a": 2, "b": 1}})
     push(src, str(tmp_path / "packed"))
     shard = tmp_path / "packed/shards/train-00000.tar"
     with tarfile.open(shard, "w") as tar:
@@ -98,7 +99,7 @@ def test_cli_inspect_json(messy):
 
 @pytest.mark.integration
 def test_inspect_of_a_pushed_dataset_on_s3(s3_bucket, s3_storage, tmp_path):
-    src = image_folder(tmp_path / "src", {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
+    src = make_imagefolder(tmp_path / "src", {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
     uri = f"s3://{s3_bucket}/ds/toy/"
     push(src, uri, s3_storage)
     c = inspect_uri(uri, s3_storage, tmp_path / "cache")

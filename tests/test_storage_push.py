@@ -14,7 +14,7 @@ from service.data import packing
 from service.data.push import push
 from service.digest import sha256_file
 from service.errors import UserError
-from tests.s3util import class_tree, image_folder, png
+from tests.data_factory import image_bytes, make_imagefolder
 
 
 def _manifest(root) -> dict:
@@ -22,7 +22,8 @@ def _manifest(root) -> dict:
 
 
 def test_push_writes_shards_and_a_manifest_per_the_contract(tmp_path):
-    src = image_folder(tmp_path / "src", {"train": {"a": 6, "b": 4}, "test": {"a": 2, "b": 2}})
+    splits = {"train": {"a": 6, "b": 4}, "test": {"a": 2, "b": 2}}
+    src = make_imagefolder(tmp_path / "src", splits, size=(16, 16))
     push(src, str(tmp_path / "out" / "toy"))
     m = _manifest(tmp_path / "out" / "toy")
     assert m["format"] == "backbones-packed/v1"
@@ -43,19 +44,19 @@ def test_push_writes_shards_and_a_manifest_per_the_contract(tmp_path):
 
 
 def test_shard_members_are_class_slash_file_with_the_original_bytes(tmp_path):
-    src = image_folder(
+    src = make_imagefolder(
         tmp_path / "src", {"train": {"cat": 2, "dog": 1}, "test": {"cat": 1, "dog": 1}}
     )
     push(src, str(tmp_path / "out"))
     with tarfile.open(tmp_path / "out" / "shards" / "train-00000.tar") as tar:
         names = sorted(tar.getnames())
-        data = tar.extractfile("cat/000.png").read()
-    assert names == ["cat/000.png", "cat/001.png", "dog/000.png"]
-    assert data == (src / "train" / "cat" / "000.png").read_bytes()
+        data = tar.extractfile("cat/cat_000.png").read()
+    assert names == ["cat/cat_000.png", "cat/cat_001.png", "dog/dog_000.png"]
+    assert data == (src / "train" / "cat" / "cat_000.png").read_bytes()
 
 
 def test_shards_are_cut_at_the_target_size(tmp_path):
-    src = class_tree(tmp_path / "src", {"a": 20, "b": 20})
+    src = make_imagefolder(tmp_path / "src", {"": {"a": 20, "b": 20}})
     push(src, str(tmp_path / "out"), test_fraction=0.25, shard_bytes=8 * 1024)
     m = _manifest(tmp_path / "out")
     assert len([s for s in m["shards"] if s["split"] == "train"]) > 1
@@ -66,7 +67,7 @@ def test_shards_are_cut_at_the_target_size(tmp_path):
 def test_train_mean_and_std_are_per_channel_on_a_0_1_scale(tmp_path):
     for i, rgb in enumerate([(255, 0, 0), (0, 0, 255)]):
         (tmp_path / "src" / "train" / "cd"[i]).mkdir(parents=True, exist_ok=True)
-        (tmp_path / "src" / "train" / "cd"[i] / f"{i}.png").write_bytes(png(rgb))
+        (tmp_path / "src" / "train" / "cd"[i] / f"{i}.png").write_bytes(image_bytes(rgb=rgb))
     push(tmp_path / "src", str(tmp_path / "out"))
     m = _manifest(tmp_path / "out")
     assert m["mean"] == pytest.approx([0.5, 0.0, 0.5])
@@ -74,7 +75,7 @@ def test_train_mean_and_std_are_per_channel_on_a_0_1_scale(tmp_path):
 
 
 def test_stratified_split_is_reproducible_and_keeps_class_proportions(tmp_path):
-    src = class_tree(tmp_path / "src", {"a": 40, "b": 20, "c": 10})
+    src = make_imagefolder(tmp_path / "src", {"": {"a": 40, "b": 20, "c": 10}})
     one = packing.scan(src, test_fraction=0.2, val_fraction=0.1, seed=7)
     two = packing.scan(src, test_fraction=0.2, val_fraction=0.1, seed=7)
     other = packing.scan(src, test_fraction=0.2, val_fraction=0.1, seed=8)
@@ -88,7 +89,7 @@ def test_stratified_split_is_reproducible_and_keeps_class_proportions(tmp_path):
 
 
 def test_a_class_folder_tree_needs_a_test_fraction(tmp_path):
-    src = class_tree(tmp_path / "src", {"a": 3, "b": 3})
+    src = make_imagefolder(tmp_path / "src", {"": {"a": 3, "b": 3}})
     with pytest.raises(UserError) as e:
         push(src, str(tmp_path / "out"))
     assert str(e.value) == (
@@ -98,7 +99,7 @@ def test_a_class_folder_tree_needs_a_test_fraction(tmp_path):
 
 
 def test_fractions_are_refused_for_an_already_split_folder(tmp_path):
-    src = image_folder(tmp_path / "src", {"train": {"a": 2, "b": 2}, "test": {"a": 1}})
+    src = make_imagefolder(tmp_path / "src", {"train": {"a": 2, "b": 2}, "test": {"a": 1}})
     with pytest.raises(UserError) as e:
         push(src, str(tmp_path / "out"), test_fraction=0.2)
     assert str(e.value) == (
@@ -108,7 +109,7 @@ def test_fractions_are_refused_for_an_already_split_folder(tmp_path):
 
 
 def test_pushing_the_same_content_again_uploads_nothing(tmp_path):
-    src = class_tree(tmp_path / "src", {"a": 10, "b": 10})
+    src = make_imagefolder(tmp_path / "src", {"": {"a": 10, "b": 10}})
     first = push(src, str(tmp_path / "out"), test_fraction=0.2, seed=1, shard_bytes=4096)
     manifest_mtime = (tmp_path / "out" / "manifest.json").stat().st_mtime_ns
     again = push(src, str(tmp_path / "out"), test_fraction=0.2, seed=1, shard_bytes=4096)
@@ -120,9 +121,9 @@ def test_pushing_the_same_content_again_uploads_nothing(tmp_path):
 
 
 def test_one_new_image_uploads_only_the_changed_shards(tmp_path):
-    src = image_folder(tmp_path / "src", {"train": {"a": 4, "b": 2}, "test": {"a": 2}})
+    src = make_imagefolder(tmp_path / "src", {"train": {"a": 4, "b": 2}, "test": {"a": 2}})
     push(src, str(tmp_path / "out"))
-    (src / "test" / "a" / "new.png").write_bytes(png((1, 2, 3)))
+    (src / "test" / "a" / "new.png").write_bytes(image_bytes(rgb=(1, 2, 3)))
     again = push(src, str(tmp_path / "out"))
     assert again.uploaded == ["shards/test-00000.tar"]
     assert again.unchanged == ["shards/train-00000.tar"]
@@ -130,7 +131,7 @@ def test_one_new_image_uploads_only_the_changed_shards(tmp_path):
 
 
 def test_stale_shards_are_deleted_after_the_new_manifest(tmp_path):
-    src = class_tree(tmp_path / "src", {"a": 10, "b": 10})
+    src = make_imagefolder(tmp_path / "src", {"": {"a": 10, "b": 10}})
     push(src, str(tmp_path / "out"), test_fraction=0.2, shard_bytes=2048)
     n_before = len(list((tmp_path / "out" / "shards").iterdir()))
     result = push(src, str(tmp_path / "out"), test_fraction=0.2, shard_bytes=1 << 20)
@@ -143,7 +144,7 @@ def test_stale_shards_are_deleted_after_the_new_manifest(tmp_path):
 
 
 def test_dry_run_says_what_it_would_do_and_writes_nothing(tmp_path):
-    src = class_tree(tmp_path / "src", {"a": 5, "b": 5})
+    src = make_imagefolder(tmp_path / "src", {"": {"a": 5, "b": 5}})
     result = push(src, str(tmp_path / "out"), test_fraction=0.2, dry_run=True)
     assert not (tmp_path / "out").exists()
     assert result.lines() == [
@@ -155,7 +156,7 @@ def test_dry_run_says_what_it_would_do_and_writes_nothing(tmp_path):
 
 
 def test_undecodable_files_are_left_out_and_reported(tmp_path):
-    src = image_folder(tmp_path / "src", {"train": {"a": 3, "b": 1}, "test": {"a": 1}})
+    src = make_imagefolder(tmp_path / "src", {"train": {"a": 3, "b": 1}, "test": {"a": 1}})
     (src / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg at all")
     result = push(src, str(tmp_path / "out"))
     assert result.skipped == [str(src / "train" / "a" / "broken.jpg")]
@@ -166,7 +167,7 @@ def test_undecodable_files_are_left_out_and_reported(tmp_path):
 
 
 def test_cli_push_dry_run_to_a_local_folder(tmp_path):
-    src = class_tree(tmp_path / "src", {"a": 4, "b": 4})
+    src = make_imagefolder(tmp_path / "src", {"": {"a": 4, "b": 4}})
     r = CliRunner().invoke(
         app,
         ["dataset", "push", str(src), str(tmp_path / "ds"), "--test-fraction", "0.25", "--dry-run"],
@@ -186,7 +187,7 @@ def test_cli_push_of_a_missing_folder_is_one_line_exit_2(tmp_path):
 
 @pytest.mark.integration
 def test_push_to_seaweedfs_twice_uploads_once(s3_bucket, s3_storage, tmp_path, seaweed):
-    src = class_tree(tmp_path / "src", {"a": 6, "b": 6})
+    src = make_imagefolder(tmp_path / "src", {"": {"a": 6, "b": 6}})
     dest = f"s3://{s3_bucket}/datasets/toy/"
     first = push(src, dest, s3_storage, test_fraction=0.25, val_fraction=0.25)
     again = push(src, dest, s3_storage, test_fraction=0.25, val_fraction=0.25)
@@ -206,7 +207,7 @@ def test_cli_push_with_wrong_credentials_exits_2_in_one_line(
     s3_bucket, seaweed, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-wrong-secret")
-    src = class_tree(tmp_path / "src", {"a": 2, "b": 2})
+    src = make_imagefolder(tmp_path / "src", {"": {"a": 2, "b": 2}})
     r = CliRunner().invoke(
         app,
         [

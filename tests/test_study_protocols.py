@@ -13,13 +13,14 @@ from service.cli import app
 from service.spec import SpecError, parse_spec
 from service.spec.budget import estimate
 from service.spec.study import expand
+from tests import specs
+from tests.specs import write_spec
 
 runner = CliRunner()
 
 
 def study(**over) -> dict:
     base = {
-        "kind": "Study",
         "name": "p",
         "backbones": [{"model": "resnet50"}, {"model": "convnext_tiny"}],
         "datasets": [
@@ -38,7 +39,14 @@ def study(**over) -> dict:
         "seeds": [0, 1],
         "protocol": {"recipe": "paper", "image_size": 256, "max_epochs": 50},
     }
-    return {**base, **over}
+    return specs.study(base, over)
+
+
+def first_problem(doc) -> tuple[str, str]:
+    """The first (field, message) that parsing ``doc`` reports."""
+    with pytest.raises(SpecError) as e:
+        parse_spec(doc)
+    return e.value.problems[0]
 
 
 def test_each_cell_runs_its_datasets_effective_protocol():
@@ -54,8 +62,7 @@ def test_each_cell_runs_its_datasets_effective_protocol():
 
 
 def test_expand_prints_the_effective_protocol_of_each_cell(tmp_path):
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(study()))
+    path = write_spec(tmp_path, study(), "s.json")
     result = runner.invoke(app, ["expand", str(path)])
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.splitlines()]
@@ -97,38 +104,22 @@ def test_the_budget_charges_each_dataset_at_its_own_size():
 def test_an_override_is_checked_like_the_protocol_field_it_overrides():
     doc = study()
     doc["datasets"][1]["protocol"] = {"batch_size": 0}
-    with pytest.raises(SpecError) as e:
-        parse_spec(doc)
-    assert e.value.problems[0][0] == "datasets.1.protocol.batch_size"
+    assert first_problem(doc)[0] == "datasets.1.protocol.batch_size"
     doc["datasets"][1]["protocol"] = {"image_size": "big"}
-    with pytest.raises(SpecError) as e:
-        parse_spec(doc)
-    assert e.value.problems[0][0] == "datasets.1.protocol.image_size"
+    assert first_problem(doc)[0] == "datasets.1.protocol.image_size"
 
 
 def test_seed_is_not_a_per_dataset_override_and_typos_get_did_you_mean():
     doc = study()
     doc["datasets"][0]["protocol"] = {"seed": 3}
-    with pytest.raises(SpecError) as e:
-        parse_spec(doc)
-    assert e.value.problems[0][0] == "datasets.0.protocol.seed"
+    assert first_problem(doc)[0] == "datasets.0.protocol.seed"
     doc["datasets"][0]["protocol"] = {"batchsize": 3}
-    with pytest.raises(SpecError) as e:
-        parse_spec(doc)
-    assert "did you mean 'datasets.0.protocol.batch_size'" in e.value.problems[0][1]
+    assert "did you mean 'datasets.0.protocol.batch_size'" in first_problem(doc)[1]
 
 
 def test_a_finetune_dataset_has_no_protocol_of_its_own():
-    with pytest.raises(SpecError) as e:
-        parse_spec(
-            {
-                "kind": "FineTune",
-                "name": "r",
-                "backbone": {"model": "test_resnet"},
-                "dataset": {"uri": "builtin://digits", "protocol": {"lr": 0.1}},
-            }
-        )
-    assert e.value.problems[0][0] == "dataset.protocol"
+    doc = specs.finetune(name="r", dataset={"protocol": {"lr": 0.1}})
+    assert first_problem(doc)[0] == "dataset.protocol"
 
 
 def test_the_study_round_trips_and_a_study_without_overrides_serialises_as_before():

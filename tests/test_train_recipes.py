@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from tests.trainutil import run_dir, run_here, tiny_spec
+from tests.specs import tiny_spec
+from tests.trainutil import run_dir, run_here
 
 SUMMARY_KEYS = {
     "run_id", "name", "study", "spec_hash", "backbone", "weights", "dataset", "domain", "recipe",

@@ -12,16 +12,8 @@ import pytest
 
 from service.errors import Interrupted
 from service.run.events import Observer
-from tests.trainutil import (
-    results,
-    run_dir,
-    run_here,
-    run_worker,
-    start_worker,
-    summary,
-    tiny_spec,
-    write_spec,
-)
+from tests.specs import tiny_spec, write_spec
+from tests.trainutil import results, run_dir, run_here, run_worker, start_worker, summary
 
 # ~40 steps an epoch: long enough to land a signal mid-epoch, short enough for two cores.
 PROTOCOL = dict(max_epochs=4, batch_size=32, ema=True, ema_decay=0.99)

@@ -23,22 +23,6 @@ except UserError as e:  # the extra is not installed
         raise
     pytest.skip(f"{e} (bash .ci/run installs it)", allow_module_level=True)
 
-TINY = dict(
-    depth=1,
-    mult=1,
-    ff_channel=16,
-    final_dim=16,
-    dropout=0.5,
-    level=3,
-    initial_conv="pachify",
-    patch_size=4,
-)
-
-
-@pytest.fixture
-def tiny(monkeypatch):
-    monkeypatch.setattr(wavemix, "PAPER_CONFIG", TINY)
-
 
 def test_the_papers_wavemix_on_the_meta_device():
     with torch.device("meta"):
@@ -61,8 +45,9 @@ def test_a_size_its_three_wavelet_levels_cannot_halve_is_refused_with_a_fix():
     assert models.nearest_size("wavemix", (100, 100)) == (96, 96)
 
 
-def test_wavemix_trains_in_the_worker(tmp_path, tiny):
-    from tests.trainutil import run_here, tiny_spec
+def test_wavemix_trains_in_the_worker(tmp_path, tiny_wavemix):
+    from tests.specs import tiny_spec
+    from tests.trainutil import run_here
 
     spec = tiny_spec(tmp_path, image_size=32, max_epochs=1)
     spec = spec.model_copy(update={"backbone": Backbone(model="wavemix", weights="none")})
@@ -71,7 +56,7 @@ def test_wavemix_trains_in_the_worker(tmp_path, tiny):
     assert 0.0 <= out.summary["test"]["top1"] <= 1.0
 
 
-def test_the_imagenet_checkpoint_as_a_pth_is_pushed_and_loaded(tmp_path, tiny):
+def test_the_imagenet_checkpoint_as_a_pth_is_pushed_and_loaded(tmp_path, tiny_wavemix):
     from service.backbones.weights_push import push_weights
 
     imagenet = wavemix.create(1000)
@@ -93,17 +78,17 @@ def test_the_imagenet_checkpoint_as_a_pth_is_pushed_and_loaded(tmp_path, tiny):
     )
 
 
-def test_a_checkpoint_of_another_configuration_is_refused_naming_keys(tmp_path, tiny):
+def test_a_checkpoint_of_another_configuration_is_refused_naming_keys(tmp_path, tiny_wavemix):
     from safetensors.torch import save_file
 
-    other = wavemix.wavemix_class()(num_classes=10, **{**TINY, "depth": 2})
+    other = wavemix.wavemix_class()(num_classes=10, **{**tiny_wavemix, "depth": 2})
     path = tmp_path / "deeper.safetensors"
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
     with pytest.raises(UserError, match=r"does not match: unexpected keys layers\.1\."):
         models.build(Backbone(model="wavemix", weights=str(path)), 3)
 
 
-def test_hub_weights_offline_say_how_to_push_the_pth(monkeypatch, tiny):
+def test_hub_weights_offline_say_how_to_push_the_pth(monkeypatch, tiny_wavemix):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError) as e:
         models.build(Backbone(model="wavemix", weights="timm"), 3)

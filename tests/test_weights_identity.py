@@ -56,7 +56,8 @@ def test_convnext_push_is_the_in1k_weights_not_timms_default(asked, tmp_path):
 
 def test_a_pushed_file_carries_its_tag_into_env_and_summary(tmp_path):
     from service.backbones.weights_push import _save
-    from tests.trainutil import run_here, tiny_spec
+    from tests.specs import tiny_spec
+    from tests.trainutil import run_dir, run_here
 
     net = timm.create_model("test_resnet", num_classes=10)
     path = tmp_path / "test_resnet.safetensors"
@@ -67,7 +68,7 @@ def test_a_pushed_file_carries_its_tag_into_env_and_summary(tmp_path):
     out = run_here(spec)
     assert out.summary["pretrained_tag"] == "test_resnet.r160_in1k"
     assert out.summary["weights_sha256"] == pushed.sha256
-    env = json.loads((tmp_path / "runs" / spec.run_id / "env.json").read_text())
+    env = json.loads((run_dir(spec) / "env.json").read_text())
     assert (env["pretrained_tag"], env["weights_sha256"]) == (
         "test_resnet.r160_in1k",
         pushed.sha256,
@@ -101,7 +102,9 @@ def test_torchvision_entries_push_the_enum_a_timm_run_loads(entry, monkeypatch, 
     assert asked == [entry.pretrained_name, entry.pretrained_name] == [entry.weights] * 2
 
 
-def test_wavemix_push_and_a_timm_run_take_the_same_hub_checkpoint(monkeypatch, tmp_path):
+def test_wavemix_push_and_a_timm_run_take_the_same_hub_checkpoint(
+    monkeypatch, tmp_path, tiny_wavemix
+):
     """Both read wavemix.hub_checkpoint() (here a local stand-in for the hub's .pth) and record
     the catalog's tag; the pushed file then loads to the same weights."""
     from service.backbones import wavemix
@@ -111,17 +114,6 @@ def test_wavemix_push_and_a_timm_run_take_the_same_hub_checkpoint(monkeypatch, t
         wavemix.wavemix_class()
     except _UE as e:
         pytest.skip(str(e))
-    tiny = dict(
-        depth=1,
-        mult=1,
-        ff_channel=16,
-        final_dim=16,
-        dropout=0.5,
-        level=3,
-        initial_conv="pachify",
-        patch_size=4,
-    )
-    monkeypatch.setattr(wavemix, "PAPER_CONFIG", tiny)
     pth = tmp_path / "hub.pth"
     torch.save(wavemix.create(1000).state_dict(), pth)
     monkeypatch.setattr(wavemix, "hub_checkpoint", lambda: str(pth))

@@ -11,7 +11,8 @@ import pytest
 from service.errors import UserError
 from service.run import worker
 from service.spec import parse_spec
-from tests.trainutil import one_thread, run_here, tiny_spec, tiny_study
+from tests.specs import tiny_spec, tiny_study
+from tests.trainutil import one_thread, run_here
 
 
 def test_spec_comes_from_the_environment_when_no_file_is_given(monkeypatch, tmp_path):

@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 
-from tests.trainutil import REPO, run_dir, summary, tiny_spec, worker_env, write_spec
+from tests.specs import tiny_spec, write_spec
+from tests.trainutil import REPO, run_dir, summary, worker_env
 
 
 def test_two_ranks_train_one_run_and_only_rank_0_writes(tmp_path):

@@ -1,4 +1,5 @@
-"""Helpers shared by the training tests: tiny specs that train in seconds on two cores."""
+"""Helpers shared by the training tests: run a tiny spec (``tests.specs``) here or in a worker
+process, on one thread, and read what it wrote."""
 
 from __future__ import annotations
 
@@ -9,47 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from service.spec import FineTune, parse_spec
+from service.spec import FineTune
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def tiny_spec(tmp_path: Path, *, name: str = "tiny", **protocol) -> FineTune:
-    """test_resnet on builtin digits at 16 px: ~0.3 s an epoch here."""
-    proto = {
-        "recipe": "standard",
-        "image_size": 16,
-        "batch_size": 64,
-        "max_epochs": 2,
-        "warmup_epochs": 0,
-        "device": "cpu",
-        **protocol,
-    }
-    return parse_spec(
-        {
-            "kind": "FineTune",
-            "name": name,
-            "backbone": {"model": "test_resnet", "weights": "none"},
-            "dataset": {"uri": "builtin://digits", "test_fraction": 0.2},
-            "protocol": proto,
-            "output": {"uri": str(tmp_path / "runs")},
-            "metrics": {"port": 0},
-        }
-    )
-
-
-def tiny_study(tmp_path: Path) -> dict:
-    """A two-cell Study document (test_resnet × digits × seeds 0 and 1, one epoch)."""
-    return {
-        "kind": "Study",
-        "name": "grid",
-        "backbones": [{"model": "test_resnet", "weights": "none"}],
-        "datasets": [{"uri": "builtin://digits", "test_fraction": 0.2}],
-        "seeds": [0, 1],
-        "protocol": {"image_size": 16, "max_epochs": 1, "device": "cpu"},
-        "output": {"uri": str(tmp_path / "runs")},
-        "metrics": {"port": 0},
-    }
 
 
 @contextlib.contextmanager
@@ -72,12 +35,6 @@ def run_here(spec: FineTune, **kw):
 
     with one_thread():
         return run_cell(spec, **kw)
-
-
-def write_spec(tmp_path: Path, spec: FineTune, fname: str = "spec.json") -> Path:
-    path = tmp_path / fname
-    path.write_text(spec.to_json())
-    return path
 
 
 def worker_env(tmp_path: Path, cache: Path | None = None) -> dict:
