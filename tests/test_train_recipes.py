@@ -30,7 +30,7 @@ def standard_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("standard")
     spec = tiny_spec(tmp, name="std", max_epochs=3, ema=True, ema_decay=0.99, warmup_epochs=1)
     outcome = run_here(spec, cache_dir=tmp / "cache")
-    return spec, outcome.summary
+    return spec, outcome.summary.to_dict()  # as summary.json holds it
 
 
 def test_standard_recipe_with_ema_learns_digits(standard_run):
