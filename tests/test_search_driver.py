@@ -12,6 +12,7 @@ from service.run.outputs import RunOutputs
 from service.search.driver import Driver, read_state
 from service.spec import parse_spec
 from service.storage import open_store
+from tests.reportutil import summary_of
 
 # Validation top-1 per backbone (test top-1 is the reverse order: selection must not see it).
 VAL = {"m0": 0.50, "m1": 0.90, "m2": 0.70, "m3": 0.60, "m4": 0.80, "m5": 0.40}
@@ -60,7 +61,7 @@ class FakeRunner:
             ]  # fmt: skip
             out.write_metrics(records)
             if c.stop_after is None:
-                out.write_json("summary.json", {"test": {"top1": 1 - VAL[c.backbone]}})
+                out.write_json("summary.json", summary_of(c.spec, 1 - VAL[c.backbone]))
 
 
 @pytest.mark.parametrize("schedule", ["restart", "continue"])

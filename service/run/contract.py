@@ -60,18 +60,7 @@ class _File(BaseModel):
     @classmethod
     def read(cls, data: Any, where: str) -> Self:
         """The file's JSON object, checked; ``where`` names the file in the error line."""
-        if not isinstance(data, dict):
-            raise UnreadableOutput(f"{where}: not a JSON object")
-        version = data.get("schema_version", 1)
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise UnreadableOutput(f"{where}: schema_version must be a positive integer")
-        if version > SCHEMA_VERSION:
-            from service import version as installed
-
-            raise UnreadableOutput(
-                f"{where}: schema_version {version} is newer than this backbones "
-                f"({installed()}) reads (up to {SCHEMA_VERSION}); upgrade backbones to read it"
-            )
+        check_version(data, where)
         try:
             return cls.model_validate(data)
         except ValidationError as e:
@@ -85,6 +74,23 @@ class _File(BaseModel):
     def to_dict(self) -> dict:
         """The JSON object to write: exactly the keys set (given, or read from the file)."""
         return self.model_dump(exclude_unset=True)
+
+
+def check_version(data: Any, where: str) -> int:
+    """The file's schema_version (1 when absent); one line when it is not one this reads."""
+    if not isinstance(data, dict):
+        raise UnreadableOutput(f"{where}: not a JSON object")
+    version = data.get("schema_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise UnreadableOutput(f"{where}: schema_version must be a positive integer")
+    if version > SCHEMA_VERSION:
+        from service import version as installed
+
+        raise UnreadableOutput(
+            f"{where}: schema_version {version} is newer than this backbones "
+            f"({installed()}) reads (up to {SCHEMA_VERSION}); upgrade backbones to read it"
+        )
+    return version
 
 
 def _problems(e: ValidationError, most: int = 3) -> str:
