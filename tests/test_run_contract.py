@@ -25,6 +25,7 @@ from service.report import build_report
 from service.report.collect import collect
 from service.run import worker
 from service.run.contract import (
+    ADDED_LATER,
     SCHEMA_VERSION,
     RunFacts,
     RunStatus,
@@ -101,6 +102,17 @@ def test_files_without_a_version_read_as_version_1_unchanged(model, name):
     read = model.read(data, name)
     assert read.legacy and read.schema_version == 1
     assert read.to_dict() == data  # nothing added, nothing lost
+
+
+def test_a_summary_of_the_first_release_reads_with_the_later_keys_as_none():
+    first = {
+        k: v
+        for k, v in legacy("summary.json").items()
+        if k not in (*ADDED_LATER, "batchnorm_images")
+    }
+    read = RunSummary.read(first)
+    assert {k: getattr(read, k) for k in ADDED_LATER} == dict.fromkeys(ADDED_LATER)
+    assert read.to_dict() == first
 
 
 def test_keys_a_newer_writer_added_are_kept():

@@ -21,6 +21,7 @@ from service.run.events import Observer, Progress
 from service.run.outputs import ENV, SPEC, RunOutputs
 from service.spec import FineTune
 from service.storage import open_store
+from service.train.runtime import DistEnv
 
 log = logging.getLogger("backbones.worker")
 
@@ -36,7 +37,7 @@ class Run:
     stop: threading.Event
 
 
-def train(run: Run, cache: Path, dist) -> RunSummary:
+def train(run: Run, cache: Path, dist: DistEnv) -> RunSummary:
     """Train ``run`` to its summary (rank 0 writes spec.json, env.json and the outputs)."""
     from service.backbones import factory as models
     from service.data.normalise import split_stats
@@ -68,7 +69,7 @@ def train(run: Run, cache: Path, dist) -> RunSummary:
     return trainer.fit()
 
 
-def _start(run: Run, dist):
+def _start(run: Run, dist: DistEnv):
     """The runtime (joins the process group under torchrun); spec.json; Pending."""
     from service.train import runtime_for
     from service.train.runtime import fresh_device_memory

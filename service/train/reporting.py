@@ -90,6 +90,8 @@ class Reporting:
 
     def _run_summary(self, facts: RunFacts, test: dict) -> RunSummary:
         """summary.json: ``facts`` (what ran, from the worker) and this run's figures."""
+        if facts is None:
+            raise ValueError("Trainer(facts=...) is needed to write a summary")
         s = self.state
         seconds = s.train_seconds
         gpus = self.rt.world_size if self.rt.device.type == "cuda" else 0
