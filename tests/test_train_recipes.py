@@ -117,7 +117,7 @@ def test_best_weights_are_written_as_safetensors(standard_run):
 def test_paper_recipe_switches_to_sgd_after_a_plateau(tmp_path):
     # patience 1: the first epoch without improvement switches to SGD from the best weights.
     spec = tiny_spec(tmp_path, name="paper", recipe="paper", patience=1, max_epochs=5)
-    summary = run_here(spec, cache_dir=tmp_path / "cache").summary
+    summary = run_here(spec, cache_dir=tmp_path / "cache").summary.to_dict()
     records = [json.loads(x) for x in (run_dir(spec) / "metrics.jsonl").read_text().splitlines()]
     phases = [r["phase"] for r in records]
     assert phases[0] == "adamw"
@@ -134,7 +134,7 @@ def test_linear_probe_trains_only_the_head(tmp_path, standard_run):
     features = run_dir(standard_run[0]) / "best.safetensors"
     spec = tiny_spec(tmp_path, name="probe", recipe="linear_probe", max_epochs=2)
     spec.backbone.weights = str(features)
-    summary = run_here(spec, cache_dir=tmp_path / "cache").summary
+    summary = run_here(spec, cache_dir=tmp_path / "cache").summary.to_dict()
     init = load_file(str(features))
     best = load_file(str(run_dir(spec) / "best.safetensors"))
     assert torch.equal(best["conv1.0.weight"], init["conv1.0.weight"])
@@ -145,14 +145,14 @@ def test_linear_probe_trains_only_the_head(tmp_path, standard_run):
 
 def test_select_on_test_is_recorded_as_a_leak(tmp_path):
     spec = tiny_spec(tmp_path, name="leak", select_on="test", max_epochs=1)
-    summary = run_here(spec, cache_dir=tmp_path / "cache").summary
+    summary = run_here(spec, cache_dir=tmp_path / "cache").summary.to_dict()
     assert summary["select_on"] == "test"
     assert "optimistic" in summary["warning"]
 
 
 def test_wall_clock_limit_stops_training_and_still_evaluates(tmp_path):
     spec = tiny_spec(tmp_path, name="timed", max_epochs=50, max_minutes=0.0001)
-    summary = run_here(spec, cache_dir=tmp_path / "cache").summary
+    summary = run_here(spec, cache_dir=tmp_path / "cache").summary.to_dict()
     assert summary["stop_reason"] == "max_minutes"
     assert summary["epochs_run"] < 50
     assert 0 <= summary["test"]["top1"] <= 1
