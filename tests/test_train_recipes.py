@@ -219,3 +219,15 @@ def test_standard_recipe_runs_its_epochs_without_early_stopping(tmp_path):
     epoch(0.2)
     assert trainer.finished() and trainer.state.stop_reason == "max_epochs"
     assert trainer.state.best_epoch == 1
+
+
+def test_the_specs_recipe_names_are_the_registrys():
+    from typing import get_args
+
+    from service.spec import Protocol
+    from service.spec.model import Recipe
+    from service.train.recipes import RECIPES, recipe_for
+
+    assert get_args(Recipe) == tuple(RECIPES) == ("paper", "standard", "linear_probe")
+    for name in RECIPES:
+        assert recipe_for(Protocol(recipe=name)).name == name

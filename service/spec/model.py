@@ -23,12 +23,14 @@ from pydantic import (
     model_validator,
 )
 
+from service.train.recipes import RECIPE_NAMES
+
 API_VERSION = "backbones/v1"
 SCHEMA_URL_FINETUNE = "./schema/finetune.schema.json"
 SCHEMA_URL_STUDY = "./schema/study.schema.json"
 
 Domain = Literal["natural", "texture", "remote_sensing", "plant", "astronomy", "medical", "other"]
-Recipe = Literal["paper", "standard", "linear_probe"]
+Recipe = Literal[RECIPE_NAMES]  # the recipe registry's names (service.train.recipes)
 Augmentation = Literal["recipe", "none", "standard", "trivial_augment_wide"]
 Normalize = Literal["dataset", "split", "imagenet", "pretrained", "none", "raw"]
 

@@ -3,16 +3,17 @@
 A recipe is a short tuple of phases. ``paper`` has two (AdamW, then SGD from the best AdamW
 weights), each ending after ``patience`` epochs without validation improvement; ``standard`` and
 ``linear_probe`` have one, a fixed number of epochs under warmup + cosine. The fit loop only
-walks the phases; everything recipe-specific lives here.
+walks the phases; everything recipe-specific lives here, in ``RECIPES`` (a registry by name).
+Imports neither torch (until an optimizer is made) nor the spec: the spec takes its recipe
+names from here.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
-
-from service.spec import Protocol
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -43,75 +44,104 @@ class Recipe:
     warmup_epochs: int
 
 
-def recipe_for(p: Protocol) -> Recipe:
-    """The recipe ``protocol.recipe`` names, with the protocol's overrides applied."""
-    if p.recipe == "paper":
-        # Jeevan & Sethi: AdamW(1e-3, wd 1e-2) to a plateau, reload best, SGD(1e-3, m 0.9).
-        lr = p.lr or 1e-3
-        phases = (
-            Phase(
-                "adamw",
-                "adamw",
-                lr,
-                1e-2 if p.weight_decay is None else p.weight_decay,
-                until_plateau=True,
-            ),
-            Phase("sgd", "sgd", lr, 0.0, momentum=0.9, until_plateau=True, reload_best=True),
-        )
-        return Recipe(
-            "paper",
-            phases,
-            augmentation=p.effective_augmentation,
-            label_smoothing=0.0,
-            ema=False,
-            ema_decay=p.ema_decay,
-            freeze_backbone=False,
-            patience=p.patience,
-            max_epochs=p.max_epochs,
-            warmup_epochs=0,
-        )
-    if p.recipe == "standard":
-        phase = Phase(
-            "cosine",
+# The registry: recipe name -> how a protocol becomes that recipe. The spec's ``protocol.recipe``
+# names are derived from it (service.spec.model), so a new recipe is one function here.
+RECIPES: dict[str, Callable[[Any], Recipe]] = {}
+
+
+def register(name: str):
+    def add(build: Callable[[Any], Recipe]) -> Callable[[Any], Recipe]:
+        RECIPES[name] = build
+        return build
+
+    return add
+
+
+def recipe_for(p) -> Recipe:
+    """The recipe ``p.recipe`` names (``p``: a service.spec.Protocol), overrides applied."""
+    try:
+        build = RECIPES[p.recipe]
+    except KeyError:
+        raise ValueError(f"unknown recipe {p.recipe!r}") from None
+    return build(p)
+
+
+@register("paper")
+def _paper(p) -> Recipe:
+    """Jeevan & Sethi: AdamW(1e-3, wd 1e-2) to a plateau, reload best, SGD(1e-3, m 0.9)."""
+    lr = p.lr or 1e-3
+    phases = (
+        Phase(
             "adamw",
-            p.lr or 1e-3,
-            0.05 if p.weight_decay is None else p.weight_decay,
-            schedule="warmup_cosine",
-        )
-        return Recipe(
-            "standard",
-            (phase,),
-            augmentation=p.effective_augmentation,
-            label_smoothing=p.label_smoothing,
-            ema=p.ema,
-            ema_decay=p.ema_decay,
-            freeze_backbone=False,
-            patience=p.patience,
-            max_epochs=p.max_epochs,
-            warmup_epochs=p.warmup_epochs,
-        )
-    if p.recipe == "linear_probe":
-        # Only a linear head trains: a larger step suits it, and no weight decay by default.
-        phase = Phase(
-            "probe",
             "adamw",
-            p.lr or 1e-2,
-            0.0 if p.weight_decay is None else p.weight_decay,
-            schedule="warmup_cosine",
-        )
-        return Recipe(
-            "linear_probe",
-            (phase,),
-            augmentation=p.effective_augmentation,
-            label_smoothing=0.0,
-            ema=False,
-            ema_decay=p.ema_decay,
-            freeze_backbone=True,
-            patience=p.patience,
-            max_epochs=p.max_epochs,
-            warmup_epochs=p.warmup_epochs,
-        )
-    raise ValueError(f"unknown recipe {p.recipe!r}")
+            lr,
+            1e-2 if p.weight_decay is None else p.weight_decay,
+            until_plateau=True,
+        ),
+        Phase("sgd", "sgd", lr, 0.0, momentum=0.9, until_plateau=True, reload_best=True),
+    )
+    return Recipe(
+        "paper",
+        phases,
+        augmentation=p.effective_augmentation,
+        label_smoothing=0.0,
+        ema=False,
+        ema_decay=p.ema_decay,
+        freeze_backbone=False,
+        patience=p.patience,
+        max_epochs=p.max_epochs,
+        warmup_epochs=0,
+    )
+
+
+@register("standard")
+def _standard(p) -> Recipe:
+    phase = Phase(
+        "cosine",
+        "adamw",
+        p.lr or 1e-3,
+        0.05 if p.weight_decay is None else p.weight_decay,
+        schedule="warmup_cosine",
+    )
+    return Recipe(
+        "standard",
+        (phase,),
+        augmentation=p.effective_augmentation,
+        label_smoothing=p.label_smoothing,
+        ema=p.ema,
+        ema_decay=p.ema_decay,
+        freeze_backbone=False,
+        patience=p.patience,
+        max_epochs=p.max_epochs,
+        warmup_epochs=p.warmup_epochs,
+    )
+
+
+@register("linear_probe")
+def _linear_probe(p) -> Recipe:
+    """Only a linear head trains: a larger step suits it, and no weight decay by default."""
+    phase = Phase(
+        "probe",
+        "adamw",
+        p.lr or 1e-2,
+        0.0 if p.weight_decay is None else p.weight_decay,
+        schedule="warmup_cosine",
+    )
+    return Recipe(
+        "linear_probe",
+        (phase,),
+        augmentation=p.effective_augmentation,
+        label_smoothing=0.0,
+        ema=False,
+        ema_decay=p.ema_decay,
+        freeze_backbone=True,
+        patience=p.patience,
+        max_epochs=p.max_epochs,
+        warmup_epochs=p.warmup_epochs,
+    )
+
+
+RECIPE_NAMES: tuple[str, ...] = tuple(RECIPES)  # in the order above: the schema's enum order
 
 
 def make_optimizer(phase: Phase, params, *, fused: bool):
