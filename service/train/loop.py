@@ -66,7 +66,6 @@ class Loaders:
     test: Any
 
 
-@dataclass
 class Trainer(MicroBatching, Reporting):
     def __init__(
         self,

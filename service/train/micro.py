@@ -26,6 +26,8 @@ BN_FEW = 16
 
 
 class MicroBatching:
+    """Trainer mixin: the micro-batch and out-of-memory recovery (see the module doc)."""
+
     @property
     def share(self) -> int:
         """This rank's share of a global batch (the ranks' shares differ by one at most)."""

@@ -19,6 +19,8 @@ SYNC_EVERY = 10
 
 
 class Reporting:
+    """Trainer mixin: progress, metrics.jsonl and the summary (see the module doc)."""
+
     def _out_of_time(self) -> bool:
         if self.max_seconds is None:
             return False
