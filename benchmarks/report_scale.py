@@ -29,7 +29,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from service.run.contract import RunFacts, RunStatus, RunSummary, TestMetrics
+
 DOMAINS = ["natural", "texture", "remote_sensing", "plant", "astronomy", "medical"]
+
+
+def _summary(run, dataset, domain, backbone, seed, top1, gmacs, b) -> RunSummary:
+    """A cell's summary, built as the trainer builds it (service.run.contract)."""
+    facts = RunFacts(
+        run_id=run, name=run.replace("/", "-"), study="scale", spec_hash=None,
+        backbone=backbone, weights="none", dataset=dataset, domain=domain, recipe="standard",
+        seed=seed, train_fraction=1.0, select_on="val", classes=[str(i) for i in range(10)],
+        n_train=1000, n_val=100, n_test=500, params=int(1e6 * (1 + b)), gmacs=gmacs,
+    )  # fmt: skip
+    test = TestMetrics(
+        top1=top1, top5=None, macro_f1=top1 - 0.02, per_class_recall=[top1] * 10,
+        confusion_matrix=[[1] * 10 for _ in range(10)],
+    )  # fmt: skip
+    return RunSummary.build(
+        facts, test=test, best_epoch=1, epochs_run=1, best_val_top1=top1,
+        stop_reason="max_epochs", train_seconds=600 * gmacs, gpu_hours=600 * gmacs / 3600,
+        images_per_second=2000 / gmacs, peak_memory_bytes=1 << 30, device="cpu", num_gpus=0,
+        attempts=1, micro_batch=64, accumulation_steps=1, remediations=[],
+        finished_at="2026-11-27T00:00:00Z",
+    )  # fmt: skip
 
 
 def write_study(root: Path, datasets: int, backbones: int, seeds: int) -> int:
@@ -45,30 +68,10 @@ def write_study(root: Path, datasets: int, backbones: int, seeds: int) -> int:
                 cell = root / run
                 (cell / "checkpoints").mkdir(parents=True)
                 top1 = min(0.99, 0.6 + 0.01 * b + 0.02 * d + rng.gauss(0, 0.01))
-                summary = {
-                    "run_id": run,
-                    "study": "scale",
-                    "backbone": backbone,
-                    "dataset": dataset,
-                    "domain": domain,
-                    "seed": seed,
-                    "train_fraction": 1.0,
-                    "select_on": "val",
-                    "test": {
-                        "top1": top1,
-                        "top5": None,
-                        "macro_f1": top1 - 0.02,
-                        "per_class_recall": [top1] * 10,
-                        "confusion_matrix": [[1] * 10 for _ in range(10)],
-                    },
-                    "params": int(1e6 * (1 + b)),
-                    "gmacs": gmacs,
-                    "train_seconds": 600 * gmacs,
-                    "gpu_hours": 600 * gmacs / 3600,
-                    "images_per_second": 2000 / gmacs,
-                }
-                (cell / "summary.json").write_text(json.dumps(summary))
-                (cell / "status.json").write_text(json.dumps({"phase": "Succeeded"}))
+                summary = _summary(run, dataset, domain, backbone, seed, top1, gmacs, b)
+                (cell / "summary.json").write_text(json.dumps(summary.to_dict()))
+                status = RunStatus(run_id=run, phase="Succeeded")
+                (cell / "status.json").write_text(json.dumps(status.to_dict()))
                 (cell / "spec.json").write_text("{}")
                 (cell / "metrics.jsonl").write_text("{}\n")
                 (cell / "checkpoints" / "ckpt-00001.pt").write_bytes(b"x")

@@ -94,8 +94,8 @@ def study_doc(out: Path, name: str, epochs: int, search: dict | None, patches: P
 
 
 def run_grid(study) -> dict:
+    from service.run.cell import run_cell
     from service.run.outputs import RunOutputs
-    from service.run.worker import run_cell
     from service.spec.study import expand
     from service.storage import open_store
 
@@ -109,7 +109,7 @@ def run_grid(study) -> dict:
         epochs += len(records)
         ds = cell.dataset.short_name
         out.setdefault(ds, {}).setdefault(cell.backbone.model, []).append(
-            (outcome.summary["test"]["top1"], outcome.summary["best_val_top1"])
+            (outcome.summary.test.top1, outcome.summary.best_val_top1)
         )
     return {
         "scores": out,

@@ -62,10 +62,10 @@ def main() -> int:
     import torchvision  # noqa: F401
 
     from service.data import dataset, sources, splits  # noqa: F401
-    from service.run import worker
+    from service.run import pipeline, worker
 
     rank = int(os.environ.get("RANK", "0"))
-    prepare = worker._prepare
+    prepare = pipeline._prepare
 
     growth: dict[str, int] = {}
 
@@ -86,9 +86,9 @@ def main() -> int:
             return prepare(*a, **kw)
         return window("prepare", lambda: prepare(*a, **kw))
 
-    worker._prepare = probed_prepare
+    pipeline._prepare = probed_prepare
     if args.memory_report:
-        make_loaders = worker.make_loaders
+        make_loaders = pipeline.make_loaders
 
         def probed_loaders(data, *a, **kw):
             def serve_an_epoch():
@@ -108,7 +108,7 @@ def main() -> int:
             sys.stdout.flush()
             os._exit(0)
 
-        worker.make_loaders = probed_loaders
+        pipeline.make_loaders = probed_loaders
     return worker.main(["--spec", args.spec])
 
 

@@ -1,11 +1,19 @@
 """Synthetic study outputs for the report tests, in the workers' exact layout:
-``<out>/<study>/<dataset>/<backbone>/seed<S>-frac<F>/summary.json`` (+ status.json)."""
+``<out>/<study>/<dataset>/<backbone>/seed<S>-frac<F>/summary.json`` (+ status.json), built
+through the run contract (service.run.contract) as the worker builds them."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from service.run.contract import (
+    SELECT_ON_TEST_WARNING,
+    RunFacts,
+    RunStatus,
+    RunSummary,
+    TestMetrics,
+)
 from tests.specs import study
 
 T975 = {1: 12.706204736174698, 2: 4.302652729911275, 3: 3.182446305284263}  # t(0.975, df)
@@ -31,53 +39,77 @@ def summary(
     select_on: str = "val",
     best_val_top1: float | None = None,
 ) -> dict:
-    return {
-        "run_id": f"{study}/{dataset}/{backbone}/seed{seed}-frac{float(frac)}",
-        "name": f"{study}-{dataset}-{backbone}-s{seed}",
-        "study": study,
-        "spec_hash": None,  # not checked unless a test sets it
-        "backbone": backbone,
-        "weights": "none",
-        "dataset": dataset,
-        "domain": domain,
-        "recipe": "standard",
-        "seed": seed,
-        "train_fraction": frac,
-        "select_on": select_on,
-        "classes": ["a", "b"],
-        "n_train": 100,
-        "n_val": 10,
-        "n_test": 50,
-        "test": {
-            "top1": top1,
-            "top5": None,
-            "macro_f1": top1 - 0.01 if macro_f1 is None else macro_f1,
-            "balanced_accuracy": top1,
-            "per_class_recall": [top1, top1],
-            "confusion_matrix": [[1, 0], [0, 1]],
-            "ece": 0.05,
-            "auroc": None,
-            "loss": 0.5,
-        },
-        "best_epoch": 1,
-        "epochs_run": 2,
-        "best_val_top1": top1 if best_val_top1 is None else best_val_top1,
-        "params": params,
-        "gmacs": gmacs,
-        "train_seconds": train_seconds,
-        "gpu_hours": train_seconds / 3600,
-        "images_per_second": 1000.0 / gmacs,
-        "peak_memory_bytes": 1 << 20,
-        "device": "cpu",
-        "num_gpus": 0,
-        "finished_at": "2026-11-27T00:00:00Z",
-    }
+    """One cell's summary.json, built as the trainer builds it (``RunSummary.build``)."""
+    facts = RunFacts(
+        run_id=f"{study}/{dataset}/{backbone}/seed{seed}-frac{float(frac)}",
+        name=f"{study}-{dataset}-{backbone}-s{seed}",
+        study=study,
+        spec_hash=None,  # not checked unless a test sets it
+        backbone=backbone,
+        weights="none",
+        weights_sha256=None,
+        pretrained_tag=None,
+        dataset=dataset,
+        domain=domain,
+        recipe="standard",
+        seed=seed,
+        train_fraction=frac,
+        select_on=select_on,
+        classes=["a", "b"],
+        n_train=100,
+        n_val=10,
+        n_test=50,
+        params=params,
+        gmacs=gmacs,
+        **({"warning": SELECT_ON_TEST_WARNING} if select_on == "test" else {}),
+    )
+    test = TestMetrics(
+        top1=top1,
+        top5=None,
+        macro_f1=top1 - 0.01 if macro_f1 is None else macro_f1,
+        balanced_accuracy=top1,
+        per_class_recall=[top1, top1],
+        confusion_matrix=[[1, 0], [0, 1]],
+        ece=0.05,
+        auroc=None,
+        loss=0.5,
+    )
+    return RunSummary.build(
+        facts,
+        test=test,
+        best_epoch=1,
+        epochs_run=2,
+        best_val_top1=top1 if best_val_top1 is None else best_val_top1,
+        stop_reason="max_epochs",
+        train_seconds=train_seconds,
+        gpu_hours=train_seconds / 3600,
+        images_per_second=1000.0 / gmacs,
+        peak_memory_bytes=1 << 20,
+        device="cpu",
+        num_gpus=0,
+        attempts=1,
+        micro_batch=32,
+        accumulation_steps=1,
+        remediations=[],
+        finished_at="2026-11-27T00:00:00Z",
+    ).to_dict()
+
+
+def summary_of(spec, top1: float, **kw) -> dict:
+    """summary.json as a run of ``spec`` (a FineTune, a study's cell) writes it."""
+    d = spec.dataset
+    s = summary(
+        spec.study, d.short_name, spec.backbone.model, spec.protocol.seed, top1,
+        frac=d.train_fraction, domain=d.domain, **kw,
+    )  # fmt: skip
+    return {**s, "run_id": spec.run_id, "name": spec.name}
 
 
 def write_summary(out: Path, s: dict) -> Path:
     d = cell_dir(out, s["study"], s["dataset"], s["backbone"], s["seed"], s["train_fraction"])
     d.mkdir(parents=True, exist_ok=True)
-    (d / "status.json").write_text(json.dumps({"run_id": s["run_id"], "phase": "Succeeded"}))
+    status = RunStatus(run_id=s["run_id"], phase="Succeeded")
+    (d / "status.json").write_text(json.dumps(status.to_dict()))
     (d / "summary.json").write_text(json.dumps(s))
     return d
 
@@ -85,7 +117,7 @@ def write_summary(out: Path, s: dict) -> Path:
 def write_status(out: Path, study, dataset, backbone, seed, frac=1.0, **status) -> Path:
     d = cell_dir(out, study, dataset, backbone, seed, frac)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "status.json").write_text(json.dumps({"run_id": str(d), **status}))
+    (d / "status.json").write_text(json.dumps(RunStatus(run_id=str(d), **status).to_dict()))
     return d
 
 

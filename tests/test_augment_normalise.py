@@ -132,5 +132,5 @@ def test_a_run_with_the_papers_options_records_them(tmp_path):
     per = env["normalize"]["per_split"]
     assert per["train"]["mean"] == env["normalize"]["mean"]
     assert per["test"]["mean"] != per["train"]["mean"]  # test statistics, as the paper's code
-    assert out.summary["protocol"]["augmentation"] == "trivial_augment_wide"
-    assert out.summary["protocol"]["normalize"] == "split"
+    assert out.summary.protocol["augmentation"] == "trivial_augment_wide"
+    assert out.summary.protocol["normalize"] == "split"

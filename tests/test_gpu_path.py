@@ -25,7 +25,7 @@ from service.spec import Protocol, parse_spec
 from service.storage.local import LocalStore
 from service.train import Loaders, Runtime, Trainer, distributed, recipe_for
 from service.train.checkpoint import Checkpointer, rng_state, set_rng_state
-from service.train.loop import SYNC_EVERY
+from service.train.reporting import SYNC_EVERY
 from service.train.runtime import choose_precision, fresh_device_memory
 from tests.specs import tiny_doc, write_spec
 from tests.trainutil import REPO, worker_env
@@ -201,7 +201,7 @@ def test_residency_plan_is_one_budget_for_all_splits_and_one_copy_per_split():
 def test_select_on_test_shares_one_loader_and_one_copy_of_the_test_split():
     from types import SimpleNamespace
 
-    from service.run.worker import make_loaders
+    from service.run.pipeline import make_loaders
 
     data = SimpleNamespace(train=_split(40), val=_split(10), test=_split(20))
     p = Protocol(select_on="test", batch_size=8)

@@ -110,7 +110,7 @@ def run_spec(output: Path) -> FineTune:
 def scraped(pushgateway, start_prometheus, tmp_path_factory) -> ScrapedRun:
     import torch
 
-    from service.run.worker import run_cell, run_outputs
+    from service.run.cell import run_cell, run_outputs
 
     root = tmp_path_factory.mktemp("run")
     port = free_port()
@@ -133,7 +133,7 @@ def scraped(pushgateway, start_prometheus, tmp_path_factory) -> ScrapedRun:
             assert prometheus.wait_for(f"backbones_run_last_success_timestamp_seconds{{{copy}}}"), (
                 f"no {copy} copy of the final state"
             )
-        status = run_outputs(spec).status()
+        status = run_outputs(spec).status().to_dict()
         yield ScrapedRun(prometheus, pushgateway, spec, start, time.time(), observer.final, status)
     finally:
         torch.set_num_threads(threads)

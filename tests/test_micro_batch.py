@@ -121,8 +121,8 @@ def test_a_quarter_micro_batch_trains_the_same_weights_without_batchnorm(tmp_pat
     kw = dict(model="test_efficientnet_gn", max_epochs=1, batch_size=64)
     whole = spec_of(tmp_path, name="whole", **kw)
     quarter = spec_of(tmp_path, name="quarter", micro_batch=16, **kw)
-    a = run_here(whole, cache_dir=cache).summary
-    b = run_here(quarter, cache_dir=cache).summary
+    a = run_here(whole, cache_dir=cache).summary.to_dict()
+    b = run_here(quarter, cache_dir=cache).summary.to_dict()
     assert (a["micro_batch"], a["accumulation_steps"]) == (64, 1)
     assert (b["micro_batch"], b["accumulation_steps"]) == (16, 4)
     wa = load_file(run_dir(whole) / "best.safetensors")
@@ -141,10 +141,10 @@ def test_a_quarter_micro_batch_trains_the_same_weights_without_batchnorm(tmp_pat
 
 def test_with_batchnorm_the_statistics_are_per_micro_batch_and_the_summary_says_so(tmp_path, cache):
     kw = dict(max_epochs=1, batch_size=64)
-    whole = run_here(spec_of(tmp_path, name="bn-whole", **kw), cache_dir=cache).summary
+    whole = run_here(spec_of(tmp_path, name="bn-whole", **kw), cache_dir=cache).summary.to_dict()
     quarter = run_here(
         spec_of(tmp_path, name="bn-quarter", micro_batch=16, **kw), cache_dir=cache
-    ).summary
+    ).summary.to_dict()
     assert whole["batchnorm_images"] == 64
     assert quarter["batchnorm_images"] == 16
     assert quarter["test"]["loss"] != whole["test"]["loss"]  # normalised over 16, not 64
@@ -205,10 +205,10 @@ def test_a_probe_leaves_weights_batchnorm_statistics_and_random_state_alone(
 ):
     """A probe that finds the whole share fits trains exactly like a run without a probe."""
     plain = spec_of(tmp_path, name="plain", max_epochs=1, batch_size=32)
-    reference = run_here(plain, cache_dir=cache).summary
+    reference = run_here(plain, cache_dir=cache).summary.to_dict()
     probe_memory(monkeypatch)
     probed = spec_of(tmp_path, name="probed", max_epochs=1, batch_size=32)
-    out = run_here(probed, cache_dir=cache).summary
+    out = run_here(probed, cache_dir=cache).summary.to_dict()
     assert env_of(probed)["micro_batch"]["source"] == "probe"
     assert results(out) == results(reference)
 
@@ -243,7 +243,7 @@ def test_out_of_memory_mid_epoch_halves_the_micro_batch_redoes_the_step_and_coun
     spec = spec_of(tmp_path, name="mid", max_epochs=1, batch_size=32)
     prom = PrometheusObserver(spec, port=0, pushgateway_url=None)
     shrink = At(0, 5, lambda: setattr(gpu, "limit", 8))  # the GPU "fills up" after step 5
-    out = run_here(spec, cache_dir=cache, observers=[prom, shrink]).summary
+    out = run_here(spec, cache_dir=cache, observers=[prom, shrink]).summary.to_dict()
     assert [
         (r["step"], r["from_micro_batch"], r["to_micro_batch"]) for r in out["remediations"]
     ] == [
@@ -296,7 +296,7 @@ def reference(tmp_path_factory, cache):
         gpu = hook_gpu(mp)
         spec = spec_of(tmp_path_factory.mktemp("ref"), name="resume-oom", **RESUME)
         fill = At(*OOM_AT, lambda: setattr(gpu, "limit", 8))
-        return run_here(spec, cache_dir=cache, observers=[fill]).summary
+        return run_here(spec, cache_dir=cache, observers=[fill]).summary.to_dict()
 
 
 def _without_attempt(records):
@@ -316,7 +316,7 @@ def test_a_resume_keeps_the_halved_micro_batch_and_the_result(tmp_path, cache, g
         )
     assert [r["to_micro_batch"] for r in status_of(spec)["remediations"]] == [16, 8]
     gpu.passes.clear()  # the same GPU: still 8 images at most
-    resumed = run_here(spec, cache_dir=cache).summary
+    resumed = run_here(spec, cache_dir=cache).summary.to_dict()
     assert set(gpu.passes) == {8}  # no pass above 8: nothing ran out of memory again
     assert resumed["attempts"] == 2
     assert resumed["remediations"] == reference["remediations"]
@@ -332,7 +332,7 @@ def test_out_of_memory_after_a_resume_is_remedied_in_the_resumed_attempt(
         run_here(spec, cache_dir=cache, stop=stop, observers=[At(0, 5, stop.set)])
     assert status_of(spec)["remediations"] == []
     fill = At(*OOM_AT, lambda: setattr(gpu, "limit", 8))
-    resumed = run_here(spec, cache_dir=cache, observers=[fill]).summary
+    resumed = run_here(spec, cache_dir=cache, observers=[fill]).summary.to_dict()
     assert [r["attempt"] for r in resumed["remediations"]] == [2, 2]
     assert _without_attempt(resumed["remediations"]) == _without_attempt(reference["remediations"])
     assert results(resumed) == results(reference)

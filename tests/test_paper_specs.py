@@ -172,7 +172,7 @@ def test_the_faithful_protocol_runs_end_to_end_on_a_tiny_model(tmp_path):
         update={"dataset": spec.dataset.model_copy(update={"val_fraction": 0.0})}
     )
     out = run_here(spec)
-    s = out.summary
+    s = out.summary.to_dict()
     assert s["n_val"] == 0 and s["n_train"] + s["n_test"] == 1797  # all of train trains
     assert s["select_on"] == "test" and "warning" in s
     env = json.loads((run_dir(spec) / "env.json").read_text())

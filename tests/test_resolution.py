@@ -134,7 +134,7 @@ def test_a_run_trains_a_fixed_size_model_at_the_spec_size(tmp_path):
 
     spec = tiny_spec(tmp_path, image_size=32, max_epochs=1)
     spec = spec.model_copy(update={"backbone": Backbone(model="test_vit3", weights="none")})
-    summary = run_here(spec).summary
+    summary = run_here(spec).summary.to_dict()
     assert summary["backbone"] == "test_vit3"
     assert summary["n_train"] > 0
 

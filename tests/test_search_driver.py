@@ -13,6 +13,7 @@ from service.search.driver import Driver, read_state
 from service.spec import parse_spec
 from service.storage import open_store
 from tests import specs
+from tests.reportutil import summary_of
 from tests.specs import DELETE
 
 # Validation top-1 per backbone (test top-1 is the reverse order: selection must not see it).
@@ -63,7 +64,7 @@ class FakeRunner:
             ]  # fmt: skip
             out.write_metrics(records)
             if c.stop_after is None:
-                out.write_json("summary.json", {"test": {"top1": 1 - VAL[c.backbone]}})
+                out.write_json("summary.json", summary_of(c.spec, 1 - VAL[c.backbone]))
 
 
 @pytest.mark.parametrize("schedule", ["restart", "continue"])

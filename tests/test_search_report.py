@@ -8,6 +8,7 @@ import json
 from service.report import build_report
 from service.search.driver import Driver
 from service.storage import open_store
+from tests.reportutil import summary
 from tests.test_search_driver import VAL, FakeRunner, study
 
 
@@ -18,14 +19,7 @@ def write_grid(tmp_path, winner_first: bool = True) -> None:
         for seed in (0, 1):
             store.write_bytes(
                 f"grid/digits/{b}/seed{seed}-frac1.0/summary.json",
-                json.dumps(
-                    {
-                        "test": {"top1": v + seed / 1000},
-                        "dataset": "digits",
-                        "backbone": b,
-                        "seed": seed,
-                    }
-                ).encode(),
+                json.dumps(summary("grid", "digits", b, seed, v + seed / 1000)).encode(),
             )
 
 

@@ -24,7 +24,7 @@ def reference(tmp_path_factory):
     """The uninterrupted run every interrupted one must match."""
     tmp = tmp_path_factory.mktemp("reference")
     spec = tiny_spec(tmp, name="resume", **PROTOCOL)
-    return run_here(spec, cache_dir=tmp_path_factory.getbasetemp() / "cache").summary
+    return run_here(spec, cache_dir=tmp_path_factory.getbasetemp() / "cache").summary.to_dict()
 
 
 def _spec(tmp_path):
@@ -102,6 +102,6 @@ def test_a_stop_mid_epoch_checkpoints_that_step_and_resuming_there_changes_nothi
     names = sorted(p.name for p in (run_dir(spec) / "checkpoints").glob("ckpt-*.pt"))
     assert names[-1] == "ckpt-00001-000005.pt"
 
-    resumed = run_here(spec, cache_dir=cache).summary
+    resumed = run_here(spec, cache_dir=cache).summary.to_dict()
     assert resumed["attempts"] == 2
     assert results(resumed) == results(reference)

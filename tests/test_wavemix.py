@@ -52,8 +52,8 @@ def test_wavemix_trains_in_the_worker(tmp_path, tiny_wavemix):
     spec = tiny_spec(tmp_path, image_size=32, max_epochs=1)
     spec = spec.model_copy(update={"backbone": Backbone(model="wavemix", weights="none")})
     out = run_here(spec)
-    assert out.summary["backbone"] == "wavemix"
-    assert 0.0 <= out.summary["test"]["top1"] <= 1.0
+    assert out.summary.backbone == "wavemix"
+    assert 0.0 <= out.summary.test.top1 <= 1.0
 
 
 def test_the_imagenet_checkpoint_as_a_pth_is_pushed_and_loaded(tmp_path, tiny_wavemix):

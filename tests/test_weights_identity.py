@@ -66,8 +66,8 @@ def test_a_pushed_file_carries_its_tag_into_env_and_summary(tmp_path):
     spec = tiny_spec(tmp_path, max_epochs=1)
     spec = spec.model_copy(update={"backbone": Backbone(model="test_resnet", weights=pushed.uri)})
     out = run_here(spec)
-    assert out.summary["pretrained_tag"] == "test_resnet.r160_in1k"
-    assert out.summary["weights_sha256"] == pushed.sha256
+    assert out.summary.pretrained_tag == "test_resnet.r160_in1k"
+    assert out.summary.weights_sha256 == pushed.sha256
     env = json.loads((run_dir(spec) / "env.json").read_text())
     assert (env["pretrained_tag"], env["weights_sha256"]) == (
         "test_resnet.r160_in1k",

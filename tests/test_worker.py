@@ -9,7 +9,7 @@ import time
 import pytest
 
 from service.errors import UserError
-from service.run import worker
+from service.run import cell, pipeline, worker
 from service.spec import parse_spec
 from tests.specs import tiny_spec, tiny_study
 from tests.trainutil import one_thread, run_here
@@ -100,7 +100,7 @@ def test_a_store_that_refuses_the_sweep_costs_a_warning_not_the_run(monkeypatch,
     monkeypatch.setattr(LocalStore, "discard_partials", denied)
     with one_thread():
         outcome = run_here(tiny_spec(tmp_path, max_epochs=1), cache_dir=tmp_path / "c")
-    assert not outcome.skipped and outcome.summary["test"]["top1"] >= 0
+    assert not outcome.skipped and outcome.summary.test.top1 >= 0
     assert "could not discard partial writes: s3://b/runs/tiny/: access denied" in caplog.text
 
 
@@ -110,7 +110,7 @@ def test_a_retriable_failure_leaves_the_run_pending_not_failed(monkeypatch, tmp_
     def storage_down(*a, **kw):
         raise RetriableError("s3://b/d/: endpoint unreachable after 5 attempts")
 
-    monkeypatch.setattr(worker, "_prepare", storage_down)
+    monkeypatch.setattr(pipeline, "_prepare", storage_down)
     spec = tiny_spec(tmp_path, max_epochs=1)
     monkeypatch.setenv("BACKBONES_SPEC", spec.to_json())
     assert worker.work(None, cache_dir=tmp_path / "c") == 75
@@ -122,16 +122,16 @@ def test_a_retriable_failure_leaves_the_run_pending_not_failed(monkeypatch, tmp_
 
 
 def test_no_prometheus_observer_when_port_is_0_and_no_pushgateway(tmp_path):
-    assert worker._prometheus(tiny_spec(tmp_path)) == []
+    assert cell._prometheus(tiny_spec(tmp_path)) == []
 
 
 def test_cache_dir_precedence(monkeypatch, tmp_path):
     spec = tiny_spec(tmp_path)
     monkeypatch.setenv("BACKBONES_CACHE", str(tmp_path / "env"))
-    assert worker.cache_root(spec, None) == tmp_path / "env"
-    assert worker.cache_root(spec, tmp_path / "flag") == tmp_path / "flag"
+    assert cell.cache_root(spec, None) == tmp_path / "env"
+    assert cell.cache_root(spec, tmp_path / "flag") == tmp_path / "flag"
     spec.storage.cache_dir = str(tmp_path / "spec")
-    assert worker.cache_root(spec, None) == tmp_path / "spec"
+    assert cell.cache_root(spec, None) == tmp_path / "spec"
 
 
 def test_an_unreadable_checkpoint_is_a_user_error_naming_it(monkeypatch, tmp_path, capsys):
@@ -175,4 +175,4 @@ def test_observers_see_every_phase_in_order_and_an_event_per_epoch(tmp_path):
     ]  # fmt: skip
     assert seen.epochs == [(1, 1), (2, 2)]
     assert seen.checkpoints == 2
-    assert seen.steps == 2 * (outcome.summary["n_train"] // 64)
+    assert seen.steps == 2 * (outcome.summary.n_train // 64)

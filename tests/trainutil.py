@@ -31,7 +31,7 @@ def one_thread():
 
 def run_here(spec: FineTune, **kw):
     """``run_cell`` in this process, on one thread."""
-    from service.run.worker import run_cell
+    from service.run.cell import run_cell
 
     with one_thread():
         return run_cell(spec, **kw)

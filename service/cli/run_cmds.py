@@ -30,7 +30,8 @@ def run(
             from service.cli.search_cmds import run_search
 
             return run_search(spec, force=force, cache_dir=cache_dir)
-        from service.run.worker import run_cell, stop_on_signals
+        from service.run.cell import run_cell
+        from service.run.worker import stop_on_signals
         from service.spec.study import cells_of
 
         try:
@@ -59,10 +60,10 @@ def run(
                 if outcome.skipped:
                     typer.echo(f"{cell.run_id}: already complete ({outcome.uri})")
                     continue
-                t = outcome.summary["test"]
+                t = outcome.summary.test
                 typer.echo(
-                    f"{cell.run_id}: test top-1 {t['top1']:.4f}, macro-F1 {t['macro_f1']:.4f}, "
-                    f"{outcome.summary['train_seconds']:.1f} s training"
+                    f"{cell.run_id}: test top-1 {t.top1:.4f}, macro-F1 {t.macro_f1:.4f}, "
+                    f"{outcome.summary.train_seconds:.1f} s training"
                 )
                 list_outputs(outcome.uri, cell)
         if failed:
@@ -99,7 +100,7 @@ def _observers(cell) -> list:
 
 
 def list_outputs(uri: str, cell) -> None:
-    from service.run.worker import run_outputs
+    from service.run.cell import run_outputs
 
     store = run_outputs(cell).store
     typer.echo(f"outputs in {uri}:")

@@ -194,8 +194,8 @@ def read_status_json(spec: FineTune | Study, cell: FineTune) -> dict | None:
 
     if not is_s3(spec.output.uri):
         return None
-    store = open_store(spec.output.uri, spec.storage).child(cell.run_id)
-    return RunOutputs(store).status()
+    status = RunOutputs(open_store(spec.output.uri, spec.storage).child(cell.run_id)).status()
+    return None if status is None else status.to_dict()  # read through contract.RunStatus
 
 
 def status_rows(

@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from service.errors import UserError
+from service.run.contract import RunStatus, RunSummary, UnreadableOutput, check_version
+from service.run.outputs import SPEC, STATUS, SUMMARY
 from service.spec import Storage, Study, run_id_for
 from service.storage import NotFound, Store, import_for_threads, open_store
 
 State = Literal["done", "failed", "incomplete", "missing", "unreadable", "stale"]
 
-SUMMARY, STATUS, SPEC = "summary.json", "status.json", "spec.json"
 _CELL_FILE = re.compile(
     r"^(?P<dir>(?:(?P<study>.+)/)?(?P<dataset>[^/]+)/(?P<backbone>[^/]+)/"
     r"seed(?P<seed>\d+)-frac(?P<frac>[0-9.eE+-]+))/(?P<file>summary|status|spec)\.json$"
@@ -334,9 +335,10 @@ def _read_cell(store: Store, cell: Cell, present: set[str]) -> None:
         except ValueError as e:
             cell.state, cell.reason = "unreadable", f"summary.json: {e}"
             return
-        problem = _check_summary(summary)
-        if problem:
-            cell.state, cell.reason = "unreadable", f"summary.json: {problem}"
+        try:
+            summary = _summary(summary)
+        except UnreadableOutput as e:
+            cell.state, cell.reason = "unreadable", str(e)
             return
         found = (summary or {}).get("spec_hash")
         if summary is not None and cell.spec_hash and found and found != cell.spec_hash:
@@ -355,8 +357,12 @@ def _read_cell(store: Store, cell: Cell, present: set[str]) -> None:
     if STATUS in present:
         try:
             status = _read_json(store, f"{cell.key}/{STATUS}")
+            status = None if status is None else RunStatus.read(status, STATUS).to_dict()
         except ValueError as e:
             cell.state, cell.reason = "unreadable", f"status.json: {e}"
+            return
+        except UnreadableOutput as e:
+            cell.state, cell.reason = "unreadable", str(e)
             return
     cell.status = status
     cell.state, cell.reason = _status_reason(status)
@@ -372,6 +378,17 @@ def _read_json(store: Store, key: str) -> dict | None:
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     return data
+
+
+def _summary(data: dict | None) -> dict | None:
+    """summary.json read through its contract (service.run.contract): the version first, then
+    the report's own rule (a numeric test.top1), then every field's type."""
+    if data is None:
+        return None
+    check_version(data, SUMMARY)
+    if problem := _check_summary(data):
+        raise UnreadableOutput(f"{SUMMARY}: {problem}")
+    return RunSummary.read(data, SUMMARY).to_dict()
 
 
 def _check_summary(summary: dict | None) -> str | None:

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from service.report.blocks import H, Items, P, Table
+from service.run.contract import RunSummary, UnreadableOutput
 from service.storage import NotFound, Store
 
 _GRID_CELL = re.compile(
@@ -32,8 +33,8 @@ def grid_rankings(root: Store, study: str) -> dict[str, tuple[str, dict[str, flo
         if not m or m["study"] == study:
             continue
         try:
-            top1 = json.loads(root.read_bytes(key))["test"]["top1"]
-        except (NotFound, ValueError, KeyError, TypeError):
+            top1 = RunSummary.read(json.loads(root.read_bytes(key)), key).test.top1
+        except (NotFound, ValueError, UnreadableOutput):
             continue
         group = f"{m['dataset']}/frac{float(m['frac'])}"
         values.setdefault((m["study"], group), {}).setdefault(m["backbone"], []).append(top1)

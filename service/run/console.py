@@ -13,6 +13,7 @@ from rich.progress import (
     Progress as Bar,
 )
 
+from service.run.contract import RunSummary
 from service.run.events import Observer, Progress
 
 
@@ -75,13 +76,13 @@ class ConsoleObserver(Observer):
         )
         self.bar.update(self._epochs, completed=p.epoch, info=info)
 
-    def on_end(self, p: Progress, summary: dict | None) -> None:
+    def on_end(self, p: Progress, summary: RunSummary | None) -> None:
         self.close()
         if summary:
-            t = summary["test"]
+            t = summary.test
             self.console.print(
-                f"{p.run_id}: test top-1 {t['top1']:.4f}, macro-F1 {t['macro_f1']:.4f} "
-                f"(best epoch {summary['best_epoch']}, {summary['train_seconds']:.0f} s)"
+                f"{p.run_id}: test top-1 {t.top1:.4f}, macro-F1 {t.macro_f1:.4f} "
+                f"(best epoch {summary.best_epoch}, {summary.train_seconds:.0f} s)"
             )
 
     def close(self) -> None:

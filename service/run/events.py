@@ -8,25 +8,16 @@ Pushgateway. Listeners never feed back into training, so data flows one way.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
-Phase = Literal[
-    "Pending", "Downloading", "Training", "Evaluating", "Uploading", "Succeeded", "Failed"
-]
-PHASES: tuple[Phase, ...] = (
-    "Pending",
-    "Downloading",
-    "Training",
-    "Evaluating",
-    "Uploading",
-    "Succeeded",
-    "Failed",
-)
+from service.run.contract import PHASES, Phase, RunSummary
+
+__all__ = ["PHASES", "Observer", "Observers", "Phase", "Progress"]
 
 
 @dataclass
 class Progress:
-    """The run's state as a person watching it wants to see it."""
+    """The run's state as a person watching it wants to see it; ``status.json`` is this plus
+    ``updated_at`` and ``schema_version`` (``contract.RunStatus``)."""
 
     run_id: str
     phase: Phase = "Pending"
@@ -72,7 +63,7 @@ class Observer:
 
     def on_download(self, nbytes: int) -> None: ...
 
-    def on_end(self, progress: Progress, summary: dict | None) -> None: ...
+    def on_end(self, progress: Progress, summary: RunSummary | None) -> None: ...
 
     def close(self) -> None: ...
 

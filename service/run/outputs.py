@@ -9,14 +9,16 @@
     summary.json         final metrics and cost figures; its presence means "done"
 
 ``summary.json`` is written last: a run without it is not complete, whatever else exists.
+``summary.json`` and ``status.json`` are typed and carry a ``schema_version``: their keys, and
+what a reader accepts, are in ``service.run.contract``.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
+from service.run.contract import RunStatus, RunSummary
 from service.storage import NotFound, Store
 
 SPEC = "spec.json"
@@ -51,14 +53,20 @@ class RunOutputs:
     def write_json(self, key: str, obj: Any) -> None:
         self.store.write_bytes(key, _dumps(obj))
 
-    def summary(self) -> dict | None:
-        return self.read_json(SUMMARY)
+    def summary(self) -> RunSummary | None:
+        """The run's summary, None until it is done. Raises contract.UnreadableOutput."""
+        data = self.read_json(SUMMARY)
+        return None if data is None else RunSummary.read(data, f"{self.uri}/{SUMMARY}")
 
-    def status(self) -> dict | None:
-        return self.read_json(STATUS)
+    def write_summary(self, summary: RunSummary) -> None:
+        self.write_json(SUMMARY, summary.to_dict())
 
-    def write_status(self, status: dict) -> None:
-        self.write_json(STATUS, {**status, "updated_at": time.time()})
+    def status(self) -> RunStatus | None:
+        data = self.read_json(STATUS)
+        return None if data is None else RunStatus.read(data, f"{self.uri}/{STATUS}")
+
+    def write_status(self, status: RunStatus) -> None:
+        self.write_json(STATUS, status.to_dict())
 
     def metrics(self) -> list[dict]:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from service.run.contract import RunStatus, RunSummary
 from service.run.events import Observer, Progress
 from service.run.outputs import RunOutputs
 
@@ -21,7 +22,7 @@ class StatusObserver(Observer):
 
     def _write(self, progress: Progress) -> None:
         try:
-            self.outputs.write_status(status_of(progress))
+            self.outputs.write_status(RunStatus.of(progress))
         except Exception as e:  # a status blip must not stop training
             log.warning("could not write status.json: %s", e)
 
@@ -37,10 +38,5 @@ class StatusObserver(Observer):
     def on_remediation(self, progress: Progress, record: dict) -> None:
         self._write(progress)
 
-    def on_end(self, progress: Progress, summary: dict | None) -> None:
+    def on_end(self, progress: Progress, summary: RunSummary | None) -> None:
         self._write(progress)
-
-
-def status_of(progress: Progress) -> dict:
-    """``Progress.to_dict()`` (the status.json contract; ``updated_at`` is added on write)."""
-    return progress.to_dict()

@@ -284,7 +284,7 @@ class LocalRunner:
         self.echo, self.err = echo, err
 
     def __call__(self, rung: int, cells: list[RungCell]) -> None:
-        from service.run.worker import run_cell
+        from service.run.cell import run_cell
 
         for i, c in enumerate(cells, 1):
             if self.stop.is_set():
@@ -309,7 +309,7 @@ def run_to_budget(cell: RungCell, stop: threading.Event, *, cache_dir=None, obse
     """A continue-mode rung cell in a pod: train to the rung's epoch budget, checkpoint, exit 0
     (the next rung's pod resumes it). SIGTERM still means checkpoint and exit 75."""
     from service.errors import EXIT_OK
-    from service.run.worker import run_cell
+    from service.run.cell import run_cell
 
     outputs = cell_outputs(cell.spec)
     if _reached(outputs, cell.stop_after):

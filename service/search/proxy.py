@@ -20,7 +20,8 @@ def proxy_scores(study: Study, group: Group, *, cache_dir=None) -> dict[str, flo
     """Backbone -> k-NN validation accuracy on frozen features, for one group."""
     from service.backbones import factory as models
     from service.data import prepare
-    from service.run.worker import cache_root, seed_everything
+    from service.run.cell import cache_root
+    from service.train.runtime import seed_everything
 
     proxy = study.search.proxy
     first = next(iter(group.cells.values()))[0]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 _WHERE = {
     "Loaders": "service.train.loop",
-    "Runtime": "service.train.loop",
+    "Runtime": "service.train.runtime",
     "Trainer": "service.train.loop",
     "Recipe": "service.train.recipes",
     "recipe_for": "service.train.recipes",
@@ -22,9 +22,9 @@ _WHERE = {
 }
 
 if TYPE_CHECKING:
-    from service.train.loop import Loaders, Runtime, Trainer
+    from service.train.loop import Loaders, Trainer
     from service.train.recipes import Recipe, recipe_for
-    from service.train.runtime import runtime_for
+    from service.train.runtime import Runtime, runtime_for
 
 __all__ = ["Loaders", "Recipe", "Runtime", "Trainer", "recipe_for", "runtime_for"]
 

@@ -151,3 +151,14 @@ class Checkpointer:
             # Best files newer than every checkpoint belong to the epoch being written now.
             if _BEST.search(key) and key not in needed and (newest is None or key < newest):
                 self.store.delete(key)
+
+
+def plain(obj):
+    """Tensors stay tensors; everything else becomes a primitive the safe unpickler accepts."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    return obj

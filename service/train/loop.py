@@ -5,7 +5,9 @@
     reload the best weights, evaluate test once, write best.safetensors, then summary.json
 
 Everything recipe-specific comes from ``recipes.Recipe``; everything the outside world sees goes
-through the ``Observer`` (status.json, progress bar, Prometheus) and ``RunOutputs``.
+through the ``Observer`` (status.json, progress bar, Prometheus) and ``RunOutputs``
+(``reporting.Reporting``). How many images a pass takes, and what happens when memory runs out,
+is ``micro.MicroBatching``.
 """
 
 from __future__ import annotations
@@ -21,22 +23,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from service.errors import Interrupted, RetriableError
+from service.errors import Interrupted
+from service.run.contract import RunFacts, RunSummary
 from service.run.events import Observer, Progress
-from service.run.outputs import BEST, SUMMARY, RunOutputs
+from service.run.outputs import BEST, RunOutputs
 from service.train import distributed, evaluate, memory
-from service.train.checkpoint import Checkpointer, best_key, rng_state, set_rng_state
+from service.train.checkpoint import Checkpointer, best_key, plain, rng_state, set_rng_state
+from service.train.micro import MicroBatching
 from service.train.recipes import Recipe, make_optimizer, make_scheduler
+from service.train.reporting import SYNC_EVERY, Reporting
+from service.train.runtime import Runtime
 
 log = logging.getLogger("backbones.train")
-
-# BatchNorm's error grows as its batch shrinks below ~16 images (Wu & He, Group Normalization,
-# 2018, fig. 1): a micro-batch smaller than this gets a warning.
-BN_FEW = 16
-
-# Steps between host syncs: for the progress bar, and under DDP for the ranks' agreement on
-# stopping (an all-reduce whose result the host reads). A sync stalls the GPU queue.
-SYNC_EVERY = 10
 
 
 @dataclass
@@ -68,32 +66,7 @@ class Loaders:
     test: Any
 
 
-@dataclass
-class Runtime:
-    """How to run on this device: decided once by the worker."""
-
-    device: torch.device
-    bf16: bool = False
-    precision_reason: str = ""
-    channels_last: bool = False
-    compile: bool = False
-    rank: int = 0
-    world_size: int = 1
-    # micro_batch 'auto' probes the largest micro-batch that fits (a GPU, where running out of
-    # memory is an exception the process survives); otherwise it is the rank's whole share.
-    probe_memory: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self):
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
-
-class Trainer:
+class Trainer(MicroBatching, Reporting):
     def __init__(
         self,
         *,
@@ -107,13 +80,14 @@ class Trainer:
         progress: Progress,
         stop: threading.Event,
         max_minutes: float | None = None,
-        summary_base: dict | None = None,
+        facts: RunFacts | None = None,
         micro_batch: int | str = "auto",
         memory_key: dict | None = None,
         memory_cache: memory.ProbeCache | None = None,
     ):
-        """``micro_batch``: protocol.micro_batch. ``memory_key``: what the largest fitting
-        micro-batch depends on (``memory.probe_key``); ``memory_cache`` remembers it."""
+        """``facts``: what ran, for summary.json (``RunFacts.of``). ``micro_batch``:
+        protocol.micro_batch. ``memory_key``: what the largest fitting micro-batch depends on
+        (``memory.probe_key``); ``memory_cache`` remembers it."""
         self.model = model
         self.recipe = recipe
         self.loaders = loaders
@@ -124,7 +98,7 @@ class Trainer:
         self.progress = progress
         self.stop = stop
         self.max_seconds = max_minutes * 60 if max_minutes else None
-        self.summary_base = summary_base or {}
+        self.facts = facts
         self.state = State()
         self.steps_per_epoch = len(loaders.train)
         self.micro_asked = micro_batch
@@ -140,16 +114,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ the recipe, top down
 
-    @property
-    def share(self) -> int:
-        """This rank's share of a global batch (the ranks' shares differ by one at most)."""
-        return -(-self.loaders.train.batch_size // self.rt.world_size)
-
-    @property
-    def micro(self) -> int:
-        """Images per forward/backward pass now."""
-        return self._micro or self.share
-
     def start(self) -> memory.Plan:
         """Resume from the latest checkpoint, then settle the micro-batch (once)."""
         if self.plan is None:
@@ -157,7 +121,7 @@ class Trainer:
             self.plan = self.plan_micro_batch()
         return self.plan
 
-    def fit(self) -> dict:
+    def fit(self) -> RunSummary:
         self.start()
         if self.stop.is_set():
             raise Interrupted("stopped before training started; the next attempt starts here")
@@ -285,133 +249,6 @@ class Trainer:
             self.ema.update(self.model, step=self.state.global_step)
         return loss_sum / max(y.shape[0], 1), correct, y.shape[0]
 
-    # ------------------------------------------------------------------ micro-batches
-
-    def plan_micro_batch(self) -> memory.Plan:
-        """The micro-batch this attempt starts with: the spec's integer, or ('auto') the probe's
-        or the cache's answer on a GPU, the whole share on the CPU; never more than the
-        checkpoint's (an earlier attempt may have halved it). Every rank takes the smallest."""
-        asked, share = self.micro_asked, self.share
-        if asked == "auto" and self.rt.probe_memory:
-            plan = self._probe()
-        elif asked == "auto":
-            plan = memory.Plan(share, 1, "share")
-        else:
-            plan = memory.Plan(int(asked), 0, "spec")
-            known = self._known()
-            if known.fits(plan.micro_batch) is False:  # ran out of memory in an earlier cell
-                below = [d for d in memory.divisors(share) if known.fits(d) is not False]
-                plan = memory.Plan(below[-1] if below else 0, 0, "cache")
-        if 0 < self.state.micro_batch < plan.micro_batch:
-            plan = memory.Plan(self.state.micro_batch, 0, "checkpoint")
-        plan.micro_batch = distributed.agree_min(plan.micro_batch, self.rt)
-        if plan.micro_batch < 1:
-            raise memory.does_not_fit(
-                self.memory_key["model"], tuple(self.memory_key["resolution"]), self.rt.device
-            )
-        plan.accumulation_steps = memory.accumulation_steps(share, plan.micro_batch)
-        self._micro = self.state.micro_batch = plan.micro_batch
-        self._show_micro_batch()
-        bn = self._batchnorm_note().get("batchnorm_images")
-        if bn is not None and bn < BN_FEW and plan.accumulation_steps > 1:
-            log.warning(
-                "BatchNorm normalises micro-batches of %d images (batch_size %d): below %d its "
-                "batch statistics get noisy; use more GPUs or a lower image_size",
-                bn, self.loaders.train.batch_size, BN_FEW,
-            )  # fmt: skip
-        return plan
-
-    def _known(self) -> memory.Known:
-        if self.memory_cache is None or not self.rt.probe_memory:
-            return memory.Known()
-        return self.memory_cache.get(self.memory_key)
-
-    def _probe(self) -> memory.Plan:
-        known = self._known()
-        t0 = time.perf_counter()
-        micro, tried = memory.largest_fitting(self.share, self._fits, known)
-        if tried and self.memory_cache is not None:
-            self.memory_cache.put(self.memory_key, known)
-        if not tried:
-            return memory.Plan(micro, 0, "cache")
-        probe = {"tried": {str(k): v for k, v in tried.items()}}
-        probe["seconds"] = round(time.perf_counter() - t0, 3)
-        return memory.Plan(micro, 0, "probe", probe=probe)
-
-    def _fits(self, n: int) -> bool:
-        """One probe pass of ``n`` images with the run's precision, memory format and compile
-        settings, on the real model. Under DDP the bare module, with SyncBatchNorm in eval
-        mode: a probe pass must issue no collective, since ranks may run out of memory at
-        different sizes."""
-        dev = self.rt.device
-        # Training allocates AdamW's two moments at its first step: hold that much meanwhile.
-        fresh = not self.optimizer.state and dev.type == "cuda"
-        with memory.preserved(self.model, dev):
-            self._set_train_mode()
-            for m in self.model.modules():
-                if isinstance(m, torch.nn.SyncBatchNorm):
-                    m.eval()
-            ok = memory.fits_pass(
-                self.forward if self._ddp is None else self.model,
-                n,
-                self.loaders.train.split.image_shape,
-                device=dev,
-                autocast=self.rt.autocast,
-                channels_last=self.rt.channels_last,
-                reserve_bytes=memory.optimizer_bytes(self.model) if fresh else 0,
-            )
-            self.model.zero_grad(set_to_none=True)
-        memory.release(dev)
-        log.info("micro-batch probe: %d images %s", n, "fit" if ok else "ran out of memory")
-        return ok
-
-    def _out_of_memory(self, failed: int, why: str) -> None:
-        """Training ran out of memory at micro-batch ``failed``: remember it, then halve the
-        micro-batch and let the caller redo the step (same data, same effective batch)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        memory.release(self.rt.device)
-        if self.memory_cache is not None and self.rt.probe_memory:
-            known = self.memory_cache.get(self.memory_key)
-            known.learn(failed, False)
-            self.memory_cache.put(self.memory_key, known)
-        new = memory.smaller(failed, self.share)
-        if new is None:
-            raise memory.does_not_fit(
-                self.memory_key["model"], tuple(self.memory_key["resolution"]), self.rt.device
-            )
-        s = self.state
-        if self.rt.world_size > 1:
-            # Other ranks may already wait in this step's collectives (gradient all-reduce,
-            # SyncBatchNorm): no way back into step here. The next attempt resumes from the
-            # last checkpoint and plans below the size the cache now knows fails.
-            raise RetriableError(
-                f"rank {self.rt.rank} ran out of memory at micro_batch {failed} (epoch "
-                f"{s.epoch + 1} step {s.step + 1}); the next attempt resumes from the last "
-                f"checkpoint with a smaller micro-batch"
-            )
-        record = {
-            "epoch": s.epoch + 1,
-            "step": s.step + 1,
-            "from_micro_batch": failed,
-            "to_micro_batch": new,
-            "attempt": self.progress.attempt,
-            "error": why[:200],
-        }
-        log.warning(
-            "out of memory at micro_batch %d (epoch %d step %d): redoing the step with %d",
-            failed, s.epoch + 1, s.step + 1, new,
-        )  # fmt: skip
-        self._micro = s.micro_batch = new
-        s.remediations.append(record)
-        self._show_micro_batch()
-        self.observer.on_remediation(self.progress, record)
-
-    def _show_micro_batch(self) -> None:
-        p = self.progress
-        p.micro_batch = self.micro
-        p.accumulation_steps = memory.accumulation_steps(self.share, self.micro)
-        p.remediations = list(self.state.remediations)
-
     def validate(self) -> dict | None:
         if self.state.stop_reason is not None:
             return None  # a partial epoch is not compared with full ones
@@ -451,7 +288,7 @@ class Trainer:
         self.ckpt.save(self.state_dict(), self.state.epoch, self.state.step)
         self.observer.on_checkpoint(self.progress, seconds=time.perf_counter() - t0)
 
-    def finish(self) -> dict:
+    def finish(self) -> RunSummary:
         s = self.state
         self._phase("Evaluating")
         if s.best_key is not None:
@@ -459,14 +296,14 @@ class Trainer:
         logits, labels = self._predict(self.loaders.test)
         test = distributed.broadcast(evaluate.full_metrics(logits, labels), self.rt)
         if not self.rt.is_main:
-            return self._summary(test)  # for the rank's log line; only rank 0 writes
+            return self._run_summary(self.facts, test)  # for the rank's log; only rank 0 writes
         self._phase("Uploading")
         from safetensors.torch import save
 
         weights = {k: v.detach().cpu().contiguous() for k, v in self._eval_weights().items()}
         self.outputs.store.write_bytes(BEST, save(weights))
-        summary = self._summary(test)
-        self.outputs.write_json(SUMMARY, summary)  # last: its presence means "done"
+        summary = self._run_summary(self.facts, test)
+        self.outputs.write_summary(summary)  # last: its presence means "done"
         self.progress.progress = 1.0
         self.progress.eta_seconds = 0.0
         self._phase("Succeeded")
@@ -477,7 +314,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {
-            "state": _plain(asdict(self.state)),
+            "state": plain(asdict(self.state)),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -585,109 +422,6 @@ class Trainer:
             return {**self.state.partial, **fresh}
         return dict(self.state.partial)
 
-    def _out_of_time(self) -> bool:
-        if self.max_seconds is None:
-            return False
-        return self.state.train_seconds + self._epoch_seconds_so_far() >= self.max_seconds
-
-    def _epoch_seconds_so_far(self) -> float:
-        acc = getattr(self, "_live_acc", None)
-        return acc["seconds"] if acc else 0.0
-
-    def _on_step(self, acc: dict, *, seconds: float, wait: float, images: int) -> None:
-        self._live_acc = acc
-        p, s = self.progress, self.state
-        p.step = s.step
-        if s.step % SYNC_EVERY == 0 or s.step == self.steps_per_epoch:
-            p.train_loss = float(acc["loss_sum"]) / max(acc["seen"], 1)
-            # acc counts this rank's share; every rank processes as many images.
-            p.images_per_second = acc["seen"] * self.rt.world_size / max(acc["seconds"], 1e-9)
-            self._update_eta(s.epoch + s.step / max(self.steps_per_epoch, 1))
-        self.observer.on_step(p, seconds=seconds, wait_seconds=wait, images=images)
-
-    def _record(self, phase_name: str, val: dict, improved: bool) -> None:
-        acc, s = self._epoch_acc, self.state
-        self._live_acc = None
-        seen = max(acc["seen"], 1)
-        record = {
-            "epoch": s.epoch,
-            "phase": phase_name,
-            "train_loss": float(acc["loss_sum"]) / seen,
-            "train_top1": float(acc["correct"]) / seen,
-            "val_loss": val["loss"],
-            "val_top1": val["top1"],
-            "val_macro_f1": val["macro_f1"],
-            "improved": improved,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "epoch_seconds": acc["seconds"],
-            "images_per_second": acc["seen"] / max(acc["seconds"], 1e-9),
-        }
-        s.records.append(record)
-        if self.rt.is_main:
-            self.outputs.write_metrics(s.records)
-        self.progress.val_top1 = val["top1"]
-        self._sync_progress()
-        self.observer.on_epoch(self.progress, record)
-
-    def _sync_progress(self) -> None:
-        p, s = self.progress, self.state
-        p.epoch, p.step, p.max_epochs = s.epoch, s.step, self.recipe.max_epochs
-        p.steps_per_epoch = self.steps_per_epoch
-        p.best_val_top1 = s.best_top1 if s.best_top1 >= 0 else None
-        phase = self.recipe.phases[min(s.phase_index, len(self.recipe.phases) - 1)]
-        p.recipe_phase = phase.name
-        if s.records:
-            p.train_loss = s.records[-1]["train_loss"]
-            p.val_top1 = s.records[-1]["val_top1"]
-            p.images_per_second = s.records[-1]["images_per_second"]
-        self._update_eta(s.epoch)
-
-    def _update_eta(self, epochs_done: float) -> None:
-        p, s = self.progress, self.state
-        p.progress = min(epochs_done / self.recipe.max_epochs, 1.0)
-        seconds = s.train_seconds + self._epoch_seconds_so_far()
-        if epochs_done > 0 and seconds > 0:
-            per_epoch = seconds / epochs_done
-            p.eta_seconds = per_epoch * max(self.recipe.max_epochs - epochs_done, 0.0)
-
-    def _phase(self, phase: str) -> None:
-        self.progress.phase = phase  # type: ignore[assignment]
-        self.observer.on_phase(self.progress)
-
-    def _summary(self, test: dict) -> dict:
-        s = self.state
-        seconds = s.train_seconds
-        gpus = self.rt.world_size if self.rt.device.type == "cuda" else 0
-        return {
-            **self.summary_base,
-            "test": test,
-            "best_epoch": s.best_epoch,
-            "epochs_run": len(s.records),
-            "best_val_top1": s.best_top1 if s.best_top1 >= 0 else None,
-            "stop_reason": s.stop_reason,
-            "train_seconds": seconds,
-            "gpu_hours": seconds * gpus / 3600,
-            "images_per_second": s.train_images / seconds if seconds else None,
-            "peak_memory_bytes": peak_memory_bytes(self.rt.device),
-            "device": device_name(self.rt.device),
-            "num_gpus": gpus,
-            "attempts": self.progress.attempt,
-            "micro_batch": self.micro,
-            "accumulation_steps": memory.accumulation_steps(self.share, self.micro),
-            "remediations": list(s.remediations),
-            **self._batchnorm_note(),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-
-    def _batchnorm_note(self) -> dict:
-        """With micro-batches, BatchNorm normalises each micro-batch by its own statistics (of
-        micro_batch images, times the GPUs under SyncBatchNorm), not by the whole batch's."""
-        bn = torch.nn.modules.batchnorm._BatchNorm
-        if self.recipe.freeze_backbone or not any(isinstance(m, bn) for m in self.model.modules()):
-            return {}
-        synced = any(isinstance(m, torch.nn.SyncBatchNorm) for m in self.model.modules())
-        return {"batchnorm_images": self.micro * (self.rt.world_size if synced else 1)}
-
 
 def head_module(model) -> torch.nn.Module:
     """The classifier: timm's get_classifier(), else the last Linear layer (torchvision)."""
@@ -696,30 +430,3 @@ def head_module(model) -> torch.nn.Module:
     from service.backbones.weights import last_linear
 
     return last_linear(model)[1]
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()})"
-
-
-def _plain(obj):
-    """Tensors stay tensors; everything else becomes a primitive the safe unpickler accepts."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.detach()
-    return obj

@@ -1,16 +1,26 @@
-"""Device, precision and process group: decided once per process from the protocol."""
+"""Device, precision and process group: decided once per process from the protocol.
+
+``distributed_env`` reads torchrun's ranks; ``runtime_for`` turns the protocol into a
+``Runtime`` (joining the process group under torchrun) and ``process_group`` leaves it however
+the run ends. Importing this module does not import torch: the worker decides whether a run is
+already complete before it pays for that.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
-
-import torch
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from service.errors import UserError
 from service.spec import Protocol
-from service.train.loop import Runtime
+
+if TYPE_CHECKING:
+    import torch
 
 # Every collective of training waits at most this long for the slowest rank. The longest gap is
 # rank 0 writing a checkpoint and the best weights to S3 at an epoch's end while the other ranks
@@ -21,9 +31,67 @@ DIST_TIMEOUT = datetime.timedelta(
 )
 
 
-def runtime_for(p: Protocol, dist) -> Runtime:
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+
+def distributed_env() -> DistEnv:
+    """torchrun's environment; a plain process is rank 0 of 1."""
+    return DistEnv(
+        rank=int(os.environ.get("RANK", "0")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+    )
+
+
+@contextlib.contextmanager
+def process_group():
+    """Leave torchrun's process group cleanly (if one was joined) however the run ends."""
+    try:
+        yield
+    finally:
+        if "torch.distributed" in sys.modules:
+            import torch.distributed as tdist
+
+            if tdist.is_available() and tdist.is_initialized():
+                tdist.destroy_process_group()
+
+
+@dataclass
+class Runtime:
+    """How to run on this device: decided once by the worker."""
+
+    device: torch.device
+    bf16: bool = False
+    precision_reason: str = ""
+    channels_last: bool = False
+    compile: bool = False
+    rank: int = 0
+    world_size: int = 1
+    # micro_batch 'auto' probes the largest micro-batch that fits (a GPU, where running out of
+    # memory is an exception the process survives); otherwise it is the rank's whole share.
+    probe_memory: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+
+def runtime_for(p: Protocol, dist: DistEnv) -> Runtime:
     """GPU: bf16 autocast where the GPU computes bf16 natively, channels_last, TF32, optional
     compile. CPU: fp32, deterministic."""
+    import torch
+
     cuda = torch.cuda.is_available()
     if p.device == "cuda" and not cuda:
         raise UserError("protocol.device: 'cuda' was asked for, but this machine has no GPU")
@@ -84,6 +152,39 @@ def fresh_device_memory(device: torch.device) -> None:
     peak counter, so each cell's figures and resident-data budget are its own."""
     if device.type != "cuda":
         return
+    import torch
+
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def device_name(device: torch.device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux

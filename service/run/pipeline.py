@@ -1,0 +1,288 @@
+"""What one run trains: spec -> data -> model -> trainer -> summary.
+
+``train`` wires the stages for ``service.run.cell.run_cell``: the runtime (device, precision,
+process group), the dataset (fetched from S3 if need be, decoded once into the node's cache),
+the model (seeded), the loaders, the ``RunFacts`` for summary.json, then ``Trainer.fit``. Heavy
+imports (torch, timm) happen inside the functions: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.run.contract import RunFacts, RunSummary
+from service.run.events import Observer, Progress
+from service.run.outputs import ENV, SPEC, RunOutputs
+from service.spec import FineTune
+from service.storage import open_store
+from service.train.runtime import DistEnv
+
+log = logging.getLogger("backbones.worker")
+
+
+@dataclass
+class Run:
+    """One run being trained: its spec, where it writes, who listens, when to stop."""
+
+    spec: FineTune
+    outputs: RunOutputs
+    progress: Progress
+    observer: Observer
+    stop: threading.Event
+
+
+def train(run: Run, cache: Path, dist: DistEnv) -> RunSummary:
+    """Train ``run`` to its summary (rank 0 writes spec.json, env.json and the outputs)."""
+    from service.backbones import factory as models
+    from service.data.normalise import split_stats
+    from service.spec.study import effective
+    from service.train import recipe_for
+
+    spec, p = run.spec, run.spec.protocol
+    rt = _start(run, dist)
+    data = _data(run, cache, rt)
+    built = _model(run, len(data.classes), cache, rt)
+    # protocol.normalize picks each split's statistics (the paper's code normalised the test
+    # split by its own); protocol.augmentation the train-time augmentation.
+    stats = split_stats(p.normalize, data, built)
+    recipe = recipe_for(p)
+    loaders = make_loaders(data, p, recipe, rt, built.model, stats=stats)
+    facts = RunFacts.of(
+        spec,
+        data=data,
+        built=built,
+        protocol=effective(p),  # the cell's effective protocol, for the report
+        params=models.count_params(built.model),
+        gmacs=_gmacs(spec, built.model, rt),
+    )
+    trainer = _trainer(run, built.model, recipe, loaders, rt, facts)
+    plan = trainer.start()  # resume, then the micro-batch (a probe on a GPU for 'auto')
+    if dist.rank == 0:
+        env = environment(spec, rt, data, built, stats)
+        run.outputs.write_json(ENV, {**env, "micro_batch": plan.to_dict()})
+    return trainer.fit()
+
+
+def _start(run: Run, dist: DistEnv):
+    """The runtime (joins the process group under torchrun); spec.json; Pending."""
+    from service.train import runtime_for
+    from service.train.runtime import fresh_device_memory
+
+    rt = runtime_for(run.spec.protocol, dist)
+    fresh_device_memory(rt.device)  # a local Study's earlier cells leave nothing behind
+    if dist.rank == 0:
+        # The spec as parsed, plus its hash (drop "spec_hash" before parse_spec).
+        spec = run.spec
+        run.outputs.write_json(SPEC, {**json.loads(spec.to_json()), "spec_hash": spec.spec_hash})
+    run.observer.on_phase(run.progress)  # Pending
+    return rt
+
+
+def _data(run: Run, cache: Path, rt):
+    """Fetch (S3 only), decode once into the node's cache, split. Under torchrun rank 0 fills
+    the cache first; the other ranks then find it there."""
+    from service.train import distributed
+
+    run.progress.phase = "Downloading"
+    run.observer.on_phase(run.progress)
+    return distributed.rank0_first(lambda: _prepare(run.spec, cache, run.observer), rt)
+
+
+def _prepare(spec: FineTune, cache: Path, observer: Observer):
+    from service.data import prepare
+
+    local = None
+    if spec.dataset.uri.startswith("s3://"):
+        from service.storage.fetch import fetch_dataset
+
+        local = fetch_dataset(spec, cache, observer)
+    return prepare(spec, cache, local_path=local, observer=observer)
+
+
+def _model(run: Run, n_classes: int, cache: Path, rt):
+    """Seeded, so the head's init is the same on every attempt and every machine."""
+    from service.backbones import factory as models
+    from service.train.runtime import seed_everything
+
+    spec = run.spec
+    seed_everything(spec.protocol.seed)
+    built = models.build(
+        spec.backbone,
+        n_classes,
+        cache_dir=cache,
+        storage=spec.storage,
+        image_size=spec.protocol.hw,
+        on_download=run.observer.on_download,  # weights count in the download counter too
+    )
+    built.model.to(rt.device)  # before the data's memory plan, which budgets what is left
+    return built
+
+
+def _trainer(run: Run, model, recipe, loaders, rt, facts: RunFacts):
+    from service.train import Trainer
+    from service.train.checkpoint import Checkpointer
+    from service.train.memory import ProbeCache
+
+    spec, p = run.spec, run.spec.protocol
+    return Trainer(
+        model=model,
+        recipe=recipe,
+        loaders=loaders,
+        runtime=rt,
+        outputs=run.outputs,
+        checkpointer=Checkpointer(run.outputs, spec.output.keep_checkpoints),
+        observer=run.observer,
+        progress=run.progress,
+        stop=run.stop,
+        max_minutes=p.max_minutes,
+        facts=facts,
+        micro_batch=p.micro_batch,
+        memory_key=memory_key(spec, rt, recipe),
+        memory_cache=ProbeCache(open_store(spec.output.uri, spec.storage)),
+    )
+
+
+def memory_key(spec, rt, recipe) -> dict:
+    """What the largest micro-batch that fits depends on (the probe cache's key)."""
+    import torch
+
+    from service.train.memory import device_facts, probe_key
+
+    return probe_key(
+        model=spec.backbone.model,
+        hw=spec.protocol.hw,
+        precision="bf16" if rt.bf16 else "fp32",
+        extra={
+            **device_facts(rt.device),
+            "torch": torch.__version__,
+            "channels_last": rt.channels_last,
+            "compile": rt.compile,
+            "trains": "head" if recipe.freeze_backbone else "all",
+            "ema": recipe.ema,
+        },
+    )
+
+
+def make_loaders(data, p, recipe, rt, model, *, stats):
+    """Train, selection and test loaders: this rank's share of each batch, and on a GPU the
+    splits kept resident under one memory budget measured after the model is placed. With
+    ``select_on: test`` selection and test are one loader: one copy of the test split.
+    ``stats``: (mean, std) per split name, from service.data.normalise."""
+    from service.data import BatchLoader
+    from service.data.augment import train_augment
+    from service.data.loader import plan_residency
+    from service.train import Loaders
+
+    select_split = data.test if p.select_on == "test" else data.val
+    splits = [data.train, select_split, data.test]
+    plan = [False] * 3
+    if rt.device.type == "cuda":
+        import torch
+
+        free = torch.cuda.mem_get_info(rt.device)[0]
+        plan = plan_residency(splits, free, training_bytes(model, ema=recipe.ema))
+    common = dict(device=rt.device, seed=p.seed, rank=rt.rank, world_size=rt.world_size)
+    train = BatchLoader(
+        data.train,
+        p.batch_size,
+        shuffle=True,
+        augment=train_augment(recipe.augmentation, p.seed),
+        drop_last=len(data.train) > p.batch_size,  # a 1-image last batch breaks BatchNorm
+        resident=plan[0],
+        mean=stats["train"][0],
+        std=stats["train"][1],
+        **common,
+    )
+    test = BatchLoader(
+        data.test,
+        p.batch_size,
+        shuffle=False,
+        augment=False,
+        resident=plan[2],
+        mean=stats["test"][0],
+        std=stats["test"][1],
+        **common,
+    )
+    select = test
+    if select_split is not data.test:
+        select = BatchLoader(
+            select_split,
+            p.batch_size,
+            shuffle=False,
+            augment=False,
+            resident=plan[1],
+            mean=stats["val"][0],
+            std=stats["val"][1],
+            **common,
+        )
+    return Loaders(train=train, select=select, test=test)
+
+
+def training_bytes(model, *, ema: bool) -> int:
+    """GPU memory training will add for the model beyond its weights: gradients and AdamW's
+    two moments for trainable parameters, and an EMA copy of everything."""
+    weights = sum(t.numel() * t.element_size() for t in model.parameters())
+    trainable = sum(t.numel() * t.element_size() for t in model.parameters() if t.requires_grad)
+    return 3 * trainable + (weights if ema else 0)
+
+
+def _gmacs(spec: FineTune, model, rt) -> float | None:
+    from service.backbones.factory import catalog_entry, measure_gmacs
+
+    entry = catalog_entry(spec.backbone.model)
+    hw = spec.protocol.hw
+    if entry is not None and entry.gmacs and hw == (entry.input_size, entry.input_size):
+        return entry.gmacs
+    try:
+        return round(measure_gmacs(model.to(rt.device), hw, rt.device), 6)
+    except Exception as e:  # a counting failure must not fail the run
+        log.warning("could not count MACs: %s", e)
+        return None
+
+
+def environment(spec, rt, data, built, stats) -> dict:
+    import numpy
+    import timm
+    import torch
+    import torchvision
+
+    from service.train.runtime import device_name
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "device": device_name(rt.device),
+        "precision": "bf16" if rt.bf16 else "fp32",
+        "precision_reason": rt.precision_reason,
+        "world_size": rt.world_size,
+        "seed": spec.protocol.seed,
+        "data_content_hash": data.content_hash,
+        "val_source": data.val_source,
+        "normalize": {
+            "by": spec.protocol.normalize,
+            "mean": list(stats["train"][0]),
+            "std": list(stats["train"][1]),
+            **(
+                {"per_split": {k: {"mean": list(m), "std": list(s)} for k, (m, s) in stats.items()}}
+                if spec.protocol.normalize == "split"
+                else {}
+            ),
+        },
+        "augmentation": spec.protocol.effective_augmentation,
+        "model_source": built.source,
+        "weights": built.weights,
+        "weights_sha256": built.weights_sha256,
+        "pretrained_tag": built.pretrained_tag,
+        "host": platform.node(),
+        "image": os.environ.get("BACKBONES_IMAGE"),
+    }
