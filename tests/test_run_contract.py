@@ -34,7 +34,8 @@ from service.run.contract import (
     UnreadableOutput,
 )
 from tests.reportutil import summary, write_grid
-from tests.trainutil import REPO, one_thread, run_here, tiny_spec
+from tests.specs import tiny_spec
+from tests.trainutil import REPO, one_thread, run_here
 
 LEGACY = Path(__file__).parent / "fixtures" / "data" / "run-outputs-3fac738"
 CLI = [sys.executable, "-c", "from service.cli import main; main()"]
