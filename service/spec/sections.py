@@ -240,10 +240,11 @@ class Protocol(Section):
     )
     augmentation: Augmentation = Field(
         default="recipe",
-        description="Training augmentation. 'recipe': the recipe's own ('standard': "
-        "random-resized-crop + flip; 'paper' and 'linear_probe': none). 'none'. 'standard': "
-        "random-resized-crop + horizontal flip. 'trivial_augment_wide': torchvision's "
-        "TrivialAugmentWide per image (the paper's CIFAR-10/100, DTD, Food-101, Flowers-102).",
+        description="Training augmentation. 'recipe': the recipe's own ("
+        + ", ".join(f"'{name}': {r.augmentation}" for name, r in RECIPES.items())
+        + "). 'none'. 'standard': random-resized-crop + horizontal flip. "
+        "'trivial_augment_wide': torchvision's TrivialAugmentWide per image (the paper's "
+        "CIFAR-10/100, DTD, Food-101, Flowers-102).",
     )
     lr: float | None = Field(
         default=None, gt=0, description="Peak learning rate; empty for the recipe's default."
