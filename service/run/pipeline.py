@@ -199,28 +199,22 @@ def make_loaders(data, p, recipe, rt, model, *, stats):
         std=stats["train"][1],
         **common,
     )
-    test = BatchLoader(
-        data.test,
-        p.batch_size,
-        shuffle=False,
-        augment=False,
-        resident=plan[2],
-        mean=stats["test"][0],
-        std=stats["test"][1],
-        **common,
-    )
-    select = test
-    if select_split is not data.test:
-        select = BatchLoader(
-            select_split,
+
+    def evaluation(split, resident: bool, name: str) -> BatchLoader:
+        mean, std = stats[name]
+        return BatchLoader(
+            split,
             p.batch_size,
             shuffle=False,
             augment=False,
-            resident=plan[1],
-            mean=stats["val"][0],
-            std=stats["val"][1],
+            resident=resident,
+            mean=mean,
+            std=std,
             **common,
         )
+
+    test = evaluation(data.test, plan[2], "test")
+    select = test if select_split is data.test else evaluation(select_split, plan[1], "val")
     return Loaders(train=train, select=select, test=test)
 
 
