@@ -116,6 +116,17 @@ def test_a_summary_of_the_first_release_reads_with_the_later_keys_as_none():
     assert read.to_dict() == first
 
 
+def test_status_json_holds_exactly_the_progress_the_events_carry():
+    """RunStatus is Progress on disk: a field added to one and not the other would be written
+    untyped (kept as an extra key) or never filled."""
+    from dataclasses import fields
+
+    from service.run.events import Progress
+
+    on_disk = set(RunStatus.model_fields) - {"schema_version", "updated_at"}
+    assert on_disk == {f.name for f in fields(Progress)}
+
+
 def test_keys_a_newer_writer_added_are_kept():
     data = {**legacy("summary.json"), "schema_version": 1, "carbon_grams": 12.5}
     read = RunSummary.read(data)

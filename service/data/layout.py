@@ -59,6 +59,13 @@ def is_image(path: str | Path) -> bool:
     return p.suffix.lower() in IMAGE_SUFFIXES and not any(is_junk(part) for part in p.parts)
 
 
+def missing_classes_note(folder: str, missing: list[str]) -> str:
+    """The note for a val/test split that lacks some train classes (allowed: docs/datasets.md),
+    worded once for ImageFolders and packed datasets."""
+    shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+    return f"{folder}/ has no images of {len(missing)} train class(es): {shown}"
+
+
 @dataclass
 class Layout:
     """An ImageFolder as it lies: classes, and per split the image files of each class."""
@@ -110,11 +117,7 @@ class Layout:
             if split in self.splits:
                 missing = [c for c, n in self.per_class(split).items() if n == 0]
                 if missing:
-                    out.append(
-                        f"{self.folders[split]}/ has no images of {len(missing)} train class(es): "
-                        + ", ".join(missing[:5])
-                        + (" ..." if len(missing) > 5 else "")
-                    )
+                    out.append(missing_classes_note(self.folders[split], missing))
         return out
 
 

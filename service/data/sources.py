@@ -233,11 +233,7 @@ def _class_coverage(classes: list[str], labels: np.ndarray, parts: dict) -> list
             have = set(np.unique(labels[parts[split]]).tolist())
             lack = [c for i, c in enumerate(classes) if i not in have]
             if lack:
-                notes.append(
-                    f"{split}/ has no images of {len(lack)} train class(es): "
-                    + ", ".join(lack[:5])
-                    + (" ..." if len(lack) > 5 else "")
-                )
+                notes.append(layout.missing_classes_note(split, lack))
     return notes
 
 
