@@ -124,7 +124,7 @@ def _container(spec: FineTune | Study, image: str, spec_hash: str) -> dict[str, 
 def pod_spec(spec: FineTune | Study, image: str, spec_hash: str) -> dict[str, Any]:
     """The Job's pod template spec: one worker container, its volumes, placement and account.
 
-    ``spec_hash`` (service.k8s.render.spec_hash_of) reaches the pod as BACKBONES_SPEC_HASH."""
+    ``spec_hash`` (the spec's ``spec_hash``) reaches the pod as BACKBONES_SPEC_HASH."""
     r = spec.resources
     pod: dict[str, Any] = {
         # podFailurePolicy requires Never; the Job controller does the retrying.

@@ -14,13 +14,12 @@ are a fresh render, byte for byte.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from typing import Any
 
 import service
-from service.digest import bounded_name
+from service.digest import bounded_name, json_hash
 from service.errors import UserError
 from service.k8s.pod import CACHE_DIR, pod_failure_policy, pod_spec
 from service.spec import FineTune, Study
@@ -68,30 +67,11 @@ def label_value(text: str) -> str:
     return slug
 
 
-def spec_hash_of(spec: FineTune | Study) -> str:
-    """What determines the results (not resources or metrics): equal hash, same Job.
-
-    ``submit`` compares it with the running Job's annotation to tell a re-submit from a change.
-    """
-    if isinstance(spec, FineTune):
-        return spec.spec_hash
-    data = spec.model_dump(
-        mode="json",
-        include={"name", "backbones", "datasets", "seeds", "train_fractions", "protocol"},
-    )
-    # As for a FineTune: micro_batch is how a batch is computed, not what is trained.
-    data["protocol"].pop("micro_batch", None)
-    for d in data["datasets"]:
-        (d.get("protocol") or {}).pop("micro_batch", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def job_hash_of(job: dict[str, Any]) -> str:
     """Hash of the rendered Job itself (its own job-hash annotation left out)."""
     meta = dict(job["metadata"])
     meta["annotations"] = {k: v for k, v in meta.get("annotations", {}).items() if k != JOB_HASH}
-    body = json.dumps({**job, "metadata": meta}, sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:16]
+    return json_hash({**job, "metadata": meta})
 
 
 def dry_run_name(job: dict[str, Any]) -> str:
@@ -137,7 +117,7 @@ def labels_of(spec: FineTune | Study) -> dict[str, str]:
 
 def annotations_of(spec: FineTune | Study) -> dict[str, str]:
     out = {f"{LABEL_PREFIX}/{k}": v for k, v in _identity(spec).items()}
-    out[SPEC_HASH] = spec_hash_of(spec)
+    out[SPEC_HASH] = spec.spec_hash
     if isinstance(spec, Study):
         out[f"{LABEL_PREFIX}/cells"] = str(spec.n_cells)
     return out
@@ -179,7 +159,7 @@ def render_job(
             job_labels[KUEUE_PRIORITY] = r.priority_class
     js["template"] = {
         "metadata": {"labels": dict(labels), "annotations": _pod_annotations(spec, annotations)},
-        "spec": pod_spec(spec, image, spec_hash_of(spec)),
+        "spec": pod_spec(spec, image, spec.spec_hash),
     }
     annotations[JOB_HASH] = job_hash_of(job)
     return job

@@ -9,13 +9,14 @@ timm or boto3: ``backbones validate`` must answer in well under a second.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from service.digest import json_hash
 from service.spec.infra import Metrics, Output, Resources, Storage, check_dns_label
+from service.spec.result import HOW, result_view
 from service.spec.search import Search
 from service.spec.sections import Backbone, Dataset, Protocol, Section, StudyDataset
 
@@ -25,12 +26,13 @@ SCHEMA_URL_STUDY = "./schema/study.schema.json"
 
 
 class _Spec(Section):
-    schema_: str | None = Field(
+    # HOW: what changes where or how a run computes, never its result (spec.result).
+    schema_: Annotated[str | None, HOW] = Field(
         default=None,
         alias="$schema",
         description="JSON Schema of this document, for editors. Ignored by backbones.",
     )
-    api_version: str = Field(
+    api_version: Annotated[str, HOW] = Field(
         default=API_VERSION,
         alias="apiVersion",
         description=f"Spec format version; this release reads {API_VERSION!r}.",
@@ -39,10 +41,16 @@ class _Spec(Section):
         description="Run or study name: a DNS-1123 label (lowercase, digits, '-'), at most 63 "
         "characters; it names the Kubernetes Job."
     )
-    output: Output = Field(default_factory=Output, description="Where results go.")
-    resources: Resources = Field(default_factory=Resources, description="Kubernetes resources.")
-    storage: Storage = Field(default_factory=Storage, description="S3-compatible storage access.")
-    metrics: Metrics = Field(default_factory=Metrics, description="Prometheus export.")
+    output: Annotated[Output, HOW] = Field(default_factory=Output, description="Where results go.")
+    resources: Annotated[Resources, HOW] = Field(
+        default_factory=Resources, description="Kubernetes resources."
+    )
+    storage: Annotated[Storage, HOW] = Field(
+        default_factory=Storage, description="S3-compatible storage access."
+    )
+    metrics: Annotated[Metrics, HOW] = Field(
+        default_factory=Metrics, description="Prometheus export."
+    )
 
     @field_validator("api_version")
     @classmethod
@@ -66,7 +74,7 @@ class _Spec(Section):
 class FineTune(_Spec):
     """One fine-tuning run: one backbone on one dataset with one seed."""
 
-    kind: Literal["FineTune"] = Field(description="'FineTune': a single run.")
+    kind: Annotated[Literal["FineTune"], HOW] = Field(description="'FineTune': a single run.")
     study: str | None = Field(
         default=None,
         description="Set by study expansion: the Study this run is a cell of. Leave empty.",
@@ -100,21 +108,16 @@ class FineTune(_Spec):
 
     @property
     def spec_hash(self) -> str:
-        """Hash of what determines the result (not resources or metrics): equal hash, equal run."""
-        # protocol.micro_batch is how the batch is computed, not what: changing it (or an
-        # out-of-memory remediation) must not orphan the run's checkpoints.
-        data = self.model_dump(
-            mode="json",
-            include={"name", "study", "backbone", "dataset", "protocol"},
-            exclude={"protocol": {"micro_batch"}},
-        )
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of what determines the result (spec.result): equal hash, equal run."""
+        return json_hash(result_view(self))
 
 
 class Study(_Spec):
     """A grid: every backbone × dataset × seed × train fraction, under one protocol."""
 
-    kind: Literal["Study"] = Field(description="'Study': a grid of runs compared in one report.")
+    kind: Annotated[Literal["Study"], HOW] = Field(
+        description="'Study': a grid of runs compared in one report."
+    )
     backbones: list[Backbone] = Field(min_length=1, description="Backbones to compare.")
     datasets: list[StudyDataset] = Field(
         min_length=1,
@@ -134,12 +137,13 @@ class Study(_Spec):
         default_factory=Protocol,
         description="The shared protocol; datasets[].protocol overrides it per dataset.",
     )
-    max_gpu_hours: float | None = Field(
+    max_gpu_hours: Annotated[float | None, HOW] = Field(
         default=None,
         gt=0,
         description="`submit` refuses a study whose estimate exceeds this, unless --yes.",
     )
-    search: Search = Field(
+    # Which cells a search trains, not what a cell computes: its fingerprint adds it back.
+    search: Annotated[Search, HOW] = Field(
         default_factory=Search,
         description="The grid (default), or a successive-halving search for the best backbone "
         "per dataset at a fraction of the grid's compute.",
@@ -194,6 +198,14 @@ class Study(_Spec):
                 "backbones; keep fewer, or drop the proxy"
             )
         return self
+
+    @property
+    def spec_hash(self) -> str:
+        """Hash of what determines the cells' results (spec.result): equal hash, same Job.
+
+        ``submit`` compares it with the running Job's annotation to tell a re-submit from a
+        change."""
+        return json_hash(result_view(self))
 
     @property
     def n_cells(self) -> int:

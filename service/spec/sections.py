@@ -22,6 +22,7 @@ from pydantic import (
     model_serializer,
 )
 
+from service.spec.result import HOW
 from service.train.recipes import RECIPES
 
 Domain = Literal["natural", "texture", "remote_sensing", "plant", "astronomy", "medical", "other"]
@@ -199,7 +200,7 @@ class Protocol(Section):
     batch_size: int = Field(
         default=64, gt=0, description="Global batch size (split across GPUs when gpus > 1)."
     )
-    micro_batch: int | Literal["auto"] = Field(
+    micro_batch: Annotated[int | Literal["auto"], HOW] = Field(
         default="auto",
         description="Images per forward/backward pass on one GPU: gradients are accumulated over "
         "micro-batches, so the optimizer always sees the batch_size batch. An integer must divide "
@@ -342,8 +343,11 @@ def _overrides_model() -> type[BaseModel]:
         if name == "seed":
             continue
         kind = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+        kind = kind | None
+        if HOW in f.metadata:  # still out of the hash when it is overridden
+            kind = Annotated[kind, HOW]
         fields[name] = (
-            kind | None,
+            kind,
             Field(default=None, description=f"Overrides protocol.{name}: {f.description}"),
         )
     model = create_model(
@@ -375,8 +379,10 @@ class StudyDataset(Dataset):
 
     @model_serializer(mode="wrap")
     def _no_empty_protocol(self, handler):
-        data = handler(self)  # a Study without overrides serialises (and hashes) as before
-        if isinstance(data, dict) and data.get("protocol") is None:
+        # A Study without overrides serialises (and hashes) as before; so does one whose
+        # overrides only change how a batch is computed (micro_batch, left out of the hash).
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("protocol"):
             data.pop("protocol", None)
         return data
 
