@@ -13,7 +13,6 @@ for the same seed, so learning curves compare nested training sets.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from service.digest import derive_seed
