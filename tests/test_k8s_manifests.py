@@ -147,6 +147,8 @@ NOT_IN_ROLE = {"read_namespace", "get_code"}
 # `backbones render ... | kubectl apply -f -`: kubectl reads the Job, then creates or patches it
 # (`--server-side` always patches).
 KUBECTL_APPLY = {("batch", "jobs", v) for v in ("get", "create", "patch")}
+# What a submitter reaches for next: kubectl describe pod, kubectl get pods -w, kubectl wait.
+KUBECTL_PODS = {("", "pods", v) for v in ("get", "watch")}
 
 
 def client_api_calls() -> set[str]:
@@ -168,7 +170,7 @@ def test_the_submitter_role_grants_exactly_what_the_cli_and_kubectl_apply_use():
     calls = client_api_calls()
     unknown = calls - set(API_CALLS) - NOT_IN_ROLE
     assert not unknown, f"new API calls: add them to API_CALLS and k8s/rbac.yaml: {unknown}"
-    needed = {API_CALLS[c] for c in calls if c in API_CALLS} | KUBECTL_APPLY
+    needed = {API_CALLS[c] for c in calls if c in API_CALLS} | KUBECTL_APPLY | KUBECTL_PODS
     role = next(
         d
         for d in kustomize_build()

@@ -136,7 +136,9 @@ def labels_of(spec: FineTune | Study) -> dict[str, str]:
 
 
 def annotations_of(spec: FineTune | Study) -> dict[str, str]:
-    out = {f"{LABEL_PREFIX}/{k}": v for k, v in _identity(spec).items()}
+    # The spec's own annotations first: backbones' keys (refused in the spec) cannot be shadowed.
+    out = dict(spec.resources.annotations)
+    out |= {f"{LABEL_PREFIX}/{k}": v for k, v in _identity(spec).items()}
     out[SPEC_HASH] = spec_hash_of(spec)
     if isinstance(spec, Study):
         out[f"{LABEL_PREFIX}/cells"] = str(spec.n_cells)
@@ -229,7 +231,7 @@ def warnings_for(spec: FineTune | Study) -> list[str]:
     """Things that render fine but will not do what a person expects on a cluster."""
     from service.storage import is_s3
 
-    out = []
+    out = list(spec.resources.warnings())
     if not is_s3(spec.output.uri):
         out.append(
             f"output.uri {spec.output.uri!r} is a local path: results stay inside the pod and "
