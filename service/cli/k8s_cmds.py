@@ -14,10 +14,12 @@ import typer
 from service.cli._app import app, edge, err, load_or_exit
 from service.errors import UserError
 
-DEFAULT_NAMESPACE = "backbones"
-
 _namespace_opt = typer.Option(
-    None, "--namespace", "-n", help="Namespace (default: the spec's resources.namespace)."
+    None,
+    "--namespace",
+    "-n",
+    help="Namespace (default: the spec's resources.namespace when it names one, else the "
+    "kubeconfig context's namespace, else resources.namespace's default).",
 )
 _context_opt = typer.Option(None, "--context", help="kubeconfig context (default: current).")
 
@@ -26,6 +28,31 @@ def _cluster(namespace: str, context: str | None):
     from service.k8s.client import Cluster
 
     return Cluster.connect(namespace, context)
+
+
+def namespace_for(namespace: str | None, context: str | None, spec=None) -> str:
+    """One rule for submit, status, logs and cancel: -n; else the namespace the spec names
+    (resources.namespace, when set); else the kubeconfig context's (or, in a pod, its own);
+    else the default of resources.namespace, where a spec that names none goes."""
+    from service.spec.infra import Resources
+
+    if namespace:
+        return namespace
+    if spec is not None and "namespace" in spec.resources.model_fields_set:
+        return spec.resources.namespace
+    from service.k8s.client import context_namespace
+
+    return context_namespace(context) or Resources.model_fields["namespace"].default
+
+
+def _target(name: str | None, study: str | None, namespace: str | None, context: str | None):
+    """(name, study, namespace) of status/logs/cancel; NAME may be a spec file, which names
+    the Job (a search: the study's Jobs) and its namespace."""
+    spec = None
+    if name and name.endswith(".json") and Path(name).is_file():
+        spec = load_or_exit(Path(name))
+        name, study = (None, spec.name) if _searching(spec) else (spec.name, study)
+    return name, study, namespace_for(namespace, context, spec)
 
 
 def _render(spec_file: Path, image: str | None, namespace: str | None):
@@ -99,7 +126,8 @@ def submit(
     from service.spec.budget import check_budget
 
     with edge():
-        spec, job = _render(spec_file, image, namespace)
+        spec = load_or_exit(spec_file)
+        spec, job = _render(spec_file, image, namespace_for(namespace, context, spec))
         if deep:
             from service.backbones.checks import check_models, check_resolutions
 
@@ -128,9 +156,11 @@ def submit(
 
 @app.command()
 def status(
-    name: str = typer.Argument(None, help="Job name (a FineTune's or Study's name)."),
+    name: str = typer.Argument(
+        None, help="Job name (a FineTune's or Study's name), or the spec file itself."
+    ),
     study: str = typer.Option(None, "--study", help="All Jobs of this study."),
-    namespace: str = typer.Option(DEFAULT_NAMESPACE, "--namespace", "-n", help="Namespace."),
+    namespace: str = _namespace_opt,
     context: str = _context_opt,
 ) -> None:
     """Phase, progress, ETA, best validation accuracy, attempts and age of each run."""
@@ -138,6 +168,7 @@ def status(
 
     with edge():
         check_selection(name, study)
+        name, study, namespace = _target(name, study, namespace, context)
         cluster = _cluster(namespace, context)
         rows = status_rows(cluster, name, study)
         print_rows(rows)
@@ -181,10 +212,10 @@ def print_rows(rows) -> None:
 
 @app.command()
 def logs(
-    name: str = typer.Argument(..., help="Job name."),
+    name: str = typer.Argument(..., help="Job name, or the spec file itself."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the pod ends."),
     index: int = typer.Option(None, "--index", help="Cell of a Study (JOB_COMPLETION_INDEX)."),
-    namespace: str = typer.Option(DEFAULT_NAMESPACE, "--namespace", "-n", help="Namespace."),
+    namespace: str = _namespace_opt,
     context: str = _context_opt,
 ) -> None:
     """Print the worker's log (the newest pod of the Job, or of one Study cell)."""
@@ -194,6 +225,11 @@ def logs(
     from service.spec.study import cells_of
 
     with edge():
+        name, study, namespace = _target(name, None, namespace, context)
+        if study:  # a search spec: its driver's log
+            from service.search.cluster import driver_job_name
+
+            name = driver_job_name(study)
         cluster = _cluster(namespace, context)
         job = cluster.get_job(name)
         cells = len(cells_of(spec_from_job(job)))
@@ -205,9 +241,9 @@ def logs(
 
 @app.command()
 def cancel(
-    name: str = typer.Argument(None, help="Job name."),
+    name: str = typer.Argument(None, help="Job name, or the spec file itself."),
     study: str = typer.Option(None, "--study", help="Every Job of this study."),
-    namespace: str = typer.Option(DEFAULT_NAMESPACE, "--namespace", "-n", help="Namespace."),
+    namespace: str = _namespace_opt,
     context: str = _context_opt,
 ) -> None:
     """Delete Jobs; their pods get SIGTERM, write a checkpoint and exit. Outputs stay."""
@@ -216,6 +252,7 @@ def cancel(
 
     with edge():
         check_selection(name, study, required=True)
+        name, study, namespace = _target(name, study, namespace, context)
         for n in do_cancel(_cluster(namespace, context), name, study):
             typer.echo(f"cancelled Job {namespace}/{n} (pods checkpoint and stop; outputs stay)")
 

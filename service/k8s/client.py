@@ -93,6 +93,29 @@ def connect(context: str | None = None) -> tuple[Any, Any]:
     return client.BatchV1Api(), client.CoreV1Api()
 
 
+IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def context_namespace(context: str | None = None) -> str | None:
+    """The namespace the kubeconfig context (the current one, or ``context``) names, as kubectl
+    uses it; in a pod without a kubeconfig, the pod's own; None when neither says."""
+    import os
+
+    from kubernetes import config
+
+    try:
+        # $KUBECONFIG as it is now (the client reads it once, at import).
+        contexts, current = config.list_kube_config_contexts(os.environ.get("KUBECONFIG"))
+    except (config.ConfigException, FileNotFoundError, TypeError, ValueError):
+        try:
+            with open(IN_CLUSTER_NAMESPACE) as f:
+                return f.read().strip() or None
+        except OSError:
+            return None
+    chosen = next((c for c in contexts if c.get("name") == context), None) if context else current
+    return ((chosen or {}).get("context") or {}).get("namespace") or None
+
+
 class Cluster:
     """Jobs and their pods in one namespace."""
 

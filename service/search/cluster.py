@@ -29,6 +29,10 @@ def rung_job_name(study: str, rung: int) -> str:
     return f"{study}-r{rung}"
 
 
+def driver_job_name(study: str) -> str:
+    return f"{study}-driver"[:63].rstrip("-")
+
+
 def render_rung(
     study: Study,
     rung: int,
@@ -132,7 +136,7 @@ def render_driver(study: Study, image: str | None = None, namespace: str | None 
     from service.k8s.render import JOB_HASH, LABEL_PREFIX, job_hash_of, render_job
 
     job = copy.deepcopy(render_job(study, image, namespace))
-    job["metadata"]["name"] = f"{study.name}-driver"[:63].rstrip("-")
+    job["metadata"]["name"] = driver_job_name(study.name)
     for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
         meta["labels"]["app.kubernetes.io/component"] = "search-driver"
         meta["labels"][f"{LABEL_PREFIX}/study"] = meta["labels"].get(
