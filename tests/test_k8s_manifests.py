@@ -19,7 +19,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.k8s.render import render_job, to_yaml
+from service.k8s.render import to_yaml
+from service.search.cluster import render_for
 from service.spec import load_spec
 from tests.conftest import IN_CI, require
 
@@ -32,7 +33,8 @@ DIGEST_IMAGE = "ghcr.io/backbones/backbones@sha256:" + "0" * 64
 
 
 def rendered(path: Path, **kw) -> dict:
-    return render_job(load_spec(path), **kw)
+    """What `backbones render` prints: for a search, its driver's Job."""
+    return render_for(load_spec(path), **kw)
 
 
 BUILT_IN = ("v1", "rbac.authorization.k8s.io/v1", "networking.k8s.io/v1", "batch/v1")

@@ -55,16 +55,23 @@ def _target(name: str | None, study: str | None, namespace: str | None, context:
     return name, study, namespace_for(namespace, context, spec)
 
 
-def _render(spec_file: Path, image: str | None, namespace: str | None):
-    from service.k8s.render import render_job, warnings_for
+def _render(
+    spec_file: Path,
+    image: str | None,
+    namespace: str | None,
+    context: str | None = None,
+    *,
+    submitting: bool = False,
+):
+    """The spec and its Job; submitting, in the namespace of `namespace_for` (render needs no
+    kubeconfig: without -n it prints the spec's resources.namespace)."""
+    from service.k8s.render import warnings_for
+    from service.search.cluster import render_for
 
     spec = load_or_exit(spec_file)
-    if _searching(spec):  # the driver's Job; it submits one Job per rung itself
-        from service.search.cluster import render_driver
-
-        job = render_driver(spec, image=image, namespace=namespace)
-    else:
-        job = render_job(spec, image=image, namespace=namespace)
+    if submitting:
+        namespace = namespace_for(namespace, context, spec)
+    job = render_for(spec, image=image, namespace=namespace)
     for warning in warnings_for(spec):
         err(f"warning: {warning}")
     return spec, job
@@ -126,8 +133,7 @@ def submit(
     from service.spec.budget import check_budget
 
     with edge():
-        spec = load_or_exit(spec_file)
-        spec, job = _render(spec_file, image, namespace_for(namespace, context, spec))
+        spec, job = _render(spec_file, image, namespace, context, submitting=True)
         if deep:
             from service.backbones.checks import check_models, check_resolutions
 
@@ -220,9 +226,6 @@ def logs(
 ) -> None:
     """Print the worker's log (the newest pod of the Job, or of one Study cell)."""
     from service.k8s.ops import pick_pod
-    from service.k8s.pod import CONTAINER
-    from service.k8s.render import spec_from_job
-    from service.spec.study import cells_of
 
     with edge():
         name, study, namespace = _target(name, None, namespace, context)
@@ -232,9 +235,13 @@ def logs(
             name = driver_job_name(study)
         cluster = _cluster(namespace, context)
         job = cluster.get_job(name)
-        cells = len(cells_of(spec_from_job(job)))
+        js = job["spec"]
+        # A Study's Job, a rung's (its cells only) or the search driver's (one pod, container
+        # 'driver'): the Job itself says how many indexes and which container.
+        cells = (js.get("completions") or 1) if js.get("completionMode") == "Indexed" else 1
+        container = js["template"]["spec"]["containers"][0]["name"]
         pod = pick_pod(cluster.job_pods(name), f"{namespace}/{name}", index, cells)
-        for chunk in cluster.pod_log(pod, CONTAINER, follow=follow):
+        for chunk in cluster.pod_log(pod, container, follow=follow):
             sys.stdout.write(chunk)
             sys.stdout.flush()
 
@@ -258,8 +265,9 @@ def cancel(
 
 
 def _searching(spec) -> bool:
-    search = getattr(spec, "search", None)
-    return search is not None and search.strategy == "successive_halving"
+    from service.search.cluster import searching
+
+    return searching(spec)
 
 
 @app.command("search-driver", hidden=True)

@@ -14,6 +14,7 @@ from service.spec import FineTune, Study
 from service.spec.study import cells_of
 
 CONTAINER = "worker"
+DRIVER_CONTAINER = "driver"  # the search driver's Job (service.search.cluster)
 UID = 10001
 CACHE_DIR = "/cache"
 

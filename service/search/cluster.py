@@ -18,11 +18,27 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from service.search.plan import RungCell, first_rung_size, rung_cells
-from service.spec import Study
+from service.search.plan import RUNG_ENV, RungCell, cells_of_rung_env, first_rung_size, rung_cells
+from service.spec import FineTune, Study
 
-RUNG_ENV = "BACKBONES_RUNG"
 DRIVER_SERVICE_ACCOUNT = "backbones-search-driver"
+
+
+def searching(spec: FineTune | Study) -> bool:
+    search = getattr(spec, "search", None)
+    return search is not None and search.strategy == "successive_halving"
+
+
+def render_for(
+    spec: FineTune | Study, image: str | None = None, namespace: str | None = None
+) -> dict[str, Any]:
+    """What ``backbones render`` prints: a search's driver Job (it submits one Job per rung
+    itself), else the spec's own Job."""
+    from service.k8s.render import render_job
+
+    if searching(spec):
+        return render_driver(spec, image=image, namespace=namespace)
+    return render_job(spec, image=image, namespace=namespace)
 
 
 def rung_job_name(study: str, rung: int) -> str:
@@ -70,8 +86,7 @@ def pick_rung_cell(study: Study, environ=os.environ) -> RungCell | None:
     if not raw:
         return None
     try:
-        rung = json.loads(raw)
-        cells = rung_cells(study, int(rung["rung"]), rung["candidates"], int(rung["n0"]))
+        cells = cells_of_rung_env(study, raw)
         index = int(environ.get("JOB_COMPLETION_INDEX", ""))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{RUNG_ENV} or JOB_COMPLETION_INDEX is malformed: {e}") from None
@@ -133,6 +148,7 @@ class ClusterRunner:
 def render_driver(study: Study, image: str | None = None, namespace: str | None = None) -> dict:
     """A one-pod Job that runs the driver in the cluster (``backbones search-driver``), under
     the ServiceAccount of k8s/search-driver.yaml, which may create and watch Jobs only."""
+    from service.k8s.pod import DRIVER_CONTAINER
     from service.k8s.render import JOB_HASH, LABEL_PREFIX, job_hash_of, render_job
 
     job = copy.deepcopy(render_job(study, image, namespace))
@@ -156,7 +172,7 @@ def render_driver(study: Study, image: str | None = None, namespace: str | None 
     pod["serviceAccountName"] = DRIVER_SERVICE_ACCOUNT
     pod["automountServiceAccountToken"] = True  # it talks to the API server
     c = pod["containers"][0]
-    c["name"] = "driver"
+    c["name"] = DRIVER_CONTAINER
     c["command"] = ["backbones", "search-driver"]
     c.pop("args", None)  # its /metrics (rung, survivors) stay on metrics.port
     if study.search.proxy is None:
