@@ -141,6 +141,9 @@ API_CALLS = {
     "read_namespaced_pod_log": ("", "pods/log", "get"),
     "list_namespaced_event": ("", "events", "list"),
     "read_namespaced_service_account": ("", "serviceaccounts", "get"),
+    # CustomObjectsApi: the only custom objects client.py reads are Kueue's.
+    "get_namespaced_custom_object": ("kueue.x-k8s.io", "localqueues", "get"),
+    "list_namespaced_custom_object": ("kueue.x-k8s.io", "workloads", "list"),
 }
 # Calls a namespaced Role cannot (and need not) grant: Namespaces are cluster-scoped (submit
 # treats a 403 there as "cannot tell" and goes on), /version is readable by every user
@@ -151,10 +154,12 @@ NOT_IN_ROLE = {"read_namespace", "get_code"}
 KUBECTL_APPLY = {("batch", "jobs", v) for v in ("get", "create", "patch")}
 # What a submitter reaches for next: kubectl describe pod, kubectl get pods -w, kubectl wait.
 KUBECTL_PODS = {("", "pods", v) for v in ("get", "watch")}
+# The fix submit names for a missing queue: kubectl get localqueues.
+KUBECTL_QUEUES = {("kueue.x-k8s.io", "localqueues", "list")}
 
 
 def client_api_calls() -> set[str]:
-    """Methods called on the API objects (self.batch / self.core / self.version) in client.py."""
+    """Methods called on the API objects (self.batch / core / version / custom) in client.py."""
     tree = ast.parse((ROOT / "service" / "k8s" / "client.py").read_text())
     return {
         node.func.attr
@@ -164,7 +169,7 @@ def client_api_calls() -> set[str]:
         and isinstance(node.func.value, ast.Attribute)
         and isinstance(node.func.value.value, ast.Name)
         and node.func.value.value.id == "self"
-        and node.func.value.attr in ("batch", "core", "version")
+        and node.func.value.attr in ("batch", "core", "version", "custom")
     }
 
 
@@ -172,7 +177,12 @@ def test_the_submitter_role_grants_exactly_what_the_cli_and_kubectl_apply_use():
     calls = client_api_calls()
     unknown = calls - set(API_CALLS) - NOT_IN_ROLE
     assert not unknown, f"new API calls: add them to API_CALLS and k8s/rbac.yaml: {unknown}"
-    needed = {API_CALLS[c] for c in calls if c in API_CALLS} | KUBECTL_APPLY | KUBECTL_PODS
+    needed = (
+        {API_CALLS[c] for c in calls if c in API_CALLS}
+        | KUBECTL_APPLY
+        | KUBECTL_PODS
+        | KUBECTL_QUEUES
+    )
     role = next(
         d
         for d in kustomize_build()

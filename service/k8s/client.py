@@ -127,20 +127,22 @@ class Cluster:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         version: Any = None,
+        custom: Any = None,
     ):
         self.batch = batch
         self.core = core
         self.version = version  # VersionApi; None: the server version is not asked
+        self.custom = custom  # CustomObjectsApi (Kueue's objects); None: Kueue is not asked
         self.namespace = namespace
         self._sleep = sleep
         self._clock = clock
 
     @classmethod
     def connect(cls, namespace: str, context: str | None = None) -> Cluster:
-        from kubernetes.client import VersionApi
+        from kubernetes.client import CustomObjectsApi, VersionApi
 
         batch, core = connect(context)
-        return cls(batch, core, namespace, version=VersionApi())
+        return cls(batch, core, namespace, version=VersionApi(), custom=CustomObjectsApi())
 
     def _job(self, name: str) -> str:
         return f"Job {self.namespace}/{name}"
@@ -221,6 +223,57 @@ class Cluster:
         except NotFoundError:
             return False
         return True
+
+    # ---- Kueue (kueue.x-k8s.io/v1beta1) ---------------------------------------------------
+
+    def local_queue_exists(self, name: str) -> bool | None:
+        """True / False, or None when we may not look (403, or no CustomObjectsApi). Without
+        Kueue installed the API answers 404 too: the queue does not exist either way."""
+        from service.k8s.kueue import GROUP, VERSION
+
+        if self.custom is None:
+            return None
+        try:
+            with _calling("get", f"LocalQueue {self.namespace}/{name}"):
+                self.custom.get_namespaced_custom_object(
+                    group=GROUP,
+                    version=VERSION,
+                    namespace=self.namespace,
+                    plural="localqueues",
+                    name=name,
+                )
+        except NotFoundError:
+            return False
+        except UserError:  # 403: a Role without Kueue's reads; the Job's status will tell
+            return None
+        return True
+
+    def workload_of(self, job: dict[str, Any]) -> dict[str, Any] | None:
+        """Kueue's Workload for a Job (by the job-uid label), newest first; None when there is
+        none, or Kueue cannot be asked (not installed, not allowed)."""
+        from service.k8s.kueue import GROUP, JOB_UID, VERSION
+
+        uid = (job.get("metadata") or {}).get("uid")
+        if self.custom is None or not uid:
+            return None
+        try:
+            with _calling("list", f"Workloads of {self._job(job['metadata']['name'])}"):
+                found = _plain(
+                    self.custom.list_namespaced_custom_object(
+                        group=GROUP,
+                        version=VERSION,
+                        namespace=self.namespace,
+                        plural="workloads",
+                        label_selector=f"{JOB_UID}={uid}",
+                    )
+                )
+        except UserError:  # 404 (no Kueue) or 403: status shows the Job without it
+            return None
+        items = sorted(
+            found.get("items") or [],
+            key=lambda w: (w.get("metadata") or {}).get("creationTimestamp") or "",
+        )
+        return items[-1] if items else None
 
     def events(self, kind: str, name: str) -> list[dict[str, Any]]:
         """Events about one object (FailedCreate on a Job, FailedScheduling on a pod), oldest

@@ -30,6 +30,9 @@ IMAGE_REPO = "ghcr.io/backbones/backbones"
 LABEL_PREFIX = "backbones.dev"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"
+# Partial admission: Kueue may start a Study with fewer pods at once than its parallelism when
+# the queue's quota cannot hold them all (each cell is independent), instead of never.
+KUEUE_MIN_PARALLELISM = "kueue.x-k8s.io/job-min-parallelism"
 SPEC_HASH = f"{LABEL_PREFIX}/spec-hash"
 # Everything that shapes the Job (spec, resources, image, storage, metrics, namespace): what
 # `submit` compares to tell "already there" from "changed".
@@ -179,6 +182,8 @@ def render_job(
         job_labels[KUEUE_QUEUE] = r.queue
         if r.priority_class:
             job_labels[KUEUE_PRIORITY] = r.priority_class
+        if isinstance(spec, Study) and js["parallelism"] > 1:
+            annotations[KUEUE_MIN_PARALLELISM] = "1"
     js["template"] = {
         "metadata": {"labels": dict(labels), "annotations": _pod_annotations(spec, annotations)},
         "spec": pod_spec(spec, image, spec_hash_of(spec)),

@@ -234,6 +234,7 @@ class _JobView:
     suspended: Any
     age: float | None
     events: EventLister
+    queued: str | None = None  # why Kueue has not admitted the Job (service.k8s.kueue)
     _job_events: list[dict[str, Any]] | None = None
 
     def job_events(self) -> list[dict[str, Any]]:
@@ -289,14 +290,16 @@ def job_rows(
     read_status: StatusReader,
     now: dt.datetime,
     events: EventLister = lambda kind, name: [],
+    queued: str | None = None,
 ) -> list[Row]:
     """One row per cell: phase from the Job's verdict, else status.json, else the pod; the
     error says why a cell failed or does not progress."""
     spec = spec_from_job(job)
     cells = job_cells(job, spec)
     if cells is None:
-        return [_driver_row(job, spec, pods, now, events)]
+        return [_driver_row(job, spec, pods, now, events, queued)]
     view = _job_view(job, isinstance(spec, Study), cells, now, events)
+    view.queued = queued
     rows = []
     for i, cell in enumerate(cells):
         mine = [p for p in pods if (index_of(p) if view.indexed else 0) == i]
@@ -326,9 +329,11 @@ def _driver_row(
     pods: list[dict[str, Any]],
     now: dt.datetime,
     events: EventLister,
+    queued: str | None,
 ) -> Row:
     """The search driver: one pod that submits the rungs' Jobs and waits for them."""
     view = _job_view(job, False, [], now, events)
+    view.queued = queued
     phase, error = _phase_and_error(view, 0, pods, {})
     return Row(
         job=view.name,
@@ -370,6 +375,7 @@ def _phase_and_error(
         )
     elif view.suspended:
         phase = "Queued"
+        error = view.queued or error
     elif run.get("phase") and mine and _pod_phase(mine[-1]) == "Running":
         phase = run["phase"]
     elif mine:

@@ -58,7 +58,13 @@ def render_rung(
     namespace: str | None = None,
 ) -> dict[str, Any]:
     """The Indexed Job of one rung: index i runs ``rung_cells(...)[i]``."""
-    from service.k8s.render import JOB_HASH, LABEL_PREFIX, job_hash_of, render_job
+    from service.k8s.render import (
+        JOB_HASH,
+        KUEUE_MIN_PARALLELISM,
+        LABEL_PREFIX,
+        job_hash_of,
+        render_job,
+    )
 
     job = copy.deepcopy(render_job(study, image, namespace))
     n = len(rung_cells(study, rung, candidates, n0))
@@ -71,6 +77,8 @@ def render_rung(
     js["completions"] = n
     js["parallelism"] = min(study.resources.parallelism or n, n)
     js["maxFailedIndexes"] = (n + 1) // 2
+    if js["parallelism"] <= 1:  # Kueue refuses a minimum that is not below parallelism
+        job["metadata"]["annotations"].pop(KUEUE_MIN_PARALLELISM, None)
     env = js["template"]["spec"]["containers"][0]["env"]
     payload = {"rung": rung, "candidates": candidates, "n0": n0}
     env.append({"name": RUNG_ENV, "value": json.dumps(payload, sort_keys=True)})
@@ -149,7 +157,13 @@ def render_driver(study: Study, image: str | None = None, namespace: str | None 
     """A one-pod Job that runs the driver in the cluster (``backbones search-driver``), under
     the ServiceAccount of k8s/search-driver.yaml, which may create and watch Jobs only."""
     from service.k8s.pod import DRIVER_CONTAINER
-    from service.k8s.render import JOB_HASH, LABEL_PREFIX, job_hash_of, render_job
+    from service.k8s.render import (
+        JOB_HASH,
+        KUEUE_MIN_PARALLELISM,
+        LABEL_PREFIX,
+        job_hash_of,
+        render_job,
+    )
 
     job = copy.deepcopy(render_job(study, image, namespace))
     job["metadata"]["name"] = driver_job_name(study.name)
@@ -158,10 +172,14 @@ def render_driver(study: Study, image: str | None = None, namespace: str | None 
         meta["labels"][f"{LABEL_PREFIX}/study"] = meta["labels"].get(
             f"{LABEL_PREFIX}/study", study.name
         )
-    for key in [k for k in job["metadata"]["labels"] if k.startswith("kueue.x-k8s.io/")]:
-        del job["metadata"]["labels"][key]  # not queued behind GPU quota: it uses none
+    job["metadata"]["annotations"].pop(KUEUE_MIN_PARALLELISM, None)  # one pod
+    if study.search.proxy is None:
+        # Not queued behind GPU quota: it uses none. With a proxy it holds the study's GPU
+        # (it embeds the datasets itself), so Kueue queues and admits it like any GPU pod.
+        for key in [k for k in job["metadata"]["labels"] if k.startswith("kueue.x-k8s.io/")]:
+            del job["metadata"]["labels"][key]
+        job["spec"].pop("suspend", None)
     js = job["spec"]
-    js.pop("suspend", None)
     for key in ("completionMode", "backoffLimitPerIndex", "maxFailedIndexes"):
         js.pop(key, None)
     js["completions"] = 1
