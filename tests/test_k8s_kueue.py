@@ -108,6 +108,17 @@ def test_submit_creates_when_the_queue_exists_or_cannot_be_looked_at(monkeypatch
     assert out.stdout == "created Job backbones/big\n"
 
 
+def test_submit_follow_of_a_search_checks_the_queue_before_its_first_rung(monkeypatch, tmp_path):
+    api = FakeApi()
+    monkeypatch.setattr(k8s_cmds, "_cluster", lambda ns, ctx: cluster(api, FakeKueue()))
+    doc = search_doc(tmp_path, "continue", resources={"queue": "gpu"})
+    path = write_spec(tmp_path, specs.merge(doc, {"output": {"uri": "s3://runs/"}}), "sel.json")
+    out = CliRunner().invoke(app, ["submit", str(path), "--follow", "--yes"])
+    assert out.exit_code == 2, out.output
+    assert "LocalQueue backbones/gpu does not exist" in out.stderr.splitlines()[-1]
+    assert not [m for m, _ in api.calls if m == "create_namespaced_job"]
+
+
 def test_a_spec_without_a_queue_never_asks_kueue():
     kueue = FakeKueue(installed=False)
     job = render_job(parse_spec(specs.cluster_finetune()))

@@ -93,7 +93,12 @@ def check_queue(cluster: Cluster, job: dict[str, Any]) -> None:
     """A Job for a LocalQueue that does not exist is created suspended and never admitted."""
     from service.k8s.kueue import queue_of
 
-    queue, ns = queue_of(job), cluster.namespace
+    check_local_queue(cluster, queue_of(job))
+
+
+def check_local_queue(cluster: Cluster, queue: str | None) -> None:
+    """``resources.queue`` names a LocalQueue of the cluster's namespace (when we may look)."""
+    ns = cluster.namespace
     if queue and cluster.local_queue_exists(queue) is False:
         raise UserError(
             f"resources.queue: LocalQueue {ns}/{queue} does not exist (or Kueue is not "
