@@ -284,3 +284,33 @@ def test_the_submitter_role_grants_kueues_reads():
         ("kueue.x-k8s.io", "localqueues", "list"),
         ("kueue.x-k8s.io", "workloads", "list"),
     } <= granted
+
+
+def test_status_of_a_partially_admitted_study_says_why_the_other_cells_wait():
+    job = copy.deepcopy(render_job(parse_spec(queued_study())))
+    job["metadata"].update(uid="uid-1", creationTimestamp="2026-11-27T09:00:00Z")
+    wl = admit(job, gpu_quota=8)
+    count = wl["status"]["admission"]["podSetAssignments"][0]["count"]
+    job["spec"].update(suspend=False, parallelism=count)  # what Kueue does on admission
+    job["status"] = {"startTime": "2026-11-27T09:01:00Z", "active": count}
+    pods = [
+        {
+            "metadata": {
+                "name": f"big-{i}-x",
+                "labels": {"job": "big", "batch.kubernetes.io/job-completion-index": str(i)},
+                "creationTimestamp": "2026-11-27T09:01:00Z",
+            },
+            "status": {"phase": "Running"},
+        }
+        for i in range(count)
+    ]
+    api = FakeApi(jobs=[job], pods=pods)
+    kueue = FakeKueue(queues=[(NS, "gpu")], workloads=[wl])
+    rows = ops.status_rows(cluster(api, kueue), "big", None, read_status=lambda s, c: None)
+    assert [r.phase for r in rows[:8]] == ["Running"] * 8
+    assert {r.phase for r in rows[8:]} == {"Pending"}
+    assert {r.error for r in rows[8:]} == {
+        "waits its turn: 8 of 48 cells run at once (Kueue admitted 8 of the 48 asked: partial "
+        "admission)"
+    }
+    assert kueue.calls == []  # an admitted Job: its Workload is not read

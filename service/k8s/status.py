@@ -235,6 +235,7 @@ class _JobView:
     age: float | None
     events: EventLister
     queued: str | None = None  # why Kueue has not admitted the Job (service.k8s.kueue)
+    turn: str | None = None  # why a cell without a pod waits although the Job runs
     _job_events: list[dict[str, Any]] | None = None
 
     def job_events(self) -> list[dict[str, Any]]:
@@ -299,7 +300,7 @@ def job_rows(
     if cells is None:
         return [_driver_row(job, spec, pods, now, events, queued)]
     view = _job_view(job, isinstance(spec, Study), cells, now, events)
-    view.queued = queued
+    view.queued, view.turn = queued, _turn(job, spec, len(cells))
     rows = []
     for i, cell in enumerate(cells):
         mine = [p for p in pods if (index_of(p) if view.indexed else 0) == i]
@@ -321,6 +322,20 @@ def job_rows(
             )
         )
     return rows
+
+
+def _turn(job: dict[str, Any], spec: FineTune | Study, cells: int) -> str | None:
+    """A cell without a pod in a running Indexed Job waits for a free slot: say how many run at
+    once, and when Kueue admitted fewer than asked (partial admission), that too."""
+    js = job.get("spec") or {}
+    running = js.get("parallelism") or 1
+    if js.get("completionMode") != "Indexed" or js.get("suspend") or running >= cells:
+        return None
+    asked = min(spec.resources.parallelism or cells, cells)
+    line = f"waits its turn: {running} of {cells} cells run at once"
+    if running < asked:
+        return f"{line} (Kueue admitted {running} of the {asked} asked: partial admission)"
+    return f"{line} (resources.parallelism)"
 
 
 def _driver_row(
@@ -387,7 +402,7 @@ def _phase_and_error(
         error = blocker or error
     else:
         phase = "Pending"
-        error = job_blocker(view.job, view.job_events()) or error
+        error = job_blocker(view.job, view.job_events()) or view.turn or error
     if phase not in ("Succeeded", "Failed") and trouble and not error:
         error = f"earlier attempt: {trouble[-1]}"
     return phase, error
