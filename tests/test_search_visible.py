@@ -212,3 +212,18 @@ def test_the_search_golden_is_what_backbones_render_prints():
     assert json.loads(json.dumps(job))["spec"]["template"]["spec"]["containers"][0]["name"] == (
         "driver"
     )
+
+
+def test_logs_and_cancel_of_a_search_spec_file_reach_the_driver_and_every_job(
+    tmp_path, monkeypatch
+):
+    s, _, api = search_on_cluster(tmp_path)
+    path = tmp_path / "sel.json"
+    path.write_text(s.to_json())
+    monkeypatch.setattr(k8s_cmds, "_cluster", lambda ns, ctx: cluster_of(api))
+    logs = CliRunner().invoke(app, ["logs", str(path)])
+    assert (logs.exit_code, logs.stdout) == (0, "rung 2/3\n")
+    cancel = CliRunner().invoke(app, ["cancel", str(path)])
+    assert cancel.exit_code == 0, cancel.output
+    deleted = sorted(kw["name"] for m, kw in api.calls if m == "delete_namespaced_job")
+    assert deleted == ["sel-driver", "sel-r0", "sel-r1"]
