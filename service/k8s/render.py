@@ -29,6 +29,9 @@ IMAGE_REPO = "ghcr.io/backbones/backbones"
 LABEL_PREFIX = "backbones.dev"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"
+# Partial admission: Kueue may start a Study with fewer pods at once than its parallelism when
+# the queue's quota cannot hold them all (each cell is independent), instead of never.
+KUEUE_MIN_PARALLELISM = "kueue.x-k8s.io/job-min-parallelism"
 SPEC_HASH = f"{LABEL_PREFIX}/spec-hash"
 # Everything that shapes the Job (spec, resources, image, storage, metrics, namespace): what
 # `submit` compares to tell "already there" from "changed".
@@ -116,7 +119,9 @@ def labels_of(spec: FineTune | Study) -> dict[str, str]:
 
 
 def annotations_of(spec: FineTune | Study) -> dict[str, str]:
-    out = {f"{LABEL_PREFIX}/{k}": v for k, v in _identity(spec).items()}
+    # The spec's own annotations first: backbones' keys (refused in the spec) cannot be shadowed.
+    out = dict(spec.resources.annotations)
+    out |= {f"{LABEL_PREFIX}/{k}": v for k, v in _identity(spec).items()}
     out[SPEC_HASH] = spec.spec_hash
     if isinstance(spec, Study):
         out[f"{LABEL_PREFIX}/cells"] = str(spec.n_cells)
@@ -157,6 +162,8 @@ def render_job(
         job_labels[KUEUE_QUEUE] = r.queue
         if r.priority_class:
             job_labels[KUEUE_PRIORITY] = r.priority_class
+        if isinstance(spec, Study) and js["parallelism"] > 1:
+            annotations[KUEUE_MIN_PARALLELISM] = "1"
     js["template"] = {
         "metadata": {"labels": dict(labels), "annotations": _pod_annotations(spec, annotations)},
         "spec": pod_spec(spec, image, spec.spec_hash),
@@ -209,7 +216,7 @@ def warnings_for(spec: FineTune | Study) -> list[str]:
     """Things that render fine but will not do what a person expects on a cluster."""
     from service.storage import is_s3
 
-    out = []
+    out = list(spec.resources.warnings())
     if not is_s3(spec.output.uri):
         out.append(
             f"output.uri {spec.output.uri!r} is a local path: results stay inside the pod and "

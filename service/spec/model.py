@@ -215,8 +215,9 @@ class Study(_Spec):
 
     @model_validator(mode="after")
     def _pod_hostnames(self) -> Study:
-        # The Indexed Job's pods are named (and hostnamed) <name>-<index>: a DNS label, so the
-        # API server refuses the Job when the last index does not fit in 63 characters.
+        # The Indexed Job's pods are named (and hostnamed) <job>-<index>: a DNS label, so the
+        # API server refuses the Job when the last index does not fit in 63 characters. A
+        # search's rungs are Jobs of their own, <name>-r<rung>.
         last = f"{self.name}-{self.n_cells - 1}"
         if len(last) > 63:
             limit = 63 - len(f"-{self.n_cells - 1}")
@@ -224,7 +225,30 @@ class Study(_Spec):
                 f"name: {len(self.name)} characters is too long for {self.n_cells} cells: the "
                 f"last pod's hostname {last!r} would exceed 63 characters; use at most {limit}"
             )
+        for rung, cells in enumerate(self._rung_sizes()):
+            host = f"{self.name}-r{rung}-{cells - 1}"
+            if len(host) > 63:
+                limit = 63 - len(host) + len(self.name)
+                raise ValueError(
+                    f"name: {len(self.name)} characters is too long for this search: rung "
+                    f"{rung}'s Job runs {cells} cells and its last pod's hostname {host!r} "
+                    f"would exceed 63 characters; use at most {limit}"
+                )
         return self
+
+    def _rung_sizes(self) -> list[int]:
+        """Cells of each rung's Job (service.search.plan, without importing it): candidates
+        per group shrink by eta (rounding up) down to 1; each runs every seed of its group."""
+        s = self.search
+        if s.strategy != "successive_halving":
+            return []
+        n = min(s.proxy.keep, len(self.backbones)) if s.proxy else len(self.backbones)
+        per_candidate = self.n_cells // len(self.backbones)
+        sizes = [n * per_candidate]
+        while n > 1:
+            n = -(-n // s.eta)
+            sizes.append(n * per_candidate)
+        return sizes
 
     def to_json(self) -> str:
         """Canonical JSON that parses back: protocol.seed and datasets[].train_fraction stay
