@@ -59,7 +59,9 @@ class TrivialAugmentWide:
     def draw(self, epoch: int, step: int, row: int, height: int, width: int) -> Draw:
         """The op and magnitude of image ``row`` of global batch ``step``: torchvision's
         draws, in its order, from a generator of this image's own."""
-        g = torch.Generator().manual_seed(_seed(self.seed, epoch, step, row, "trivial_augment_wide"))
+        g = torch.Generator().manual_seed(
+            _seed(self.seed, epoch, step, row, "trivial_augment_wide")
+        )
         op = self.ops[int(torch.randint(len(self.ops), (), generator=g))]
         table = self._magnitudes(op, height, width)
         if table is None:
