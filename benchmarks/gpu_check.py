@@ -48,9 +48,9 @@ STAGES = (
     Stage("resume", 90, "SIGTERM and SIGKILL mid-epoch, resumed: metrics equal to a clean run"),
     Stage("oom", 45, "an out-of-memory error in training (memory fraction) remediated"),
     Stage("probe_peak", 45, "peak_memory_bytes after a probe that ran out of memory"),
-    Stage("ddp", 90, "2 gloo ranks on one GPU: DDP, no_sync, compiled DDP; the real worker"),
-    Stage("throughput_eager", 60, "the worker's images/s vs the plain-loop synthetic arm"),
-    Stage("throughput_compiled", 120, "the same with torch.compile"),
+    Stage("throughput_eager", 90, "the worker's images/s vs the plain-loop synthetic arm"),
+    Stage("ddp", 120, "2 gloo ranks on one GPU: DDP, no_sync, compiled DDP; the real worker"),
+    Stage("throughput_compiled", 150, "the same with torch.compile"),
 )
 
 

@@ -215,13 +215,15 @@ def stage_resume(rec: Record, work: Path) -> None:
         rec.plan(" ".join(worker_cmd(cut, "--deterministic", *extra)))
     if rec.dry:
         return
-    with open(log, "a") as out:
+    codes = [run(worker_cmd(cut, "--deterministic", *segments[0]), log)]
+    folder = run_dir(cut) / "checkpoints"
+    rec.figure(checkpoints_after_sigterm=sorted(p.name for p in folder.glob("ckpt-*.pt")))
+    with open(log, "a") as out:  # beside the rest: the decoded cache is written by now
         clean = subprocess.Popen(
             worker_cmd(ref, "--deterministic"), cwd=REPO, stdout=out, stderr=subprocess.STDOUT
         )
-    codes = [run(worker_cmd(cut, "--deterministic", *extra), log) for extra in segments]
-    ckpts = sorted(p.name for p in (run_dir(cut) / "checkpoints").glob("ckpt-*.pt"))
-    rec.figure(exit_codes=codes, checkpoints=ckpts, clean_exit_code=clean.wait())
+    codes += [run(worker_cmd(cut, "--deterministic", *extra), log) for extra in segments[1:]]
+    rec.figure(exit_codes=codes, clean_exit_code=clean.wait())
     a, b = read_json(run_dir(ref) / "summary.json"), read_json(run_dir(cut) / "summary.json")
     same = bool(a and b) and all(a.get(k) == b.get(k) for k in RESULT_KEYS)
     drop = ("images_per_second", "seconds", "epoch_seconds", "time", "eta_seconds")

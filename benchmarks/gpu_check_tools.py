@@ -123,6 +123,7 @@ def ddp(args) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     torch.cuda.set_device(device)
+    torch.backends.cudnn.allow_tf32 = False  # compare gradients at fp32 precision
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 3, padding=1),
