@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="timed epochs per arm")
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--model", default="test_resnet")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     ap.add_argument(
         "--arms",
         nargs="+",
@@ -121,7 +122,7 @@ def main() -> None:
     from service.data.dataset import channel_stats, decoded_cache
     from service.data.sources import scan_folder
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     hw = (args.resolution, args.resolution)
     with tempfile.TemporaryDirectory(prefix="epoch-throughput-") as tmp:
         cache = Path(tmp) / "cache"

@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,16 +142,23 @@ def _tail(log: Path, n: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="results folder (default: $OUT)")
+    ap.add_argument(
+        "--work", type=Path, default=None, help="dataset, cache, runs, logs (default: a temp dir)"
+    )
     ap.add_argument("--dry-run", action="store_true", help="plan every stage, run none")
     ap.add_argument("--budget-s", type=float, default=360.0, help="the whole check's seconds")
     ap.add_argument("--only", nargs="+", choices=[s.name for s in STAGES], help="these stages")
     args = ap.parse_args(argv)
     out = args.out or Path(os.environ.get("OUT") or "gpu-check-out")
     out.mkdir(parents=True, exist_ok=True)
-    work = out / "work"  # the dataset, its cache and the runs, shared by every stage
-    work.mkdir(exist_ok=True)
+    # The dataset, its cache, the runs and the logs, shared by every stage: outside $OUT, which
+    # should bring back the one JSON (the device tool returns at most 8 files from it).
+    work = args.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    work.mkdir(parents=True, exist_ok=True)
     report = Report(out, args.budget_s, args.dry_run)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    report.data["work"] = str(work)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
     env["BACKBONES_CACHE"] = str(work / "cache")
     dry_reason = "dry run" if args.dry_run else None
     for stage in STAGES:
@@ -168,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         if dry_reason and stage.name != "env":
             cmd += ["--dry-run", dry_reason]
         report.stage(stage.name, status="running", started_at=_now())
-        rec = run_stage(cmd, min(stage.timeout_s, left), result, out / f"{stage.name}.log", env)
+        rec = run_stage(cmd, min(stage.timeout_s, left), result, work / f"{stage.name}.log", env)
         report.stage(stage.name, **rec)
         if stage.name == "env" and not dry_reason:
             cuda = rec.get("figures", {}).get("cuda_available")

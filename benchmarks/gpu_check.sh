@@ -8,5 +8,5 @@
 #   bash benchmarks/gpu_check.sh --only resume oom               # some stages (env always runs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 PYTHONPATH="$PWD"
-exec python benchmarks/gpu_check.py "$@"
+export HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-python3}" benchmarks/gpu_check.py "$@"

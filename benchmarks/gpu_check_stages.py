@@ -127,6 +127,15 @@ def steady_ips(run: Path) -> float | None:
 # -- stages ----------------------------------------------------------------------------------
 
 
+REQUIRED = ("pydantic", "timm", "torchvision", "typer", "prometheus_client", "boto3", "numpy")
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def stage_env(rec: Record, work: Path) -> None:
     import platform
 
@@ -153,8 +162,10 @@ def stage_env(rec: Record, work: Path) -> None:
             text=True,
         )
         figures["driver"] = smi.stdout.strip() or None
+    figures["missing_packages"] = [m for m in REQUIRED if not _importable(m)]
     rec.figure(**figures)
-    rec.verdict(True)
+    missing = figures["missing_packages"]
+    rec.verdict(not missing, f"missing: {', '.join(missing)} (carry wheels)" if missing else None)
 
 
 def stage_dataset(rec: Record, work: Path) -> None:
