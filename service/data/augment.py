@@ -142,19 +142,20 @@ def _rot(k: int) -> Callable[[torch.Tensor, Sequence[float]], torch.Tensor]:
 
 def _affine(matrix: Callable[[float, int, int], list[float]]):
     """An affine op as torchvision's affine_image computes it (inverse matrix, its own
-    affine grid, nearest grid_sample, zero fill, round), with one matrix per image."""
+    affine grid, nearest grid_sample, zero fill, round), with one matrix per image; the
+    matrices are scaled on the host and copied in one non-blocking transfer."""
 
     def kernel(x: torch.Tensor, m: Sequence[float]) -> torch.Tensor:
         h, w = x.shape[-2:]
         theta = torch.tensor([matrix(v, w, h) for v in m], dtype=torch.float32).view(-1, 2, 3)
-        theta = _to_device(theta, x.device)
+        scale = torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32)
+        theta = _to_device(theta.transpose(1, 2).div(scale).contiguous(), x.device)
         base = torch.empty(1, h, w, 3, dtype=torch.float32, device=x.device)
         base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device))
         ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=x.device)
         base[..., 1].copy_(ys.unsqueeze_(-1))
         base[..., 2].fill_(1)
-        scale = torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32, device=x.device)
-        grid = base.view(1, h * w, 3).expand(len(x), -1, -1).bmm(theta.transpose(1, 2) / scale)
+        grid = base.view(1, h * w, 3).expand(len(x), -1, -1).bmm(theta)
         out = torch.nn.functional.grid_sample(
             x.to(torch.float32), grid.view(-1, h, w, 2), "nearest", "zeros", align_corners=False
         )
@@ -229,8 +230,8 @@ def _sharpness(x: torch.Tensor, m: Sequence[float]) -> torch.Tensor:
     if h <= 2 or w <= 2:
         return x
     a, b = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], dtype=torch.float32)
-    kernel = kernel.to(x.device).expand(c, 1, 3, 3)
+    kernel = torch.full((c, 1, 3, 3), a, dtype=torch.float32, device=x.device)
+    kernel[:, :, 1, 1] = b  # made on the device: no host copy, no sync
     out = x.to(torch.float32)
     blurred = torch.nn.functional.conv2d(out, kernel, groups=c).round_()
     view = out[..., 1:-1, 1:-1]
