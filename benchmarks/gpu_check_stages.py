@@ -339,7 +339,7 @@ def stage_ddp(rec: Record, work: Path) -> None:
         read_json(out).get(k) is True
         for k in (
             "no_sync_grads_match_single_process",
-            "ranks_identical_after_step",
+            "grads_identical_across_ranks",
             "compiled_ddp_ranks_identical",
         )
     )

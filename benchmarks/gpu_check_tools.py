@@ -152,7 +152,7 @@ def ddp(args) -> int:
     out["no_sync_grads_match_single_process"] = all(
         torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(got, ref_grads, strict=True)
     )
-    out["ranks_identical_after_step"] = _ranks_identical(model, dist, device)
+    out["grads_identical_across_ranks"] = _identical([p.grad for p in model.parameters()], dist)
     with torch.no_grad():
         for p, r in zip(model.parameters(), reference, strict=True):
             p.copy_(r)
@@ -165,7 +165,7 @@ def ddp(args) -> int:
         loss.backward()
         opt.step()
         losses.append(float(loss))
-    out["compiled_ddp_ranks_identical"] = _ranks_identical(model, dist, device)
+    out["compiled_ddp_ranks_identical"] = _identical(list(model.parameters()), dist)
     out["compiled_ddp_losses"] = losses
     if rank == 0:
         Path(args.result).write_text(json.dumps(out))
@@ -173,10 +173,11 @@ def ddp(args) -> int:
     return 0
 
 
-def _ranks_identical(model, dist, device) -> bool:
+def _identical(tensors, dist) -> bool:
+    """Whether every rank holds exactly these values (gathered on the CPU, over gloo)."""
     import torch
 
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu()
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors]).cpu()
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
     return all(torch.equal(gathered[0], t) for t in gathered[1:])
