@@ -6,7 +6,8 @@ tests/test_data_decode.py):
   PNG included, goes through PIL. Both paths apply the rules below, so a file decodes
   identically whichever path took it. PNG is never handed to torchvision's libpng: on a corrupt
   IDAT (bad zlib stream, CRC error) its error handler crashes the process with SIGSEGV, where
-  PIL raises (and is as fast on PNG). A PNG's chunk CRCs are checked (``verify``) first.
+  PIL raises (and is as fast on PNG). A PNG is checked whole first (``pngcheck``: CRCs, zlib
+  stream, image data length), since PIL would decode a short one as black rows.
 - Grayscale is replicated to three channels. Palette images are expanded through their palette.
 - Alpha is composited on black: ``rgb * alpha / 255``, rounded. Transparent pixels are therefore
   black whatever colour the file stores under them.
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from service.data import pngcheck
 from service.errors import UserError
 
 # PIL modes whose conversion we do ourselves; everything else goes through PIL's convert().
@@ -227,8 +229,7 @@ def _load(data: bytes, ref: str, head: Header, scale: int) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             if head.fmt == "PNG":
-                with Image.open(io.BytesIO(data)) as im:
-                    im.verify()  # every chunk's CRC, and a chunk sequence that ends
+                pngcheck.check(data)  # CRCs, zlib stream, all the rows: PIL checks none of it
             im = Image.open(io.BytesIO(data))
             if scale > 1:
                 w, h = -(-head.width // scale), -(-head.height // scale)
