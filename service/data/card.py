@@ -19,6 +19,7 @@ import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,8 +73,10 @@ def records(root: Path, notes: list[str] | None = None) -> Iterator[Record]:
             yield Record(split, item.cls, item.name, item.path.read_bytes())
 
 
-def open_local(uri: str, storage: Storage | None, cache_dir: Path | None) -> Path:
-    """A local folder holding the dataset at ``uri`` (fetched or extracted as needed)."""
+@contextmanager
+def open_local(uri: str, storage: Storage | None, cache_dir: Path | None) -> Iterator[Path]:
+    """A local folder holding the dataset at ``uri`` (fetched or extracted as needed); an
+    archive's extraction is a temporary folder, removed when the block ends."""
     from service.storage import default_cache_dir
     from service.storage.fetch import fetch_uri
 
@@ -83,15 +86,16 @@ def open_local(uri: str, storage: Storage | None, cache_dir: Path | None) -> Pat
         path = Path(uri).expanduser()
         if not path.exists():
             raise UserError(f"{uri}: no such file or folder")
-    if path.is_file():
-        from service.data.archive import is_archive, safe_extract
+    if not path.is_file():
+        yield path
+        return
+    from service.data.archive import is_archive, safe_extract
 
-        if not is_archive(path):
-            raise UserError(f"{path}: not a folder or a .tar/.tar.gz/.zip archive")
-        tmp = Path(tempfile.mkdtemp(prefix="backbones-inspect-"))
+    if not is_archive(path):
+        raise UserError(f"{path}: not a folder or a .tar/.tar.gz/.zip archive")
+    with tempfile.TemporaryDirectory(prefix="backbones-inspect-") as tmp:
         # An archive of one top-level folder is stepped into by the layout, as training does.
-        path = safe_extract(path, tmp / "x", max_member_bytes=1 << 30, max_total_bytes=1 << 40)
-    return path
+        yield safe_extract(path, Path(tmp) / "x", max_member_bytes=1 << 30, max_total_bytes=1 << 40)
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,7 +227,8 @@ def render(c: dict) -> str:
 
 
 def inspect_uri(uri: str, storage: Storage | None = None, cache_dir: Path | None = None) -> dict:
-    c = card(open_local(uri, storage, cache_dir))
+    with open_local(uri, storage, cache_dir) as path:
+        c = card(path)
     c["root"] = uri  # the name a person gave, not the cache folder it was fetched into
     return c
 

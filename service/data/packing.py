@@ -31,6 +31,7 @@ from pathlib import Path
 
 import service
 from service.data import layout
+from service.data.archive import BoundedTarInfo, TarHeaderRefused
 from service.digest import sha256_file
 from service.errors import UserError
 
@@ -410,19 +411,25 @@ class Member:
 def shard_members(path: Path, key: str, classes) -> Iterator[Member]:
     """The members of one shard, in tar order, each checked to be "<class>/<file>" with a class
     of ``classes``: anything else (a path, a link, an unknown class) is refused by name."""
-    with tarfile.open(path, mode="r:") as tar:
-        for m in tar:
-            if m.isdir():
-                continue
-            parts = m.name.split("/")
-            if (
-                not m.isfile()
-                or len(parts) != 2
-                or parts[0] not in classes
-                or parts[1] in ("", ".", "..")
-            ):
-                raise UserError(
-                    f"{key}: member {m.name!r} is not <class>/<file> with a class listed in "
-                    f"{MANIFEST}"
-                )
-            yield Member(parts[0], parts[1], m.offset_data, m.size)
+    try:
+        with tarfile.open(path, mode="r:", tarinfo=BoundedTarInfo) as tar:
+            yield from _checked_members(tar, key, classes)
+    except (TarHeaderRefused, tarfile.TarError, RecursionError) as e:
+        raise UserError(f"{key}: not a readable shard ({e or type(e).__name__})") from None
+
+
+def _checked_members(tar: tarfile.TarFile, key: str, classes) -> Iterator[Member]:
+    for m in tar:
+        if m.isdir():
+            continue
+        parts = m.name.split("/")
+        if (
+            not m.isfile()
+            or len(parts) != 2
+            or parts[0] not in classes
+            or parts[1] in ("", ".", "..")
+        ):
+            raise UserError(
+                f"{key}: member {m.name!r} is not <class>/<file> with a class listed in {MANIFEST}"
+            )
+        yield Member(parts[0], parts[1], m.offset_data, m.size)
