@@ -252,10 +252,13 @@ def _open(path: Path) -> np.ndarray | None:
 
 def _rows_per_task(catalog: sources.Catalog, hw) -> int:
     """Files decode one at a time; array rows are resized a chunk at a time, as float32: size
-    the chunk so a worker's working set stays near _TASK_FLOAT_BYTES at any resolution."""
+    the chunk so a worker's working set stays near _TASK_FLOAT_BYTES at any resolution, and
+    at any size of the source rows (read, then widened to int32 for 16-bit or alpha)."""
     if catalog.items is not None:
         return _ROWS_PER_TASK
-    return max(1, min(_ROWS_PER_TASK, _TASK_FLOAT_BYTES // (3 * hw[0] * hw[1] * 4)))
+    out = _TASK_FLOAT_BYTES // (3 * hw[0] * hw[1] * 4)
+    src = _TASK_FLOAT_BYTES // max(1, 4 * catalog.row_bytes)
+    return max(1, min(_ROWS_PER_TASK, out, src))
 
 
 def _decode_all(catalog: sources.Catalog, out: np.ndarray, hw, workers: int) -> None:

@@ -68,6 +68,7 @@ class Catalog:
     cache_key: str = ""
     notes: list[str] = field(default_factory=list)
     extracted: Path | None = None  # the folder an archive was extracted into, if any
+    row_bytes: int = 0  # arrays: bytes of one source image (sizes the decode pool's reads)
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -326,6 +327,7 @@ def scan_npz(
         "npz", where, labels, _to_nchw(images, where, images_key), sha(path), names
     )
     catalog.cache_key = _keyed(catalog.content_hash, images_key)
+    catalog.row_bytes = images.row_bytes
     return catalog
 
 
@@ -351,7 +353,9 @@ def scan_h5(path: Path, images_key: str, labels_key: str, sha=sha256_file) -> Ca
             f"is {MAX_H5_CHUNK_BYTES}); rechunk it, e.g. one image a chunk"
         )
     # The h5 file stays open while rows are read (chunk by chunk; Galaxy10 is 2.7 GB).
-    return _array_catalog("h5", where, labels, _to_nchw(images, where, images_key), sha(path))
+    catalog = _array_catalog("h5", where, labels, _to_nchw(images, where, images_key), sha(path))
+    catalog.row_bytes = int(np.prod(images.shape[1:])) * images.dtype.itemsize
+    return catalog
 
 
 def _keyed(content_hash: str, images_key: str) -> str:
