@@ -269,11 +269,11 @@ def _decode_all(catalog: sources.Catalog, out: np.ndarray, hw, workers: int) -> 
     try:
         with ThreadPoolExecutor(max_workers=workers) as ex:
             if catalog.items is not None:
-                items = catalog.items
+                items, cap = catalog.items, decoding.max_decoded_bytes(hw) + 1
 
                 def task(i: int, j: int) -> None:
                     for k in range(i, j):
-                        x = decoding.decode(items[k].read(), items[k].ref, hw)
+                        x = decoding.decode(items[k].read(cap), items[k].ref, hw)
                         out[k] = x.numpy()
 
             else:

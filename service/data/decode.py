@@ -19,7 +19,8 @@ tests/test_data_decode.py):
   without keeping the aspect ratio; so do we).
 - Images larger than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are
   refused before any pixel is decoded.
-- Memory: an image whose decoded size (width x height x bytes per pixel as PIL holds it: 1 for
+- Memory: a file larger than ``max_decoded_bytes(hw)`` is refused (and read no further than
+  that); an image whose decoded size (width x height x bytes per pixel as PIL holds it: 1 for
   gray or palette, 2 for 16-bit gray, 4 otherwise) exceeds ``max_decoded_bytes(hw)`` is decoded
   by reduction when it is a JPEG (libjpeg's DCT scaling by 1/2, 1/4 or 1/8: the least that
   fits) and refused otherwise, from its header, before any pixel is decoded. The decode pool's
@@ -63,6 +64,22 @@ class Undecodable(UserError):
     def __init__(self, ref: str, reason: str):
         super().__init__(f"{ref}: {reason}" if ref else reason)
         self.ref, self.reason = ref, reason
+
+
+def read_bounded(path, hw: tuple[int, int] | None = None, offset: int = 0, size: int = -1) -> bytes:
+    """A file's bytes (or ``size`` bytes at ``offset``), but never more than one byte past
+    ``max_decoded_bytes(hw)``: enough for ``decode_to_rgb`` to refuse it, without holding a
+    1 GiB "image" in memory first."""
+    import os
+
+    cap = max_decoded_bytes(hw) + 1
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if size < 0:
+            size = os.fstat(fd).st_size
+        return os.pread(fd, min(size, cap), offset)
+    finally:
+        os.close(fd)
 
 
 def max_decoded_bytes(hw: tuple[int, int] | None = None) -> int:
@@ -115,8 +132,12 @@ def probe(data: bytes, ref: str) -> Header:
 def decode_to_rgb(data: bytes, ref: str, hw: tuple[int, int] | None = None) -> torch.Tensor:
     """Decode to uint8 (3, h, w) at the file's own size (reduced for a JPEG above the bound).
     Raises Undecodable (a UserError) naming ``ref``. The one verdict: see the module doc."""
-    head = probe(data, ref)
     bound = max_decoded_bytes(hw)
+    if len(data) > bound:  # readers stop at bound + 1 bytes (``read_bounded``)
+        raise Undecodable(
+            ref, f"a file of more than {bound} bytes, above the per-image limit (docs/datasets.md)"
+        )
+    head = probe(data, ref)
     scale = 1
     if head.nbytes > bound:
         scale = _jpeg_scale(head, bound)

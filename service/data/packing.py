@@ -282,8 +282,10 @@ def pack(
 def _describe_all(all_items: list[tuple[str, Item]], workers: int) -> list[ImageInfo]:
     """Decode every image once (in parallel): size, mode, and pixel sums for train images."""
 
+    from service.data.decode import read_bounded
+
     def _describe(si: tuple[str, Item]) -> ImageInfo:
-        data = si[1].path.read_bytes()
+        data = read_bounded(si[1].path)
         info = describe(data, pixels=si[0] == "train")
         info.nbytes = len(data)
         return info

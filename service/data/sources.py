@@ -39,13 +39,15 @@ class Item:
     offset: int = -1  # -1: the whole file; else a byte range inside a tar shard
     size: int = -1
 
-    def read(self) -> bytes:
-        if self.offset < 0:
-            with open(self.path, "rb") as f:
-                return f.read()
+    def read(self, limit: int | None = None) -> bytes:
+        """The image's bytes; with ``limit``, at most ``limit`` of them (a longer file is
+        refused by its reader, who need not hold it whole to know)."""
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            return os.pread(fd, self.size, self.offset)
+            size = os.fstat(fd).st_size if self.offset < 0 else self.size
+            if limit is not None:
+                size = min(size, limit)
+            return os.pread(fd, size, max(0, self.offset))
         finally:
             os.close(fd)
 
