@@ -191,3 +191,18 @@ def test_npz_object_arrays_are_refused_without_unpickling(tmp_path):
     np.savez(tmp_path / "a.npz", images=np.array([{"a": 1}], dtype=object))
     with pytest.raises(ValueError, match="holds Python objects"):
         arrays.open_npz(tmp_path / "a.npz")
+
+
+def test_h5_images_in_chunks_above_the_bound_are_refused(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    from service.data.sources import MAX_H5_CHUNK_BYTES, scan_h5
+
+    with h5py.File(tmp_path / "g.h5", "w") as f:  # chunks are declared, never written: tiny
+        f.create_dataset("images", (4, 4096, 4096, 4), dtype="u1", chunks=(2, 4096, 4096, 4))
+        f.create_dataset("labels", data=np.arange(4) % 2)
+    with pytest.raises(UserError) as e:
+        scan_h5(tmp_path / "g.h5", "images", "labels")
+    assert str(e.value) == (
+        f"g.h5: dataset 'images' is stored in chunks of {2 * 4096 * 4096 * 4} bytes (the limit "
+        f"is {MAX_H5_CHUNK_BYTES}); rechunk it, e.g. one image a chunk"
+    )
