@@ -205,10 +205,12 @@ def test_inspect_push_and_training_give_one_verdict(verdicts):
 
 
 def test_every_failure_names_its_file(verdicts):
-    for rel, msg in verdicts["training"].items():
+    training, inspect = verdicts["training"], verdicts["inspect"]
+    assert len(training) > 20 and len(inspect) == len(training)
+    for rel, msg in training.items():
         assert msg.startswith(f"{rel}: ") and len(msg) > len(rel) + 2, msg
-    for rel, msg in verdicts["inspect"].items():
-        assert msg and verdicts["training"][rel].endswith(msg), (rel, msg)
+    for rel, msg in inspect.items():
+        assert msg and training[rel].endswith(msg), (rel, msg)
 
 
 def test_a_run_over_the_corpus_exits_2_naming_the_first_bad_file(corpus, verdicts, tmp_path):
