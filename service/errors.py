@@ -11,12 +11,30 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_USER = 2  # bad spec, bad data, bad credentials: not retriable
 EXIT_RETRY = 75  # EX_TEMPFAIL: storage down, preempted, interrupted: retry me
+# The longest message a person (stderr, status.json) gets: messages quote input (a member name,
+# a header, a file name), and hostile input must not make them grow with it (a 400 MiB tar
+# long name once became a 419 MB error line and status.json).
+MAX_MESSAGE_CHARS = 500
+
+
+def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` cut to at most ``limit`` characters, saying how many were left out."""
+    if len(text) <= limit:
+        return text
+    keep = max(0, limit - 40)
+    return f"{text[:keep]}… ({len(text) - keep} more characters)"
 
 
 class BackbonesError(Exception):
-    """Base class: a message meant for a person, one line, no traceback."""
+    """Base class: a message meant for a person, one line, no traceback; never longer than
+    ``MAX_MESSAGE_CHARS``."""
 
     exit_code = 1
+
+    def __init__(self, *args: object):
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (clip(args[0]),)
+        super().__init__(*args)
 
 
 class UserError(BackbonesError):

@@ -2,7 +2,11 @@
 
 Datasets arrive as archives from users and from S3; an archive is input, not code. We refuse,
 naming the member: absolute paths, ``..`` components, symbolic and hard links, devices and
-FIFOs, members larger than ``max_member_bytes`` and a total beyond ``max_total_bytes``. Sizes
+FIFOs, members larger than ``max_member_bytes`` and a total beyond ``max_total_bytes``, names
+longer than ``MAX_NAME_BYTES`` (or a component longer than 255 bytes), and tar extension headers
+(GNU long names and long links, PAX records) larger than ``MAX_TAR_HEADER_BYTES``: tarfile reads
+those whole into memory, so a 1.8 MB .tar.gz declaring a 400 MiB long name took 4 GB; they are
+refused from the header's size field, before one byte of them is read. Sizes
 are counted on the bytes actually written while streaming, not only taken from the header (a
 zip header can lie; a gzip stream can inflate 1000x). Extraction goes into a temporary folder
 next to ``dest`` that is renamed only when complete, so a killed process never leaves a folder
@@ -21,10 +25,23 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from service.errors import UserError
+from service.errors import UserError, clip
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
 _CHUNK = 1 << 20
+# A path (PATH_MAX) and a file name (NAME_MAX) on Linux.
+MAX_NAME_BYTES, MAX_COMPONENT_BYTES = 4096, 255
+# A GNU long name / long link or a PAX record block: a long path and a few attributes fit in
+# far less; anything larger is an attack on memory (tarfile reads the block whole, and a chain
+# of extension headers is held in memory until the member they describe).
+MAX_TAR_HEADER_BYTES = 64 << 10
+_EXTENSION_TYPES = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
 
 
 def is_archive(path: str | Path) -> bool:
@@ -34,6 +51,29 @@ def is_archive(path: str | Path) -> bool:
 class _Refused(Exception):
     def __init__(self, member: str, reason: str):
         self.member, self.reason = member, reason
+
+
+class TarHeaderRefused(Exception):
+    """A tar extension header too large to read, or a GNU sparse member (never extracted)."""
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo that checks an extension header's size before tarfile reads it whole.
+
+    Pass as ``tarfile.open(..., tarinfo=BoundedTarInfo)``; raises ``TarHeaderRefused``. Used
+    for every tar this service reads: archives here, packed shards in ``service.data.packing``.
+    """
+
+    def _proc_member(self, tarfile_):
+        if self.type in _EXTENSION_TYPES and self.size > MAX_TAR_HEADER_BYTES:
+            what = "PAX header" if self.type not in _EXTENSION_TYPES[:2] else "GNU long name"
+            raise TarHeaderRefused(
+                f"a {what} of {self.size} bytes at byte {self.offset} (the limit is "
+                f"{MAX_TAR_HEADER_BYTES})"
+            )
+        if self.type == tarfile.GNUTYPE_SPARSE:  # its block list is read whole, too
+            raise TarHeaderRefused(f"a GNU sparse member at byte {self.offset}")
+        return super()._proc_member(tarfile_)
 
 
 def safe_extract(
@@ -56,7 +96,12 @@ def safe_extract(
             _extract_tar(archive, tmp, budget)
     except _Refused as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"{archive.name}: refusing member {e.member!r}: {e.reason}") from None
+        member = clip(e.member, 200)
+        raise UserError(f"{archive.name}: refusing member {member!r}: {e.reason}") from None
+    except (TarHeaderRefused, RecursionError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = str(e) if isinstance(e, TarHeaderRefused) else "a chain of extension headers"
+        raise UserError(f"{archive.name}: refusing {why}") from None
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"{archive.name}: not a readable tar or zip archive ({e})") from None
@@ -108,6 +153,10 @@ def _safe_relpath(name: str) -> PurePosixPath | None:
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         raise _Refused(name, "absolute path")
     parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    if len(name.encode(errors="replace")) > MAX_NAME_BYTES:
+        raise _Refused(name, f"name longer than {MAX_NAME_BYTES} bytes")
+    if any(len(p.encode(errors="replace")) > MAX_COMPONENT_BYTES for p in parts):
+        raise _Refused(name, f"a path component longer than {MAX_COMPONENT_BYTES} bytes")
     if ".." in parts:
         raise _Refused(name, "path escapes the destination ('..')")
     return PurePosixPath(*parts) if parts else None
@@ -138,7 +187,10 @@ def _copy(src, target: Path, name: str, budget: _Budget) -> None:
 def _extract_tar(archive: Path, root: Path, budget: _Budget) -> None:
     # Stream mode ("r|*") reads members in order, never seeking: a bomb cannot make us
     # decompress twice, and any compression tarfile knows (gz, bz2, xz) is detected.
-    with open(archive, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+    with (
+        open(archive, "rb") as f,
+        tarfile.open(fileobj=f, mode="r|*", tarinfo=BoundedTarInfo) as tf,
+    ):
         for m in tf:
             name = m.name
             if m.issym():

@@ -19,6 +19,7 @@ import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,14 +36,25 @@ MAX_LISTED = 10  # examples shown per finding in the text card
 
 @dataclass(frozen=True)
 class Record:
+    """One image, by where its bytes are (read when looked at: a card of a dataset larger
+    than memory must not hold it)."""
+
     split: str
     cls: str
     name: str
-    data: bytes
+    path: Path
+    size: int
+    offset: int = 0
 
     @property
     def ref(self) -> str:
         return f"{self.split}/{self.cls}/{self.name}"
+
+    def read(self) -> bytes:
+        """Its bytes, up to one past the decoder's per-image limit (beyond that, refused)."""
+        from service.data.decode import read_bounded
+
+        return read_bounded(self.path, offset=self.offset, size=self.size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,21 +71,23 @@ def records(root: Path, notes: list[str] | None = None) -> Iterator[Record]:
         m = packing.read_manifest(manifest.read_bytes(), str(manifest))
         for shard in m["shards"]:
             path = root / shard["key"]
-            with open(path, "rb") as f:
-                for member in packing.shard_members(path, shard["key"], set(m["classes"])):
-                    f.seek(member.offset)
-                    yield Record(shard["split"], member.cls, member.name, f.read(member.size))
+            for member in packing.shard_members(path, shard["key"], set(m["classes"])):
+                yield Record(
+                    shard["split"], member.cls, member.name, path, member.size, member.offset
+                )
         return
     found = layout.scan(root)
     if notes is not None and found.skipped_note:
         notes.append(found.skipped_note)
     for split, items in packing.items(found).items():
         for item in items:
-            yield Record(split, item.cls, item.name, item.path.read_bytes())
+            yield Record(split, item.cls, item.name, item.path, item.path.stat().st_size)
 
 
-def open_local(uri: str, storage: Storage | None, cache_dir: Path | None) -> Path:
-    """A local folder holding the dataset at ``uri`` (fetched or extracted as needed)."""
+@contextmanager
+def open_local(uri: str, storage: Storage | None, cache_dir: Path | None) -> Iterator[Path]:
+    """A local folder holding the dataset at ``uri`` (fetched or extracted as needed); an
+    archive's extraction is a temporary folder, removed when the block ends."""
     from service.storage import default_cache_dir
     from service.storage.fetch import fetch_uri
 
@@ -83,15 +97,16 @@ def open_local(uri: str, storage: Storage | None, cache_dir: Path | None) -> Pat
         path = Path(uri).expanduser()
         if not path.exists():
             raise UserError(f"{uri}: no such file or folder")
-    if path.is_file():
-        from service.data.archive import is_archive, safe_extract
+    if not path.is_file():
+        yield path
+        return
+    from service.data.archive import is_archive, safe_extract
 
-        if not is_archive(path):
-            raise UserError(f"{path}: not a folder or a .tar/.tar.gz/.zip archive")
-        tmp = Path(tempfile.mkdtemp(prefix="backbones-inspect-"))
+    if not is_archive(path):
+        raise UserError(f"{path}: not a folder or a .tar/.tar.gz/.zip archive")
+    with tempfile.TemporaryDirectory(prefix="backbones-inspect-") as tmp:
         # An archive of one top-level folder is stepped into by the layout, as training does.
-        path = safe_extract(path, tmp / "x", max_member_bytes=1 << 30, max_total_bytes=1 << 40)
-    return path
+        yield safe_extract(path, Path(tmp) / "x", max_member_bytes=1 << 30, max_total_bytes=1 << 40)
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,7 +135,7 @@ def card(root: Path, *, workers: int = 4) -> dict:
         "root": str(root),
         "classes": classes,
         "images": len(recs),
-        "bytes": sum(len(r.data) for r in recs),
+        "bytes": sum(r.size for r in recs),
         "splits": {s: _split_card(splits[s], classes) for s in _split_order(splits)},
         "undecodable": bad,
         "duplicates": _duplicates(recs, [h for h, _, _ in looks]),
@@ -141,12 +156,14 @@ def _look_all(recs: list[Record], workers: int) -> list[tuple[str, packing.Image
     def _look(r: Record) -> tuple[str, packing.ImageInfo, str]:
         from PIL import Image
 
-        info = packing.describe(r.data, pixels=False)
+        data = r.read()
+        info = packing.describe(data, pixels=False)
         fmt = ""
         if info.ok:
-            with Image.open(io.BytesIO(r.data)) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 fmt = im.format or ""
-        return hashlib.sha256(r.data).hexdigest(), info, fmt
+        # A file cut at the limit (refused) is told apart from its prefix by its size.
+        return hashlib.sha256(data + str(r.size).encode()).hexdigest(), info, fmt
 
     packing.import_codecs()  # Rule: no module is first imported inside a thread or pool.
     with ThreadPoolExecutor(workers) as pool:
@@ -223,7 +240,8 @@ def render(c: dict) -> str:
 
 
 def inspect_uri(uri: str, storage: Storage | None = None, cache_dir: Path | None = None) -> dict:
-    c = card(open_local(uri, storage, cache_dir))
+    with open_local(uri, storage, cache_dir) as path:
+        c = card(path)
     c["root"] = uri  # the name a person gave, not the cache folder it was fetched into
     return c
 

@@ -56,11 +56,15 @@ def prepare(spec, cache_dir: Path, *, local_path: Path | None = None, observer=N
     ds, hw, seed = spec.dataset, tuple(spec.protocol.hw), spec.protocol.seed
     cache_dir = Path(cache_dir)
     catalog = resolve(ds, cache_dir, local_path)
-    with naming(catalog.where):
-        t0 = time.perf_counter()
-        images, path, hit = decoded_cache(catalog, cache_dir, hw)
-        decode_seconds = time.perf_counter() - t0
-        idx, val_source, test_source = assign_splits(catalog, ds, seed)
+    try:
+        with naming(catalog.where):
+            t0 = time.perf_counter()
+            images, path, hit = decoded_cache(catalog, cache_dir, hw)
+            decode_seconds = time.perf_counter() - t0
+            idx, val_source, test_source = assign_splits(catalog, ds, seed)
+    except UserError:
+        _discard_extraction(catalog.extracted)
+        raise
 
     def split(name: str) -> Split:
         return _split(images, catalog, idx[name])
@@ -150,7 +154,7 @@ def _scan(ds, path: Path, cache_dir: Path, memo: sources.HashMemo) -> sources.Ca
         return catalog
     name = path.name.lower()
     if name.endswith(".npz"):
-        return sources.scan_npz(path, ds.images_key, ds.labels_key, sha)
+        return sources.scan_npz(path, ds.images_key, ds.labels_key, sha, cache_dir / "scratch")
     if name.endswith((".h5", ".hdf5")):
         return sources.scan_h5(path, ds.images_key, ds.labels_key, sha)
     if is_archive(name):
@@ -165,13 +169,27 @@ def _scan(ds, path: Path, cache_dir: Path, memo: sources.HashMemo) -> sources.Ca
                 max_member_bytes=MAX_MEMBER_BYTES,
                 max_total_bytes=min(MAX_ARCHIVE_TOTAL_BYTES, int(free * 0.95)),
             )
-        catalog = sources.scan_folder(dest, kind="archive", label=path.name)
+        try:
+            catalog = sources.scan_folder(dest, kind="archive", label=path.name)
+        except UserError:
+            _discard_extraction(dest)
+            raise
         catalog.content_hash = digest  # the archive's bytes pin its content
+        catalog.extracted = dest
         return catalog
     raise UserError(
         f"dataset.uri: {uri}: unsupported file type (expected a folder, .tar, .tar.gz, .zip, "
         ".npz or .h5)"
     )
+
+
+def _discard_extraction(dest: Path | None) -> None:
+    """A run that failed on bad data removes the archive it extracted: it would fail the same
+    way next time (a new archive has a new hash and folder), and a 1 MB zip of zeros once left
+    1 GB in the cache. Retriable failures keep it, for the retry to reuse."""
+    if dest is not None:
+        shutil.rmtree(dest, ignore_errors=True)
+        log.info("removed %s (extracted from an archive the run refused)", dest)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,10 +252,13 @@ def _open(path: Path) -> np.ndarray | None:
 
 def _rows_per_task(catalog: sources.Catalog, hw) -> int:
     """Files decode one at a time; array rows are resized a chunk at a time, as float32: size
-    the chunk so a worker's working set stays near _TASK_FLOAT_BYTES at any resolution."""
+    the chunk so a worker's working set stays near _TASK_FLOAT_BYTES at any resolution, and
+    at any size of the source rows (read, then widened to int32 for 16-bit or alpha)."""
     if catalog.items is not None:
         return _ROWS_PER_TASK
-    return max(1, min(_ROWS_PER_TASK, _TASK_FLOAT_BYTES // (3 * hw[0] * hw[1] * 4)))
+    out = _TASK_FLOAT_BYTES // (3 * hw[0] * hw[1] * 4)
+    src = _TASK_FLOAT_BYTES // max(1, 4 * catalog.row_bytes)
+    return max(1, min(_ROWS_PER_TASK, out, src))
 
 
 def _decode_all(catalog: sources.Catalog, out: np.ndarray, hw, workers: int) -> None:
@@ -248,11 +269,11 @@ def _decode_all(catalog: sources.Catalog, out: np.ndarray, hw, workers: int) -> 
     try:
         with ThreadPoolExecutor(max_workers=workers) as ex:
             if catalog.items is not None:
-                items = catalog.items
+                items, cap = catalog.items, decoding.max_decoded_bytes(hw) + 1
 
                 def task(i: int, j: int) -> None:
                     for k in range(i, j):
-                        x = decoding.decode(items[k].read(), items[k].ref, hw)
+                        x = decoding.decode(items[k].read(cap), items[k].ref, hw)
                         out[k] = x.numpy()
 
             else:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import service
 from service.data import layout
+from service.data.archive import BoundedTarInfo, TarHeaderRefused
 from service.digest import sha256_file
 from service.errors import UserError
 
@@ -180,36 +181,38 @@ def import_codecs() -> None:
     """Import what ``describe`` uses; on the main thread, before a pool of ``describe`` starts.
 
     No module is first imported inside a thread or pool: PIL imports its format plugins on the
-    first ``Image.open``, and threads doing that at once can see a half-registered plugin.
+    first ``Image.open``, torchvision's packages import each other circularly, and threads
+    doing that at once can see a half-initialised module.
     """
-    import numpy  # noqa: F401
-    from PIL import Image
+    from service.data import decode
 
-    Image.init()
+    decode.import_codecs()
 
 
 def describe(data: bytes, *, pixels: bool) -> ImageInfo:
-    """Size and mode of an encoded image; with ``pixels``, its RGB channel sums (0-1 scale)."""
-    from PIL import Image
+    """Size and mode of an encoded image; with ``pixels``, its RGB channel sums (0-1 scale).
+
+    Whether the image is decodable is decided by decoding it with ``decode.decode_to_rgb``,
+    the very function training uses (at the floor of its memory bound), so ``dataset push``,
+    ``dataset inspect`` and training give the same verdict on every file."""
+    from service.data import decode
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            info = ImageInfo(width=im.width, height=im.height, mode=im.mode)
-            if not pixels:
-                im.verify()  # catches truncated files without decoding every pixel
-                return info
-            if max(im.size) > STATS_MAX_SIDE:
-                im.draft("RGB", (STATS_MAX_SIDE, STATS_MAX_SIDE))  # JPEG: decode at 1/2^k scale
-                im.thumbnail((STATS_MAX_SIDE, STATS_MAX_SIDE))
-            import numpy as np
-
-            a = np.asarray(im.convert("RGB"), dtype=np.float64).reshape(-1, 3) / 255.0
-            info.n = a.shape[0]
-            info.s = tuple(a.sum(0).tolist())
-            info.ss = tuple((a * a).sum(0).tolist())
-            return info
-    except Exception as e:  # PIL raises many types for bad data; all mean "undecodable"
-        return ImageInfo(ok=False, error=f"{type(e).__name__}: {e}")
+        head = decode.probe(data, "")
+        x = decode.decode_to_rgb(data, "")
+    except decode.Undecodable as e:
+        return ImageInfo(ok=False, error=e.reason)
+    info = ImageInfo(width=head.width, height=head.height, mode=head.mode)
+    if pixels:
+        h, w = x.shape[-2:]
+        if max(h, w) > STATS_MAX_SIDE:
+            k = STATS_MAX_SIDE / max(h, w)
+            x = decode.resize(x, (max(1, round(h * k)), max(1, round(w * k))))
+        a = x.reshape(3, -1).double() / 255.0
+        info.n = a.shape[1]
+        info.s = tuple(a.sum(1).tolist())
+        info.ss = tuple((a * a).sum(1).tolist())
+    return info
 
 
 def size_stats(values: list[int]) -> dict:
@@ -279,8 +282,10 @@ def pack(
 def _describe_all(all_items: list[tuple[str, Item]], workers: int) -> list[ImageInfo]:
     """Decode every image once (in parallel): size, mode, and pixel sums for train images."""
 
+    from service.data.decode import read_bounded
+
     def _describe(si: tuple[str, Item]) -> ImageInfo:
-        data = si[1].path.read_bytes()
+        data = read_bounded(si[1].path)
         info = describe(data, pixels=si[0] == "train")
         info.nbytes = len(data)
         return info
@@ -408,19 +413,25 @@ class Member:
 def shard_members(path: Path, key: str, classes) -> Iterator[Member]:
     """The members of one shard, in tar order, each checked to be "<class>/<file>" with a class
     of ``classes``: anything else (a path, a link, an unknown class) is refused by name."""
-    with tarfile.open(path, mode="r:") as tar:
-        for m in tar:
-            if m.isdir():
-                continue
-            parts = m.name.split("/")
-            if (
-                not m.isfile()
-                or len(parts) != 2
-                or parts[0] not in classes
-                or parts[1] in ("", ".", "..")
-            ):
-                raise UserError(
-                    f"{key}: member {m.name!r} is not <class>/<file> with a class listed in "
-                    f"{MANIFEST}"
-                )
-            yield Member(parts[0], parts[1], m.offset_data, m.size)
+    try:
+        with tarfile.open(path, mode="r:", tarinfo=BoundedTarInfo) as tar:
+            yield from _checked_members(tar, key, classes)
+    except (TarHeaderRefused, tarfile.TarError, RecursionError) as e:
+        raise UserError(f"{key}: not a readable shard ({e or type(e).__name__})") from None
+
+
+def _checked_members(tar: tarfile.TarFile, key: str, classes) -> Iterator[Member]:
+    for m in tar:
+        if m.isdir():
+            continue
+        parts = m.name.split("/")
+        if (
+            not m.isfile()
+            or len(parts) != 2
+            or parts[0] not in classes
+            or parts[1] in ("", ".", "..")
+        ):
+            raise UserError(
+                f"{key}: member {m.name!r} is not <class>/<file> with a class listed in {MANIFEST}"
+            )
+        yield Member(parts[0], parts[1], m.offset_data, m.size)

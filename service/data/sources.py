@@ -26,6 +26,9 @@ from service.data import layout, packing
 from service.digest import sha256_file
 from service.errors import UserError
 
+# HDF5 reads (and inflates) a whole chunk to give one row of it.
+MAX_H5_CHUNK_BYTES = 64 << 20
+
 
 @dataclass
 class Item:
@@ -36,13 +39,15 @@ class Item:
     offset: int = -1  # -1: the whole file; else a byte range inside a tar shard
     size: int = -1
 
-    def read(self) -> bytes:
-        if self.offset < 0:
-            with open(self.path, "rb") as f:
-                return f.read()
+    def read(self, limit: int | None = None) -> bytes:
+        """The image's bytes; with ``limit``, at most ``limit`` of them (a longer file is
+        refused by its reader, who need not hold it whole to know)."""
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            return os.pread(fd, self.size, self.offset)
+            size = os.fstat(fd).st_size if self.offset < 0 else self.size
+            if limit is not None:
+                size = min(size, limit)
+            return os.pread(fd, size, max(0, self.offset))
         finally:
             os.close(fd)
 
@@ -64,6 +69,8 @@ class Catalog:
     # array file holding several image arrays): empty means content_hash.
     cache_key: str = ""
     notes: list[str] = field(default_factory=list)
+    extracted: Path | None = None  # the folder an archive was extracted into, if any
+    row_bytes: int = 0  # arrays: bytes of one source image (sizes the decode pool's reads)
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -294,25 +301,35 @@ def scan_digits() -> Catalog:
     return _array_catalog("builtin", "builtin://digits", labels, lambda i, j: images[i:j, None], h)
 
 
-def scan_npz(path: Path, images_key: str, labels_key: str, sha=sha256_file) -> Catalog:
+def scan_npz(
+    path: Path, images_key: str, labels_key: str, sha=sha256_file, scratch: Path | None = None
+) -> Catalog:
+    """An .npz whose images are read by rows (``service.data.arrays``), never loaded whole;
+    a compressed member is inflated into ``scratch`` (the cache) on the first read."""
+    from service.data.arrays import open_npz
+
     where = path.name
     try:
-        z = np.load(path, allow_pickle=False)
+        z = open_npz(path, scratch)
     except Exception as e:
         raise UserError(f"{where}: not a readable .npz file ({e})") from None
-    with z:
-        for key, field_ in ((images_key, "images_key"), (labels_key, "labels_key")):
-            if key not in z.files:
-                raise UserError(
-                    f"{where}: no array {key!r} (dataset.{field_}); arrays: {', '.join(z.files)}"
-                )
-        images, labels = z[images_key], z[labels_key]
-        names = z["classes"] if "classes" in z.files else None
-    _check_rows(images, labels, where)
+    for key, field_ in ((images_key, "images_key"), (labels_key, "labels_key")):
+        if key not in z:
+            raise UserError(f"{where}: no array {key!r} (dataset.{field_}); arrays: {', '.join(z)}")
+    images, labels_arr = z[images_key], z[labels_key]
+    _check_rows(images, labels_arr, where)  # from the headers, before reading a row
+    if labels_arr.ndim != 1:
+        raise UserError(f"{where}: labels must be a 1-D integer array, got {labels_arr.shape}")
+    try:
+        labels = labels_arr.read()
+        names = z["classes"].read() if "classes" in z and z["classes"].ndim == 1 else None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where}: not a readable .npz file ({e})") from None
     catalog = _array_catalog(
         "npz", where, labels, _to_nchw(images, where, images_key), sha(path), names
     )
     catalog.cache_key = _keyed(catalog.content_hash, images_key)
+    catalog.row_bytes = images.row_bytes
     return catalog
 
 
@@ -331,8 +348,16 @@ def scan_h5(path: Path, images_key: str, labels_key: str, sha=sha256_file) -> Ca
             )
     images, labels = f[images_key], np.asarray(f[labels_key])
     _check_rows(images, labels, where)
+    chunk = images.chunks and int(np.prod(images.chunks)) * images.dtype.itemsize
+    if chunk and chunk > MAX_H5_CHUNK_BYTES:  # HDF5 inflates a whole chunk to read one row
+        raise UserError(
+            f"{where}: dataset {images_key!r} is stored in chunks of {chunk} bytes (the limit "
+            f"is {MAX_H5_CHUNK_BYTES}); rechunk it, e.g. one image a chunk"
+        )
     # The h5 file stays open while rows are read (chunk by chunk; Galaxy10 is 2.7 GB).
-    return _array_catalog("h5", where, labels, _to_nchw(images, where, images_key), sha(path))
+    catalog = _array_catalog("h5", where, labels, _to_nchw(images, where, images_key), sha(path))
+    catalog.row_bytes = int(np.prod(images.shape[1:])) * images.dtype.itemsize
+    return catalog
 
 
 def _keyed(content_hash: str, images_key: str) -> str:

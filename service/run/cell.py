@@ -15,7 +15,14 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.errors import BackbonesError, Interrupted, RetriableError, UserError, disk_full
+from service.errors import (
+    BackbonesError,
+    Interrupted,
+    RetriableError,
+    UserError,
+    clip,
+    disk_full,
+)
 from service.run import pipeline
 from service.run.contract import RunSummary
 from service.run.events import Observer, Observers, Progress
@@ -182,4 +189,4 @@ def _fail(progress: Progress, observer: Observer, e: BaseException) -> None:
 
 def one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text if isinstance(e, BackbonesError) else f"{type(e).__name__}: {text}"
+    return clip(text if isinstance(e, BackbonesError) else f"{type(e).__name__}: {text}")
