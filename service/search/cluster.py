@@ -23,6 +23,7 @@ from service.spec import Study
 
 RUNG_ENV = "BACKBONES_RUNG"
 DRIVER_SERVICE_ACCOUNT = "backbones-search-driver"
+DRIVER_CONTAINER = "driver"
 
 
 def rung_job_name(study: str, rung: int) -> str:
@@ -147,12 +148,15 @@ def render_driver(study: Study, image: str | None = None, namespace: str | None 
     js["completions"] = 1
     js["parallelism"] = 1
     js["backoffLimit"] = study.resources.backoff_limit
-    js.pop("podFailurePolicy", None)  # the driver resumes from the store after any failure
+    # The driver resumes from the store after any failure, but a node drain or a retriable stop
+    # (75, 143) must not spend its backoffLimit, and a bad spec (2) must not be retried: the
+    # workers' rules, about the container named "driver".
+    js["podFailurePolicy"] = _driver_failure_policy()
     pod = js["template"]["spec"]
     pod["serviceAccountName"] = DRIVER_SERVICE_ACCOUNT
     pod["automountServiceAccountToken"] = True  # it talks to the API server
     c = pod["containers"][0]
-    c["name"] = "driver"
+    c["name"] = DRIVER_CONTAINER
     c["command"] = ["backbones", "search-driver"]
     c.pop("args", None)  # its /metrics (rung, survivors) stay on metrics.port
     if study.search.proxy is None:
@@ -173,6 +177,16 @@ def render_driver(study: Study, image: str | None = None, namespace: str | None 
     )
     job["metadata"]["annotations"][JOB_HASH] = job_hash_of(job)
     return job
+
+
+def _driver_failure_policy() -> dict[str, Any]:
+    from service.k8s.pod import pod_failure_policy
+
+    policy = pod_failure_policy(study=False)
+    for rule in policy["rules"]:
+        if "onExitCodes" in rule:
+            rule["onExitCodes"]["containerName"] = DRIVER_CONTAINER
+    return policy
 
 
 def search_status(cluster, study: str) -> list[str]:
