@@ -57,10 +57,21 @@ def validate(
             except (ImportError, ArithmeticError, ValueError):
                 pass  # the estimate is a courtesy; absurd sizes must not fail validation
             typer.echo(line + ")")
+            _echo_deadline(spec)
         else:
             typer.echo(f"ok: {path} (FineTune {spec.name})")
     if failed:
         raise typer.Exit(EXIT_USER)
+
+
+def _echo_deadline(spec) -> None:
+    """The Study Job's activeDeadlineSeconds (derived ones are capped: docs/kubernetes.md)."""
+    from service.spec.deadline import deadline_line
+
+    try:
+        typer.echo(deadline_line(spec))
+    except (ImportError, ArithmeticError, ValueError):
+        pass  # as for the estimate: a courtesy
 
 
 def schemas() -> dict[str, dict]:
