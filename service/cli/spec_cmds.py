@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -68,10 +69,8 @@ def _echo_deadline(spec) -> None:
     """The Study Job's activeDeadlineSeconds (derived ones are capped: docs/kubernetes.md)."""
     from service.spec.deadline import deadline_line
 
-    try:
+    with contextlib.suppress(ImportError, ArithmeticError, ValueError):  # a courtesy
         typer.echo(deadline_line(spec))
-    except (ImportError, ArithmeticError, ValueError):
-        pass  # as for the estimate: a courtesy
 
 
 def schemas() -> dict[str, dict]:

@@ -15,9 +15,8 @@ killer) would fail again the same way, so they must not be retried without end.
 
 from __future__ import annotations
 
-import sys
-
 import signal
+import sys
 
 from service.errors import EXIT_OK, EXIT_RETRY, EXIT_USER
 
