@@ -157,13 +157,15 @@ def test_render_never_imports_the_kubernetes_client():
 
 def test_one_gpu_runs_the_worker_with_a_gpu_limit():
     c = container(job_of(finetune(resources={"gpus": 1})))
-    assert c["command"] == ["backbones", "worker"]
+    assert c["command"] == ["tini", "--", "backbones", "worker"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
 def test_several_gpus_run_the_worker_under_torchrun_one_process_per_gpu():
     c = container(job_of(finetune(resources={"gpus": 4, "termination_grace_seconds": 300})))
     assert c["command"] == [
+        "tini",
+        "--",
         "python",
         "-m",
         "service.k8s.launch",  # torchrun that keeps a rank's exit code 2

@@ -64,7 +64,7 @@ def test_the_driver_job_runs_under_its_own_service_account_without_a_gpu(tmp_pat
     assert pod["serviceAccountName"] == "backbones-search-driver"
     assert pod["automountServiceAccountToken"] is True
     (c,) = pod["containers"]
-    assert c["command"] == ["backbones", "search-driver"]
+    assert c["command"] == ["tini", "--", "backbones", "search-driver"]
     assert "nvidia.com/gpu" not in json.dumps(c["resources"])
 
 

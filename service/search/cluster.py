@@ -130,6 +130,7 @@ class ClusterRunner:
 def render_driver(study: Study, image: str | None = None, namespace: str | None = None) -> dict:
     """A one-pod Job that runs the driver in the cluster (``backbones search-driver``), under
     the ServiceAccount of k8s/search-driver.yaml, which may create and watch Jobs only."""
+    from service.k8s.pod import INIT
     from service.k8s.render import JOB_HASH, LABEL_PREFIX, job_hash_of, render_job
 
     job = copy.deepcopy(render_job(study, image, namespace))
@@ -157,7 +158,7 @@ def render_driver(study: Study, image: str | None = None, namespace: str | None 
     pod["automountServiceAccountToken"] = True  # it talks to the API server
     c = pod["containers"][0]
     c["name"] = DRIVER_CONTAINER
-    c["command"] = ["backbones", "search-driver"]
+    c["command"] = [*INIT, "backbones", "search-driver"]
     c.pop("args", None)  # its /metrics (rung, survivors) stay on metrics.port
     if study.search.proxy is None:
         # No GPU: the driver only submits and waits. (With a proxy it embeds the datasets
