@@ -182,13 +182,15 @@ def print_rows(rows) -> None:
 @app.command()
 def logs(
     name: str = typer.Argument(..., help="Job name."),
-    follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the pod ends."),
+    follow: bool = typer.Option(
+        False, "--follow", "-f", help="Stream, across retries, until the Job ends."
+    ),
     index: int = typer.Option(None, "--index", help="Cell of a Study (JOB_COMPLETION_INDEX)."),
     namespace: str = typer.Option(DEFAULT_NAMESPACE, "--namespace", "-n", help="Namespace."),
     context: str = _context_opt,
 ) -> None:
     """Print the worker's log (the newest pod of the Job, or of one Study cell)."""
-    from service.k8s.ops import pick_pod
+    from service.k8s.ops import stream_logs
     from service.k8s.pod import CONTAINER
     from service.k8s.render import spec_from_job
     from service.spec.study import cells_of
@@ -197,8 +199,8 @@ def logs(
         cluster = _cluster(namespace, context)
         job = cluster.get_job(name)
         cells = len(cells_of(spec_from_job(job)))
-        pod = pick_pod(cluster.job_pods(name), f"{namespace}/{name}", index, cells)
-        for chunk in cluster.pod_log(pod, CONTAINER, follow=follow):
+        # -f: waits for a starting pod, and follows a retry's new pod until the Job ends.
+        for chunk in stream_logs(cluster, name, CONTAINER, index, cells, follow, say=err):
             sys.stdout.write(chunk)
             sys.stdout.flush()
 
