@@ -239,7 +239,8 @@ def stream_logs(
     Job finishes or is deleted."""
     where = f"{cluster.namespace}/{name}"
     pick_pod([{"metadata": {"name": "-"}}], where, index, cells)  # checks --index alone
-    shown: set[str] = set()
+    target: str | None = None  # the pod followed (or waited for)
+    streamed: set[str] = set()
     announced: set[str] = set()
     while True:
         mine = _mine(cluster.job_pods(name), index)
@@ -253,20 +254,32 @@ def stream_logs(
                 )
             yield from cluster.pod_log(started[-1]["metadata"]["name"], container)
             return
-        pod = mine[-1] if mine else None
-        if pod is not None and pod["metadata"]["name"] not in shown and _started(pod):
-            if shown:
-                say(f"--- pod {pod['metadata']['name']}: the Job's next attempt ---")
-            shown.add(pod["metadata"]["name"])
-            yield from cluster.pod_log(pod["metadata"]["name"], container, follow=True)
+        target = _next_pod(mine, target, streamed)
+        pod = next((p for p in mine if p["metadata"]["name"] == target), None)
+        if pod is not None and target not in streamed and _started(pod):
+            if streamed:
+                say(f"--- pod {target}: the Job's next attempt ---")
+            streamed.add(target)
+            yield from cluster.pod_log(target, container, follow=True)
             continue
         job = cluster.find_job(name)
         if job is None or _finished(job) is not None:
             return
-        if pod is not None and pod["metadata"]["name"] not in shown | announced:
-            announced.add(pod["metadata"]["name"])
-            say(f"waiting for pod {pod['metadata']['name']} to start")
+        if pod is not None and target not in streamed | announced:
+            announced.add(target)
+            say(f"waiting for pod {target} to start")
         cluster.pause(poll)
+
+
+def _next_pod(mine: list[dict[str, Any]], target: str | None, streamed: set[str]) -> str | None:
+    """The pod to follow: the newest at first, then each later one in turn (a retry's pod
+    may already have ended when it is first seen: its log is still there)."""
+    names = [p["metadata"]["name"] for p in mine]
+    if target is None:
+        return names[-1] if names else None
+    if target in streamed and target in names and names.index(target) + 1 < len(names):
+        return names[names.index(target) + 1]
+    return target
 
 
 # ---- status ---------------------------------------------------------------------------------
