@@ -12,7 +12,8 @@ so the count lives beside the run's outputs:
 (``epoch`` is the furthest one seen). At ``MAX_RETRIABLE_EXITS`` the worker exits 1 instead of
 75, with one line saying why: a counted failure, so ``backoffLimit`` (per index in a Study)
 ends the loop. A completed run removes the file. SIGTERM (a node drain, a cancel) is never
-counted: it is the cluster's doing, not the run's.
+counted: it is the cluster's doing, not the run's; nor is a lost lease (the run is another
+worker's now) or a stop after another worker completed the run.
 
 Where the output store itself is unreachable the count cannot be read or written: those loops
 are bounded by the Job's ``activeDeadlineSeconds`` alone (docs/kubernetes.md).
@@ -25,7 +26,7 @@ import logging
 import time
 
 from service.errors import BackbonesError, Interrupted, RetriableError, disk_full
-from service.run.outputs import RETRIES, RunOutputs
+from service.run.outputs import RETRIES, SUMMARY, RunOutputs
 
 log = logging.getLogger("backbones.worker")
 
@@ -40,7 +41,9 @@ class RetryLoop(BackbonesError):
 
 def _reason(e: BaseException) -> str | None:
     """The one line of a retriable stop that counts, else None (a crash, or SIGTERM)."""
-    if isinstance(e, Interrupted):
+    from service.run.lease import LeaseLost
+
+    if isinstance(e, Interrupted | LeaseLost):  # LeaseLost: the run is another worker's now
         return None
     if isinstance(e, RetriableError):
         return str(e)
@@ -55,6 +58,8 @@ def count(run_id: str, outputs: RunOutputs, epoch: int, e: BaseException) -> Non
     if reason is None:
         return
     try:
+        if outputs.read_json(SUMMARY) is not None:
+            return  # another worker completed the run meanwhile: nothing loops
         before = outputs.read_json(RETRIES) or {}
         seen = int(before.get("epoch") or 0)
         n = 1 if epoch > seen else int(before.get("count") or 0) + 1
