@@ -73,8 +73,8 @@ class FakeApi:
             if self.lingering == 0:
                 del self.jobs[kw["name"]]
                 raise api_exception(404, "Not Found", f'jobs.batch "{kw["name"]}" not found')
-            self.lingering -= 1
-            return {"metadata": {"name": kw["name"]}}
+            self.lingering -= 1  # foreground deletion: still there, marked for deletion
+            return {"metadata": {"name": kw["name"], "deletionTimestamp": "2026-11-27T12:00:00Z"}}
         return self.jobs[kw["name"]]
 
     def create_namespaced_job(self, **kw):
