@@ -323,6 +323,23 @@ def test_logs_follow_waits_for_a_starting_pod_and_follows_the_retrys_new_pod():
     assert condition(api, "q") == ("Complete", "")
 
 
+def test_logs_follow_of_a_queued_job_says_once_that_it_waits_for_a_pod():
+    api = ApiServer(queues={})  # Kueue never admits it in this story
+    ops.submit(cluster_of(api), finetune(resources={"queue": "gpu", "gpus": 1}))
+    said: list[str] = []
+    polls = iter(range(5))
+
+    def tick(seconds):
+        api.advance(seconds)
+        if next(polls, None) is None:  # then the user deletes it
+            api.delete_namespaced_job("q", NS, propagation_policy="Foreground")
+            api.advance(60)
+
+    cluster = Cluster(api, api, NS, sleep=tick)
+    assert "".join(ops.stream_logs(cluster, "q", "worker", None, 1, True, said.append)) == ""
+    assert said == ["waiting for a pod of Job backbones/q (queued or pending)"]
+
+
 def test_logs_without_follow_of_a_starting_pod_is_one_clear_line():
     api = ApiServer(pod_start_seconds=30)
     cluster = cluster_of(api)

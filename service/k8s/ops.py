@@ -241,7 +241,7 @@ def stream_logs(
     pick_pod([{"metadata": {"name": "-"}}], where, index, cells)  # checks --index alone
     target: str | None = None  # the pod followed (or waited for)
     streamed: set[str] = set()
-    announced: set[str] = set()
+    announced: set[str | None] = set()
     while True:
         mine = _mine(cluster.job_pods(name), index)
         if not follow:
@@ -260,14 +260,21 @@ def stream_logs(
             if streamed:
                 say(f"--- pod {target}: the Job's next attempt ---")
             streamed.add(target)
-            yield from cluster.pod_log(target, container, follow=True)
+            try:
+                yield from cluster.pod_log(target, container, follow=True)
+            except UserError as e:  # a pod that failed before its container started
+                say(f"no log from pod {target}: {e}")
             continue
         job = cluster.find_job(name)
         if job is None or _finished(job) is not None:
             return
-        if pod is not None and target not in streamed | announced:
+        if target not in streamed | announced:
             announced.add(target)
-            say(f"waiting for pod {target} to start")
+            say(
+                f"waiting for pod {target} to start"
+                if target
+                else f"waiting for a pod of Job {where} (queued or pending)"
+            )
         cluster.pause(poll)
 
 
