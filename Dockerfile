@@ -36,6 +36,15 @@ LABEL org.opencontainers.image.title="backbones" \
 RUN groupadd --gid 10001 backbones \
     && useradd --uid 10001 --gid 10001 --no-log-init --create-home --shell /usr/sbin/nologin backbones
 
+# tini is PID 1 (ENTRYPOINT, and the Job's command): the kernel drops a SIGTERM sent to a PID 1
+# without a handler, so a pod deleted while Python imports would run on until it is SIGKILLed.
+# tini handles signals from its first instant, passes them on and reaps zombies. Its version is
+# the base distribution's (one small package, no dependencies), so it is not pinned here.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/*
+
 COPY --from=build /dist /dist
 # --no-cache-dir: no pip cache in the layer. On the default base torch/torchvision already
 # satisfy the pins, so pip installs only the rest of the dependencies; on a plain Python base
@@ -57,4 +66,4 @@ USER 10001:10001
 WORKDIR /home/backbones
 # Prometheus /metrics (metrics.port in the spec; the Job names this port "metrics").
 EXPOSE 9108
-ENTRYPOINT ["backbones", "worker"]
+ENTRYPOINT ["tini", "--", "backbones", "worker"]

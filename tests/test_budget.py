@@ -156,7 +156,10 @@ def test_validate_prints_cells_and_gpu_hours(tmp_path):
     hours = estimate_gpu_hours(parse_spec(study(seeds=[0, 1])))
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == f"ok: {path} (Study b, 2 cells, ~{hours:.1f} GPU-hours)"
+    assert result.output.splitlines() == [
+        f"ok: {path} (Study b, 2 cells, ~{hours:.1f} GPU-hours)",
+        "  deadline: activeDeadlineSeconds 7200 (2.0 h, derived from the estimate)",
+    ]
 
 
 def test_the_estimate_never_imports_torch():

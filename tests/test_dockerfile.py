@@ -68,7 +68,7 @@ def test_the_image_runs_the_worker_as_a_fixed_non_root_user():
     stage = final_stage()
     users = [args for word, args in stage if word == "USER"]
     assert users == ["10001:10001"]
-    assert ("ENTRYPOINT", '["backbones", "worker"]') in stage
+    assert ("ENTRYPOINT", '["tini", "--", "backbones", "worker"]') in stage
     # USER comes before ENTRYPOINT, and nothing after it switches back to root.
     words = [w for w, _ in stage]
     assert words.index("USER") < words.index("ENTRYPOINT")

@@ -73,8 +73,8 @@ class FakeApi:
             if self.lingering == 0:
                 del self.jobs[kw["name"]]
                 raise api_exception(404, "Not Found", f'jobs.batch "{kw["name"]}" not found')
-            self.lingering -= 1
-            return {"metadata": {"name": kw["name"]}}
+            self.lingering -= 1  # foreground deletion: still there, marked for deletion
+            return {"metadata": {"name": kw["name"], "deletionTimestamp": "2026-11-27T12:00:00Z"}}
         return self.jobs[kw["name"]]
 
     def create_namespaced_job(self, **kw):
@@ -701,7 +701,8 @@ def test_logs_of_a_study_need_an_index():
 
 def test_logs_cli_streams_the_pod_of_the_chosen_cell(monkeypatch):
     api = FakeApi(
-        jobs=[render_job(parse_spec(STUDY))],
+        # -f follows until the Job ends (a retry's pod next): this one has completed.
+        jobs=[finished(render_job(parse_spec(STUDY)), "Complete")],
         pods=[pod("rs", "rs-0", "Running", 0), pod("rs", "rs-2", "Running", 2)],
         logs={"rs-2": "cell 2 says hi\n"},
     )

@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from service.k8s.launch import exit_code
 
 
@@ -14,9 +16,21 @@ def test_any_rank_reporting_a_user_error_makes_the_pod_exit_2():
     assert exit_code([1, 2]) == 2
 
 
-def test_ranks_stopped_retriably_or_by_a_signal_are_retriable():
-    assert exit_code([-9, 75]) == 75
+def test_ranks_stopped_retriably_or_by_sigterm_or_sigint_are_retriable():
+    assert exit_code([-15, 75]) == 75
     assert exit_code([-15]) == 75
+    assert exit_code([-2, 75]) == 75
+
+
+@pytest.mark.parametrize(
+    ("sig", "why"),
+    [(-6, "SIGABRT: the NCCL watchdog"), (-11, "SIGSEGV"), (-9, "SIGKILL: the OOM killer")],
+)
+def test_a_rank_killed_by_any_other_signal_is_a_counted_crash(sig, why):
+    # 75 is ignored by the Job's failure policy: these would be retried until the deadline.
+    assert exit_code([sig, 75]) == 1, why
+    assert exit_code([sig]) == 1, why
+    assert exit_code([sig, -15]) == 1, why
 
 
 def test_a_rank_that_crashed_is_a_crash_counted_against_the_backoff_limit():
@@ -45,6 +59,20 @@ def test_a_rank_exiting_2_under_torchrun_exits_the_pod_with_2(tmp_path):
     )
     assert launched.returncode == 2, launched.stderr[-2000:]
     assert "launch: ranks failed with exit codes [2]" in launched.stderr
+
+
+def test_a_rank_aborted_like_the_nccl_watchdog_makes_the_pod_exit_1_counted(tmp_path):
+    """The NCCL-abort story: a hung collective makes the watchdog call abort() in one rank.
+    On main the pod exited 75 (ignored by the failure policy: retried until the deadline)."""
+    script = tmp_path / "rank.py"
+    script.write_text("import os\nif os.environ['RANK'] == '1':\n    os.abort()\n")
+    launched = subprocess.run(
+        [sys.executable, "-m", "service.k8s.launch", "--standalone", "--nproc-per-node=2",
+         str(script)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert launched.returncode == 1, launched.stderr[-2000:]
+    assert "launch: ranks failed with exit codes [-6]" in launched.stderr
 
 
 def test_sigterm_reaches_every_rank_and_the_pod_exits_retriable(tmp_path):

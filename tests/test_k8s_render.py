@@ -157,13 +157,15 @@ def test_render_never_imports_the_kubernetes_client():
 
 def test_one_gpu_runs_the_worker_with_a_gpu_limit():
     c = container(job_of(finetune(resources={"gpus": 1})))
-    assert c["command"] == ["backbones", "worker"]
+    assert c["command"] == ["tini", "--", "backbones", "worker"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
 def test_several_gpus_run_the_worker_under_torchrun_one_process_per_gpu():
     c = container(job_of(finetune(resources={"gpus": 4, "termination_grace_seconds": 300})))
     assert c["command"] == [
+        "tini",
+        "--",
         "python",
         "-m",
         "service.k8s.launch",  # torchrun that keeps a rank's exit code 2
@@ -414,7 +416,7 @@ def test_backoff_deadline_and_ttl_come_from_the_spec():
 
 
 def test_without_a_deadline_in_the_spec_one_is_derived_from_the_budget_estimate():
-    from service.spec.budget import job_deadline_seconds
+    from service.spec.deadline import job_deadline_seconds
 
     for data in (finetune(), study()):
         deadline = job_of(data)["spec"]["activeDeadlineSeconds"]

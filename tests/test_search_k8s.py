@@ -64,8 +64,25 @@ def test_the_driver_job_runs_under_its_own_service_account_without_a_gpu(tmp_pat
     assert pod["serviceAccountName"] == "backbones-search-driver"
     assert pod["automountServiceAccountToken"] is True
     (c,) = pod["containers"]
-    assert c["command"] == ["backbones", "search-driver"]
+    assert c["command"] == ["tini", "--", "backbones", "search-driver"]
     assert "nvidia.com/gpu" not in json.dumps(c["resources"])
+
+
+def test_the_driver_job_has_the_workers_failure_policy_for_its_own_container(tmp_path):
+    """A node drain (DisruptionTarget) or a retriable stop (75, 143) must not spend the
+    driver's backoffLimit; exit 2 fails it at once. On main it had no podFailurePolicy."""
+    js = render_driver(study(tmp_path), image=IMAGE)["spec"]
+    rules = js["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
+    exits = [(r["action"], r["onExitCodes"]) for r in rules if "onExitCodes" in r]
+    assert exits == [
+        ("FailJob", {"containerName": "driver", "operator": "In", "values": [2]}),
+        ("Ignore", {"containerName": "driver", "operator": "In", "values": [75, 143]}),
+    ]
+    assert js["template"]["spec"]["restartPolicy"] == "Never"  # the policy requires it
 
 
 def test_backbones_render_of_a_search_study_prints_the_driver_job(tmp_path):

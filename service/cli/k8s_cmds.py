@@ -219,13 +219,15 @@ def print_rows(rows) -> None:
 @app.command()
 def logs(
     name: str = typer.Argument(..., help="Job name, or the spec file itself."),
-    follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the pod ends."),
+    follow: bool = typer.Option(
+        False, "--follow", "-f", help="Stream, across retries, until the Job ends."
+    ),
     index: int = typer.Option(None, "--index", help="Cell of a Study (JOB_COMPLETION_INDEX)."),
     namespace: str = _namespace_opt,
     context: str = _context_opt,
 ) -> None:
     """Print the worker's log (the newest pod of the Job, or of one Study cell)."""
-    from service.k8s.ops import pick_pod
+    from service.k8s.ops import stream_logs
 
     with edge():
         name, study, namespace = _target(name, None, namespace, context)
@@ -240,8 +242,8 @@ def logs(
         # 'driver'): the Job itself says how many indexes and which container.
         cells = (js.get("completions") or 1) if js.get("completionMode") == "Indexed" else 1
         container = js["template"]["spec"]["containers"][0]["name"]
-        pod = pick_pod(cluster.job_pods(name), f"{namespace}/{name}", index, cells)
-        for chunk in cluster.pod_log(pod, container, follow=follow):
+        # -f: waits for a starting pod, and follows a retry's new pod until the Job ends.
+        for chunk in stream_logs(cluster, name, container, index, cells, follow, say=err):
             sys.stdout.write(chunk)
             sys.stdout.flush()
 

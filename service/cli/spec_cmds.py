@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -59,10 +60,19 @@ def validate(
             except (ImportError, ArithmeticError, ValueError):
                 pass  # the estimate is a courtesy; absurd sizes must not fail validation
             typer.echo(line + ")")
+            _echo_deadline(spec)
         else:
             typer.echo(f"ok: {path} (FineTune {spec.name})")
     if failed:
         raise typer.Exit(EXIT_USER)
+
+
+def _echo_deadline(spec) -> None:
+    """The Study Job's activeDeadlineSeconds (derived ones are capped: docs/kubernetes.md)."""
+    from service.spec.deadline import deadline_line
+
+    with contextlib.suppress(ImportError, ArithmeticError, ValueError):  # a courtesy
+        typer.echo(deadline_line(spec))
 
 
 def schemas() -> dict[str, dict]:

@@ -144,6 +144,10 @@ class Cluster:
         batch, core = connect(context)
         return cls(batch, core, namespace, version=VersionApi(), custom=CustomObjectsApi())
 
+    def pause(self, seconds: float) -> None:
+        """Wait between polls (tests pass a clock of their own)."""
+        self._sleep(seconds)
+
     def _job(self, name: str) -> str:
         return f"Job {self.namespace}/{name}"
 

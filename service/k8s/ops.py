@@ -7,7 +7,7 @@ fed with the Jobs, pods and events the cluster returns and each run's status.jso
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +123,12 @@ def submit(
     check_server(cluster, say)
     check_target(cluster, job)
     existing = cluster.find_job(name)
+    if existing is not None and terminating(existing):
+        if dry_run:  # a dry-run create under the terminating name would only answer 409
+            cluster.create_job(_renamed(job, dry_run_name(job)), dry_run=True)
+            return Submitted("dry-run", cluster.namespace, name)
+        wait_gone(cluster, existing, wait_timeout, say)
+        existing = None
     if existing is None:
         cluster.create_job(job, dry_run=dry_run)
         return Submitted("dry-run" if dry_run else "created", cluster.namespace, name)
@@ -147,10 +153,35 @@ def submit(
         return Submitted("dry-run", cluster.namespace, name)
     cluster.delete_job(name, propagation="Foreground")
     # Its pods get SIGTERM and checkpoint first; creating before they are gone would 409.
-    grace = existing["spec"]["template"]["spec"].get("terminationGracePeriodSeconds") or 30
-    cluster.wait_deleted(name, timeout=wait_timeout or grace + 120)
+    cluster.wait_deleted(name, timeout=wait_timeout or _grace(existing) + 120)
     cluster.create_job(job)
     return Submitted("replaced", cluster.namespace, name)
+
+
+def terminating(job: dict[str, Any]) -> bool:
+    """Deleted, not gone: a foreground deletion keeps the Job (deletionTimestamp set) until its
+    pods have stopped. Its name is still taken: a create now answers 409 AlreadyExists."""
+    return bool(job.get("metadata", {}).get("deletionTimestamp"))
+
+
+def _grace(job: dict[str, Any]) -> int:
+    return job["spec"]["template"]["spec"].get("terminationGracePeriodSeconds") or 30
+
+
+def wait_gone(
+    cluster: Cluster,
+    job: dict[str, Any],
+    timeout: float | None,
+    say: Callable[[str], None],
+) -> None:
+    """Wait for a terminating Job to go (cancel, then submit at once: its pods checkpoint)."""
+    name = job["metadata"]["name"]
+    say(
+        f"Job {cluster.namespace}/{name} is terminating (deleted at "
+        f"{job['metadata']['deletionTimestamp']}; its pods checkpoint and stop); waiting for "
+        "it to go before creating the new one"
+    )
+    cluster.wait_deleted(name, timeout=timeout or _grace(job) + 120)
 
 
 def _renamed(job: dict[str, Any], name: str) -> dict[str, Any]:
@@ -201,6 +232,80 @@ def pick_pod(pods: list[dict[str, Any]], job: str, index: int | None, cells: int
     if not matching:
         raise UserError(f"Job {job} has no pod for index {want} yet (queued or pending)")
     return matching[-1]["metadata"]["name"]
+
+
+def _mine(pods: list[dict[str, Any]], index: int | None) -> list[dict[str, Any]]:
+    return [p for p in pods if index_of(p) in (index or 0, None)]
+
+
+def _started(pod: dict[str, Any]) -> bool:
+    return (pod.get("status") or {}).get("phase") not in (None, "Pending")
+
+
+def stream_logs(
+    cluster: Cluster,
+    name: str,
+    container: str,
+    index: int | None,
+    cells: int,
+    follow: bool = False,
+    say: Callable[[str], None] = lambda line: None,
+    poll: float = 2.0,
+) -> Iterator[str]:
+    """The log of the newest started pod of the Job (or of one Study cell). With ``follow``:
+    wait for a pod that is still starting (the API answers 400 for it), and when a pod ends
+    while the Job goes on (a retry), follow the next pod the controller creates, until the
+    Job finishes or is deleted."""
+    where = f"{cluster.namespace}/{name}"
+    pick_pod([{"metadata": {"name": "-"}}], where, index, cells)  # checks --index alone
+    target: str | None = None  # the pod followed (or waited for)
+    streamed: set[str] = set()
+    announced: set[str | None] = set()
+    while True:
+        mine = _mine(cluster.job_pods(name), index)
+        if not follow:
+            started = [p for p in mine if _started(p)]
+            if not started:
+                pick_pod(mine, where, index, cells)  # no pod at all: says so
+                raise UserError(
+                    f"pod {mine[-1]['metadata']['name']} of Job {where} is still starting: "
+                    "no log yet (logs -f waits for it)"
+                )
+            yield from cluster.pod_log(started[-1]["metadata"]["name"], container)
+            return
+        target = _next_pod(mine, target, streamed)
+        pod = next((p for p in mine if p["metadata"]["name"] == target), None)
+        if pod is not None and target not in streamed and _started(pod):
+            if streamed:
+                say(f"--- pod {target}: the Job's next attempt ---")
+            streamed.add(target)
+            try:
+                yield from cluster.pod_log(target, container, follow=True)
+            except UserError as e:  # a pod that failed before its container started
+                say(f"no log from pod {target}: {e}")
+            continue
+        job = cluster.find_job(name)
+        if job is None or _finished(job) is not None:
+            return
+        if target not in streamed | announced:
+            announced.add(target)
+            say(
+                f"waiting for pod {target} to start"
+                if target
+                else f"waiting for a pod of Job {where} (queued or pending)"
+            )
+        cluster.pause(poll)
+
+
+def _next_pod(mine: list[dict[str, Any]], target: str | None, streamed: set[str]) -> str | None:
+    """The pod to follow: the newest at first, then each later one in turn (a retry's pod
+    may already have ended when it is first seen: its log is still there)."""
+    names = [p["metadata"]["name"] for p in mine]
+    if target is None:
+        return names[-1] if names else None
+    if target in streamed and target in names and names.index(target) + 1 < len(names):
+        return names[names.index(target) + 1]
+    return target
 
 
 # ---- status ---------------------------------------------------------------------------------

@@ -23,7 +23,19 @@ def _needs_hub(spec: FineTune | Study) -> bool:
     return any(c.backbone.weights == "timm" for c in cells_of(spec))
 
 
+# PID 1 of the container: tini (Debian's, in the image). The kernel drops a signal sent to a
+# PID 1 that has no handler for it, so a SIGTERM that arrives while Python is still importing
+# (the pod deleted as it starts) was lost and the kubelet SIGKILLed the pod after its grace
+# period: 137, counted as a crash. tini handles it from its first instant and passes it on; a
+# worker stopped before its own handler exits 143 (ignored by the failure policy), after it 75.
+INIT = ["tini", "--"]
+
+
 def _command(gpus: int, grace: int) -> list[str]:
+    return INIT + _program(gpus, grace)
+
+
+def _program(gpus: int, grace: int) -> list[str]:
     if gpus > 1:
         # torchrun, one process per GPU, --standalone: a local rendezvous (no etcd). Through
         # service.k8s.launch, which keeps a rank's exit code 2 (plain torchrun exits 1).

@@ -23,7 +23,7 @@ from service.errors import (
     clip,
     disk_full,
 )
-from service.run import pipeline
+from service.run import pipeline, retries
 from service.run.contract import RunSummary
 from service.run.events import Observer, Observers, Progress
 from service.run.outputs import SPEC, RunOutputs
@@ -104,7 +104,8 @@ def run_cell(
     observers: list[Observer] | None = None,
     stop: threading.Event | None = None,
 ) -> Outcome:
-    """Run (or resume, or skip) one FineTune. Raises UserError / RetriableError / Interrupted."""
+    """Run (or resume, or skip) one FineTune. Raises UserError / RetriableError / Interrupted,
+    and RetryLoop when retriable stops repeat without progress (service.run.retries)."""
     outputs = run_outputs(spec)
     dist = distributed_env()
     if dist.rank == 0:
@@ -113,13 +114,33 @@ def run_cell(
         done = _same_summary(spec, outputs) if not force else None
     if done is not None:
         return Outcome(spec.run_id, outputs.uri, done, skipped=True)
+    progress = Progress(run_id=spec.run_id, max_epochs=spec.protocol.max_epochs)
+    try:
+        outcome = _leased_run(spec, outputs, progress, observers, stop, cache_dir, dist)
+    except (RetriableError, OSError) as e:
+        if dist.rank == 0:  # the lease holder's (or would-be holder's) count, not every rank's
+            retries.count(spec.run_id, outputs, progress.epoch, e)
+        raise
+    if dist.rank == 0:
+        retries.clear(outputs)
+    return outcome
 
+
+def _leased_run(
+    spec: FineTune,
+    outputs: RunOutputs,
+    progress: Progress,
+    observers: list[Observer] | None,
+    stop: threading.Event | None,
+    cache_dir: Path | None,
+    dist: DistEnv,
+) -> Outcome:
+    """Take the run's lease (rank 0), then train: every write from here checks the lease."""
     from service.run.lease import Lease, LeasedStore
 
     lease = Lease(outputs.store) if dist.rank == 0 else None
     if lease is not None:  # from here on, every write checks the lease is still ours
         outputs = RunOutputs(LeasedStore(outputs.store, lease))
-    progress = Progress(run_id=spec.run_id, max_epochs=spec.protocol.max_epochs)
     observer = _observer(spec, outputs, observers, dist)
     with contextlib.ExitStack() as stack:
         if lease is not None:

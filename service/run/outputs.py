@@ -7,6 +7,7 @@
     checkpoints/         ckpt-<epoch>.pt (complete ones only: each is written atomically)
     best.safetensors     weights of the selected epoch
     summary.json         final metrics and cost figures; its presence means "done"
+    retries.json         retriable stops in a row without progress (service.run.retries)
 
 ``summary.json`` is written last: a run without it is not complete, whatever else exists.
 ``summary.json`` and ``status.json`` are typed and carry a ``schema_version``: their keys, and
@@ -28,6 +29,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 BEST = "best.safetensors"
 CHECKPOINTS = "checkpoints/"
+RETRIES = "retries.json"
 
 
 def _dumps(obj: Any) -> bytes:

@@ -18,7 +18,15 @@ import sys
 import threading
 from pathlib import Path
 
-from service.errors import EXIT_OK, EXIT_RETRY, EXIT_USER, RetriableError, UserError, disk_full
+from service.errors import (
+    EXIT_OK,
+    EXIT_RETRY,
+    EXIT_USER,
+    BackbonesError,
+    RetriableError,
+    UserError,
+    disk_full,
+)
 from service.run.cell import cache_root, run_cell
 from service.run.events import Observer
 from service.run.outputs import SUMMARY
@@ -155,6 +163,9 @@ def work(
     except RetriableError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_RETRY
+    except BackbonesError as e:  # RetryLoop: a retriable stop repeated too often (exit 1)
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     if outcome.skipped:
         print(f"{outcome.run_id}: already complete ({outcome.uri}/{SUMMARY})")
     else:

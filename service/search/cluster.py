@@ -120,8 +120,6 @@ class ClusterRunner:
         self.image, self.say, self.poll, self.sleep = image, say, poll_seconds, sleep
 
     def __call__(self, rung: int, cells: list[RungCell]) -> None:
-        from service.k8s.ops import _finished
-
         candidates: dict[str, list[str]] = {}
         for c in cells:
             if c.backbone not in candidates.setdefault(c.group, []):
@@ -134,29 +132,50 @@ class ClusterRunner:
             self.image,
             self.cluster.namespace,
         )
+        finished = self._run(job, len(cells))
+        self.say(f"Job {self.cluster.namespace}/{job['metadata']['name']}: {finished}")
+        # A failed index leaves its cell without a score: it ranks last, as a failed cell
+        # of a local rung does.
+
+    def _run(self, job: dict[str, Any], n: int) -> str:
+        """Create the rung's Job (or find it) and wait until it finishes; its final state.
+
+        Only create, get, list and watch (the driver's Role): a rung's Job that exists is this
+        rung's, from before a restart of the driver; it is waited for, never replaced. One
+        that is terminating (a cancel, a --replace) is waited out, then created again. One
+        deleted while waited for stops the driver retriably (75): a driver cancelled with it
+        is not restarted; otherwise its next pod creates the rung again (cells resume)."""
+        from service.errors import RetriableError
+        from service.k8s.ops import _finished, terminating, wait_gone
+
         name = job["metadata"]["name"]
         where = f"Job {self.cluster.namespace}/{name}"
-        # Only create, get, list and watch (the driver's Role): a rung's Job that exists is
-        # this rung's, from before a restart of the driver; it is waited for, never replaced.
-        if self.cluster.find_job(name) is None:
+        current = self.cluster.find_job(name)
+        if current is not None and terminating(current):
+            wait_gone(self.cluster, current, None, self.say)
+            current = None
+        if current is None:
             self.cluster.create_job(job)
-            self.say(f"{where}: created ({len(cells)} cells)")
+            self.say(f"{where}: created ({n} cells)")
         else:
             self.say(f"{where}: exists; waiting for it")
         while True:
-            finished = _finished(self.cluster.get_job(name))
+            current = self.cluster.find_job(name)
+            if current is None or terminating(current):
+                raise RetriableError(
+                    f"{where} was deleted while the search waited for it; the driver's next "
+                    "attempt creates it again (its cells resume from their checkpoints)"
+                )
+            finished = _finished(current)
             if finished is not None:
-                break
+                return finished
             self.sleep(self.poll)
-        self.say(f"{where}: {finished}")
-        # A failed index leaves its cell without a score: it ranks last, as a failed cell
-        # of a local rung does.
 
 
 def render_driver(study: Study, image: str | None = None, namespace: str | None = None) -> dict:
     """A one-pod Job that runs the driver in the cluster (``backbones search-driver``), under
     the ServiceAccount of k8s/search-driver.yaml, which may create and watch Jobs only."""
-    from service.k8s.pod import DRIVER_CONTAINER
+    from service.k8s.pod import DRIVER_CONTAINER, INIT
     from service.k8s.render import (
         JOB_HASH,
         KUEUE_MIN_PARALLELISM,
@@ -185,13 +204,16 @@ def render_driver(study: Study, image: str | None = None, namespace: str | None 
     js["completions"] = 1
     js["parallelism"] = 1
     js["backoffLimit"] = study.resources.backoff_limit
-    js.pop("podFailurePolicy", None)  # the driver resumes from the store after any failure
+    # The driver resumes from the store after any failure, but a node drain or a retriable stop
+    # (75, 143) must not spend its backoffLimit, and a bad spec (2) must not be retried: the
+    # workers' rules, about the container named "driver".
+    js["podFailurePolicy"] = _driver_failure_policy()
     pod = js["template"]["spec"]
     pod["serviceAccountName"] = DRIVER_SERVICE_ACCOUNT
     pod["automountServiceAccountToken"] = True  # it talks to the API server
     c = pod["containers"][0]
     c["name"] = DRIVER_CONTAINER
-    c["command"] = ["backbones", "search-driver"]
+    c["command"] = [*INIT, "backbones", "search-driver"]
     c.pop("args", None)  # its /metrics (rung, survivors) stay on metrics.port
     if study.search.proxy is None:
         # No GPU: the driver only submits and waits. (With a proxy it embeds the datasets
@@ -211,6 +233,16 @@ def render_driver(study: Study, image: str | None = None, namespace: str | None 
     )
     job["metadata"]["annotations"][JOB_HASH] = job_hash_of(job)
     return job
+
+
+def _driver_failure_policy() -> dict[str, Any]:
+    from service.k8s.pod import DRIVER_CONTAINER, pod_failure_policy
+
+    policy = pod_failure_policy(study=False)
+    for rule in policy["rules"]:
+        if "onExitCodes" in rule:
+            rule["onExitCodes"]["containerName"] = DRIVER_CONTAINER
+    return policy
 
 
 def search_status(cluster, study: str) -> list[str]:

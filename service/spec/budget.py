@@ -376,36 +376,6 @@ def check_budget(study: Study, yes: bool, *, online: bool = False) -> Estimate:
     return est
 
 
-# --------------------------------------------------------------------------------------------
-# The Job's deadline
-# --------------------------------------------------------------------------------------------
-
-# The reference GPU is an A100; a T4-class GPU trains 5-10x slower, and retries after
-# preemption redo part of an epoch. The deadline only has to end a Job that cannot progress
-# (a broken bucket retried as exit 75, pods that never start), so it is generous.
-DEADLINE_SLOWDOWN = 10
-# Per wave of pods: scheduling, image pull, dataset download and decode.
-DEADLINE_STARTUP_SECONDS = 3600
-
-
-def job_deadline_seconds(spec) -> int:
-    """Default ``activeDeadlineSeconds`` of a Job: whole hours, from the offline estimate.
-
-    waves × (DEADLINE_SLOWDOWN × the longest cell on one reference GPU + DEADLINE_STARTUP),
-    where a wave is ``parallelism`` cells at once. Pure and offline (render calls it).
-    """
-    import math
-
-    study = spec if isinstance(spec, Study) else _as_study(spec)
-    # On one GPU, whatever the spec asks for: wall-clock seconds, also for a CPU-only run.
-    one_gpu = study.model_copy(update={"resources": study.resources.model_copy(update={"gpus": 1})})
-    longest = max(c.gpu_hours_per_seed for c in estimate(one_gpu).cells) * 3600
-    cells = study.n_cells
-    waves = math.ceil(cells / min(study.resources.parallelism or cells, cells))
-    seconds = waves * (DEADLINE_SLOWDOWN * longest + DEADLINE_STARTUP_SECONDS)
-    return math.ceil(seconds / 3600) * 3600
-
-
 def _as_study(run) -> Study:
     """A FineTune as the Study of its one cell (the estimate's unit)."""
     data = run.model_dump(
