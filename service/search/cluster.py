@@ -192,12 +192,6 @@ def render_driver(study: Study, image: str | None = None, namespace: str | None 
             f"{LABEL_PREFIX}/study", study.name
         )
     job["metadata"]["annotations"].pop(KUEUE_MIN_PARALLELISM, None)  # one pod
-    if study.search.proxy is None:
-        # Not queued behind GPU quota: it uses none. With a proxy it holds the study's GPU
-        # (it embeds the datasets itself), so Kueue queues and admits it like any GPU pod.
-        for key in [k for k in job["metadata"]["labels"] if k.startswith("kueue.x-k8s.io/")]:
-            del job["metadata"]["labels"][key]
-        job["spec"].pop("suspend", None)
     js = job["spec"]
     for key in ("completionMode", "backoffLimitPerIndex", "maxFailedIndexes"):
         js.pop(key, None)
@@ -216,23 +210,32 @@ def render_driver(study: Study, image: str | None = None, namespace: str | None 
     c["command"] = [*INIT, "backbones", "search-driver"]
     c.pop("args", None)  # its /metrics (rung, survivors) stay on metrics.port
     if study.search.proxy is None:
-        # No GPU: the driver only submits and waits. (With a proxy it embeds the datasets
-        # itself, so it keeps the study's resources.)
-        c["resources"] = {
-            "requests": {"cpu": "100m", "memory": "256Mi"},
-            "limits": {"cpu": "1", "memory": "1Gi"},
-        }
-        pod.pop("tolerations", None)
-        pod.pop("nodeSelector", None)
-        pod.pop("priorityClassName", None)
-        pod["volumes"] = [v for v in pod.get("volumes", []) if v["name"] != "dshm"]
-        c["volumeMounts"] = [m for m in c.get("volumeMounts", []) if m["name"] != "dshm"]
+        _without_gpu(job)
     # checkov reads skips from annotations: this pod must reach the API server.
     job["metadata"]["annotations"]["checkov.io/skip1"] = (
         "CKV_K8S_38=the search driver creates and watches the rungs' Jobs"
     )
     job["metadata"]["annotations"][JOB_HASH] = job_hash_of(job)
     return job
+
+
+def _without_gpu(job: dict[str, Any]) -> None:
+    """A driver without a proxy only submits and waits: no GPU, so not queued behind GPU
+    quota either. (With a proxy it embeds the datasets itself: it keeps the study's resources,
+    and Kueue queues and admits it like any GPU pod.)"""
+    for key in [k for k in job["metadata"]["labels"] if k.startswith("kueue.x-k8s.io/")]:
+        del job["metadata"]["labels"][key]
+    job["spec"].pop("suspend", None)
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    c["resources"] = {
+        "requests": {"cpu": "100m", "memory": "256Mi"},
+        "limits": {"cpu": "1", "memory": "1Gi"},
+    }
+    for key in ("tolerations", "nodeSelector", "priorityClassName"):
+        pod.pop(key, None)
+    pod["volumes"] = [v for v in pod.get("volumes", []) if v["name"] != "dshm"]
+    c["volumeMounts"] = [m for m in c.get("volumeMounts", []) if m["name"] != "dshm"]
 
 
 def _driver_failure_policy() -> dict[str, Any]:
