@@ -25,6 +25,9 @@ def run(
 ) -> None:
     """Run a spec here (every cell of a Study, in order); resumes from checkpoints."""
     with edge():
+        from service.run import logs
+
+        logs.setup()  # the worker's log lines (data notes included), as in the pod
         spec = load_or_exit(spec_file)
         if getattr(spec, "search", None) and spec.search.strategy == "successive_halving":
             from service.cli.search_cmds import run_search
@@ -44,6 +47,7 @@ def run(
             for i, cell in enumerate(cells, 1):
                 if len(cells) > 1:
                     typer.echo(f"[{i}/{len(cells)}] {cell.run_id}")
+                logs.set_run(cell.run_id)
                 try:
                     outcome = run_cell(
                         cell, force=force, cache_dir=cache_dir, observers=_observers(cell),
@@ -73,24 +77,17 @@ def run(
             )
 
 
-@app.command()
-def worker(
-    spec_file: Path | None = typer.Option(
-        None, "--spec", help="Spec file; default: the JSON in $BACKBONES_SPEC."
-    ),
-    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Dataset cache folder."),
-    force: bool = typer.Option(False, "--force", help="Overwrite outputs of another spec."),
-) -> None:
-    """The container's entry point: run one cell (a Study picks $JOB_COMPLETION_INDEX)."""
-    from service.run.worker import work
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def worker(ctx: typer.Context) -> None:
+    """The container's entry point: run one cell (a Study picks $JOB_COMPLETION_INDEX).
+    The same `main` as `python -m service.run.worker` and each torchrun rank: options --spec
+    FILE (default: $BACKBONES_SPEC), --cache-dir DIR, --force; see `backbones worker --help`."""
+    from service.run.worker import main
 
-    code = work(
-        str(spec_file) if spec_file else None,
-        cache_dir=cache_dir,
-        force=force,
-        observers=_observers(None),
-    )
-    raise typer.Exit(code)
+    raise typer.Exit(main(list(ctx.args), prog="backbones worker"))
 
 
 def _observers(cell) -> list:
