@@ -17,7 +17,14 @@ from pydantic import Field, field_validator, model_validator
 
 from service.spec.infra import Metrics, Output, Resources, Storage, check_dns_label
 from service.spec.search import Search
-from service.spec.sections import Backbone, Dataset, Protocol, Section, StudyDataset
+from service.spec.sections import (
+    MAX_SEED,
+    Backbone,
+    Dataset,
+    Protocol,
+    Section,
+    StudyDataset,
+)
 
 API_VERSION = "backbones/v1"
 SCHEMA_URL_FINETUNE = "./schema/finetune.schema.json"
@@ -120,7 +127,7 @@ class Study(_Spec):
         min_length=1,
         description="Datasets to compare them on, each optionally with its own protocol overrides.",
     )
-    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(
         default_factory=lambda: [0, 1, 2],
         min_length=1,
         description="Seeds per cell; reports show mean and 95% CI over them (3+ recommended).",

@@ -30,6 +30,16 @@ Augmentation = Literal["recipe", "none", "standard", "trivial_augment_wide"]
 Normalize = Literal["dataset", "split", "imagenet", "pretrained", "none", "raw"]
 
 _SHORT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+# C0 controls, DEL and C1 controls: never meant in a name, a URI or a key; a NUL truncates a
+# path in the C library, a newline forges a log or error line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+# Upper bounds of what a run can use (docs/spec.md): a seed numpy and torch accept, sizes far
+# beyond any GPU's memory, epochs beyond any budget. Past them a run would only crash later.
+MAX_SEED = 2**32 - 1
+MAX_BATCH = 65536
+MAX_EPOCHS = 100_000
+MAX_IMAGE_SIDE = 4096
 BUILTIN_DATASETS = ("digits",)
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".npz", ".h5", ".hdf5")
 
@@ -40,6 +50,29 @@ class Section(BaseModel):
     # Unknown keys are errors, not silently ignored: a typo in `patience` must not train for days.
     # NaN and Infinity parse as JSON numbers in Python; no field of a spec means them.
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_control_characters(cls, v: Any) -> Any:
+        check_text(v)
+        return v
+
+
+def check_text(v: Any) -> None:
+    """Refuse a control character in any string of ``v`` (dict keys and values, list items)."""
+    if isinstance(v, str):
+        if m := _CONTROL.search(v):
+            raise ValueError(
+                f"must not contain control characters ({m.group()!r} at {m.start()}), got "
+                f"{v[:60]!r}"
+            )
+    elif isinstance(v, dict):
+        for key, value in v.items():
+            check_text(key)
+            check_text(value)
+    elif isinstance(v, list | tuple):
+        for item in v:
+            check_text(item)
 
 
 class Backbone(Section):
@@ -62,6 +95,8 @@ class Backbone(Section):
     def _model_name(cls, v: str) -> str:
         if not v.strip() or v != v.strip():
             raise ValueError(f"must be a model name without surrounding spaces, got {v!r}")
+        if v in (".", ".."):  # it names a folder of a Study's run id: never a path step
+            raise ValueError(f"must be a model name, got {v!r}")
         return v
 
     @field_validator("weights")
@@ -197,7 +232,10 @@ class Protocol(Section):
         "448x672 for some sets). Images are decoded once at this size.",
     )
     batch_size: int = Field(
-        default=64, gt=0, description="Global batch size (split across GPUs when gpus > 1)."
+        default=64,
+        gt=0,
+        le=MAX_BATCH,
+        description="Global batch size (split across GPUs when gpus > 1).",
     )
     micro_batch: int | Literal["auto"] = Field(
         default="auto",
@@ -210,18 +248,21 @@ class Protocol(Section):
     seed: int = Field(
         default=0,
         ge=0,
+        le=MAX_SEED,
         description="Seeds the split, subsampling, init of the head, data order and "
         "augmentation. In a Study, use the top-level seeds instead.",
     )
     max_epochs: int = Field(
         default=100,
         gt=0,
+        le=MAX_EPOCHS,
         description="Epoch cap for every recipe; the length of the cosine schedule for "
         "'standard' and 'linear_probe'.",
     )
     patience: int = Field(
         default=10,
         gt=0,
+        le=MAX_EPOCHS,
         description="'paper' recipe: epochs without validation improvement before switching "
         "from AdamW to SGD, and again before stopping.",
     )
@@ -253,7 +294,10 @@ class Protocol(Section):
         default=None, ge=0, description="Weight decay; empty for the recipe's default."
     )
     warmup_epochs: int = Field(
-        default=1, ge=0, description="'standard': linear warmup epochs before cosine decay."
+        default=1,
+        ge=0,
+        le=MAX_EPOCHS,
+        description="'standard': linear warmup epochs before cosine decay.",
     )
     label_smoothing: float = Field(
         default=0.1, ge=0, lt=1, description="'standard': label smoothing of the cross-entropy."
@@ -285,18 +329,18 @@ class Protocol(Section):
         ok_pair = isinstance(v, list | tuple) and len(v) == 2
         sizes = (v,) if isinstance(v, int) and not isinstance(v, bool) else v if ok_pair else None
         if sizes is None or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
-            raise ValueError(f"must be an integer or [height, width], got {json.dumps(v)}")
+            raise ValueError(f"must be an integer or [height, width], got {_short(v)}")
         for s in sizes:
-            if s <= 0:
-                raise ValueError(f"must be > 0, got {s}")
+            if not 0 < s <= MAX_IMAGE_SIDE:
+                raise ValueError(f"must be > 0 and <= {MAX_IMAGE_SIDE} pixels a side, got {s}")
         return v
 
     @field_validator("micro_batch", mode="before")
     @classmethod
     def _micro_batch(cls, v: Any) -> Any:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_BATCH):
             return v
-        raise ValueError(f"must be 'auto' or an integer > 0, got {json.dumps(v)}")
+        raise ValueError(f"must be 'auto' or an integer > 0 and <= {MAX_BATCH}, got {_short(v)}")
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -323,6 +367,11 @@ class Protocol(Section):
 
 
 _ADDED_DEFAULTS = {"augmentation": "recipe", "micro_batch": "auto"}
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class _Overrides(Section):
