@@ -331,8 +331,10 @@ class Protocol(Section):
         if sizes is None or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
             raise ValueError(f"must be an integer or [height, width], got {_short(v)}")
         for s in sizes:
-            if not 0 < s <= MAX_IMAGE_SIDE:
-                raise ValueError(f"must be > 0 and <= {MAX_IMAGE_SIDE} pixels a side, got {s}")
+            if s <= 0:
+                raise ValueError(f"must be > 0, got {s}")
+            if s > MAX_IMAGE_SIDE:
+                raise ValueError(f"must be <= {MAX_IMAGE_SIDE} pixels a side, got {s}")
         return v
 
     @field_validator("micro_batch", mode="before")
