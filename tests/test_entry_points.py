@@ -7,9 +7,9 @@ exit code (docs/reliability.md, "One failure, one exit code"), as one line witho
 traceback. Every failure happens before training, so each process takes a few seconds.
 
 Stand-ins: the torchrun case runs one rank on the CPU (gloo), not several GPUs; the exit code it
-checks is the rank's, as the launch wrapper hands it to the pod. Storage "down" is a closed
-port on loopback with one attempt (BACKBONES_S3_MAX_ATTEMPTS=1), not a slow or partitioned
-network.
+checks is the rank's, as the launch wrapper hands it to the pod. The retriable rows of the table
+(storage down, preemption, a full disk) go through the same ``exit_for``; their end-to-end tests
+are in test_worker.py and the test_reliability_* modules.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 
 from tests.data_factory import make_imagefolder, make_packed
-from tests.fixtures.prometheus import free_port
 from tests.specs import merge, tiny_doc
 from tests.trainutil import REPO, worker_env
 
@@ -67,10 +66,6 @@ def output_under_a_file(tmp: Path, s3) -> tuple[str, dict]:
     return json.dumps(tiny_doc(tmp, "tiny", {"output": {"uri": str(tmp / "a-file" / "runs")}})), {}
 
 
-def dataset_missing(tmp: Path, s3) -> tuple[str, dict]:
-    return json.dumps(tiny_doc(tmp, "tiny", {"dataset": {"uri": str(tmp / "no-such-data")}})), {}
-
-
 def manifest_shard_without_size(tmp: Path, s3) -> tuple[str, dict]:
     packed = make_packed(tmp / "packed", {"train": {"a": 4, "b": 4}, "test": {"a": 2, "b": 2}})
     bucket = s3.make_bucket()
@@ -87,28 +82,16 @@ def manifest_shard_without_size(tmp: Path, s3) -> tuple[str, dict]:
     return json.dumps(doc), s3.env()
 
 
-def storage_unreachable(tmp: Path, s3) -> tuple[str, dict]:
-    doc = tiny_doc(
-        tmp,
-        "tiny",
-        {"dataset": {"uri": "s3://data/d/", "test_fraction": None}},
-        {"storage": {"endpoint_url": f"http://127.0.0.1:{free_port()}"}},
-    )
-    env = {"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK"}
-    return json.dumps(doc), {**env, "BACKBONES_S3_MAX_ATTEMPTS": "1"}
-
-
 FAILURES = {
     seed_out_of_range: (2, "protocol.seed: must be <= 4294967295"),
     integer_of_5000_digits: (2, "protocol.batch_size: integer of 5000 digits is out of range"),
     nul_in_output_uri: (2, "output.uri: must not contain control characters"),
     output_under_a_file: (2, "Not a directory"),
-    dataset_missing: (2, "no-such-data"),
     manifest_shard_without_size: (2, "manifest.json: shard shards/train-00000.tar: 'size'"),
-    storage_unreachable: (75, "unreachable after 1 attempts"),
 }
-# The torchrun wrapper starts a rendezvous per run: a subset keeps the module fast.
-TORCHRUN_CASES = {output_under_a_file, integer_of_5000_digits, manifest_shard_without_size}
+# The torchrun wrapper starts a rendezvous per run: a subset (a spec refused, an OS error while
+# running) keeps the module fast.
+TORCHRUN_CASES = {output_under_a_file, integer_of_5000_digits}
 
 CASES = [
     pytest.param(make, entry, id=f"{make.__name__}-{entry}")
@@ -126,6 +109,7 @@ def s3(request):
     return request.getfixturevalue("seaweed")
 
 
+@pytest.mark.integration  # the manifest case reads SeaweedFS
 @pytest.mark.parametrize(("make", "entry"), CASES)
 def test_one_failure_one_exit_code_from_every_entry_point(make, entry, tmp_path, s3):
     text, extra = make(tmp_path, s3)
