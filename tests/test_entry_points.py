@@ -14,6 +14,7 @@ are in test_worker.py and the test_reliability_* modules.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from service.errors import RetriableError, UserError, exit_for
 from tests.data_factory import make_imagefolder, make_packed
 from tests.specs import merge, tiny_doc
 from tests.trainutil import REPO, worker_env
@@ -121,6 +123,33 @@ def test_one_failure_one_exit_code_from_every_entry_point(make, entry, tmp_path,
     assert result.returncode == code, (result.returncode, result.stderr[-3000:])
     errors = [line for line in result.stderr.splitlines() if says in line]
     assert errors, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (OSError(errno.ENOTDIR, "Not a directory", "/o/runs"), 2),
+        (PermissionError(errno.EACCES, "Permission denied", "/o"), 2),
+        (OSError(errno.EROFS, "Read-only file system", "/o"), 2),
+        (OSError(errno.ENOSPC, "No space left on device"), 75),
+        (OSError(errno.EDQUOT, "Disk quota exceeded", "/c/x"), 75),
+        (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), 75),
+        (OSError(errno.ETIMEDOUT, "Connection timed out"), 75),
+        (TimeoutError("timed out"), 75),
+        (OSError(errno.EIO, "Input/output error", "/c/x"), 75),
+        (UserError("bad"), 2),
+        (RetriableError("later"), 75),
+        (KeyboardInterrupt(), 130),
+        (KeyError("size"), None),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v),
+)
+def test_exit_for_maps_each_failure_to_one_code(error, code):
+    """The one mapping every edge uses; None is a bug (its traceback, exit 1)."""
+    got = exit_for(error, "/cache")
+    assert (got[0] if got else None) == code
+    if got and isinstance(error, OSError) and error.filename:
+        assert got[1].startswith(f"{error.filename}: ")
 
 
 # ---- the same log lines ----------------------------------------------------------------------
