@@ -24,10 +24,10 @@ def run(
     ),
 ) -> None:
     """Run a spec here (every cell of a Study, in order); resumes from checkpoints."""
-    with edge():
-        from service.run import logs
+    from service.run import logs
 
-        logs.setup()  # the worker's log lines (data notes included), as in the pod
+    # The worker's log lines (data notes included), as in the pod.
+    with edge(), logs.configured():
         spec = load_or_exit(spec_file)
         if getattr(spec, "search", None) and spec.search.strategy == "successive_halving":
             from service.cli.search_cmds import run_search

@@ -6,7 +6,8 @@ logger and the message, e.g.::
 
     2026-12-07T23:15:02Z INFO run=quickstart rank=0 service.data.dataset: dataset ...: note
 
-The run id is set when the cell is known (``set_run``; ``-`` before that); the rank comes from
+``configured()`` wraps a command (the worker's ``main``, ``backbones run``). The run id is set
+when the cell is known (``set_run``; ``-`` before that); the rank comes from
 torchrun's ``RANK`` (0 without torchrun). Our own loggers (``backbones.*`` and ``service.*``)
 log INFO, so the data-quality notes of a dataset reach the log; third-party libraries log
 WARNING and above only (botocore's INFO lines say nothing a user needs).
@@ -14,10 +15,12 @@ WARNING and above only (botocore's INFO lines say nothing a user needs).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 
 FORMAT = "%(asctime)s %(levelname)s run=%(run)s rank=%(rank)s %(name)s: %(message)s"
 DATEFMT = "%Y-%m-%dT%H:%M:%SZ"
@@ -35,21 +38,42 @@ class _RunContext(logging.Filter):
         return True
 
 
-def setup(stream=None) -> None:
-    """Install the one handler on the root logger (again: replaced, never doubled)."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each line (a test runner swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property wins
+        pass
+
+
+@contextlib.contextmanager
+def configured() -> Iterator[None]:
+    """The one handler on the root logger while a command runs; the logging configuration
+    as it was afterwards (a command run in-process, as tests do, leaves nothing behind)."""
+    handler = _StderrHandler()
     formatter = logging.Formatter(FORMAT, DATEFMT)
     formatter.converter = time.gmtime
     handler.setFormatter(formatter)
     handler.addFilter(_RunContext())
-    handler.set_name("backbones")
     root = logging.getLogger()
-    for old in [h for h in root.handlers if h.get_name() == "backbones"]:
-        root.removeHandler(old)
+    ours = [logging.getLogger(name) for name in OUR_LOGGERS]
+    before = (root.level, [lg.level for lg in ours], _context["run"])
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
-    for name in OUR_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO)
+    for lg in ours:
+        lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(before[0])
+        for lg, level in zip(ours, before[1], strict=True):
+            lg.setLevel(level)
+        _context["run"] = before[2]
 
 
 def set_run(run_id: str | None) -> None:

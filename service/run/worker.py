@@ -140,10 +140,10 @@ def parser(prog: str = "python -m service.run.worker") -> argparse.ArgumentParse
 def main(argv: list[str] | None = None, *, prog: str = "python -m service.run.worker") -> int:
     """Parse ``argv``, set up logging, run the one cell; the process's exit code."""
     args = parser(prog).parse_args(argv)
-    logs.setup()
-    return work(
-        args.spec, cache_dir=args.cache_dir, force=args.force, observers=console_observers()
-    )
+    with logs.configured():
+        return work(
+            args.spec, cache_dir=args.cache_dir, force=args.force, observers=console_observers()
+        )
 
 
 def work(
