@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from service.cli import app
 from tests.data_factory import make_imagefolder
 from tests.specs import tiny_spec, tiny_study, write_spec
-from tests.trainutil import one_thread
+from tests.trainutil import error_lines, one_thread
 
 
 def _folder(root, classes=("cat", "dog"), test_classes=None, per_class=4):
@@ -128,8 +128,7 @@ def test_a_bad_cell_of_a_study_fails_alone_and_the_others_run(tmp_path):
     with one_thread():
         r = CliRunner().invoke(app, ["run", str(path), "--cache-dir", str(tmp_path / "c")])
     assert r.exit_code == 2, r.output
-    # The log's lines (service.run.logs: time, level, run, rank) aside, the errors of the cells.
-    first, last = [x for x in r.stderr.strip().splitlines() if " run=" not in x]
+    first, last = error_lines(r.stderr)  # the log's lines aside, the errors of the cells
     assert first.startswith("error: grid/scans/test_resnet/seed0-frac1.0: ")
     assert "single class 'cat'" in first
     assert last == (

@@ -16,7 +16,7 @@ BIG = "9" * 5000  # beyond Python's 4300-digit int <-> str limit
 CASES = [
     ({"protocol": {"seed": 2**32}}, "protocol.seed: must be <= 4294967295, got 4294967296"),
     ({"protocol": {"batch_size": 65537}}, "protocol.batch_size: must be <= 65536, got 65537"),
-    ({"protocol": {"micro_batch": 65537}}, "protocol.micro_batch: must be 'auto' or an integer"),
+    ({"protocol": {"micro_batch": 65537}}, "protocol.micro_batch: must be <= 65536, got 65537"),
     ({"protocol": {"max_epochs": 10**6}}, "protocol.max_epochs: must be <= 100000, got 1000000"),
     ({"protocol": {"patience": 10**6}}, "protocol.patience: must be <= 100000"),
     ({"protocol": {"warmup_epochs": 10**6}}, "protocol.warmup_epochs: must be <= 100000"),

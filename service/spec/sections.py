@@ -342,7 +342,9 @@ class Protocol(Section):
     def _micro_batch(cls, v: Any) -> Any:
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_BATCH):
             return v
-        raise ValueError(f"must be 'auto' or an integer > 0 and <= {MAX_BATCH}, got {_short(v)}")
+        if isinstance(v, int) and not isinstance(v, bool) and v > MAX_BATCH:
+            raise ValueError(f"must be <= {MAX_BATCH}, got {v}")
+        raise ValueError(f"must be 'auto' or an integer > 0, got {_short(v)}")
 
     @property
     def hw(self) -> tuple[int, int]:
