@@ -32,10 +32,10 @@ def observer(spec, monkeypatch):
     o.close()
 
 
-def get(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
+def get(port: int, path: str, method: str = "GET", **headers) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        conn.request(method, path)
+        conn.request(method, path, headers=headers)
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -64,6 +64,9 @@ def test_only_metrics_is_served(observer):
     for path in ("/", "/metrics/x", "/favicon.ico", "/../metrics"):
         assert get(port, path)[0] == 404, path
     assert get(port, "/metrics", method="POST")[0] == 405
+    openmetrics = "application/openmetrics-text; version=1.0.0"
+    status, body = get(port, "/metrics", Accept=openmetrics)
+    assert status == 200 and body.endswith(b"# EOF\n")  # what the scraper asked for
 
 
 def test_half_open_connections_neither_pin_threads_nor_lock_scrapers_out(observer):
@@ -89,7 +92,7 @@ def test_half_open_connections_neither_pin_threads_nor_lock_scrapers_out(observe
 
 
 def test_an_idle_connection_is_closed(spec):
-    server = MetricsServer("127.0.0.1", 0, lambda: b"x 1\n", "text/plain", idle_seconds=0.3)
+    server = MetricsServer("127.0.0.1", 0, lambda a: (b"x 1\n", "text/plain"), idle_seconds=0.3)
     try:
         with socket.create_connection(server.server_address, timeout=10) as s:
             s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
@@ -99,7 +102,7 @@ def test_an_idle_connection_is_closed(spec):
 
 
 def test_a_request_head_over_8_kib_is_refused(spec):
-    server = MetricsServer("127.0.0.1", 0, lambda: b"x 1\n", "text/plain")
+    server = MetricsServer("127.0.0.1", 0, lambda a: (b"x 1\n", "text/plain"))
     try:
         with socket.create_connection(server.server_address, timeout=10) as s:
             s.sendall(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 9000)

@@ -36,9 +36,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import (
-    CONTENT_TYPE_LATEST,
+    choose_encoder,
     delete_from_gateway,
-    generate_latest,
     push_to_gateway,
 )
 
@@ -305,7 +304,7 @@ def serve(registry: CollectorRegistry, port: int, addr: str | None = None) -> Me
     # Rule: no module is first imported inside a thread or pool; prometheus_client is
     # imported at the top of this module, and scrapes never touch torch (_DeviceMemory).
     try:
-        return MetricsServer(addr, port, lambda: generate_latest(registry), CONTENT_TYPE_LATEST)
+        return MetricsServer(addr, port, lambda accept: _exposition(registry, accept))
     except OSError as e:
         log.warning(
             "metrics: cannot serve on %s:%d (%s); going on without /metrics",
@@ -314,6 +313,12 @@ def serve(registry: CollectorRegistry, port: int, addr: str | None = None) -> Me
             e.strerror or e,
         )
         return None
+
+
+def _exposition(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
+    """The registry in the format the scraper asked for (OpenMetrics or the text format)."""
+    encoder, content_type = choose_encoder(accept)
+    return encoder(registry), content_type
 
 
 # ---- Pushgateway housekeeping ---------------------------------------------------------------

@@ -63,20 +63,20 @@ def _response(status: str, body: bytes, content_type: str, head_only: bool = Fal
 
 
 class MetricsServer:
-    """Serves ``render()`` (bytes of ``content_type``) at /metrics on ``addr:port``, on a
-    daemon thread, until ``shutdown()``. Raises OSError when the port cannot be bound."""
+    """Serves ``render(accept)`` (the body and its content type for the request's Accept
+    header) at /metrics on ``addr:port``, on a daemon thread, until ``shutdown()``. Raises
+    OSError when the port cannot be bound."""
 
     def __init__(
         self,
         addr: str,
         port: int,
-        render: Callable[[], bytes],
-        content_type: str,
+        render: Callable[[str], tuple[bytes, str]],
         *,
         max_connections: int = MAX_CONNECTIONS,
         idle_seconds: float = IDLE_SECONDS,
     ):
-        self.render, self.content_type = render, content_type
+        self.render = render
         self.max_connections, self.idle_seconds = max_connections, idle_seconds
         family = socket.AF_INET6 if ":" in addr else socket.AF_INET
         self.listener = socket.socket(family, socket.SOCK_STREAM)
@@ -155,7 +155,16 @@ class MetricsServer:
             return _response("405 Method Not Allowed", b"only GET\n", "text/plain")
         if target.split("?", 1)[0] != "/metrics":
             return _response("404 Not Found", b"only /metrics is served here\n", "text/plain")
-        return _response("200 OK", self.render(), self.content_type, method == "HEAD")
+        accept = next(
+            (
+                line.split(b":", 1)[1].decode("latin-1").strip()
+                for line in head.split(b"\n")[1:]
+                if line.lower().startswith(b"accept:")
+            ),
+            "",
+        )
+        body, content_type = self.render(accept)
+        return _response("200 OK", body, content_type, method == "HEAD")
 
     def _write(self, fd: int) -> None:
         conn = self._conns[fd]
