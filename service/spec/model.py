@@ -16,15 +16,9 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from service.spec.infra import Metrics, Output, Resources, Storage, check_dns_label
+from service.spec.limits import MAX_SEED
 from service.spec.search import Search
-from service.spec.sections import (
-    MAX_SEED,
-    Backbone,
-    Dataset,
-    Protocol,
-    Section,
-    StudyDataset,
-)
+from service.spec.sections import Backbone, Dataset, Protocol, Section, StudyDataset
 
 API_VERSION = "backbones/v1"
 SCHEMA_URL_FINETUNE = "./schema/finetune.schema.json"

@@ -8,7 +8,6 @@ overridable with its checks). ``protocol.recipe`` accepts the names of the recip
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
@@ -22,6 +21,14 @@ from pydantic import (
     model_serializer,
 )
 
+from service.spec.limits import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_IMAGE_SIDE,
+    MAX_SEED,
+    check_text,
+    short,
+)
 from service.train.recipes import RECIPES
 
 Domain = Literal["natural", "texture", "remote_sensing", "plant", "astronomy", "medical", "other"]
@@ -30,16 +37,6 @@ Augmentation = Literal["recipe", "none", "standard", "trivial_augment_wide"]
 Normalize = Literal["dataset", "split", "imagenet", "pretrained", "none", "raw"]
 
 _SHORT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
-# C0 controls, DEL and C1 controls: never meant in a name, a URI or a key; a NUL truncates a
-# path in the C library, a newline forges a log or error line.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-# Upper bounds of what a run can use (docs/spec.md): a seed numpy and torch accept, sizes far
-# beyond any GPU's memory, epochs beyond any budget. Past them a run would only crash later.
-MAX_SEED = 2**32 - 1
-MAX_BATCH = 65536
-MAX_EPOCHS = 100_000
-MAX_IMAGE_SIDE = 4096
 BUILTIN_DATASETS = ("digits",)
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".npz", ".h5", ".hdf5")
 
@@ -56,23 +53,6 @@ class Section(BaseModel):
     def _no_control_characters(cls, v: Any) -> Any:
         check_text(v)
         return v
-
-
-def check_text(v: Any) -> None:
-    """Refuse a control character in any string of ``v`` (dict keys and values, list items)."""
-    if isinstance(v, str):
-        if m := _CONTROL.search(v):
-            raise ValueError(
-                f"must not contain control characters ({m.group()!r} at {m.start()}), got "
-                f"{v[:60]!r}"
-            )
-    elif isinstance(v, dict):
-        for key, value in v.items():
-            check_text(key)
-            check_text(value)
-    elif isinstance(v, list | tuple):
-        for item in v:
-            check_text(item)
 
 
 class Backbone(Section):
@@ -329,7 +309,7 @@ class Protocol(Section):
         ok_pair = isinstance(v, list | tuple) and len(v) == 2
         sizes = (v,) if isinstance(v, int) and not isinstance(v, bool) else v if ok_pair else None
         if sizes is None or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
-            raise ValueError(f"must be an integer or [height, width], got {_short(v)}")
+            raise ValueError(f"must be an integer or [height, width], got {short(v)}")
         for s in sizes:
             if s <= 0:
                 raise ValueError(f"must be > 0, got {s}")
@@ -344,7 +324,7 @@ class Protocol(Section):
             return v
         if isinstance(v, int) and not isinstance(v, bool) and v > MAX_BATCH:
             raise ValueError(f"must be <= {MAX_BATCH}, got {v}")
-        raise ValueError(f"must be 'auto' or an integer > 0, got {_short(v)}")
+        raise ValueError(f"must be 'auto' or an integer > 0, got {short(v)}")
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -371,11 +351,6 @@ class Protocol(Section):
 
 
 _ADDED_DEFAULTS = {"augmentation": "recipe", "micro_batch": "auto"}
-
-
-def _short(v: Any) -> str:
-    text = json.dumps(v, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class _Overrides(Section):
