@@ -10,7 +10,7 @@ then times, in one run:
   (c) collect with one thread against the pool, side by side (the ratio matters on S3, where
       every read is a round trip; on a local disk it is small).
 
-    python benchmarks/report_scale.py [--cells-per-dataset-backbone 5] [--keep DIR]
+    python benchmarks/report_scale.py [--datasets 10] [--backbones 20] [--seeds 5] [--keep DIR]
 """
 
 from __future__ import annotations

@@ -65,3 +65,12 @@ def tiny_wavemix(monkeypatch):
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that skips without CUDA carries the 'cuda' marker, so `pytest -m cuda` runs
+    exactly those (benchmarks/gpu_check.sh does, on a GPU)."""
+    for item in items:
+        for mark in item.iter_markers("skipif"):
+            if "cuda" in str(mark.kwargs.get("reason", "")).lower():
+                item.add_marker(pytest.mark.cuda)

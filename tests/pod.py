@@ -15,9 +15,11 @@
   namespace of its own, a mount whose path exists here (``/tmp``, ``/dev/shm``) is bind-mounted
   over it, so the pod's /tmp is its volume and not this machine's; a path that does not exist
   here (``/cache``) stays at its stand-in folder and the env values naming it are rewritten.
-  The same namespace makes this Python reachable for the pod's user (it lives under a 0700
-  home here): a read-only bind of the interpreter's prefix on a tmpfs over that home, so the
-  pod can neither read nor write root's home.
+  The same namespace makes this Python reachable for the pod's user wherever it lives (it
+  stands in for the image's interpreter): its prefixes, console scripts and site-packages are
+  bound back read-only at their own paths when a pod mount hides them (a venv under /tmp) or a
+  closed folder lies above them (pyenv under a 0700 home, covered by a tmpfs so the pod can
+  neither read nor write root's home).
 
 Everything else on the machine is as the pod's user finds it: not writable outside the mounts
 (``outside_writes`` checks that with a file-tree compare). Needs root (mount namespace, setuid).
@@ -31,6 +33,7 @@ import os
 import re
 import shutil
 import signal
+import site
 import stat
 import subprocess
 import sys
@@ -205,21 +208,19 @@ class Pod:
         _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
         _mount("tmpfs", SITE_PARENT, "tmpfs", 0, "mode=0755")
         os.mkdir(SITE)
-        _mount(str(REPO), SITE, None, _MS_BIND | _MS_REC)
-        _mount(None, SITE, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY)
-        prefix = Path(sys.base_prefix).resolve()
-        closed = next(
-            (a for a in reversed(prefix.parents) if not a.stat().st_mode & stat.S_IXOTH), None
-        )
-        if closed is not None:
-            stage = self.base / ".python"
-            _mount(str(prefix), str(stage), None, _MS_BIND | _MS_REC)
+        _bind_read_only(str(REPO), SITE)
+        # The interpreter, staged before anything covers it: a pod volume (a venv under /tmp)
+        # or the tmpfs over a closed home (pyenv under /root) would hide it from the pod.
+        hidden = _python_roots(self.bound)
+        for i, root in enumerate(hidden):
+            _mount(str(root), str(self.base / f".python-{i}"), None, _MS_BIND | _MS_REC)
+        for closed in {c for root in hidden if (c := _closed_ancestor(root))}:
             _mount("tmpfs", str(closed), "tmpfs", 0, "mode=0755")
-            prefix.mkdir(parents=True)
-            _mount(str(stage), str(prefix), None, _MS_BIND | _MS_REC)
-            _mount(None, str(prefix), None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY)
         for p, d in self.bound.items():
             _mount(str(d), p, None, _MS_BIND)
+        for i, root in enumerate(hidden):
+            root.mkdir(parents=True, exist_ok=True)  # inside the tmpfs or the pod's volume
+            _bind_read_only(str(self.base / f".python-{i}"), str(root))
         os.chdir(self.path(self.cwd) if self.cwd in self.moved else self.cwd)
         os.setgroups([])
         os.setgid(self.gid)
@@ -227,7 +228,8 @@ class Pod:
         os.umask(UMASK)
 
     def start(self) -> Pod:
-        (self.base / ".python").mkdir(exist_ok=True)
+        for i in range(len(_python_roots(self.bound))):
+            (self.base / f".python-{i}").mkdir(exist_ok=True)
         self._log = open(self.out, "w")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
             self.command,
@@ -300,6 +302,43 @@ def _check(rc: int, what: str) -> None:
 def _mount(src: str | None, target: str, fstype: str | None, flags: int, data: str | None = None):
     enc = lambda s: s.encode() if s is not None else None  # noqa: E731
     _check(_libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)), f"mount {target}")
+
+
+def _bind_read_only(src: str, target: str) -> None:
+    _mount(src, target, None, _MS_BIND | _MS_REC)
+    _mount(None, target, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY)
+
+
+def _closed_ancestor(path: Path) -> Path | None:
+    """The outermost folder above ``path`` that other users cannot enter (a 0700 home)."""
+    return next((a for a in reversed(path.parents) if not a.stat().st_mode & stat.S_IXOTH), None)
+
+
+def _python_roots(bound: dict[str, Path]) -> list[Path]:
+    """The folders this interpreter needs that the pod's user would not see: its prefixes, the
+    console scripts beside ``sys.executable`` and its site-packages, wherever they live (a venv
+    under /tmp, inside the checkout, pyenv under a closed home, a system prefix), when a pod
+    mount covers them or a closed folder lies above them. Outermost first, none inside another."""
+    needed = {
+        Path(p).resolve()
+        for p in (
+            sys.prefix,
+            sys.base_prefix,
+            sys.exec_prefix,
+            sys.base_exec_prefix,
+            Path(sys.executable).parent,
+            Path(sys.executable).resolve().parent,
+            *site.getsitepackages(),
+        )
+    }
+    covers = [Path(p) for p in bound]
+    hidden = [
+        p
+        for p in needed
+        if _closed_ancestor(p) is not None or any(p == c or c in p.parents for c in covers)
+    ]
+    outermost = [p for p in hidden if not any(q in p.parents for q in hidden)]
+    return sorted(outermost, key=lambda p: (len(p.parts), str(p)))
 
 
 # ---- nothing written outside the mounts -------------------------------------------------------

@@ -65,17 +65,104 @@ def test_trivial_augment_is_torchvisions_per_image_and_seeded_by_seed_epoch_step
     assert torch.equal(aug(x[1::2], 0, 0, range(1, 32, 2)), a[1::2])
     changed = [not torch.equal(a[i], x[i]) for i in range(len(x))]
     assert 0 < sum(changed) < len(x) + 1  # per image; 'identity' is one of its ops
-    # exactly torchvision's op under the same random draws, image by image
+    # exactly torchvision's transform, image by image, had it drawn from the image's own seed
     from torchvision.transforms import v2
 
     from service.data.augment import _seed
 
     ref = v2.TrivialAugmentWide()
     expected = []
-    for row, img in enumerate(x):
-        torch.manual_seed(_seed(3, 0, 0, row, "trivial_augment_wide"))
-        expected.append(ref(img))
+    with torch.random.fork_rng(devices=[]):
+        for row, img in enumerate(x):
+            torch.manual_seed(_seed(3, 0, 0, row, "trivial_augment_wide"))
+            expected.append(ref(img))
     assert torch.equal(a, torch.stack(expected))
+
+
+def test_trivial_augment_never_seeds_or_forks_the_global_generators(monkeypatch):
+    """torch.manual_seed also reseeds every CUDA generator (the dropout and init streams of the
+    training on a GPU): once per image, every batch. The draws come from local generators."""
+
+    import torch._dynamo  # torch.manual_seed imports it: import it before patching
+
+    calls = []
+    for owner, name in (
+        (torch, "manual_seed"),
+        (torch.random, "manual_seed"),
+        (torch.random, "fork_rng"),
+        (torch.random, "set_rng_state"),
+        (torch.cuda, "manual_seed"),
+        (torch.cuda, "manual_seed_all"),
+        (torch.cuda, "set_rng_state"),
+    ):
+        real = getattr(owner, name)
+
+        def recorded(*a, _real=real, _name=name, **k):
+            calls.append(_name)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(owner, name, recorded)
+    x = _split(64, seed=4).images
+    before = torch.random.get_rng_state()
+    out = TrivialAugmentWide(seed=5)(x, 2, 7, range(64))
+    assert calls == []
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert not torch.equal(out, x)
+
+
+def test_each_drawn_op_runs_once_on_the_images_that_drew_it(monkeypatch):
+    from service.data import augment
+
+    calls: list[tuple[str, int]] = []
+    for name, kernel in list(augment._KERNELS.items()):
+
+        def counted(x, m, _name=name, _kernel=kernel):
+            calls.append((_name, len(x)))
+            return _kernel(x, m)
+
+        monkeypatch.setitem(augment._KERNELS, name, counted)
+    aug = TrivialAugmentWide(seed=0)
+    x = _split(64, seed=6).images
+    aug(x, 0, 0, range(64))
+    names = [n for n, _ in calls]
+    assert len(names) == len(set(names)) and len(names) <= 16  # one call per op at most
+    assert sum(n for _, n in calls) == 64
+    assert max(n for _, n in calls) > 1  # groups, not single images
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (12, 20)])  # square: rotate's 90° shortcut
+def test_every_op_at_every_bin_and_sign_equals_torchvisions(shape):
+    """The op list and magnitude bins are torchvision's, and each op at each magnitude gives
+    torchvision's result for that image: one batch per op, one image per (bin, sign)."""
+    from torchvision.transforms import v2
+
+    from service.data.augment import apply_draws
+
+    ref = v2.TrivialAugmentWide()
+    aug = TrivialAugmentWide(seed=0)
+    assert aug.ops == tuple(ref._AUGMENTATION_SPACE) and len(aug.ops) == 14
+    h, w = shape
+    g = torch.Generator().manual_seed(7)
+    for op in aug.ops:
+        table = aug._magnitudes(op, h, w) or [0.0]
+        signs = (1.0, -1.0) if aug.space[op][1] else (1.0,)
+        draws = [(op, m * s) for m in table for s in signs]
+        x = torch.randint(0, 256, (len(draws), 3, h, w), generator=g, dtype=torch.uint8)
+        x[: len(x) // 2, :, : h // 2] = 90  # flat areas: where rounding ties happen
+        got = apply_draws(x, draws)
+        for img, (_, m), out in zip(x, draws, got, strict=True):
+            want = ref._apply_image_or_video_transform(img, op, m, "nearest", ref._fill)
+            assert torch.equal(out, want), (op, m)
+
+
+def test_a_loader_resumed_mid_epoch_augments_the_remaining_batches_identically():
+    split = _split(40, seed=8)
+    kw = dict(device="cpu", mean=(0.5,) * 3, std=(0.2,) * 3, shuffle=True, seed=9)
+    full = list(BatchLoader(split, 8, augment=TrivialAugmentWide(9), **kw).epoch(1))
+    resumed = list(BatchLoader(split, 8, augment=TrivialAugmentWide(9), **kw).epoch(1, 3))
+    assert len(resumed) == 2
+    for (xa, ya), (xb, yb) in zip(full[3:], resumed, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 def test_the_loader_applies_a_uint8_augmentation_before_normalising():

@@ -19,7 +19,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.k8s.render import render_job, to_yaml
+from service.k8s.render import to_yaml
+from service.search.cluster import render_for
 from service.spec import load_spec
 from tests.conftest import IN_CI, require
 
@@ -32,7 +33,8 @@ DIGEST_IMAGE = "ghcr.io/backbones/backbones@sha256:" + "0" * 64
 
 
 def rendered(path: Path, **kw) -> dict:
-    return render_job(load_spec(path), **kw)
+    """What `backbones render` prints: for a search, its driver's Job."""
+    return render_for(load_spec(path), **kw)
 
 
 BUILT_IN = ("v1", "rbac.authorization.k8s.io/v1", "networking.k8s.io/v1", "batch/v1")
@@ -139,6 +141,9 @@ API_CALLS = {
     "read_namespaced_pod_log": ("", "pods/log", "get"),
     "list_namespaced_event": ("", "events", "list"),
     "read_namespaced_service_account": ("", "serviceaccounts", "get"),
+    # CustomObjectsApi: the only custom objects client.py reads are Kueue's.
+    "get_namespaced_custom_object": ("kueue.x-k8s.io", "localqueues", "get"),
+    "list_namespaced_custom_object": ("kueue.x-k8s.io", "workloads", "list"),
 }
 # Calls a namespaced Role cannot (and need not) grant: Namespaces are cluster-scoped (submit
 # treats a 403 there as "cannot tell" and goes on), /version is readable by every user
@@ -147,10 +152,14 @@ NOT_IN_ROLE = {"read_namespace", "get_code"}
 # `backbones render ... | kubectl apply -f -`: kubectl reads the Job, then creates or patches it
 # (`--server-side` always patches).
 KUBECTL_APPLY = {("batch", "jobs", v) for v in ("get", "create", "patch")}
+# What a submitter reaches for next: kubectl describe pod, kubectl get pods -w, kubectl wait.
+KUBECTL_PODS = {("", "pods", v) for v in ("get", "watch")}
+# The fix submit names for a missing queue: kubectl get localqueues.
+KUBECTL_QUEUES = {("kueue.x-k8s.io", "localqueues", "list")}
 
 
 def client_api_calls() -> set[str]:
-    """Methods called on the API objects (self.batch / self.core / self.version) in client.py."""
+    """Methods called on the API objects (self.batch / core / version / custom) in client.py."""
     tree = ast.parse((ROOT / "service" / "k8s" / "client.py").read_text())
     return {
         node.func.attr
@@ -160,7 +169,7 @@ def client_api_calls() -> set[str]:
         and isinstance(node.func.value, ast.Attribute)
         and isinstance(node.func.value.value, ast.Name)
         and node.func.value.value.id == "self"
-        and node.func.value.attr in ("batch", "core", "version")
+        and node.func.value.attr in ("batch", "core", "version", "custom")
     }
 
 
@@ -168,7 +177,12 @@ def test_the_submitter_role_grants_exactly_what_the_cli_and_kubectl_apply_use():
     calls = client_api_calls()
     unknown = calls - set(API_CALLS) - NOT_IN_ROLE
     assert not unknown, f"new API calls: add them to API_CALLS and k8s/rbac.yaml: {unknown}"
-    needed = {API_CALLS[c] for c in calls if c in API_CALLS} | KUBECTL_APPLY
+    needed = (
+        {API_CALLS[c] for c in calls if c in API_CALLS}
+        | KUBECTL_APPLY
+        | KUBECTL_PODS
+        | KUBECTL_QUEUES
+    )
     role = next(
         d
         for d in kustomize_build()

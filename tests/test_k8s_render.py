@@ -182,12 +182,10 @@ def test_no_gpu_means_no_gpu_limit():
     assert "nvidia.com/gpu" not in c["resources"]["requests"]
 
 
-def test_cpu_and_memory_requests_equal_limits():
+def test_cpu_memory_and_disk_requests_equal_limits():
     c = container(job_of(finetune(resources={"cpu": "6", "memory": "40Gi", "gpus": 0})))
-    assert c["resources"] == {
-        "requests": {"cpu": "6", "memory": "40Gi"},
-        "limits": {"cpu": "6", "memory": "40Gi"},
-    }
+    amounts = {"cpu": "6", "memory": "40Gi", "ephemeral-storage": "111Gi"}
+    assert c["resources"] == {"requests": amounts, "limits": amounts}
 
 
 def test_node_selector_tolerations_and_affinity_pass_through_unchanged():
@@ -270,7 +268,7 @@ def test_cache_tmp_and_a_memory_backed_dev_shm_are_emptydirs():
     job = job_of(finetune(resources={"cache_size": "20Gi", "shm_size": "2Gi"}))
     assert pod(job)["volumes"] == [
         {"name": "cache", "emptyDir": {"sizeLimit": "20Gi"}},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
     ]
     assert container(job)["volumeMounts"] == [

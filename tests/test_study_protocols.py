@@ -141,8 +141,6 @@ def test_the_study_round_trips_and_a_study_without_overrides_serialises_as_befor
 def test_specs_written_before_overrides_existed_keep_their_hashes():
     """Outputs of earlier runs still resume and report: the new fields at their defaults do not
     enter the hash (the literals were computed before datasets[].protocol and augmentation)."""
-    from service.k8s.render import spec_hash_of
-
     run = parse_spec(
         {
             "kind": "FineTune",
@@ -161,4 +159,4 @@ def test_specs_written_before_overrides_existed_keep_their_hashes():
             "protocol": {"recipe": "paper", "image_size": 32},
         }
     )
-    assert (run.spec_hash, spec_hash_of(grid)) == ("3813275665b2f68e", "678e508eb3184cd0")
+    assert (run.spec_hash, grid.spec_hash) == ("3813275665b2f68e", "678e508eb3184cd0")

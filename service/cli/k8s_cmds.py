@@ -14,10 +14,12 @@ import typer
 from service.cli._app import app, edge, err, load_or_exit
 from service.errors import UserError
 
-DEFAULT_NAMESPACE = "backbones"
-
 _namespace_opt = typer.Option(
-    None, "--namespace", "-n", help="Namespace (default: the spec's resources.namespace)."
+    None,
+    "--namespace",
+    "-n",
+    help="Namespace (default: the spec's resources.namespace when it names one, else the "
+    "kubeconfig context's namespace, else resources.namespace's default).",
 )
 _context_opt = typer.Option(None, "--context", help="kubeconfig context (default: current).")
 
@@ -28,16 +30,48 @@ def _cluster(namespace: str, context: str | None):
     return Cluster.connect(namespace, context)
 
 
-def _render(spec_file: Path, image: str | None, namespace: str | None):
-    from service.k8s.render import render_job, warnings_for
+def namespace_for(namespace: str | None, context: str | None, spec=None) -> str:
+    """One rule for submit, status, logs and cancel: -n; else the namespace the spec names
+    (resources.namespace, when set); else the kubeconfig context's (or, in a pod, its own);
+    else the default of resources.namespace, where a spec that names none goes."""
+    from service.spec.infra import Resources
+
+    if namespace:
+        return namespace
+    if spec is not None and "namespace" in spec.resources.model_fields_set:
+        return spec.resources.namespace
+    from service.k8s.client import context_namespace
+
+    return context_namespace(context) or Resources.model_fields["namespace"].default
+
+
+def _target(name: str | None, study: str | None, namespace: str | None, context: str | None):
+    """(name, study, namespace) of status/logs/cancel; NAME may be a spec file, which names
+    the Job (a search: the study's Jobs) and its namespace."""
+    spec = None
+    if name and name.endswith(".json") and Path(name).is_file():
+        spec = load_or_exit(Path(name))
+        name, study = (None, spec.name) if _searching(spec) else (spec.name, study)
+    return name, study, namespace_for(namespace, context, spec)
+
+
+def _render(
+    spec_file: Path,
+    image: str | None,
+    namespace: str | None,
+    context: str | None = None,
+    *,
+    submitting: bool = False,
+):
+    """The spec and its Job; submitting, in the namespace of `namespace_for` (render needs no
+    kubeconfig: without -n it prints the spec's resources.namespace)."""
+    from service.k8s.render import warnings_for
+    from service.search.cluster import render_for
 
     spec = load_or_exit(spec_file)
-    if _searching(spec):  # the driver's Job; it submits one Job per rung itself
-        from service.search.cluster import render_driver
-
-        job = render_driver(spec, image=image, namespace=namespace)
-    else:
-        job = render_job(spec, image=image, namespace=namespace)
+    if submitting:
+        namespace = namespace_for(namespace, context, spec)
+    job = render_for(spec, image=image, namespace=namespace)
     for warning in warnings_for(spec):
         err(f"warning: {warning}")
     return spec, job
@@ -99,7 +133,7 @@ def submit(
     from service.spec.budget import check_budget
 
     with edge():
-        spec, job = _render(spec_file, image, namespace)
+        spec, job = _render(spec_file, image, namespace, context, submitting=True)
         if deep:
             from service.backbones.checks import check_models, check_resolutions
 
@@ -128,9 +162,11 @@ def submit(
 
 @app.command()
 def status(
-    name: str = typer.Argument(None, help="Job name (a FineTune's or Study's name)."),
+    name: str = typer.Argument(
+        None, help="Job name (a FineTune's or Study's name), or the spec file itself."
+    ),
     study: str = typer.Option(None, "--study", help="All Jobs of this study."),
-    namespace: str = typer.Option(DEFAULT_NAMESPACE, "--namespace", "-n", help="Namespace."),
+    namespace: str = _namespace_opt,
     context: str = _context_opt,
 ) -> None:
     """Phase, progress, ETA, best validation accuracy, attempts and age of each run."""
@@ -138,6 +174,7 @@ def status(
 
     with edge():
         check_selection(name, study)
+        name, study, namespace = _target(name, study, namespace, context)
         cluster = _cluster(namespace, context)
         rows = status_rows(cluster, name, study)
         print_rows(rows)
@@ -181,33 +218,39 @@ def print_rows(rows) -> None:
 
 @app.command()
 def logs(
-    name: str = typer.Argument(..., help="Job name."),
+    name: str = typer.Argument(..., help="Job name, or the spec file itself."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the pod ends."),
     index: int = typer.Option(None, "--index", help="Cell of a Study (JOB_COMPLETION_INDEX)."),
-    namespace: str = typer.Option(DEFAULT_NAMESPACE, "--namespace", "-n", help="Namespace."),
+    namespace: str = _namespace_opt,
     context: str = _context_opt,
 ) -> None:
     """Print the worker's log (the newest pod of the Job, or of one Study cell)."""
     from service.k8s.ops import pick_pod
-    from service.k8s.pod import CONTAINER
-    from service.k8s.render import spec_from_job
-    from service.spec.study import cells_of
 
     with edge():
+        name, study, namespace = _target(name, None, namespace, context)
+        if study:  # a search spec: its driver's log
+            from service.search.cluster import driver_job_name
+
+            name = driver_job_name(study)
         cluster = _cluster(namespace, context)
         job = cluster.get_job(name)
-        cells = len(cells_of(spec_from_job(job)))
+        js = job["spec"]
+        # A Study's Job, a rung's (its cells only) or the search driver's (one pod, container
+        # 'driver'): the Job itself says how many indexes and which container.
+        cells = (js.get("completions") or 1) if js.get("completionMode") == "Indexed" else 1
+        container = js["template"]["spec"]["containers"][0]["name"]
         pod = pick_pod(cluster.job_pods(name), f"{namespace}/{name}", index, cells)
-        for chunk in cluster.pod_log(pod, CONTAINER, follow=follow):
+        for chunk in cluster.pod_log(pod, container, follow=follow):
             sys.stdout.write(chunk)
             sys.stdout.flush()
 
 
 @app.command()
 def cancel(
-    name: str = typer.Argument(None, help="Job name."),
+    name: str = typer.Argument(None, help="Job name, or the spec file itself."),
     study: str = typer.Option(None, "--study", help="Every Job of this study."),
-    namespace: str = typer.Option(DEFAULT_NAMESPACE, "--namespace", "-n", help="Namespace."),
+    namespace: str = _namespace_opt,
     context: str = _context_opt,
 ) -> None:
     """Delete Jobs; their pods get SIGTERM, write a checkpoint and exit. Outputs stay."""
@@ -216,13 +259,15 @@ def cancel(
 
     with edge():
         check_selection(name, study, required=True)
+        name, study, namespace = _target(name, study, namespace, context)
         for n in do_cancel(_cluster(namespace, context), name, study):
             typer.echo(f"cancelled Job {namespace}/{n} (pods checkpoint and stop; outputs stay)")
 
 
 def _searching(spec) -> bool:
-    search = getattr(spec, "search", None)
-    return search is not None and search.strategy == "successive_halving"
+    from service.search.cluster import searching
+
+    return searching(spec)
 
 
 @app.command("search-driver", hidden=True)

@@ -50,9 +50,12 @@ def _proxy(cache_dir: Path | None):
 
 def drive_on_cluster(study, cluster, *, image: str | None, in_cluster: bool = False) -> None:
     """The driver with one Indexed Job per rung; its state in the output store."""
+    from service.k8s.ops import check_local_queue
     from service.search.cluster import ClusterRunner
     from service.search.driver import Driver, search_store
 
+    if not in_cluster:  # each rung's Job goes to this queue: it must be there
+        check_local_queue(cluster, study.resources.queue)
     runner = ClusterRunner(cluster, study, image=image, say=err)
     metrics = _metrics(study, port=study.metrics.port if in_cluster else 0)
     state = Driver(study, runner, proxy=_proxy(None), echo=typer.echo, on_state=metrics).run()

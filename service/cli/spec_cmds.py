@@ -43,6 +43,8 @@ def validate(
             for loc, msg in problems:
                 err(f"{path}: {loc}: {msg}" if loc else f"{path}: {msg}")
             continue
+        for warning in spec.resources.warnings():
+            err(f"warning: {path}: {warning}")
         if spec.kind == "Study":
             line = f"ok: {path} (Study {spec.name}, {spec.n_cells} cells"
             try:

@@ -13,16 +13,14 @@ for the same seed, so learning curves compare nested training sets.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
+from service.digest import derive_seed
 from service.errors import UserError
 
 
 def _rng(seed: int, purpose: str) -> np.random.Generator:
-    digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return np.random.default_rng(derive_seed(seed, purpose))
 
 
 def _class_perms(labels: np.ndarray, seed: int, purpose: str) -> list[np.ndarray]:

@@ -93,6 +93,29 @@ def connect(context: str | None = None) -> tuple[Any, Any]:
     return client.BatchV1Api(), client.CoreV1Api()
 
 
+IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def context_namespace(context: str | None = None) -> str | None:
+    """The namespace the kubeconfig context (the current one, or ``context``) names, as kubectl
+    uses it; in a pod without a kubeconfig, the pod's own; None when neither says."""
+    import os
+
+    from kubernetes import config
+
+    try:
+        # $KUBECONFIG as it is now (the client reads it once, at import).
+        contexts, current = config.list_kube_config_contexts(os.environ.get("KUBECONFIG"))
+    except (config.ConfigException, FileNotFoundError, TypeError, ValueError):
+        try:
+            with open(IN_CLUSTER_NAMESPACE) as f:
+                return f.read().strip() or None
+        except OSError:
+            return None
+    chosen = next((c for c in contexts if c.get("name") == context), None) if context else current
+    return ((chosen or {}).get("context") or {}).get("namespace") or None
+
+
 class Cluster:
     """Jobs and their pods in one namespace."""
 
@@ -104,20 +127,22 @@ class Cluster:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         version: Any = None,
+        custom: Any = None,
     ):
         self.batch = batch
         self.core = core
         self.version = version  # VersionApi; None: the server version is not asked
+        self.custom = custom  # CustomObjectsApi (Kueue's objects); None: Kueue is not asked
         self.namespace = namespace
         self._sleep = sleep
         self._clock = clock
 
     @classmethod
     def connect(cls, namespace: str, context: str | None = None) -> Cluster:
-        from kubernetes.client import VersionApi
+        from kubernetes.client import CustomObjectsApi, VersionApi
 
         batch, core = connect(context)
-        return cls(batch, core, namespace, version=VersionApi())
+        return cls(batch, core, namespace, version=VersionApi(), custom=CustomObjectsApi())
 
     def _job(self, name: str) -> str:
         return f"Job {self.namespace}/{name}"
@@ -198,6 +223,57 @@ class Cluster:
         except NotFoundError:
             return False
         return True
+
+    # ---- Kueue (kueue.x-k8s.io/v1beta1) ---------------------------------------------------
+
+    def local_queue_exists(self, name: str) -> bool | None:
+        """True / False, or None when we may not look (403, or no CustomObjectsApi). Without
+        Kueue installed the API answers 404 too: the queue does not exist either way."""
+        from service.k8s.kueue import GROUP, VERSION
+
+        if self.custom is None:
+            return None
+        try:
+            with _calling("get", f"LocalQueue {self.namespace}/{name}"):
+                self.custom.get_namespaced_custom_object(
+                    group=GROUP,
+                    version=VERSION,
+                    namespace=self.namespace,
+                    plural="localqueues",
+                    name=name,
+                )
+        except NotFoundError:
+            return False
+        except UserError:  # 403: a Role without Kueue's reads; the Job's status will tell
+            return None
+        return True
+
+    def workload_of(self, job: dict[str, Any]) -> dict[str, Any] | None:
+        """Kueue's Workload for a Job (by the job-uid label), newest first; None when there is
+        none, or Kueue cannot be asked (not installed, not allowed)."""
+        from service.k8s.kueue import GROUP, JOB_UID, VERSION
+
+        uid = (job.get("metadata") or {}).get("uid")
+        if self.custom is None or not uid:
+            return None
+        try:
+            with _calling("list", f"Workloads of {self._job(job['metadata']['name'])}"):
+                found = _plain(
+                    self.custom.list_namespaced_custom_object(
+                        group=GROUP,
+                        version=VERSION,
+                        namespace=self.namespace,
+                        plural="workloads",
+                        label_selector=f"{JOB_UID}={uid}",
+                    )
+                )
+        except UserError:  # 404 (no Kueue) or 403: status shows the Job without it
+            return None
+        items = sorted(
+            found.get("items") or [],
+            key=lambda w: (w.get("metadata") or {}).get("creationTimestamp") or "",
+        )
+        return items[-1] if items else None
 
     def events(self, kind: str, name: str) -> list[dict[str, Any]]:
         """Events about one object (FailedCreate on a Job, FailedScheduling on a pod), oldest

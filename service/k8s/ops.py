@@ -79,12 +79,31 @@ def check_target(cluster: Cluster, job: dict[str, Any]) -> None:
             f"namespace {ns} does not exist: create it (kubectl apply -k k8s/ makes "
             "'backbones'), or pick another with -n or resources.namespace"
         )
+    check_queue(cluster, job)
     account = job["spec"]["template"]["spec"].get("serviceAccountName")
     if account and not cluster.service_account_exists(account):
         raise UserError(
             f"ServiceAccount {ns}/{account} (resources.service_account) does not exist, so "
             f"its pods would be refused: kubectl -n {ns} create serviceaccount {account}, or "
             "leave resources.service_account empty"
+        )
+
+
+def check_queue(cluster: Cluster, job: dict[str, Any]) -> None:
+    """A Job for a LocalQueue that does not exist is created suspended and never admitted."""
+    from service.k8s.kueue import queue_of
+
+    check_local_queue(cluster, queue_of(job))
+
+
+def check_local_queue(cluster: Cluster, queue: str | None) -> None:
+    """``resources.queue`` names a LocalQueue of the cluster's namespace (when we may look)."""
+    ns = cluster.namespace
+    if queue and cluster.local_queue_exists(queue) is False:
+        raise UserError(
+            f"resources.queue: LocalQueue {ns}/{queue} does not exist (or Kueue is not "
+            f"installed), so the Job would wait suspended for ever: list the queues with "
+            f"kubectl -n {ns} get localqueues, or leave resources.queue empty"
         )
 
 
@@ -209,5 +228,15 @@ def status_rows(
     rows: list[Row] = []
     for job in select_jobs(cluster, name, study):
         pods = cluster.job_pods(job["metadata"]["name"])
-        rows.extend(job_rows(job, pods, read_status, now, events=cluster.events))
+        queued = _queued(cluster, job)
+        rows.extend(job_rows(job, pods, read_status, now, events=cluster.events, queued=queued))
     return rows
+
+
+def _queued(cluster: Cluster, job: dict[str, Any]) -> str | None:
+    """Why a suspended Job waits: its Kueue Workload's conditions (asked only then)."""
+    from service.k8s.kueue import queue_line, queue_of
+
+    if not (job.get("spec") or {}).get("suspend") or not queue_of(job):
+        return None
+    return queue_line(job, cluster.workload_of(job))

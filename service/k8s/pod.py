@@ -14,6 +14,7 @@ from service.spec import FineTune, Study
 from service.spec.study import cells_of
 
 CONTAINER = "worker"
+DRIVER_CONTAINER = "driver"  # the search driver's Job (service.search.cluster)
 UID = 10001
 CACHE_DIR = "/cache"
 
@@ -79,7 +80,13 @@ def _field(path: str) -> dict[str, Any]:
 
 def _resources(spec: FineTune | Study) -> dict[str, Any]:
     r = spec.resources
-    amounts: dict[str, str] = {"cpu": r.cpu, "memory": r.memory}
+    # The cache and /tmp emptyDirs live on the node's disk: requested, so the scheduler places
+    # the pod where they fit, and limited, so a full cache evicts this pod and not its neighbours.
+    amounts: dict[str, str] = {
+        "cpu": r.cpu,
+        "memory": r.memory,
+        "ephemeral-storage": r.ephemeral_storage(),
+    }
     limits = dict(amounts)
     if r.gpus > 0:
         limits["nvidia.com/gpu"] = str(r.gpus)
@@ -88,12 +95,18 @@ def _resources(spec: FineTune | Study) -> dict[str, Any]:
     return {"requests": amounts, "limits": limits}
 
 
+def _pull_policy(image: str) -> str:
+    # A digest names one image for good: the node's copy is it, no registry round trip (and no
+    # failed start while the registry is down). A tag may move: re-check its digest on each
+    # start; layers stay cached on the node.
+    return "IfNotPresent" if "@sha256:" in image else "Always"
+
+
 def _container(spec: FineTune | Study, image: str, spec_hash: str) -> dict[str, Any]:
     c: dict[str, Any] = {
         "name": CONTAINER,
         "image": image,
-        # Re-checks the tag's digest on each start; layers stay cached on the node.
-        "imagePullPolicy": "Always",
+        "imagePullPolicy": _pull_policy(image),
         "command": _command(spec.resources.gpus, spec.resources.termination_grace_seconds),
         # Relative paths in a spec (./runs) land in the writable /tmp emptyDir.
         "workingDir": "/tmp",
@@ -124,7 +137,7 @@ def _container(spec: FineTune | Study, image: str, spec_hash: str) -> dict[str, 
 def pod_spec(spec: FineTune | Study, image: str, spec_hash: str) -> dict[str, Any]:
     """The Job's pod template spec: one worker container, its volumes, placement and account.
 
-    ``spec_hash`` (service.k8s.render.spec_hash_of) reaches the pod as BACKBONES_SPEC_HASH."""
+    ``spec_hash`` (the spec's ``spec_hash``) reaches the pod as BACKBONES_SPEC_HASH."""
     r = spec.resources
     pod: dict[str, Any] = {
         # podFailurePolicy requires Never; the Job controller does the retrying.
@@ -142,7 +155,7 @@ def pod_spec(spec: FineTune | Study, image: str, spec_hash: str) -> dict[str, An
         "containers": [_container(spec, image, spec_hash)],
         "volumes": [
             {"name": "cache", "emptyDir": {"sizeLimit": r.cache_size}},
-            {"name": "tmp", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": r.tmp_size}},
             # DataLoader workers pass batches through shared memory; the default 64 MiB is too
             # small. Memory-backed: it counts against the container's memory limit.
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": r.shm_size}},
@@ -157,6 +170,12 @@ def pod_spec(spec: FineTune | Study, image: str, spec_hash: str) -> dict[str, An
         pod["tolerations"] = _plain(r.tolerations)
     if r.affinity:
         pod["affinity"] = _plain(r.affinity)
+    if r.priority_class_name:
+        pod["priorityClassName"] = r.priority_class_name
+    if r.runtime_class_name:
+        pod["runtimeClassName"] = r.runtime_class_name
+    if r.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in r.image_pull_secrets]
     return pod
 
 

@@ -14,13 +14,12 @@ are a fresh render, byte for byte.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from typing import Any
 
 import service
-from service.digest import bounded_name
+from service.digest import bounded_name, json_hash
 from service.errors import UserError
 from service.k8s.pod import CACHE_DIR, pod_failure_policy, pod_spec
 from service.spec import FineTune, Study
@@ -30,6 +29,9 @@ IMAGE_REPO = "ghcr.io/backbones/backbones"
 LABEL_PREFIX = "backbones.dev"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"
+# Partial admission: Kueue may start a Study with fewer pods at once than its parallelism when
+# the queue's quota cannot hold them all (each cell is independent), instead of never.
+KUEUE_MIN_PARALLELISM = "kueue.x-k8s.io/job-min-parallelism"
 SPEC_HASH = f"{LABEL_PREFIX}/spec-hash"
 # Everything that shapes the Job (spec, resources, image, storage, metrics, namespace): what
 # `submit` compares to tell "already there" from "changed".
@@ -68,30 +70,11 @@ def label_value(text: str) -> str:
     return slug
 
 
-def spec_hash_of(spec: FineTune | Study) -> str:
-    """What determines the results (not resources or metrics): equal hash, same Job.
-
-    ``submit`` compares it with the running Job's annotation to tell a re-submit from a change.
-    """
-    if isinstance(spec, FineTune):
-        return spec.spec_hash
-    data = spec.model_dump(
-        mode="json",
-        include={"name", "backbones", "datasets", "seeds", "train_fractions", "protocol"},
-    )
-    # As for a FineTune: micro_batch is how a batch is computed, not what is trained.
-    data["protocol"].pop("micro_batch", None)
-    for d in data["datasets"]:
-        (d.get("protocol") or {}).pop("micro_batch", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def job_hash_of(job: dict[str, Any]) -> str:
     """Hash of the rendered Job itself (its own job-hash annotation left out)."""
     meta = dict(job["metadata"])
     meta["annotations"] = {k: v for k, v in meta.get("annotations", {}).items() if k != JOB_HASH}
-    body = json.dumps({**job, "metadata": meta}, sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:16]
+    return json_hash({**job, "metadata": meta})
 
 
 def dry_run_name(job: dict[str, Any]) -> str:
@@ -136,8 +119,10 @@ def labels_of(spec: FineTune | Study) -> dict[str, str]:
 
 
 def annotations_of(spec: FineTune | Study) -> dict[str, str]:
-    out = {f"{LABEL_PREFIX}/{k}": v for k, v in _identity(spec).items()}
-    out[SPEC_HASH] = spec_hash_of(spec)
+    # The spec's own annotations first: backbones' keys (refused in the spec) cannot be shadowed.
+    out = dict(spec.resources.annotations)
+    out |= {f"{LABEL_PREFIX}/{k}": v for k, v in _identity(spec).items()}
+    out[SPEC_HASH] = spec.spec_hash
     if isinstance(spec, Study):
         out[f"{LABEL_PREFIX}/cells"] = str(spec.n_cells)
     return out
@@ -177,9 +162,11 @@ def render_job(
         job_labels[KUEUE_QUEUE] = r.queue
         if r.priority_class:
             job_labels[KUEUE_PRIORITY] = r.priority_class
+        if isinstance(spec, Study) and js["parallelism"] > 1:
+            annotations[KUEUE_MIN_PARALLELISM] = "1"
     js["template"] = {
         "metadata": {"labels": dict(labels), "annotations": _pod_annotations(spec, annotations)},
-        "spec": pod_spec(spec, image, spec_hash_of(spec)),
+        "spec": pod_spec(spec, image, spec.spec_hash),
     }
     annotations[JOB_HASH] = job_hash_of(job)
     return job
@@ -229,7 +216,7 @@ def warnings_for(spec: FineTune | Study) -> list[str]:
     """Things that render fine but will not do what a person expects on a cluster."""
     from service.storage import is_s3
 
-    out = []
+    out = list(spec.resources.warnings())
     if not is_s3(spec.output.uri):
         out.append(
             f"output.uri {spec.output.uri!r} is a local path: results stay inside the pod and "

@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.k8s.client import INDEX_LABEL
-from service.k8s.pod import CONTAINER
+from service.k8s.pod import CONTAINER, DRIVER_CONTAINER
 from service.k8s.render import spec_from_job
+from service.search.plan import RUNG_ENV, cells_of_rung_env
 from service.spec import FineTune, Study
 from service.spec.study import cells_of
+
+_CONTAINERS = (CONTAINER, DRIVER_CONTAINER)
 
 
 @dataclass
@@ -77,7 +80,7 @@ def _pod_phase(pod: dict[str, Any]) -> str:
     status = pod.get("status") or {}
     for cs in status.get("containerStatuses") or []:
         waiting = (cs.get("state") or {}).get("waiting")
-        if cs.get("name") == CONTAINER and waiting and waiting.get("reason"):
+        if cs.get("name") in _CONTAINERS and waiting and waiting.get("reason"):
             return waiting["reason"]
     return status.get("phase") or "Pending"
 
@@ -94,14 +97,14 @@ def _one_line(text: str | None, limit: int = 300) -> str:
 
 def _worker(pod: dict[str, Any]) -> dict[str, Any]:
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        if cs.get("name") == CONTAINER:
+        if cs.get("name") in _CONTAINERS:
             return cs
     return {}
 
 
 def _memory_limit(pod: dict[str, Any]) -> str:
     for c in (pod.get("spec") or {}).get("containers") or []:
-        if c.get("name") == CONTAINER:
+        if c.get("name") in _CONTAINERS:
             return ((c.get("resources") or {}).get("limits") or {}).get("memory") or "?"
     return "?"
 
@@ -231,6 +234,8 @@ class _JobView:
     suspended: Any
     age: float | None
     events: EventLister
+    queued: str | None = None  # why Kueue has not admitted the Job (service.k8s.kueue)
+    turn: str | None = None  # why a cell without a pod waits although the Job runs
     _job_events: list[dict[str, Any]] | None = None
 
     def job_events(self) -> list[dict[str, Any]]:
@@ -240,15 +245,29 @@ class _JobView:
         return self._job_events
 
 
+def job_cells(job: dict[str, Any], spec: FineTune | Study) -> list[FineTune] | None:
+    """The runs a Job's indexes run: a search rung's cells (``BACKBONES_RUNG``), else the
+    spec's; None for a search driver's Job, which runs no cell itself."""
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    if container.get("name") == DRIVER_CONTAINER:
+        return None
+    raw = next((e.get("value") for e in container.get("env") or [] if e["name"] == RUNG_ENV), None)
+    if raw and isinstance(spec, Study):
+        try:
+            return [c.spec for c in cells_of_rung_env(spec, raw)]
+        except (ValueError, KeyError, TypeError):
+            pass  # a malformed payload: its pods fail with exit 2 and say so
+    return cells_of(spec)
+
+
 def _job_view(
     job: dict[str, Any],
-    spec: FineTune | Study,
+    indexed: bool,
     cells: list[FineTune],
     now: dt.datetime,
     events: EventLister,
 ) -> _JobView:
     status = job.get("status") or {}
-    indexed = isinstance(spec, Study)
     done = parse_indexes(status.get("completedIndexes")) if indexed else set()
     if not indexed and status.get("succeeded"):
         done = {0}
@@ -272,12 +291,16 @@ def job_rows(
     read_status: StatusReader,
     now: dt.datetime,
     events: EventLister = lambda kind, name: [],
+    queued: str | None = None,
 ) -> list[Row]:
     """One row per cell: phase from the Job's verdict, else status.json, else the pod; the
     error says why a cell failed or does not progress."""
     spec = spec_from_job(job)
-    cells = cells_of(spec)
-    view = _job_view(job, spec, cells, now, events)
+    cells = job_cells(job, spec)
+    if cells is None:
+        return [_driver_row(job, spec, pods, now, events, queued)]
+    view = _job_view(job, isinstance(spec, Study), cells, now, events)
+    view.queued, view.turn = queued, _turn(job, spec, len(cells))
     rows = []
     for i, cell in enumerate(cells):
         mine = [p for p in pods if (index_of(p) if view.indexed else 0) == i]
@@ -299,6 +322,46 @@ def job_rows(
             )
         )
     return rows
+
+
+def _turn(job: dict[str, Any], spec: FineTune | Study, cells: int) -> str | None:
+    """A cell without a pod in a running Indexed Job waits for a free slot: say how many run at
+    once, and when Kueue admitted fewer than asked (partial admission), that too."""
+    js = job.get("spec") or {}
+    running = js.get("parallelism") or 1
+    if js.get("completionMode") != "Indexed" or js.get("suspend") or running >= cells:
+        return None
+    asked = min(spec.resources.parallelism or cells, cells)
+    line = f"waits its turn: {running} of {cells} cells run at once"
+    if running < asked:
+        return f"{line} (Kueue admitted {running} of the {asked} asked: partial admission)"
+    return f"{line} (resources.parallelism)"
+
+
+def _driver_row(
+    job: dict[str, Any],
+    spec: FineTune | Study,
+    pods: list[dict[str, Any]],
+    now: dt.datetime,
+    events: EventLister,
+    queued: str | None,
+) -> Row:
+    """The search driver: one pod that submits the rungs' Jobs and waits for them."""
+    view = _job_view(job, False, [], now, events)
+    view.queued = queued
+    phase, error = _phase_and_error(view, 0, pods, {})
+    return Row(
+        job=view.name,
+        index=None,
+        run=f"{spec.name} (search driver)",
+        phase=phase,
+        progress=None,
+        eta_seconds=None,
+        best_val_top1=None,
+        attempts=len(pods),
+        age_seconds=view.age,
+        error=error,
+    )
 
 
 def _read_run(read_status: StatusReader, spec: FineTune | Study, cell: FineTune) -> dict:
@@ -327,6 +390,7 @@ def _phase_and_error(
         )
     elif view.suspended:
         phase = "Queued"
+        error = view.queued or error
     elif run.get("phase") and mine and _pod_phase(mine[-1]) == "Running":
         phase = run["phase"]
     elif mine:
@@ -338,7 +402,7 @@ def _phase_and_error(
         error = blocker or error
     else:
         phase = "Pending"
-        error = job_blocker(view.job, view.job_events()) or error
+        error = job_blocker(view.job, view.job_events()) or view.turn or error
     if phase not in ("Succeeded", "Failed") and trouble and not error:
         error = f"earlier attempt: {trouble[-1]}"
     return phase, error

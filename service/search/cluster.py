@@ -18,15 +18,35 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from service.search.plan import RungCell, first_rung_size, rung_cells
-from service.spec import Study
+from service.search.plan import RUNG_ENV, RungCell, cells_of_rung_env, first_rung_size, rung_cells
+from service.spec import FineTune, Study
 
-RUNG_ENV = "BACKBONES_RUNG"
 DRIVER_SERVICE_ACCOUNT = "backbones-search-driver"
+
+
+def searching(spec: FineTune | Study) -> bool:
+    search = getattr(spec, "search", None)
+    return search is not None and search.strategy == "successive_halving"
+
+
+def render_for(
+    spec: FineTune | Study, image: str | None = None, namespace: str | None = None
+) -> dict[str, Any]:
+    """What ``backbones render`` prints: a search's driver Job (it submits one Job per rung
+    itself), else the spec's own Job."""
+    from service.k8s.render import render_job
+
+    if searching(spec):
+        return render_driver(spec, image=image, namespace=namespace)
+    return render_job(spec, image=image, namespace=namespace)
 
 
 def rung_job_name(study: str, rung: int) -> str:
     return f"{study}-r{rung}"
+
+
+def driver_job_name(study: str) -> str:
+    return f"{study}-driver"[:63].rstrip("-")
 
 
 def render_rung(
@@ -38,7 +58,13 @@ def render_rung(
     namespace: str | None = None,
 ) -> dict[str, Any]:
     """The Indexed Job of one rung: index i runs ``rung_cells(...)[i]``."""
-    from service.k8s.render import JOB_HASH, LABEL_PREFIX, job_hash_of, render_job
+    from service.k8s.render import (
+        JOB_HASH,
+        KUEUE_MIN_PARALLELISM,
+        LABEL_PREFIX,
+        job_hash_of,
+        render_job,
+    )
 
     job = copy.deepcopy(render_job(study, image, namespace))
     n = len(rung_cells(study, rung, candidates, n0))
@@ -51,6 +77,8 @@ def render_rung(
     js["completions"] = n
     js["parallelism"] = min(study.resources.parallelism or n, n)
     js["maxFailedIndexes"] = (n + 1) // 2
+    if js["parallelism"] <= 1:  # Kueue refuses a minimum that is not below parallelism
+        job["metadata"]["annotations"].pop(KUEUE_MIN_PARALLELISM, None)
     env = js["template"]["spec"]["containers"][0]["env"]
     payload = {"rung": rung, "candidates": candidates, "n0": n0}
     env.append({"name": RUNG_ENV, "value": json.dumps(payload, sort_keys=True)})
@@ -66,8 +94,7 @@ def pick_rung_cell(study: Study, environ=os.environ) -> RungCell | None:
     if not raw:
         return None
     try:
-        rung = json.loads(raw)
-        cells = rung_cells(study, int(rung["rung"]), rung["candidates"], int(rung["n0"]))
+        cells = cells_of_rung_env(study, raw)
         index = int(environ.get("JOB_COMPLETION_INDEX", ""))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{RUNG_ENV} or JOB_COMPLETION_INDEX is malformed: {e}") from None
@@ -129,19 +156,30 @@ class ClusterRunner:
 def render_driver(study: Study, image: str | None = None, namespace: str | None = None) -> dict:
     """A one-pod Job that runs the driver in the cluster (``backbones search-driver``), under
     the ServiceAccount of k8s/search-driver.yaml, which may create and watch Jobs only."""
-    from service.k8s.render import JOB_HASH, LABEL_PREFIX, job_hash_of, render_job
+    from service.k8s.pod import DRIVER_CONTAINER
+    from service.k8s.render import (
+        JOB_HASH,
+        KUEUE_MIN_PARALLELISM,
+        LABEL_PREFIX,
+        job_hash_of,
+        render_job,
+    )
 
     job = copy.deepcopy(render_job(study, image, namespace))
-    job["metadata"]["name"] = f"{study.name}-driver"[:63].rstrip("-")
+    job["metadata"]["name"] = driver_job_name(study.name)
     for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
         meta["labels"]["app.kubernetes.io/component"] = "search-driver"
         meta["labels"][f"{LABEL_PREFIX}/study"] = meta["labels"].get(
             f"{LABEL_PREFIX}/study", study.name
         )
-    for key in [k for k in job["metadata"]["labels"] if k.startswith("kueue.x-k8s.io/")]:
-        del job["metadata"]["labels"][key]  # not queued behind GPU quota: it uses none
+    job["metadata"]["annotations"].pop(KUEUE_MIN_PARALLELISM, None)  # one pod
+    if study.search.proxy is None:
+        # Not queued behind GPU quota: it uses none. With a proxy it holds the study's GPU
+        # (it embeds the datasets itself), so Kueue queues and admits it like any GPU pod.
+        for key in [k for k in job["metadata"]["labels"] if k.startswith("kueue.x-k8s.io/")]:
+            del job["metadata"]["labels"][key]
+        job["spec"].pop("suspend", None)
     js = job["spec"]
-    js.pop("suspend", None)
     for key in ("completionMode", "backoffLimitPerIndex", "maxFailedIndexes"):
         js.pop(key, None)
     js["completions"] = 1
@@ -152,7 +190,7 @@ def render_driver(study: Study, image: str | None = None, namespace: str | None 
     pod["serviceAccountName"] = DRIVER_SERVICE_ACCOUNT
     pod["automountServiceAccountToken"] = True  # it talks to the API server
     c = pod["containers"][0]
-    c["name"] = "driver"
+    c["name"] = DRIVER_CONTAINER
     c["command"] = ["backbones", "search-driver"]
     c.pop("args", None)  # its /metrics (rung, survivors) stay on metrics.port
     if study.search.proxy is None:

@@ -12,7 +12,6 @@ on a cluster one Indexed Job per rung (``service.search.cluster``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -20,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from service.digest import json_hash
 from service.errors import Interrupted, UserError
 from service.run.events import Observer
 from service.run.outputs import RunOutputs
@@ -35,6 +35,7 @@ from service.search.plan import (
     survivors_per_rung,
 )
 from service.spec import Study
+from service.spec.result import result_view
 from service.storage import NotFound, Store, open_store
 
 log = logging.getLogger("backbones.search")
@@ -53,11 +54,19 @@ def search_store(study: Study) -> Store:
 
 
 def fingerprint(study: Study) -> str:
-    """What the decisions depend on: the study minus where and how it runs."""
+    """What the decisions depend on: what the cells compute (the study's result fields, as its
+    spec_hash sees them) and the search plan. Not where or how it runs, micro_batch included:
+    the out-of-memory remedy never orphans a search."""
+    return json_hash({"study": result_view(study), "search": study.search.model_dump(mode="json")})
+
+
+def _fingerprint_before_0_2(study: Study) -> str:
+    # What searches started by earlier releases recorded (it also hashed micro_batch and
+    # output): still accepted, so upgrading resumes them; the state then records the new one.
     data = json.loads(study.to_json())
     for key in ("resources", "metrics", "storage", "max_gpu_hours"):
         data.pop(key, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return json_hash(data)
 
 
 def read_state(study: Study) -> dict | None:
@@ -134,6 +143,8 @@ class Driver:
         except NotFound:
             state = None
         fp = fingerprint(self.study)
+        if state is not None and state.get("fingerprint") == _fingerprint_before_0_2(self.study):
+            state["fingerprint"] = fp
         if state is not None and state.get("fingerprint") != fp:
             raise UserError(
                 f"{self.store.uri}/{STATE} belongs to another version of study "

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from service.spec import FineTune, Study
 
 SEARCH_DIR = "_search"  # under <output>/<study>/: the driver's state and restart-mode rungs
+RUNG_ENV = "BACKBONES_RUNG"  # a rung Job's payload: {"rung", "candidates", "n0"} as JSON
 
 
 def group_key(dataset: str, fraction: float) -> str:
@@ -129,6 +130,15 @@ def rung_cells(
                     stop_after = epochs
                 out.append(RungCell(g.key, backbone, cell.protocol.seed, spec, epochs, stop_after))
     return out
+
+
+def cells_of_rung_env(study: Study, raw: str) -> list[RungCell]:
+    """The cells of the rung whose ``BACKBONES_RUNG`` payload is ``raw`` (index i runs the
+    i-th). Raises ValueError, KeyError or TypeError when it is malformed."""
+    import json
+
+    rung = json.loads(raw)
+    return rung_cells(study, int(rung["rung"]), rung["candidates"], int(rung["n0"]))
 
 
 def shortened(cell: FineTune, study: str, rung: int, epochs: int) -> FineTune:

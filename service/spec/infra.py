@@ -62,7 +62,13 @@ class Resources(Section):
     )
     cache_size: str = Field(
         default="100Gi",
-        description="sizeLimit of the node-local dataset cache (emptyDir; Kubernetes quantity).",
+        description="sizeLimit of the node-local dataset cache (emptyDir; Kubernetes quantity); "
+        "requested as ephemeral-storage, so pods land only on nodes with that much disk.",
+    )
+    tmp_size: str = Field(
+        default="10Gi",
+        description="sizeLimit of the writable /tmp (emptyDir: HOME, library caches, relative "
+        "output paths); requested as ephemeral-storage with the cache.",
     )
     namespace: str = Field(default="backbones", description="Namespace of the Job.")
     image: str | None = Field(
@@ -87,6 +93,26 @@ class Resources(Section):
     )
     priority_class: str | None = Field(
         default=None, description="Kueue WorkloadPriorityClass (needs queue)."
+    )
+    priority_class_name: str | None = Field(
+        default=None,
+        description="The pod's PriorityClass (spec.priorityClassName): scheduling priority and "
+        "preemption without Kueue.",
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list,
+        description="Names of docker-registry Secrets the nodes pull the image with "
+        "(spec.imagePullSecrets).",
+    )
+    runtime_class_name: str | None = Field(
+        default=None,
+        description="The pod's RuntimeClass (spec.runtimeClassName), e.g. 'nvidia' where the "
+        "GPU runtime is not the node's default.",
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra annotations on the Job and its pods (e.g. for a service mesh or a "
+        "cost tool); keys under backbones.dev/ are the service's own.",
     )
     backoff_limit: int = Field(
         default=3, ge=0, description="Retries of a failed pod (per index for a Study)."
@@ -121,7 +147,7 @@ class Resources(Section):
         _check_quantity(v, memory=False)
         return v
 
-    @field_validator("memory", "shm_size", "cache_size")
+    @field_validator("memory", "shm_size", "cache_size", "tmp_size")
     @classmethod
     def _bytes(cls, v: str) -> str:
         _check_quantity(v, memory=True)
@@ -136,11 +162,25 @@ class Resources(Section):
                 raise ValueError(f"must be at most 63 characters (a label value), got {len(v)}")
         return v
 
-    @field_validator("service_account")
+    @field_validator("service_account", "priority_class_name", "runtime_class_name")
     @classmethod
-    def _service_account(cls, v: str | None) -> str | None:
+    def _object_name(cls, v: str | None) -> str | None:
         if v is not None:
             _check_dns_subdomain(v)
+        return v
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _pull_secrets(cls, v: list[str]) -> list[str]:
+        for name in v:
+            _check_dns_subdomain(name)
+        return v
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            check_annotation_key(key)
         return v
 
     @model_validator(mode="after")
@@ -148,6 +188,23 @@ class Resources(Section):
         if self.priority_class and not self.queue:
             raise ValueError("priority_class: needs queue (a Kueue LocalQueue)")
         return self
+
+    def warnings(self) -> list[str]:
+        """Valid, but not what a person expects on a cluster (``validate`` prints them)."""
+        out = []
+        if quantity_bytes(self.shm_size) > quantity_bytes(self.memory):
+            out.append(
+                f"resources.shm_size: {self.shm_size} of /dev/shm exceeds resources.memory "
+                f"({self.memory}); /dev/shm is memory-backed and counts against that limit, so "
+                "the pod is OOMKilled before /dev/shm fills: lower shm_size or raise memory"
+            )
+        return out
+
+    def ephemeral_storage(self) -> str:
+        """What the pod writes to node disk: the cache and /tmp emptyDirs, plus the container's
+        logs (LOG_ALLOWANCE); requested and limited as ephemeral-storage."""
+        total = quantity_bytes(self.cache_size) + quantity_bytes(self.tmp_size) + LOG_ALLOWANCE
+        return format_bytes(total)
 
 
 class Storage(Section):
@@ -213,6 +270,51 @@ class Metrics(Section):
         description="Also push to this Pushgateway at phase changes and at the end (runs too "
         "short to be scraped).",
     )
+
+
+LOG_ALLOWANCE = 1 << 30  # the container's log files count against ephemeral-storage too
+_UNITS = {
+    **{u: 1024 ** (i + 1) for i, u in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{u: 1000 ** (i + 1) for i, u in enumerate(("k", "M", "G", "T", "P", "E"))},
+    **{"": 1, "m": 1e-3, "u": 1e-6, "n": 1e-9},
+}
+
+
+def quantity_bytes(v: str) -> float:
+    """A validated Kubernetes quantity as a number ('8Gi' -> 8589934592, '1e9' -> 1e9)."""
+    m = _QUANTITY.fullmatch(v)
+    if not m:
+        raise ValueError(f"not a Kubernetes quantity: {v!r}")
+    number, suffix = float(m.group(1)), m.group(2) or ""
+    if suffix[:1] in "eE" and suffix:
+        return number * 10 ** int(suffix[1:])
+    return number * _UNITS[suffix]
+
+
+def format_bytes(n: float) -> str:
+    """The shortest exact binary quantity: '111Gi', '1536Mi', else whole bytes."""
+    n = int(-(-n // 1))
+    for unit in ("Ti", "Gi", "Mi", "Ki"):
+        if n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return str(n)
+
+
+_ANNOTATION_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+
+
+def check_annotation_key(key: str) -> None:
+    """A qualified name (``[prefix/]name``) the API server accepts, not one of ours."""
+    prefix, _, name = key.rpartition("/")
+    if prefix:
+        _check_dns_subdomain(prefix)
+    if len(name) > 63 or not _ANNOTATION_NAME.fullmatch(name):
+        raise ValueError(
+            f"{key!r} is not a valid annotation key ([prefix/]name, name at most 63 characters "
+            "of letters, digits, '-', '_', '.')"
+        )
+    if prefix == "backbones.dev" or prefix.endswith(".backbones.dev"):
+        raise ValueError(f"{key!r}: keys under backbones.dev/ are set by backbones itself")
 
 
 def check_dns_label(v: str) -> None:

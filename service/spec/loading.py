@@ -36,6 +36,10 @@ _URL_WITH_PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]*@", re.I
 _AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
 
 
+# Keys that hold the NAMES of Kubernetes Secrets (references), never their contents.
+_SECRET_NAMES = ("credentials_secret", "image_pull_secrets")
+
+
 def _find_literal_credentials(data: Any, path: str = "") -> list[tuple[str, str]]:
     hint = (
         "literal credentials are not allowed in a spec; put them in a Kubernetes Secret "
@@ -45,7 +49,7 @@ def _find_literal_credentials(data: Any, path: str = "") -> list[tuple[str, str]
     if isinstance(data, dict):
         for key, value in data.items():
             sub = f"{path}.{loc_part(key)}" if path else loc_part(key)
-            if key != "credentials_secret" and _CREDENTIAL_KEY.search(str(key)):
+            if key not in _SECRET_NAMES and _CREDENTIAL_KEY.search(str(key)):
                 found.append((sub, hint))
             else:
                 found.extend(_find_literal_credentials(value, sub))

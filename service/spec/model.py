@@ -9,14 +9,15 @@ timm or boto3: ``backbones validate`` must answer in well under a second.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from service.digest import json_hash
 from service.spec.infra import Metrics, Output, Resources, Storage, check_dns_label
 from service.spec.limits import MAX_SEED
+from service.spec.result import HOW, result_view
 from service.spec.search import Search
 from service.spec.sections import Backbone, Dataset, Protocol, Section, StudyDataset
 
@@ -26,12 +27,13 @@ SCHEMA_URL_STUDY = "./schema/study.schema.json"
 
 
 class _Spec(Section):
-    schema_: str | None = Field(
+    # HOW: what changes where or how a run computes, never its result (spec.result).
+    schema_: Annotated[str | None, HOW] = Field(
         default=None,
         alias="$schema",
         description="JSON Schema of this document, for editors. Ignored by backbones.",
     )
-    api_version: str = Field(
+    api_version: Annotated[str, HOW] = Field(
         default=API_VERSION,
         alias="apiVersion",
         description=f"Spec format version; this release reads {API_VERSION!r}.",
@@ -40,10 +42,16 @@ class _Spec(Section):
         description="Run or study name: a DNS-1123 label (lowercase, digits, '-'), at most 63 "
         "characters; it names the Kubernetes Job."
     )
-    output: Output = Field(default_factory=Output, description="Where results go.")
-    resources: Resources = Field(default_factory=Resources, description="Kubernetes resources.")
-    storage: Storage = Field(default_factory=Storage, description="S3-compatible storage access.")
-    metrics: Metrics = Field(default_factory=Metrics, description="Prometheus export.")
+    output: Annotated[Output, HOW] = Field(default_factory=Output, description="Where results go.")
+    resources: Annotated[Resources, HOW] = Field(
+        default_factory=Resources, description="Kubernetes resources."
+    )
+    storage: Annotated[Storage, HOW] = Field(
+        default_factory=Storage, description="S3-compatible storage access."
+    )
+    metrics: Annotated[Metrics, HOW] = Field(
+        default_factory=Metrics, description="Prometheus export."
+    )
 
     @field_validator("api_version")
     @classmethod
@@ -67,7 +75,7 @@ class _Spec(Section):
 class FineTune(_Spec):
     """One fine-tuning run: one backbone on one dataset with one seed."""
 
-    kind: Literal["FineTune"] = Field(description="'FineTune': a single run.")
+    kind: Annotated[Literal["FineTune"], HOW] = Field(description="'FineTune': a single run.")
     study: str | None = Field(
         default=None,
         description="Set by study expansion: the Study this run is a cell of. Leave empty.",
@@ -101,21 +109,16 @@ class FineTune(_Spec):
 
     @property
     def spec_hash(self) -> str:
-        """Hash of what determines the result (not resources or metrics): equal hash, equal run."""
-        # protocol.micro_batch is how the batch is computed, not what: changing it (or an
-        # out-of-memory remediation) must not orphan the run's checkpoints.
-        data = self.model_dump(
-            mode="json",
-            include={"name", "study", "backbone", "dataset", "protocol"},
-            exclude={"protocol": {"micro_batch"}},
-        )
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of what determines the result (spec.result): equal hash, equal run."""
+        return json_hash(result_view(self))
 
 
 class Study(_Spec):
     """A grid: every backbone × dataset × seed × train fraction, under one protocol."""
 
-    kind: Literal["Study"] = Field(description="'Study': a grid of runs compared in one report.")
+    kind: Annotated[Literal["Study"], HOW] = Field(
+        description="'Study': a grid of runs compared in one report."
+    )
     backbones: list[Backbone] = Field(min_length=1, description="Backbones to compare.")
     datasets: list[StudyDataset] = Field(
         min_length=1,
@@ -135,12 +138,13 @@ class Study(_Spec):
         default_factory=Protocol,
         description="The shared protocol; datasets[].protocol overrides it per dataset.",
     )
-    max_gpu_hours: float | None = Field(
+    max_gpu_hours: Annotated[float | None, HOW] = Field(
         default=None,
         gt=0,
         description="`submit` refuses a study whose estimate exceeds this, unless --yes.",
     )
-    search: Search = Field(
+    # Which cells a search trains, not what a cell computes: its fingerprint adds it back.
+    search: Annotated[Search, HOW] = Field(
         default_factory=Search,
         description="The grid (default), or a successive-halving search for the best backbone "
         "per dataset at a fraction of the grid's compute.",
@@ -197,6 +201,14 @@ class Study(_Spec):
         return self
 
     @property
+    def spec_hash(self) -> str:
+        """Hash of what determines the cells' results (spec.result): equal hash, same Job.
+
+        ``submit`` compares it with the running Job's annotation to tell a re-submit from a
+        change."""
+        return json_hash(result_view(self))
+
+    @property
     def n_cells(self) -> int:
         return (
             len(self.backbones) * len(self.datasets) * len(self.seeds) * len(self.train_fractions)
@@ -204,8 +216,9 @@ class Study(_Spec):
 
     @model_validator(mode="after")
     def _pod_hostnames(self) -> Study:
-        # The Indexed Job's pods are named (and hostnamed) <name>-<index>: a DNS label, so the
-        # API server refuses the Job when the last index does not fit in 63 characters.
+        # The Indexed Job's pods are named (and hostnamed) <job>-<index>: a DNS label, so the
+        # API server refuses the Job when the last index does not fit in 63 characters. A
+        # search's rungs are Jobs of their own, <name>-r<rung>.
         last = f"{self.name}-{self.n_cells - 1}"
         if len(last) > 63:
             limit = 63 - len(f"-{self.n_cells - 1}")
@@ -213,7 +226,30 @@ class Study(_Spec):
                 f"name: {len(self.name)} characters is too long for {self.n_cells} cells: the "
                 f"last pod's hostname {last!r} would exceed 63 characters; use at most {limit}"
             )
+        for rung, cells in enumerate(self._rung_sizes()):
+            host = f"{self.name}-r{rung}-{cells - 1}"
+            if len(host) > 63:
+                limit = 63 - len(host) + len(self.name)
+                raise ValueError(
+                    f"name: {len(self.name)} characters is too long for this search: rung "
+                    f"{rung}'s Job runs {cells} cells and its last pod's hostname {host!r} "
+                    f"would exceed 63 characters; use at most {limit}"
+                )
         return self
+
+    def _rung_sizes(self) -> list[int]:
+        """Cells of each rung's Job (service.search.plan, without importing it): candidates
+        per group shrink by eta (rounding up) down to 1; each runs every seed of its group."""
+        s = self.search
+        if s.strategy != "successive_halving":
+            return []
+        n = min(s.proxy.keep, len(self.backbones)) if s.proxy else len(self.backbones)
+        per_candidate = self.n_cells // len(self.backbones)
+        sizes = [n * per_candidate]
+        while n > 1:
+            n = -(-n // s.eta)
+            sizes.append(n * per_candidate)
+        return sizes
 
     def to_json(self) -> str:
         """Canonical JSON that parses back: protocol.seed and datasets[].train_fraction stay

@@ -29,6 +29,7 @@ from service.spec.limits import (
     check_text,
     short,
 )
+from service.spec.result import HOW
 from service.train.recipes import RECIPES
 
 Domain = Literal["natural", "texture", "remote_sensing", "plant", "astronomy", "medical", "other"]
@@ -217,7 +218,7 @@ class Protocol(Section):
         le=MAX_BATCH,
         description="Global batch size (split across GPUs when gpus > 1).",
     )
-    micro_batch: int | Literal["auto"] = Field(
+    micro_batch: Annotated[int | Literal["auto"], HOW] = Field(
         default="auto",
         description="Images per forward/backward pass on one GPU: gradients are accumulated over "
         "micro-batches, so the optimizer always sees the batch_size batch. An integer must divide "
@@ -370,8 +371,11 @@ def _overrides_model() -> type[BaseModel]:
         if name == "seed":
             continue
         kind = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+        kind = kind | None
+        if HOW in f.metadata:  # still out of the hash when it is overridden
+            kind = Annotated[kind, HOW]
         fields[name] = (
-            kind | None,
+            kind,
             Field(default=None, description=f"Overrides protocol.{name}: {f.description}"),
         )
     model = create_model(
@@ -403,8 +407,10 @@ class StudyDataset(Dataset):
 
     @model_serializer(mode="wrap")
     def _no_empty_protocol(self, handler):
-        data = handler(self)  # a Study without overrides serialises (and hashes) as before
-        if isinstance(data, dict) and data.get("protocol") is None:
+        # A Study without overrides serialises (and hashes) as before; so does one whose
+        # overrides only change how a batch is computed (micro_batch, left out of the hash).
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("protocol"):
             data.pop("protocol", None)
         return data
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import json
 import logging
 import time
@@ -29,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from service.digest import json_hash
 from service.errors import UserError
 
 log = logging.getLogger("backbones.memory")
@@ -164,8 +164,7 @@ class ProbeCache:
 
     @staticmethod
     def name(key: dict) -> str:
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-        return f"{CACHE_PREFIX}{digest}.json"
+        return f"{CACHE_PREFIX}{json_hash(key)}.json"
 
     def get(self, key: dict) -> Known:
         try:
