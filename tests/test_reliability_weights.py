@@ -23,6 +23,7 @@ from service.errors import EXIT_USER
 from service.storage.local import LocalStore
 from tests.fixtures.faults import tiny_spec
 from tests.specs import write_spec
+from tests.trainutil import error_lines
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,7 +61,7 @@ def test_a_code_carrying_pickle_as_the_newest_checkpoint_is_refused(tmp_path):
     )
     assert not marker.exists(), "the checkpoint's code ran"
     assert r.exit_code == EXIT_USER, (r.output, r.exception)
-    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    lines = error_lines(r.stderr)  # the log's lines aside
     assert len(lines) == 1, lines
     assert lines == [
         f"error: {store.uri.rstrip('/')}/checkpoints/ckpt-00099-000000.pt: refused: the "
@@ -82,7 +83,7 @@ def test_a_pickle_disguised_as_safetensors_weights_is_refused(tmp_path):
     r = CliRunner().invoke(app, ["run", str(path), "--cache-dir", str(tmp_path / "cache")])
     assert not marker.exists()
     assert r.exit_code == EXIT_USER, r.output
-    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    lines = error_lines(r.stderr)  # the log's lines aside
     assert lines == [
         f"error: backbone.weights: {weights}: not a readable safetensors file "
         "(Error while deserializing header: header too large)"

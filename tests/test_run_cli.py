@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from service.cli import app
 from tests.data_factory import make_imagefolder
 from tests.specs import tiny_spec, tiny_study, write_spec
-from tests.trainutil import one_thread
+from tests.trainutil import error_lines, one_thread
 
 
 def _folder(root, classes=("cat", "dog"), test_classes=None, per_class=4):
@@ -128,7 +128,7 @@ def test_a_bad_cell_of_a_study_fails_alone_and_the_others_run(tmp_path):
     with one_thread():
         r = CliRunner().invoke(app, ["run", str(path), "--cache-dir", str(tmp_path / "c")])
     assert r.exit_code == 2, r.output
-    first, last = r.stderr.strip().splitlines()
+    first, last = error_lines(r.stderr)  # the log's lines aside, the errors of the cells
     assert first.startswith("error: grid/scans/test_resnet/seed0-frac1.0: ")
     assert "single class 'cat'" in first
     assert last == (
@@ -136,6 +136,7 @@ def test_a_bad_cell_of_a_study_fails_alone_and_the_others_run(tmp_path):
         "fix them and run again: finished cells are skipped"
     )
     runs = tmp_path / "runs" / "grid"
+    assert " INFO run=grid/digits/test_resnet/seed0-frac1.0 rank=0 " in r.stderr
     assert (runs / "digits/test_resnet/seed0-frac1.0/summary.json").is_file()
     status = json.loads((runs / "scans/test_resnet/seed0-frac1.0/status.json").read_text())
     assert status["phase"] == "Failed" and "single class 'cat'" in status["error"]

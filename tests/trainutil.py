@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,13 @@ from pathlib import Path
 from service.spec import FineTune
 
 REPO = Path(__file__).resolve().parent.parent
+# A line of the training log (service.run.logs): time, level, run id, rank.
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ [A-Z]+ run=\S+ rank=\d+ ")
+
+
+def error_lines(stderr: str) -> list[str]:
+    """What a run's stderr says apart from its log lines (errors, warnings)."""
+    return [x for x in stderr.splitlines() if x.strip() and not LOG_LINE.match(x)]
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from service.errors import EXIT_USER, BackbonesError, disk_full
+from service.errors import EXIT_USER, BackbonesError, exit_for
 
 app = typer.Typer(
     name="backbones",
@@ -43,30 +43,19 @@ def err(message: str) -> None:
 
 @contextlib.contextmanager
 def edge() -> Iterator[None]:
-    """Turn a domain error into one line on stderr and its exit code (tracebacks with --debug)."""
+    """Turn a domain error into one line on stderr and its exit code (tracebacks with --debug).
+    The code is ``service.errors.exit_for``'s, as in the worker: one failure, one code."""
     try:
         yield
-    except BackbonesError as e:
-        if debug_enabled():
-            raise
-        err(f"error: {e}")
-        raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        err("interrupted")
-        raise typer.Exit(130) from None
     except BrokenPipeError:
         _reader_gone()
         raise typer.Exit(0) from None
-    except OSError as e:
-        if debug_enabled():
+    except (BackbonesError, OSError, KeyboardInterrupt) as e:
+        if debug_enabled() and not isinstance(e, KeyboardInterrupt):
             raise
-        full = disk_full(e)
-        if full is not None:
-            err(f"error: {full}")
-            raise typer.Exit(full.exit_code) from None
-        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        err(f"error: {where}{e.strerror or e}")
-        raise typer.Exit(EXIT_USER) from None
+        code, line = exit_for(e)  # type: ignore[misc]  (never None for these types)
+        err(line if isinstance(e, KeyboardInterrupt) else f"error: {line}")
+        raise typer.Exit(code) from None
 
 
 def load_or_exit(path: Path):

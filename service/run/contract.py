@@ -15,8 +15,8 @@ Versions. Both files carry ``schema_version`` (``SCHEMA_VERSION``). A reader acc
 Bump the version when a key changes meaning or type or is removed; adding a key does not need it.
 
 A model writes back exactly the keys it was given (``to_dict``): values are typed, key sets are
-what the writer chose (``warning`` only for ``select_on: test``, ``batchnorm_images`` only for
-models with BatchNorm).
+what the writer chose (``warning`` only for ``select_on: test``, ``data_notes`` only when the
+dataset's checks noted something, ``batchnorm_images`` only for models with BatchNorm).
 """
 
 from __future__ import annotations
@@ -152,6 +152,11 @@ class RunFacts(_File):
     params: int = Field(description="Parameters of the model as trained (head included).")
     gmacs: float | None = Field(description="GMACs of one forward pass of one image.")
     warning: str | None = Field(None, description="Present only for select_on: test.")
+    data_notes: list[str] | None = Field(
+        None,
+        description="What the dataset's checks noted but did not refuse (a test/ split lacking "
+        "a train class, skipped non-image files), as the log said; present only when any.",
+    )
 
     @classmethod
     def of(cls, spec, *, data, built, protocol: dict, params: int, gmacs: float | None) -> Self:
@@ -181,6 +186,7 @@ class RunFacts(_File):
             params=params,
             gmacs=gmacs,
             **({"warning": SELECT_ON_TEST_WARNING} if p.select_on == "test" else {}),
+            **({"data_notes": list(notes)} if (notes := getattr(data, "notes", None)) else {}),
         )
 
 

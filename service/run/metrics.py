@@ -10,7 +10,9 @@ the phase is a state set (``backbones_run_phase{phase=...}`` 0/1). Names follow 
 naming guide: base units (seconds, bytes, ratio), ``_total`` for counters.
 
 Monitoring never fails a run: a busy port or an unreachable Pushgateway logs one warning and the
-run goes on.
+run goes on. The endpoint itself (service.run.metrics_http) serves /metrics only, on loopback
+unless the run is in a pod or ``$BACKBONES_METRICS_ADDR`` says otherwise, with bounded
+connections that time out when idle.
 """
 
 from __future__ import annotations
@@ -33,10 +35,15 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import delete_from_gateway, push_to_gateway, start_http_server
+from prometheus_client.exposition import (
+    choose_encoder,
+    delete_from_gateway,
+    push_to_gateway,
+)
 
 from service.run.events import PHASES, Observer, Progress
 from service.run.metric_defs import RUN_METRICS
+from service.run.metrics_http import MetricsServer, listen_address
 from service.spec import FineTune
 
 log = logging.getLogger("backbones.metrics")
@@ -115,7 +122,7 @@ class PrometheusObserver(Observer):
         *,
         port: int,
         pushgateway_url: str | None,
-        addr: str = "0.0.0.0",
+        addr: str | None = None,
         gpus: int | None = None,
     ):
         self.run_id = spec.run_id
@@ -131,9 +138,7 @@ class PrometheusObserver(Observer):
         self._busy = False
         self._pushed_phase: str | None = None
         self._push_warned = False
-        self.server = None
-        if port:
-            self._serve(port, addr)
+        self.server = serve(self.registry, port, addr) if port else None
 
     def _define_metrics(self, spec: FineTune) -> None:
         """Register the run's families on its own registry, in the order they are exposed:
@@ -166,19 +171,6 @@ class PrometheusObserver(Observer):
         r.register(self._memory)
 
     # ---- plumbing ---------------------------------------------------------------------------
-
-    def _serve(self, port: int, addr: str) -> None:
-        # Rule: no module is first imported inside a thread or pool; prometheus_client is
-        # imported at the top of this module, and scrapes never touch torch (_DeviceMemory).
-        try:
-            self.server, _ = start_http_server(port, addr=addr, registry=self.registry)
-        except OSError as e:
-            log.warning(
-                "metrics: cannot serve on %s:%d (%s); going on without /metrics",
-                addr,
-                port,
-                e.strerror or e,
-            )
 
     def _refresh_gpus(self) -> None:
         """GPUs in use: CUDA initialised here -> the world size (one GPU per rank), else 0.
@@ -302,8 +294,31 @@ class PrometheusObserver(Observer):
     def close(self) -> None:
         if self.server is not None:
             self.server.shutdown()
-            self.server.server_close()
             self.server = None
+
+
+def serve(registry: CollectorRegistry, port: int, addr: str | None = None) -> MetricsServer | None:
+    """/metrics of ``registry`` on ``addr`` (default: ``listen_address()``), or None with one
+    warning when the port is taken: monitoring never fails a run."""
+    addr = addr or listen_address()
+    # Rule: no module is first imported inside a thread or pool; prometheus_client is
+    # imported at the top of this module, and scrapes never touch torch (_DeviceMemory).
+    try:
+        return MetricsServer(addr, port, lambda accept: _exposition(registry, accept))
+    except OSError as e:
+        log.warning(
+            "metrics: cannot serve on %s:%d (%s); going on without /metrics",
+            addr,
+            port,
+            e.strerror or e,
+        )
+        return None
+
+
+def _exposition(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
+    """The registry in the format the scraper asked for (OpenMetrics or the text format)."""
+    encoder, content_type = choose_encoder(accept)
+    return encoder(registry), content_type
 
 
 # ---- Pushgateway housekeeping ---------------------------------------------------------------
@@ -348,7 +363,7 @@ class SearchMetrics:
     ``port`` (the in-cluster driver's pod; 0: none) and pushes to ``pushgateway_url`` with the
     grouping key run=<study>/_search at every decision."""
 
-    def __init__(self, study: str, *, port: int, pushgateway_url: str | None, addr="0.0.0.0"):
+    def __init__(self, study: str, *, port: int, pushgateway_url: str | None, addr=None):
         self.study = study
         self.pushgateway_url = pushgateway_url or None
         self.registry = r = CollectorRegistry(auto_describe=True)
@@ -360,13 +375,8 @@ class SearchMetrics:
             "backbones_search_survivors", "Candidates training in the current rung.", LABELS,
             registry=r,
         )  # fmt: skip
-        self.server = None
+        self.server = serve(r, port, addr) if port else None
         self._push_warned = False
-        if port:
-            try:
-                self.server, _ = start_http_server(port, addr=addr, registry=r)
-            except OSError as e:
-                log.warning("metrics: cannot serve on %s:%d (%s)", addr, port, e.strerror or e)
 
     def update(self, state: dict) -> None:
         rungs = state.get("rungs") or []

@@ -1,37 +1,37 @@
-"""The worker: the composition root of one training process (``python -m service.run.worker``).
+"""The worker: the composition root of one training process.
 
-The Kubernetes pod runs it with the spec in ``BACKBONES_SPEC`` (a Study pod picks its cell by
-``JOB_COMPLETION_INDEX``; a search's rung Job by ``BACKBONES_RUNG``). It reads the spec, picks
-the cell, installs the signal handlers and runs the cell (``service.run.cell.run_cell``, which
-``backbones run`` calls for each cell on this machine), and turns errors into the exit codes of
-the Job contract: 0 done, 2 bad spec or data (never retried), 75 retry (preempted, storage down).
+``main(argv)`` is the one entry point of every way a pod trains: ``backbones worker`` (the
+image's ENTRYPOINT, the 1-GPU pod), ``python -m service.run.worker`` and each torchrun rank
+(multi-GPU pods). It sets up logging (service.run.logs), reads the spec (``--spec FILE`` or
+``BACKBONES_SPEC``), picks the cell (``pick``: a Study pod's ``JOB_COMPLETION_INDEX``, a search
+rung Job's ``BACKBONES_RUNG``), installs the signal handlers and runs the cell
+(``service.run.cell.run_cell``, which ``backbones run`` calls for each cell on this machine).
+Errors become the exit codes of the Job contract through ``service.errors.exit_for``, the
+mapping ``backbones run`` uses too: 0 done, 2 bad spec or data (never retried), 75 retry
+(preempted, storage down), 1 a bug (with its traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from service.errors import (
-    EXIT_OK,
-    EXIT_RETRY,
-    EXIT_USER,
-    BackbonesError,
-    RetriableError,
-    UserError,
-    disk_full,
-)
+from service.errors import EXIT_OK, BackbonesError, UserError, exit_for
+from service.run import logs
 from service.run.cell import cache_root, run_cell
 from service.run.events import Observer
 from service.run.outputs import SUMMARY
 from service.spec import FineTune, SpecError, Study, load_spec, loads_spec
 from service.train.runtime import process_group
+
+if TYPE_CHECKING:
+    from service.search.plan import RungCell
 
 # ------------------------------------------------------------------------------------------
 # Spec and cell selection
@@ -53,13 +53,23 @@ def read_spec(path: str | None) -> FineTune | Study:
         raise UserError(f"{path}: {e.strerror or e}") from None
 
 
-def pick_cell(spec: FineTune | Study) -> FineTune:
+def pick(spec: FineTune | Study, environ=os.environ) -> tuple[FineTune, RungCell | None]:
+    """The one cell this process runs, and its rung when a search's rung Job runs it.
+
+    A FineTune is its own cell; a Study's cell is the one at ``JOB_COMPLETION_INDEX`` of its
+    expansion, or, in a rung Job (``BACKBONES_RUNG``), of the rung's cells."""
     if isinstance(spec, FineTune):
-        return spec
+        return spec, None
+    if environ.get("BACKBONES_RUNG"):
+        from service.search.cluster import pick_rung_cell
+
+        rung = pick_rung_cell(spec, environ)
+        if rung is not None:
+            return rung.spec, rung
     from service.spec.study import expand
 
     cells = expand(spec)
-    raw = os.environ.get("JOB_COMPLETION_INDEX")
+    raw = environ.get("JOB_COMPLETION_INDEX")
     if raw is None:
         raise UserError(
             f"Study {spec.name!r}: a worker runs one cell; set JOB_COMPLETION_INDEX "
@@ -68,18 +78,15 @@ def pick_cell(spec: FineTune | Study) -> FineTune:
     try:
         index = int(raw)
     except ValueError:
-        raise UserError(f"JOB_COMPLETION_INDEX must be an integer, got {raw!r}") from None
+        raise UserError(f"JOB_COMPLETION_INDEX must be an integer, got {raw[:40]!r}") from None
     if not 0 <= index < len(cells):
         raise UserError(f"JOB_COMPLETION_INDEX {index} is out of range 0-{len(cells) - 1}")
-    return cells[index]
+    return cells[index], None
 
 
-def _rung_cell(spec: FineTune | Study):
-    if not isinstance(spec, Study) or not os.environ.get("BACKBONES_RUNG"):
-        return None
-    from service.search.cluster import pick_rung_cell
-
-    return pick_rung_cell(spec)
+def pick_cell(spec: FineTune | Study) -> FineTune:
+    """The FineTune this process trains (``pick`` without the rung)."""
+    return pick(spec)[0]
 
 
 # ------------------------------------------------------------------------------------------
@@ -117,16 +124,26 @@ def stop_on_signals(stop: threading.Event):
 # ------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.run.worker", description=__doc__)
-    parser.add_argument("--spec", help="spec file (default: $BACKBONES_SPEC)")
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return work(
-        args.spec, cache_dir=args.cache_dir, force=args.force, observers=console_observers()
+def parser(prog: str = "python -m service.run.worker") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Run one cell of a spec, as the Kubernetes pod does (a Study picks "
+        "$JOB_COMPLETION_INDEX). Exit codes: 0 done, 2 bad spec or data, 75 retry later, "
+        "1 a bug (docs/reliability.md).",
     )
+    p.add_argument("--spec", help="spec file (default: the JSON in $BACKBONES_SPEC)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="dataset and weights cache folder")
+    p.add_argument("--force", action="store_true", help="overwrite the outputs of another spec")
+    return p
+
+
+def main(argv: list[str] | None = None, *, prog: str = "python -m service.run.worker") -> int:
+    """Parse ``argv``, set up logging, run the one cell; the process's exit code."""
+    args = parser(prog).parse_args(argv)
+    with logs.configured():
+        return work(
+            args.spec, cache_dir=args.cache_dir, force=args.force, observers=console_observers()
+        )
 
 
 def work(
@@ -140,9 +157,8 @@ def work(
     stop = threading.Event()
     spec = None
     try:
-        parsed = read_spec(spec_path)
-        rung = _rung_cell(parsed)  # a search's rung Job: BACKBONES_RUNG picks the cell
-        spec = rung.spec if rung is not None else pick_cell(parsed)
+        spec, rung = pick(read_spec(spec_path))
+        logs.set_run(spec.run_id)
         with stop_on_signals(stop), process_group():
             if rung is not None and rung.stop_after is not None:
                 from service.search.driver import run_to_budget
@@ -151,21 +167,10 @@ def work(
             outcome = run_cell(
                 spec, force=force, cache_dir=cache_dir, observers=observers, stop=stop
             )
-    except OSError as e:
-        full = disk_full(e, str(cache_root(spec, cache_dir)) if spec is not None else None)
-        if full is None:
-            raise
-        print(f"error: {full}", file=sys.stderr)
-        return EXIT_RETRY
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER
-    except RetriableError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_RETRY
-    except BackbonesError as e:  # RetryLoop: a retriable stop repeated too often (exit 1)
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    except (BackbonesError, OSError, KeyboardInterrupt) as e:
+        code, line = exit_for(e, str(cache_root(spec, cache_dir)) if spec is not None else None)
+        print(line if isinstance(e, KeyboardInterrupt) else f"error: {line}", file=sys.stderr)
+        return code
     if outcome.skipped:
         print(f"{outcome.run_id}: already complete ({outcome.uri}/{SUMMARY})")
     else:

@@ -24,7 +24,10 @@ class Output(Section):
         description="s3://bucket/prefix/ or a local folder; the run writes under <uri>/<run id>/.",
     )
     keep_checkpoints: int = Field(
-        default=2, gt=0, description="Newest complete checkpoints kept; older ones are deleted."
+        default=2,
+        gt=0,
+        le=1000,
+        description="Newest complete checkpoints kept; older ones are deleted.",
     )
 
     @field_validator("uri")

@@ -62,6 +62,37 @@ def _find_literal_credentials(data: Any, path: str = "") -> list[tuple[str, str]
 
 
 _TOO_DEEP = "malformed spec: JSON nested too deeply"
+# Every integer a spec holds fits in 64 bits (Kubernetes' int64, numpy's seeds are smaller):
+# a longer literal is refused by its path before anything converts it to text (Python refuses
+# int <-> str conversions beyond 4300 digits with a ValueError).
+_INT_LIMIT = 2**63
+
+
+class _HugeInt:
+    """An integer literal too long to convert: kept as its digit count only."""
+
+    def __init__(self, text: str):
+        self.digits = len(text.lstrip("-"))
+
+
+def _parse_int(text: str) -> int | _HugeInt:
+    return int(text) if len(text) <= 20 else _HugeInt(text)
+
+
+def _out_of_range(data: Any, path: str = "") -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            found.extend(_out_of_range(value, f"{path}.{loc_part(key)}" if path else loc_part(key)))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            found.extend(_out_of_range(value, f"{path}.{i}"))
+    elif isinstance(data, _HugeInt) or (
+        isinstance(data, int) and not isinstance(data, bool) and abs(data) >= _INT_LIMIT
+    ):
+        digits = data.digits if isinstance(data, _HugeInt) else len(str(abs(data)))
+        found.append((path, f"integer of {digits} digits is out of range (at most 2**63-1)"))
+    return found
 
 
 def parse_spec(data: Any) -> FineTune | Study:
@@ -70,10 +101,13 @@ def parse_spec(data: Any) -> FineTune | Study:
         raise SpecError([("", f"a spec must be a JSON object, got {type(data).__name__}")])
     try:
         secrets = _find_literal_credentials(data)
+        huge = _out_of_range(data)
     except RecursionError:
         raise SpecError([("", _TOO_DEEP)]) from None
     if secrets:
         raise SpecError(secrets)
+    if huge:
+        raise SpecError(huge)
     kind = data.get("kind")
     if not isinstance(kind, str) or kind not in KINDS:
         msg = (
@@ -125,7 +159,7 @@ def _duplicate_keys(data: Any, path: str = "") -> list[tuple[str, str]]:
 def loads_spec(text: str) -> FineTune | Study:
     """Parse JSON text; malformed JSON reports line and column, a key given twice its path."""
     try:
-        data = json.loads(text, object_pairs_hook=_object)
+        data = json.loads(text, object_pairs_hook=_object, parse_int=_parse_int)
         duplicates = _duplicate_keys(data)
     except json.JSONDecodeError as e:
         raise SpecError(

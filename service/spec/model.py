@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from service.digest import json_hash
 from service.spec.infra import Metrics, Output, Resources, Storage, check_dns_label
+from service.spec.limits import MAX_SEED
 from service.spec.result import HOW, result_view
 from service.spec.search import Search
 from service.spec.sections import Backbone, Dataset, Protocol, Section, StudyDataset
@@ -123,7 +124,7 @@ class Study(_Spec):
         min_length=1,
         description="Datasets to compare them on, each optionally with its own protocol overrides.",
     )
-    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(
         default_factory=lambda: [0, 1, 2],
         min_length=1,
         description="Seeds per cell; reports show mean and 95% CI over them (3+ recommended).",

@@ -8,7 +8,6 @@ overridable with its checks). ``protocol.recipe`` accepts the names of the recip
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
@@ -22,6 +21,14 @@ from pydantic import (
     model_serializer,
 )
 
+from service.spec.limits import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_IMAGE_SIDE,
+    MAX_SEED,
+    check_text,
+    short,
+)
 from service.spec.result import HOW
 from service.train.recipes import RECIPES
 
@@ -41,6 +48,12 @@ class Section(BaseModel):
     # Unknown keys are errors, not silently ignored: a typo in `patience` must not train for days.
     # NaN and Infinity parse as JSON numbers in Python; no field of a spec means them.
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_control_characters(cls, v: Any) -> Any:
+        check_text(v)
+        return v
 
 
 class Backbone(Section):
@@ -63,6 +76,8 @@ class Backbone(Section):
     def _model_name(cls, v: str) -> str:
         if not v.strip() or v != v.strip():
             raise ValueError(f"must be a model name without surrounding spaces, got {v!r}")
+        if v in (".", ".."):  # it names a folder of a Study's run id: never a path step
+            raise ValueError(f"must be a model name, got {v!r}")
         return v
 
     @field_validator("weights")
@@ -198,7 +213,10 @@ class Protocol(Section):
         "448x672 for some sets). Images are decoded once at this size.",
     )
     batch_size: int = Field(
-        default=64, gt=0, description="Global batch size (split across GPUs when gpus > 1)."
+        default=64,
+        gt=0,
+        le=MAX_BATCH,
+        description="Global batch size (split across GPUs when gpus > 1).",
     )
     micro_batch: Annotated[int | Literal["auto"], HOW] = Field(
         default="auto",
@@ -211,18 +229,21 @@ class Protocol(Section):
     seed: int = Field(
         default=0,
         ge=0,
+        le=MAX_SEED,
         description="Seeds the split, subsampling, init of the head, data order and "
         "augmentation. In a Study, use the top-level seeds instead.",
     )
     max_epochs: int = Field(
         default=100,
         gt=0,
+        le=MAX_EPOCHS,
         description="Epoch cap for every recipe; the length of the cosine schedule for "
         "'standard' and 'linear_probe'.",
     )
     patience: int = Field(
         default=10,
         gt=0,
+        le=MAX_EPOCHS,
         description="'paper' recipe: epochs without validation improvement before switching "
         "from AdamW to SGD, and again before stopping.",
     )
@@ -254,7 +275,10 @@ class Protocol(Section):
         default=None, ge=0, description="Weight decay; empty for the recipe's default."
     )
     warmup_epochs: int = Field(
-        default=1, ge=0, description="'standard': linear warmup epochs before cosine decay."
+        default=1,
+        ge=0,
+        le=MAX_EPOCHS,
+        description="'standard': linear warmup epochs before cosine decay.",
     )
     label_smoothing: float = Field(
         default=0.1, ge=0, lt=1, description="'standard': label smoothing of the cross-entropy."
@@ -286,18 +310,22 @@ class Protocol(Section):
         ok_pair = isinstance(v, list | tuple) and len(v) == 2
         sizes = (v,) if isinstance(v, int) and not isinstance(v, bool) else v if ok_pair else None
         if sizes is None or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
-            raise ValueError(f"must be an integer or [height, width], got {json.dumps(v)}")
+            raise ValueError(f"must be an integer or [height, width], got {short(v)}")
         for s in sizes:
             if s <= 0:
                 raise ValueError(f"must be > 0, got {s}")
+            if s > MAX_IMAGE_SIDE:
+                raise ValueError(f"must be <= {MAX_IMAGE_SIDE} pixels a side, got {s}")
         return v
 
     @field_validator("micro_batch", mode="before")
     @classmethod
     def _micro_batch(cls, v: Any) -> Any:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_BATCH):
             return v
-        raise ValueError(f"must be 'auto' or an integer > 0, got {json.dumps(v)}")
+        if isinstance(v, int) and not isinstance(v, bool) and v > MAX_BATCH:
+            raise ValueError(f"must be <= {MAX_BATCH}, got {v}")
+        raise ValueError(f"must be 'auto' or an integer > 0, got {short(v)}")
 
     @property
     def hw(self) -> tuple[int, int]:

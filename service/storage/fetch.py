@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -103,11 +104,23 @@ def fetch_weights(
 # --------------------------------------------------------------------------------------------
 
 
+def _check_transfer_fields(shards: list[dict], where: str) -> None:
+    """A download needs each shard's ``size`` and ``sha256`` (``dataset push`` writes both):
+    one line naming the manifest and the shard, not a KeyError, when one is missing or odd."""
+    for s in shards:
+        size, sha = s.get("size"), s.get("sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise UserError(f"{where}: shard {s['key']}: 'size' must be a byte count, got {size!r}")
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise UserError(f"{where}: shard {s['key']}: 'sha256' must be 64 hex digits")
+
+
 def _fetch_packed(
     store: S3Store, manifest_bytes: bytes, cache: Path, on_download: Callable | None
 ) -> Path:
     where = store.key_uri(packing.MANIFEST)
     manifest = packing.read_manifest(manifest_bytes, where)
+    _check_transfer_fields(manifest["shards"], where)
     digest = hashlib.sha256(manifest_bytes).hexdigest()[:20]
     final = cache / f"{_slug(manifest.get('name', 'dataset'))}-{digest}"
     shards = manifest["shards"]
