@@ -95,6 +95,12 @@ def _data(run: Run, cache: Path, rt):
 
 
 def _prepare(spec: FineTune, cache: Path, observer: Observer):
+    return prepare_data(spec, cache, observer)
+
+
+def prepare_data(spec: FineTune, cache: Path, observer: Observer | None = None):
+    """The dataset as every consumer gets it (training, the search's proxy): an ``s3://`` URI
+    fetched into the cache first, then decoded and split once."""
     from service.data import prepare
 
     local = None

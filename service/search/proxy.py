@@ -17,29 +17,36 @@ from service.spec import Study
 
 
 def proxy_scores(study: Study, group: Group, *, cache_dir=None) -> dict[str, float]:
-    """Backbone -> k-NN validation accuracy on frozen features, for one group."""
+    """Backbone -> k-NN validation accuracy on frozen features, for one group.
+
+    The data comes the way training gets it (``pipeline.prepare_data``: fetched from S3 into
+    the one cache when the URI is remote, then decoded and split), and each split is normalised
+    as training normalises it (``split_stats``), so the proxy scores the inputs training sees."""
     from service.backbones import factory as models
-    from service.data import prepare
+    from service.data.normalise import split_stats
     from service.run.cell import cache_root
+    from service.run.pipeline import prepare_data
     from service.train.runtime import seed_everything
 
     proxy = study.search.proxy
     first = next(iter(group.cells.values()))[0]
     cache = cache_root(first, cache_dir)
-    data = prepare(first, cache)
+    data = prepare_data(first, cache)
     out: dict[str, float] = {}
     for backbone, cells in group.cells.items():
         cell = cells[0]
         seed_everything(cell.protocol.seed)
         built = models.build(
-            cell.backbone, len(data.classes), cache_dir=cache, storage=cell.storage
+            cell.backbone,
+            len(data.classes),
+            cache_dir=cache,
+            storage=cell.storage,
+            image_size=cell.protocol.hw,
         )
         p = cell.protocol
-        mean, std = (
-            (built.mean, built.std) if p.normalize == "pretrained" else (data.mean, data.std)
-        )
-        train = features(built.model, data.train, p.batch_size, mean, std)
-        val = features(built.model, data.val, p.batch_size, mean, std)
+        stats = split_stats(p.normalize, data, built)
+        train = features(built.model, data.train, p.batch_size, *stats["train"])
+        val = features(built.model, data.val, p.batch_size, *stats["val"])
         out[backbone] = knn_accuracy(
             train, data.train.labels, val, data.val.labels, k=proxy.k, n_classes=len(data.classes)
         )
