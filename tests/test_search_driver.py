@@ -27,7 +27,7 @@ def search_doc(tmp_path, schedule: str, **over) -> dict:
             "name": "sel",
             "backbones": [{"model": m, "weights": "none"} for m in VAL],
             "seeds": [0, 1],
-            "protocol": {"max_epochs": 9},
+            "protocol": {"max_epochs": 9, "warmup_epochs": 0},
             "search": {"strategy": "successive_halving", "eta": 3, "schedule": schedule},
             "output": {"uri": str(tmp_path / "runs")},
         },

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from service.search.plan import (
+    budgets,
     epoch_fraction,
     groups,
     rung_cells,
@@ -20,13 +21,13 @@ from service.spec.study import expand
 from tests import specs
 
 
-def study(tmp_path, n=6, seeds=(0, 1), max_epochs=9, **search) -> Study:
+def study(tmp_path, n=6, seeds=(0, 1), max_epochs=9, warmup=0, **search) -> Study:
     doc = specs.study(
         name="sel",
         backbones=[{"model": f"test_m{i}", "weights": "none"} for i in range(n)],
         datasets=[{"uri": "builtin://digits"}, {"uri": str(tmp_path / "b.npz")}],
         seeds=list(seeds),
-        protocol={"max_epochs": max_epochs, "max_minutes": 90},
+        protocol={"max_epochs": max_epochs, "max_minutes": 90, "warmup_epochs": warmup},
         search={"strategy": "successive_halving", **search},
         output={"uri": str(tmp_path / "runs")},
     )
@@ -139,3 +140,59 @@ def test_the_search_trains_a_known_fraction_of_the_grids_epochs(tmp_path):
     )
     proxied = study(tmp_path, max_epochs=6, proxy={"keep": 3})  # 3 at 2, 6 epochs
     assert epoch_fraction(proxied) == pytest.approx((3 * 2 + 1 * 4) / 36)
+
+
+def test_no_rung_ends_inside_the_warmup(tmp_path):
+    """Under the default recipe (warmup 1 epoch) the first rung trains 2 epochs, not the
+    warmup epoch alone (today's main: [1, 3, 9], every candidate ranked mid-warmup)."""
+    assert rung_epochs(3, 9, 3, warmup_epochs=1) == [2, 3, 9]
+    for schedule in ("continue", "restart"):
+        s = study(tmp_path, warmup=1, schedule=schedule)
+        (g, _) = groups(s)
+        assert budgets(s, g, 6) == [2, 3, 9]
+        (rung0, *_) = rung_cells(s, 0, {g.key: g.backbones}, 6)
+        assert rung0.epochs == 2
+    paper = parse_spec({**json.loads(study(tmp_path, warmup=3).to_json()),
+                        "protocol": {"recipe": "paper", "max_epochs": 9}})  # fmt: skip
+    assert budgets(paper, groups(paper)[0], 6) == [1, 3, 9]  # the paper's recipe has no warmup
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"min_epochs": 2}, r"rung budgets \[2, 2, 6\] epochs: rung 2 trains nothing"),
+        ({"min_epochs": 12}, "search.min_epochs: 12 is above protocol.max_epochs"),
+        ({"warmup": 2}, r"rung budgets \[3, 3, 6\] epochs: rung 2 trains nothing"),
+    ],
+)
+def test_validate_refuses_rungs_that_train_nothing_new(tmp_path, over, message):
+    """In a fresh process: exit 2, one line per group naming the budgets; a sound plan prints
+    each rung's candidates and epochs."""
+    import re
+
+    warmup = over.pop("warmup", 0)
+    bad = study(tmp_path, max_epochs=6, warmup=warmup, **over)
+    ok = study(tmp_path, max_epochs=9, warmup=1)
+    done = _validate(tmp_path, bad)
+    assert done.returncode == 2 and re.search(message, done.stderr), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 2  # one line per dataset
+    done = _validate(tmp_path, ok)
+    assert done.returncode == 0, done.stderr
+    assert "search digits/frac1.0: rungs (candidates x epochs) 6 x 2, 2 x 3, 1 x 9" in done.stdout
+
+
+def _validate(tmp_path, spec):
+    import subprocess
+    import sys
+
+    from tests.trainutil import REPO, worker_env
+
+    doc = json.loads(spec.to_json())
+    real = ["test_resnet", "test_efficientnet", "test_convnext", "test_nfnet", "test_vit",
+            "test_byobnet"]  # fmt: skip
+    doc["backbones"] = [{"model": m, "weights": "none"} for m in real[: len(doc["backbones"])]]
+    path = specs.write_spec(tmp_path, doc, "plan.json")
+    return subprocess.run(
+        [sys.executable, "-c", "from service.cli import main; main()", "validate", str(path)],
+        cwd=REPO, env=worker_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip

@@ -25,19 +25,9 @@ def validate(
     ),
 ) -> None:
     """Check specs; print 'ok: FILE (...)' or one line per problem. Exit 2 if any is invalid."""
-    from service.backbones.checks import check_models, check_resolutions
-
     failed = False
     for path in files:
-        try:
-            spec = load_spec(path)
-            problems = check_models(spec, deep=deep)
-            if deep and not problems:
-                problems = check_resolutions(spec)
-        except SpecError as e:
-            problems = e.problems
-        except OSError as e:
-            problems = [("", e.strerror or str(e))]
+        spec, problems, notes = _check(path, deep)
         if problems:
             failed = True
             for loc, msg in problems:
@@ -59,8 +49,40 @@ def validate(
             typer.echo(line + ")")
         else:
             typer.echo(f"ok: {path} (FineTune {spec.name})")
+        for note in notes:
+            typer.echo(f"  {note}")
     if failed:
         raise typer.Exit(EXIT_USER)
+
+
+def _check(path: Path, deep: bool):
+    """(spec, problems, notes) for one file: the schema, model names, image sizes (the shipped
+    size rules; every pair built with --deep) and a search's rung plan."""
+    from service.backbones.checks import check_models, check_resolutions, check_size_rules
+
+    notes: list[str] = []
+    try:
+        spec = load_spec(path)
+        problems = check_models(spec, deep=deep)
+        if not problems and deep:
+            problems = check_resolutions(spec)
+        elif not problems:
+            problems, unknown = check_size_rules(spec)
+            if unknown:
+                notes.append(
+                    f"image sizes not checked for {', '.join(unknown)} (no shipped size rule): "
+                    "`backbones validate --deep` builds each pair to check it"
+                )
+        if not problems and spec.kind == "Study" and spec.search.strategy != "grid":
+            from service.search.plan import plan_lines, plan_problems
+
+            problems = plan_problems(spec)
+            notes += plan_lines(spec)
+    except SpecError as e:
+        return None, e.problems, []
+    except OSError as e:
+        return None, [("", e.strerror or str(e))], []
+    return spec, problems, notes
 
 
 def schemas() -> dict[str, dict]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from service.report.blocks import H, Items, P, Table
 from service.run.contract import RunSummary, UnreadableOutput
+from service.search.plan import ranking
 from service.storage import NotFound, Store
 
 _GRID_CELL = re.compile(
@@ -49,16 +50,15 @@ def grid_rankings(root: Store, study: str) -> dict[str, tuple[str, dict[str, flo
 def search_ranking(state: dict, group: str) -> list[str]:
     """Best first: the rung a candidate reached, then its mean validation score there; then
     the candidates the proxy pruned, by proxy score."""
-    reached: dict[str, tuple[int, float]] = {}
-    for rung in state.get("rungs", []):
-        for b, res in (rung.get("results") or {}).get(group, {}).items():
-            mean = res.get("mean")
-            reached[b] = (rung["rung"], mean if mean is not None else -1.0)
-    ranked = sorted(reached, key=lambda b: (-reached[b][0], -reached[b][1]))
+    ranked: list[str] = []
+    for rung in reversed(state.get("rungs", [])):  # the deepest rung's candidates first
+        results = (rung.get("results") or {}).get(group, {})
+        means = {b: r.get("mean") for b, r in results.items() if b not in ranked}
+        ranked += ranking(means, rung["candidates"][group])
     proxy = (state.get("proxy") or {}).get(group)
     if proxy:
-        ranked += sorted((b for b in proxy["scores"] if b not in reached),
-                         key=lambda b: -proxy["scores"][b])  # fmt: skip
+        pruned = {b: v for b, v in proxy["scores"].items() if b not in ranked}
+        ranked += ranking(pruned, state.get("backbones") or list(proxy["scores"]))
     return ranked
 
 
@@ -143,8 +143,9 @@ def _rung_rows(state: dict, group: str, spent: _Spent) -> list[list[str]]:
         results = (rung.get("results") or {}).get(group, {})
         promoted = (rung.get("promoted") or {}).get(group, [])
         last = rung["rung"] == len(state.get("survivors_per_rung", [])) - 1
-        order = sorted(results, key=lambda b: -(results[b].get("mean") or -1))
-        for place, b in enumerate(order, 1):
+        means = {b: results[b].get("mean") for b in results}
+        order = ranking(means, rung["candidates"][group])
+        for b in order:
             res = results[b]
             spent.epochs += res["epochs"]
             spent.seconds += res["seconds"]
@@ -153,7 +154,8 @@ def _rung_rows(state: dict, group: str, spent: _Spent) -> list[list[str]]:
             if b in promoted:
                 why = "winner" if last else f"promoted (top {len(promoted)})"
             else:
-                why = f"stopped: ranked {place} of {len(order)}, top {len(promoted)} move on"
+                why = f"stopped: ranked {_place(means, b)} of {len(order)}, top {len(promoted)} "
+                why += "move on" + _tie_note(means, b, promoted, rung["candidates"][group])
             rows.append(
                 [
                     str(rung["rung"] + 1), str(rung["epochs"][group]), b,
@@ -218,6 +220,21 @@ def _agreement(
         px_tau = kendall_tau(sorted(px, key=lambda b: -px[b]), grid_rank)
         agree += f", of the proxy's {_tau(px_tau)}"
     return agree
+
+
+def _place(means: dict[str, float | None], b: str) -> str:
+    """1 + the candidates scoring strictly higher; '=' when another has the same score."""
+    mine = means[b] if means[b] is not None else -1.0
+    vals = [m if m is not None else -1.0 for m in means.values()]
+    place = 1 + sum(1 for v in vals if v > mine)
+    return f"{place}=" if vals.count(mine) > 1 else str(place)
+
+
+def _tie_note(means: dict, b: str, promoted: list[str], order: list[str]) -> str:
+    tied = [x for x in promoted if means.get(x) == means[b]]
+    if not tied:
+        return ""
+    return f" (tied with {', '.join(tied)}, promoted for coming first in the study's order)"
 
 
 def _score(res: dict) -> str:

@@ -114,9 +114,12 @@ def prepare_data(spec: FineTune, cache: Path, observer: Observer | None = None):
 def _model(run: Run, n_classes: int, cache: Path, rt):
     """Seeded, so the head's init is the same on every attempt and every machine."""
     from service.backbones import factory as models
+    from service.backbones.checks import require_size
     from service.train.runtime import seed_everything
 
     spec = run.spec
+    # A pair that cannot run is the user's to fix (exit 2), found before any training.
+    require_size(spec.backbone.model, spec.protocol.hw)
     seed_everything(spec.protocol.seed)
     built = models.build(
         spec.backbone,
