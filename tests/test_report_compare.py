@@ -67,7 +67,7 @@ def test_compare_shows_leader_changes_per_dataset_and_domain_with_flags(tmp_path
     }
     fixed = {
         ("bh", "wavemix"): [0.90, 0.91, 0.905],
-        ("bh", "resnet50"): [0.95, 0.96, 0.955],  # the leader flips, clearly
+        ("bh", "resnet50"): [0.945, 0.965, 0.955],  # the leader flips, clearly
         ("gal", "wavemix"): [0.80, 0.81, 0.79],
         ("gal", "resnet50"): [0.79, 0.80, 0.78],
     }
