@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from service.cli._app import app, edge
+from service.cli._app import app, edge, err
 from service.errors import UserError
 
 _URI_HELP = (
@@ -69,17 +69,18 @@ def report(
 def compare(
     uri_a: str = typer.Argument(..., help="Output prefix of study A (e.g. the faithful one)."),
     uri_b: str = typer.Argument(..., help="Output prefix of study B (e.g. the fixed one)."),
-    spec_a: Path | None = typer.Option(None, "--spec-a", help="Study spec of A. " + _SPEC_HELP),
+    spec_a: Path | None = typer.Option(None, "--spec-a", help="Study spec of A (see --spec-b)."),
     spec_b: Path | None = typer.Option(None, "--spec-b", help="Study spec of B. " + _SPEC_HELP),
     label_a: str = typer.Option("A", "--label-a", help="Name of A in the tables."),
     label_b: str = typer.Option("B", "--label-b", help="Name of B in the tables."),
     out: Path = typer.Option(Path("compare"), "--out", help="Folder for compare.md/.json."),
 ) -> None:
     """Rankings of two studies of the same grid side by side (e.g. the paper's faithful
-    protocol vs the fixed one): per dataset and domain, with the significance flags."""
+    protocol vs the fixed one): per dataset and domain, with the significance flags. Exit 2
+    when the grids share no dataset or no backbone; other grid differences are listed."""
     from service.report import load
     from service.report.compare import compare as compare_reports
-    from service.report.compare import to_json, to_markdown
+    from service.report.compare import grid_differences, to_json, to_markdown
 
     with edge():
         study_a, study_b = _study(spec_a), _study(spec_b)
@@ -91,6 +92,8 @@ def compare(
         (out / "compare.json").write_text(json.dumps(to_json(result), indent=2) + "\n")
         changed = sum(d.leader_changed for d in result.datasets)
         typer.echo(f"{len(result.datasets)} datasets compared: the leader changes on {changed}")
+        for line in grid_differences(result):
+            err(f"warning: {line}")
         typer.echo(f"wrote {out / 'compare.md'}")
         typer.echo(f"wrote {out / 'compare.json'}")
 
