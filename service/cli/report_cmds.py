@@ -30,7 +30,7 @@ def _study(path: Path | None):
     except SpecError as e:
         raise UserError(f"{path}: {e}") from None
     if not isinstance(spec, Study):
-        raise UserError(f"{path}: --spec needs a Study spec, got kind {spec.kind!r}")
+        raise UserError(f"{path}: expected a Study spec, got kind {spec.kind!r}")
     return spec
 
 
@@ -133,7 +133,10 @@ def recommend(
 def budget(
     spec_file: Path = typer.Argument(..., metavar="STUDY", help="A Study spec (JSON)."),
     online: bool = typer.Option(
-        False, "--online", help="Also read dataset manifests on S3 (default: offline)."
+        False,
+        "--online",
+        help="Also read dataset manifests on S3 (default: offline). Wrong credentials exit 2, "
+        "an unreachable store 75.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the breakdown as JSON."),
 ) -> None:
@@ -160,3 +163,26 @@ def budget(
             )
         for note in est.notes:
             typer.echo(f"note: {note}")
+        for line in _assumed_sizes(study, est, online):
+            err(f"warning: {line}")
+
+
+def _assumed_sizes(study, est, online: bool) -> list[str]:
+    """One line per dataset whose image count was assumed, not read, and how to read it."""
+    from service.spec.budget import DEFAULT_TRAIN_IMAGES
+
+    out = []
+    for name, source in dict.fromkeys((c.dataset, c.images_source) for c in est.cells):
+        if not source.startswith("default"):
+            continue
+        uri = next(d.uri for d in study.datasets if d.short_name == name)
+        how = (
+            "pass --online to read its manifest"
+            if uri.startswith("s3://") and not online
+            else "no manifest or countable files there"
+        )
+        out.append(
+            f"{name}: image count not read ({uri}: {how}); assumed {DEFAULT_TRAIN_IMAGES} "
+            "train images: set dataset.expected_images for a real estimate"
+        )
+    return out
