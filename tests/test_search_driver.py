@@ -121,3 +121,16 @@ def test_the_proxy_prunes_to_keep_and_its_scores_are_recorded(tmp_path):
     assert state["proxy"][g]["kept"] == ["m0", "m1", "m3"]
     assert [r["candidates"][g] for r in state["rungs"]] == [["m0", "m1", "m3"], ["m1"]]
     assert [r["epochs"][g] for r in state["rungs"]] == [3, 9]  # 3 candidates: two rungs
+
+
+def test_a_resumed_run_says_where_it_resumes_not_attempt_n():
+    """A continue-mode rung resumes its cell: the console says so instead of 'attempt 3'."""
+    import io
+
+    from service.run.console import LineObserver
+    from service.run.events import Progress
+
+    out = io.StringIO()
+    p = Progress(run_id="r", phase="Training", epoch=3, attempt=3)
+    LineObserver(out).on_phase(p)
+    assert out.getvalue().strip() == "r: Training (resumed after epoch 3)"

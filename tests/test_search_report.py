@@ -41,3 +41,64 @@ def test_the_selection_section_explains_each_rung_and_agrees_with_the_grid(tmp_p
     )
     # The survivors' full-protocol cells are the study's results; the others are not missing.
     assert written.report.counts["cells"] == 2 and written.report.counts["done"] == 2
+
+
+def test_without_a_spec_stopped_candidates_are_final_not_unfinished(tmp_path):
+    """Continue mode leaves the stopped candidates' cells mid-schedule. Today's main, without
+    --spec, listed them as 'not finished' (cells that would resume); they never do."""
+    from service.run.contract import RunStatus
+    from service.run.outputs import RunOutputs
+
+    s = study(tmp_path, "continue")
+    state = Driver(s, FakeRunner(), echo=lambda m: None).run()
+    from service.spec.study import expand
+
+    for cell in expand(s):  # what a real stopped cell holds: its status, mid-schedule
+        out = RunOutputs(open_store(cell.output.uri).child(cell.run_id))
+        if out.summary() is None:
+            status = RunStatus(run_id=cell.run_id, phase="Training", epoch=3, max_epochs=9)
+            out.write_json("status.json", status.to_dict())
+    written = build_report(str(tmp_path / "runs" / "sel"), tmp_path / "rep", plots=False)
+    c = written.report.counts
+    winner = state["winners"]["digits/frac1.0"]
+    assert (c["done"], c["incomplete"]) == (2, 0), c  # the winner's two seeds
+    assert winner
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "candidates stopped at a rung are final" in md
+
+
+def test_the_selection_table_follows_the_drivers_order_and_shows_ties(tmp_path):
+    """Equal scores: the driver promotes the one first in the study's order; the table lists
+    it first, marks the tie, and never ranks a stopped candidate above a promoted one (today's
+    main sorted by score only)."""
+    from service.report.selection import blocks
+
+    state = {
+        "search": {"eta": 2, "schedule": "continue"},
+        "phase": "done",
+        "rung": 1,
+        "survivors_per_rung": [3, 1],
+        "backbones": ["x", "y", "z"],
+        "seeds": [0],
+        "rungs": [
+            {
+                "rung": 0,
+                "epochs": {"g": 2},
+                "candidates": {"g": ["x", "y", "z"]},
+                "done": True,
+                "promoted": {"g": ["y"]},
+                "results": {
+                    "g": {
+                        b: {"mean": m, "low": None, "high": None, "seconds": 1.0, "epochs": 2}
+                        for b, m in (("z", 0.8), ("y", 0.8), ("x", 0.5))
+                    }
+                },
+            }
+        ],
+    }
+    from service.report.blocks import to_markdown
+
+    md = to_markdown(blocks(state, {}))
+    rows = [line for line in md.splitlines() if line.startswith("| 1 |")]
+    assert [r.split("|")[3].strip() for r in rows] == ["y", "z", "x"]
+    assert "stopped: ranked 1= of 3" in rows[1] and "tied with y" in rows[1]
