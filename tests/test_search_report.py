@@ -102,3 +102,36 @@ def test_the_selection_table_follows_the_drivers_order_and_shows_ties(tmp_path):
     rows = [line for line in md.splitlines() if line.startswith("| 1 |")]
     assert [r.split("|")[3].strip() for r in rows] == ["y", "z", "x"]
     assert "stopped: ranked 1= of 3" in rows[1] and "tied with y" in rows[1]
+
+
+def test_the_selection_shows_what_the_trivial_rankers_would_have_picked():
+    """Against the search's winner: the catalog's best ImageNet top-1 and its largest model,
+    each with its grid score when a grid exists (so a user sees when the search beat them)."""
+    from service.report.blocks import to_markdown
+    from service.report.selection import blocks, trivial_picks
+
+    cands = ["resnet50", "convnext_tiny", "efficientnet_b0"]
+    picks = trivial_picks(cands)
+    assert picks == {
+        "ImageNet top-1 order": "convnext_tiny",  # 82.7 in the catalog, above resnet50's 81.2
+        "params order (largest)": "convnext_tiny",
+    }
+    res = {"mean": 0.5, "low": None, "high": None, "seconds": 1.0, "epochs": 1}
+    state = {
+        "search": {"eta": 3, "schedule": "continue"}, "phase": "done", "rung": 1,
+        "survivors_per_rung": [3, 1], "backbones": cands, "seeds": [0],
+        "winners": {"g": "efficientnet_b0"},
+        "rungs": [{"rung": 0, "epochs": {"g": 9}, "candidates": {"g": cands}, "done": True,
+                   "promoted": {"g": ["efficientnet_b0"]},
+                   "results": {"g": {b: res for b in cands}}}],
+    }  # fmt: skip
+    grid = {"g": ("grid", {"resnet50": 0.8, "convnext_tiny": 0.7, "efficientnet_b0": 0.9})}
+    md = to_markdown(blocks(state, grid))
+    assert (
+        "trivial rankers, against the search's pick efficientnet_b0 (90.00 in the grid): "
+        "ImageNet top-1 order picks convnext_tiny (70.00 in the grid)"
+    ) in md
+    unknown = {**state["rungs"][0], "candidates": {"g": ["test_a", "test_b"]}}
+    assert "no catalog figures" in to_markdown(
+        blocks({**state, "winners": {}, "rungs": [unknown]}, {})
+    )

@@ -106,6 +106,7 @@ def _group_blocks(state: dict, grid: dict[str, tuple[str, dict[str, float]]], gr
     )
     items = _compute_items(state, spent, proxy)
     items.append(_agreement(state, group, grid, proxy))
+    items.append(_trivial(state, group, grid))
     out.append(Items(items))
     return out
 
@@ -235,6 +236,39 @@ def _tie_note(means: dict, b: str, promoted: list[str], order: list[str]) -> str
     if not tied:
         return ""
     return f" (tied with {', '.join(tied)}, promoted for coming first in the study's order)"
+
+
+def trivial_picks(candidates: list[str]) -> dict[str, str | None]:
+    """What doing nothing clever picks among ``candidates``: the best ImageNet-1k top-1 and the
+    most parameters, by the catalog's figures (None when the catalog knows none of them)."""
+    from service.backbones.catalog import get
+
+    known = {b: e for b in candidates if (e := get(b)) is not None}
+    top1 = {b: e.imagenet_top1 for b, e in known.items() if e.imagenet_top1 is not None}
+    params = {b: e.params_m for b, e in known.items() if e.params_m is not None}
+    return {
+        "ImageNet top-1 order": ranking(top1, candidates)[0] if top1 else None,
+        "params order (largest)": ranking(params, candidates)[0] if params else None,
+    }
+
+
+def _trivial(state: dict, group: str, grid: dict[str, tuple[str, dict[str, float]]]) -> str:
+    """The search's winner against the trivial rankers' picks, scored by the grid if any."""
+    first = state["rungs"][0]["candidates"][group] if state.get("rungs") else []
+    candidates = list((state.get("proxy") or {}).get(group, {}).get("scores") or first)
+    winner = (state.get("winners") or {}).get(group)
+    means = grid[group][1] if group in grid else {}
+
+    def named(b: str | None) -> str:
+        if b is None:
+            return "– (no catalog figures for these candidates)"
+        return b + (f" ({100 * means[b]:.2f} in the grid)" if b in means else "")
+
+    picks = [f"{how} picks {named(b)}" for how, b in trivial_picks(candidates).items()]
+    return (
+        f"trivial rankers, against the search's pick {named(winner) if winner else '(running)'}: "
+        + "; ".join(picks)
+    )
 
 
 def _score(res: dict) -> str:
