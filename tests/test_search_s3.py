@@ -106,3 +106,22 @@ def test_the_proxy_normalises_each_split_as_training_does(tmp_path, monkeypatch,
     assert seen and all((m, s) == tuple(map(tuple, want[id(split)])) for split, m, s in seen)
     if normalize != "split":
         assert stats["train"] != (data.mean, data.std)
+
+
+def test_a_candidate_that_cannot_run_at_the_size_fails_alone_in_the_proxy(tmp_path):
+    """test_convnext cannot take 16 px: no score (ranked last), the others are scored."""
+    from service.search import proxy
+    from service.search.plan import groups
+    from service.spec import parse_spec
+
+    doc = tiny_study(
+        tmp_path,
+        name="px",
+        backbones=[{"model": m, "weights": "none"} for m in ("test_convnext", "test_resnet")],
+        seeds=[0],
+        search={"strategy": "successive_halving", "eta": 2, "proxy": {"keep": 1}},
+    )
+    study = parse_spec(doc)
+    (group,) = groups(study)
+    scores = proxy.proxy_scores(study, group, cache_dir=tmp_path / "cache")
+    assert scores["test_convnext"] is None and 0 <= scores["test_resnet"] <= 1

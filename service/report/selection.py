@@ -113,10 +113,12 @@ def _group_blocks(state: dict, grid: dict[str, tuple[str, dict[str, float]]], gr
 
 def _proxy_blocks(proxy: dict) -> list:
     kept = set(proxy["kept"])
+    scores = proxy["scores"]
     rows = [
-        [b, f"{v:.4f}", "kept" if b in kept else "pruned before rung 1"]
-        for b, v in sorted(proxy["scores"].items(), key=lambda kv: -kv[1])
-    ]
+        [b, "failed" if scores[b] is None else f"{scores[b]:.4f}",
+         "kept" if b in kept else "pruned before rung 1"]
+        for b in ranking(scores, list(scores))
+    ]  # fmt: skip
     return [
         P(
             f"Proxy ({proxy['method']} on frozen features, validation accuracy; "
@@ -218,7 +220,7 @@ def _agreement(
     )
     if proxy:
         px = proxy["scores"]
-        px_tau = kendall_tau(sorted(px, key=lambda b: -px[b]), grid_rank)
+        px_tau = kendall_tau(ranking(px, list(px)), grid_rank)
         agree += f", of the proxy's {_tau(px_tau)}"
     return agree
 

@@ -182,7 +182,11 @@ class Driver:
             )
             t0 = time.perf_counter()
             scores = run(self.study, g)
-            kept = select({b: [scores[b]] for b in scores}, proxy.keep, g.backbones)
+            kept = select(
+                {b: [v] if v is not None else [] for b, v in scores.items()},
+                proxy.keep,
+                g.backbones,
+            )
             out[g.key] = {
                 "method": proxy.method,
                 "scores": scores,
