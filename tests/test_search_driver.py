@@ -58,7 +58,7 @@ class FakeRunner:
             self.calls.append((rung, c.spec.run_id))
             start = have[-1]["epoch"] if have else 0
             records = have + [
-                {"epoch": e, "val_top1": VAL[c.backbone] * e / 9 + c.seed / 1000,
+                {"epoch": e, "val_top1": VAL[c.backbone] * e / 9 + c.seed / 10000,
                  "epoch_seconds": 1.0}
                 for e in range(start + 1, c.epochs + 1)
             ]  # fmt: skip
@@ -78,7 +78,7 @@ def test_rungs_promote_the_best_third_by_validation_never_test(tmp_path, schedul
     assert state["winners"] == {g: "m1"}
     assert state["phase"] == "done" and read_state(s) == state
     m1 = state["rungs"][0]["results"][g]["m1"]
-    assert m1["seeds"] == {"0": pytest.approx(0.1), "1": pytest.approx(0.101)}
+    assert m1["seeds"] == {"0": pytest.approx(0.1), "1": pytest.approx(0.1001)}
     assert m1["low"] < m1["mean"] < m1["high"]
     # Compute: 6x2 cells of 1 epoch, 2x2 of 3, 1x2 of 9; 'continue' spends only the new epochs.
     spent = sum(res["epochs"] for r in state["rungs"] for res in r["results"][g].values())

@@ -196,3 +196,39 @@ def _validate(tmp_path, spec):
         [sys.executable, "-c", "from service.cli import main; main()", "validate", str(path)],
         cwd=REPO, env=worker_env(tmp_path), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+
+
+def _res(mean, half):
+    return {"mean": mean, "low": mean - half, "high": mean + half}
+
+
+def test_promotion_keeps_candidates_the_cut_cannot_tell_apart_bounded_by_keep():
+    from service.search.plan import cut, promote
+
+    order = ["a", "b", "c", "d", "e"]
+    noisy = {"a": _res(0.9, 0.01), "b": _res(0.8, 0.05), "c": _res(0.78, 0.05),
+             "d": _res(0.76, 0.05), "e": _res(0.5, 0.01)}  # fmt: skip
+    # keep 2: a, b; c and d overlap b's interval (0.75-0.85), e does not
+    assert promote(noisy, 2, order) == ["a", "b", "c", "d"]
+    assert promote(noisy, 1, order) == ["a"]  # nothing overlaps a's [0.89, 0.91]
+    assert promote(noisy, 2, order, last=True) == ["a", "b"]  # the last rung: no extras
+    bounded = {**noisy, "e": _res(0.77, 0.05)}
+    assert promote(bounded, 2, order) == ["a", "b", "c", "e"]  # at most keep extras, best first
+    one_seed = {b: {"mean": r["mean"], "low": None, "high": None} for b, r in noisy.items()}
+    assert promote(one_seed, 2, order) == ["a", "b"]
+    c = cut(noisy, ["a", "b"])
+    assert c["best_stopped"] == "c" and c["margin"] == pytest.approx(0.02) and not c["clear"]
+    assert cut(noisy, ["a"])["clear"] is True
+
+
+def test_the_selection_shows_each_cuts_margin_and_whether_it_was_clear(tmp_path):
+    from service.report.blocks import to_markdown
+    from service.report.selection import blocks
+    from service.search.driver import Driver
+    from tests.test_search_driver import FakeRunner
+    from tests.test_search_driver import study as driver_study
+
+    state = Driver(driver_study(tmp_path), FakeRunner(), echo=lambda m: None).run()
+    md = to_markdown(blocks(state, {}))
+    assert "rung 1 cut: margin +1.11 points (last promoted m4 vs best stopped m2); clear" in md
+    assert "rung 2 cut: margin +3.33 points (last promoted m1 vs best stopped m4); clear" in md

@@ -31,7 +31,7 @@ def test_the_selection_section_explains_each_rung_and_agrees_with_the_grid(tmp_p
     md = (tmp_path / "rep" / "report.md").read_text()
     section = md.split("## Selection", 1)[1].split("## Missing", 1)[0]
     assert "### Selection: digits/frac1.0" in section
-    assert "| 1 | 1 | m1 | 10.05 [" in section  # val top-1 mean over seeds with its interval
+    assert "| 1 | 1 | m1 | 10.01 [" in section  # val top-1 mean over seeds with its interval
     assert "stopped: ranked 3 of 6, top 2 move on" in section
     assert "| 3 | 9 | m1 |" in section and "winner" in section
     assert "compute: 42 epochs of training against the grid's 108" in section

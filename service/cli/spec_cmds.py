@@ -42,8 +42,9 @@ def validate(
                 if spec.search.strategy == "successive_halving":
                     from service.search.plan import epoch_fraction
 
-                    line += f" for the grid; the search trains <= {epoch_fraction(spec):.0%}"
-                    line += " of its epochs"
+                    line += f" for the grid; the search trains ~{epoch_fraction(spec):.0%} of "
+                    line += f"its epochs, at most {epoch_fraction(spec, worst=True):.0%} when "
+                    line += "its cuts keep candidates they cannot tell apart"
             except (ImportError, ArithmeticError, ValueError):
                 pass  # the estimate is a courtesy; absurd sizes must not fail validation
             typer.echo(line + ")")

@@ -104,7 +104,7 @@ def _group_blocks(state: dict, grid: dict[str, tuple[str, dict[str, float]]], gr
     out.append(
         Table(["Rung", "Epochs", "Backbone", "Val top-1 [95% CI]", "Train s", "Decision"], rows)
     )
-    items = _compute_items(state, spent, proxy)
+    items = _cut_items(state, group) + _compute_items(state, spent, proxy)
     items.append(_agreement(state, group, grid, proxy))
     items.append(_trivial(state, group, grid))
     out.append(Items(items))
@@ -154,10 +154,14 @@ def _rung_rows(state: dict, group: str, spent: _Spent) -> list[list[str]]:
             spent.seconds += res["seconds"]
             if res["epochs"]:
                 spent.per_epoch.setdefault(b, res["seconds"] / res["epochs"])
-            if b in promoted:
-                why = "winner" if last else f"promoted (top {len(promoted)})"
+            sizes = state.get("survivors_per_rung") or []
+            k = sizes[rung["rung"] + 1] if rung["rung"] + 1 < len(sizes) else len(promoted)
+            if b in promoted[:k]:
+                why = "winner" if last else f"promoted (top {k})"
+            elif b in promoted:
+                why = f"promoted: its interval overlaps the {k}th best's"
             else:
-                why = f"stopped: ranked {_place(means, b)} of {len(order)}, top {len(promoted)} "
+                why = f"stopped: ranked {_place(means, b)} of {len(order)}, top {k} "
                 why += "move on" + _tie_note(means, b, promoted, rung["candidates"][group])
             rows.append(
                 [
@@ -171,6 +175,23 @@ def _rung_rows(state: dict, group: str, spent: _Spent) -> list[list[str]]:
                     rows.append([str(rung["rung"] + 1), str(rung["epochs"][group]), b,
                                  "–", "–", "running"])  # fmt: skip
     return rows
+
+
+def _cut_items(state: dict, group: str) -> list[str]:
+    """Per decided rung: the margin of its cut and whether it was statistically clear."""
+    out = []
+    for rung in state["rungs"]:
+        c = (rung.get("cut") or {}).get(group)
+        if not rung.get("done") or c is None:
+            continue
+        promoted = rung["promoted"][group]
+        clear = {True: "clear (95% intervals apart)", False: "not clear (95% intervals "
+                 "overlap)", None: "not testable (one seed: no interval)"}[c["clear"]]  # fmt: skip
+        out.append(
+            f"rung {rung['rung'] + 1} cut: margin {100 * c['margin']:+.2f} points (last "
+            f"promoted {promoted[-1]} vs best stopped {c['best_stopped']}); {clear}"
+        )
+    return out
 
 
 def _compute_items(state: dict, spent: _Spent, proxy: dict | None) -> list[str]:

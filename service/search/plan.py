@@ -229,11 +229,56 @@ def select(scores: dict[str, list[float]], keep: int, order: list[str]) -> list[
     return ranking(means, order)[:keep]
 
 
-def epoch_fraction(study: Study) -> float:
+def promote(
+    results: dict[str, dict], keep: int, order: list[str], *, last: bool = False
+) -> list[str]:
+    """Who moves on from a rung: the ``keep`` best (``ranking`` of the mean over seeds), plus
+    every other candidate whose 95% interval over seeds overlaps the ``keep``-th best's (the
+    cut cannot tell them apart), at most ``keep`` extra, best first: a noisy rung never doubles
+    the next rung's cost by more than that. The last rung picks one winner, no extras.
+    ``results``: backbone -> {"mean", "low", "high"} (None where unknown: one seed has no
+    interval, so no extra)."""
+    means = {b: results[b].get("mean") for b in order if b in results}
+    ranked = ranking(means, order)
+    chosen = ranked[:keep]
+    if last or not chosen or len(ranked) <= keep:
+        return chosen
+    kth = results[chosen[-1]]
+    if kth.get("low") is None:
+        return chosen
+    extra = [
+        b
+        for b in ranked[keep:]
+        if results[b].get("high") is not None and results[b]["high"] >= kth["low"]
+    ]
+    return chosen + extra[:keep]
+
+
+def cut(results: dict[str, dict], promoted: list[str]) -> dict | None:
+    """The margin of a rung's cut: the last promoted candidate's mean minus the best stopped
+    one's, and whether their 95% intervals are apart (a clear cut) or not."""
+    stopped = [b for b in results if b not in promoted and results[b].get("mean") is not None]
+    if not promoted or not stopped:
+        return None
+    last = results[promoted[-1]]
+    best = max(stopped, key=lambda b: results[b]["mean"])
+    other = results[best]
+    clear = None
+    if last.get("low") is not None and other.get("high") is not None:
+        clear = last["low"] > other["high"]
+    return {"margin": last["mean"] - other["mean"], "best_stopped": best, "clear": clear}
+
+
+def epoch_fraction(study: Study, *, worst: bool = False) -> float:
     """Epochs a search trains, as a fraction of the grid's (every candidate trains its whole
-    rung budget; early stops make both smaller). The GPU-hour estimate is the grid's."""
+    rung budget; early stops make both smaller). ``worst``: every cut keeps its bound of extra
+    candidates (``promote``). The GPU-hour estimate is the grid's."""
     n0 = first_rung_size(study)
     counts = survivors_per_rung(n0, study.search.eta)
+    if worst:
+        counts = [counts[0]] + [
+            min(2 * c, counts[i]) if i + 2 < len(counts) else c for i, c in enumerate(counts[1:])
+        ]
     spent = grid = 0.0
     for g in groups(study):
         b = budgets(study, g, n0)
