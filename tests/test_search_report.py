@@ -36,11 +36,20 @@ def test_the_selection_section_explains_each_rung_and_agrees_with_the_grid(tmp_p
     assert "| 3 | 9 | m1 |" in section and "winner" in section
     assert "compute: 42 epochs of training against the grid's 108" in section
     assert (
-        "grid winner m1; search winner m1 (same); Kendall tau of the search's ranking 1.00"
-        in section
+        "grid winner m1; search winner m1 (same; regret 0.00 points); Kendall tau of the "
+        "search's ranking 1.00" in section
     )
     # The survivors' full-protocol cells are the study's results; the others are not missing.
     assert written.report.counts["cells"] == 2 and written.report.counts["done"] == 2
+
+
+def test_a_search_that_missed_the_grids_winner_states_its_regret(tmp_path):
+    from service.report.selection import _agreement
+
+    state = {"winners": {"g": "b"}, "rungs": []}
+    grid = {"g": ("grid", {"a": 0.91, "b": 0.885, "c": 0.5})}
+    text = _agreement(state, "g", grid, None)
+    assert "search winner b (differs; regret 2.50 points of test top-1)" in text
 
 
 def test_without_a_spec_stopped_candidates_are_final_not_unfinished(tmp_path):

@@ -233,7 +233,9 @@ def _agreement(
         f"agreement with the full grid of study '{other}' (mean test top-1): grid winner "
         f"{grid_rank[0]}; "
         + (
-            f"search winner {winner} ({'same' if winner == grid_rank[0] else 'differs'})"
+            f"search winner {winner} ({'same' if winner == grid_rank[0] else 'differs'}"
+            + _regret(means, grid_rank[0], winner)
+            + ")"
             if winner
             else "search not finished"
         )
@@ -292,6 +294,15 @@ def _trivial(state: dict, group: str, grid: dict[str, tuple[str, dict[str, float
         f"trivial rankers, against the search's pick {named(winner) if winner else '(running)'}: "
         + "; ".join(picks)
     )
+
+
+def _regret(means: dict[str, float], best: str, winner: str) -> str:
+    """Points of mean test top-1 the search's pick gives up against the grid's winner."""
+    if winner == best:
+        return "; regret 0.00 points"
+    if winner not in means:
+        return "; regret unknown: the grid did not train it"
+    return f"; regret {100 * (means[best] - means[winner]):.2f} points of test top-1"
 
 
 def _score(res: dict) -> str:
