@@ -129,44 +129,11 @@ def compare(a: Report, b: Report, label_a: str = "A", label_b: str = "B") -> Com
     boards_a = {x.dataset: x for x in a.main_boards()}
     boards_b = {x.dataset: x for x in b.main_boards()}
     order = list(boards_a) + [d for d in boards_b if d not in boards_a]
-    changes = []
-    for d in order:
-        ba, bb = boards_a.get(d), boards_b.get(d)
-        if ba is None or bb is None:
-            continue
-        ea = {e.backbone: e for e in ba.entries}
-        eb = {e.backbone: e for e in bb.entries}
-        names = [e.backbone for e in bb.entries] + [n for n in ea if n not in eb]
-        rows = [
-            Row(
-                n,
-                ea[n].rank if n in ea else None,
-                eb[n].rank if n in eb else None,
-                ea[n].top1.mean if n in ea else None,
-                eb[n].top1.mean if n in eb else None,
-                _verdict(ba, n),
-                _verdict(bb, n),
-            )
-            for n in names
-        ]
-        changes.append(
-            DatasetChange(
-                dataset=d,
-                domain=bb.domain,
-                leader_a=ba.entries[0].backbone,
-                leader_b=bb.entries[0].backbone,
-                flag_a=_flag(ba),
-                flag_b=_flag(bb),
-                tau=kendall_tau(
-                    {n: e.rank for n, e in ea.items()}, {n: e.rank for n, e in eb.items()}
-                ),
-                rows=rows,
-                protocol_a=ba.protocol,
-                protocol_b=bb.protocol,
-                only_in_a=[n for n in ea if n not in eb],
-                only_in_b=[n for n in eb if n not in ea],
-            )
-        )
+    changes = [
+        _dataset_change(d, boards_a[d], boards_b[d])
+        for d in order
+        if d in boards_a and d in boards_b
+    ]
     _refuse_disjoint(changes, boards_a, boards_b, label_a, label_b)
     domains = []
     for domain in [*sorted(set(a.domains) | set(b.domains)), "all domains"]:
@@ -187,6 +154,39 @@ def compare(a: Report, b: Report, label_a: str = "A", label_b: str = "B") -> Com
         domains,
         only_a=[d for d in boards_a if d not in boards_b],
         only_b=[d for d in boards_b if d not in boards_a],
+    )
+
+
+def _dataset_change(d: str, ba: Board, bb: Board) -> DatasetChange:
+    """One dataset both studies hold: every backbone's rank and top-1 under each."""
+    ea = {e.backbone: e for e in ba.entries}
+    eb = {e.backbone: e for e in bb.entries}
+    names = [e.backbone for e in bb.entries] + [n for n in ea if n not in eb]
+    rows = [
+        Row(
+            n,
+            ea[n].rank if n in ea else None,
+            eb[n].rank if n in eb else None,
+            ea[n].top1.mean if n in ea else None,
+            eb[n].top1.mean if n in eb else None,
+            _verdict(ba, n),
+            _verdict(bb, n),
+        )
+        for n in names
+    ]
+    return DatasetChange(
+        dataset=d,
+        domain=bb.domain,
+        leader_a=ba.entries[0].backbone,
+        leader_b=bb.entries[0].backbone,
+        flag_a=_flag(ba),
+        flag_b=_flag(bb),
+        tau=kendall_tau({n: e.rank for n, e in ea.items()}, {n: e.rank for n, e in eb.items()}),
+        rows=rows,
+        protocol_a=ba.protocol,
+        protocol_b=bb.protocol,
+        only_in_a=[n for n in ea if n not in eb],
+        only_in_b=[n for n in eb if n not in ea],
     )
 
 
