@@ -102,8 +102,8 @@ def require_size(model: str, hw: tuple[int, int], where: str = "protocol.image_s
     from service.backbones.factory import nearest_size, probe
     from service.errors import UserError
 
-    if model.startswith(("hf-hub:", "hf_hub:", "timm/")):
-        return  # hub-hosted configs: building one needs the hub; the build itself will tell
+    if model.startswith(("hf-hub:", "hf_hub:", "timm/")) or check_model_name(model, deep=True):
+        return  # a hub-hosted config, or a name the build itself refuses with its own message
     error = probe(model, hw)
     if error is None:
         return
