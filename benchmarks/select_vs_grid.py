@@ -1,24 +1,27 @@
 """Successive halving against the full grid, on this CPU, with timm's tiny test_* models.
 
-Runs, on two offline datasets (scikit-learn's digits, and "patches": 12-class 32x32 patches of
-the two photos scikit-learn ships, a texture-like task), 6 backbones × 2 seeds:
+What a user gets by default is what is measured: two settings, each a grid and a search
+(``schedule: continue``, eta 3) of the same Study:
 
-  (a) the grid: every cell with the full protocol,
-  (b) the search with ``schedule: restart`` (each rung a complete short schedule),
-  (c) the search with ``schedule: continue`` (each rung continues the previous rung's
-      checkpoint under the full run's schedule),
-  (d) optionally the k-NN proxy (``--proxy K``) in front of (b),
+  default     recipe 'standard' as shipped (1 linear-warmup epoch, then cosine),
+  no-warmup   the same with ``warmup_epochs: 0``,
 
-and prints per dataset the grid's winner (mean test top-1 over seeds, as the report ranks),
-the search's winner, whether the grid's winner reached the search's last two rungs, Kendall's
-tau of the search's ranking (rung reached, then score there) and of the proxy's against the
-grid's, and the compute ratio: training seconds (the sum of epoch_seconds in metrics.jsonl,
-i.e. optimizer steps only), epochs trained, and wall seconds including each cell's start-up.
+on four offline datasets, generated or shipped by a package: scikit-learn's digits; "patches"
+(12 classes of 32x32 patches of the two photos scikit-learn ships: a texture task); "shapes"
+(circle / square / triangle / cross drawn at random places, sizes and colours); and
+"noisy-digits" (400 digits, 20% of the train labels flipped: low data and label noise). Each
+(setting, dataset) is repeated ``--reps`` times with different seeds (repetition r uses seeds
+r*S .. r*S+S-1, S = ``--seeds``).
 
-    python benchmarks/select_vs_grid.py [--epochs 6] [--eta 3] [--proxy 3] [--out DIR]
+Per setting it prints: the rate of (dataset, repetition) pairs where the search's winner is the
+grid's winner or not distinguishable from it (paired t-test over the seeds on the grid's test
+top-1, service.report.stats; with fewer than 3 seeds no pair is distinguishable, and the table
+says so), the mean regret in points of test top-1 (grid winner minus search winner), and the
+search's epochs, training seconds and wall seconds against the grid's.
 
-Weights are random ('none'): no pretrained weights can be downloaded here, so the proxy
-scores random features; figures are from one run on a shared 2-core machine.
+    python benchmarks/select_vs_grid.py [--reps 3] [--seeds 3] [--epochs 9] [--backbones 6]
+
+Weights are random ('none'): no pretrained weights can be downloaded here.
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BACKBONES = [
     "test_resnet",
     "test_efficientnet",
-    "test_vit",
-    "test_byobnet",
     "test_nfnet",
+    "test_byobnet",
+    "test_vit",
     "test_mambaout",
 ]
+SETTINGS = {"default": {}, "no-warmup": {"warmup_epochs": 0}}
 
 
 def make_patches(path: Path, per_class: int = 150, size: int = 32) -> Path:
@@ -68,24 +72,82 @@ def make_patches(path: Path, per_class: int = 150, size: int = 32) -> Path:
     return path
 
 
-def study_doc(out: Path, name: str, epochs: int, search: dict | None, patches: Path) -> dict:
+def make_shapes(path: Path, per_class: int = 120, size: int = 32) -> Path:
+    """4 classes of filled shapes (circle, square, triangle, cross) at random places, sizes
+    and colours on a noisy background."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:size, :size]
+    images, labels = [], []
+    for label in range(4):
+        for _ in range(per_class):
+            r = rng.integers(5, 11)
+            cy, cx = rng.integers(r, size - r, 2)
+            dy, dx = yy - cy, xx - cx
+            mask = (
+                [
+                    dy**2 + dx**2 <= r**2,
+                    (abs(dy) <= r) & (abs(dx) <= r),
+                    (dy <= r) & (dy >= -r) & (abs(dx) <= (dy + r) / 2),
+                    (abs(dy) <= r // 3) | (abs(dx) <= r // 3),
+                ][label]
+                & (abs(dy) <= r)
+                & (abs(dx) <= r)
+            )
+            img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+            img[mask] = rng.integers(120, 256, 3)
+            images.append(img)
+            labels.append(label)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, images=np.stack(images), labels=np.array(labels, dtype=np.int64))
+    return path
+
+
+def make_noisy_digits(path: Path, n: int = 400, flip: float = 0.2) -> Path:
+    """400 of scikit-learn's digits (8x8, upsampled by the pipeline); ``flip`` of the labels
+    replaced by a random other class. The test split is carved from the same noisy labels,
+    so the noise costs every backbone alike."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    rng = np.random.default_rng(2)
+    d = load_digits()
+    idx = rng.choice(len(d.target), n, replace=False)
+    images = (d.images[idx] * 16).clip(0, 255).astype(np.uint8)
+    labels = d.target[idx].astype(np.int64)
+    flipped = rng.random(n) < flip
+    labels[flipped] = (labels[flipped] + rng.integers(1, 10, flipped.sum())) % 10
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, images=images, labels=labels)
+    return path
+
+
+def datasets(out: Path) -> list[dict]:
+    common = {"test_fraction": 0.2, "val_fraction": 0.2}
+    return [
+        {"uri": "builtin://digits", **common},
+        {"uri": str(make_patches(out / "data" / "patches.npz")), **common},
+        {"uri": str(make_shapes(out / "data" / "shapes.npz")), **common},
+        {"uri": str(make_noisy_digits(out / "data" / "noisy-digits.npz")), **common},
+    ]
+
+
+def study_doc(out: Path, name: str, args, setting: str, rep: int, search: dict | None) -> dict:
     doc = {
         "kind": "Study",
         "name": name,
-        "backbones": [{"model": m, "weights": "none"} for m in BACKBONES],
-        "datasets": [
-            {"uri": "builtin://digits", "test_fraction": 0.2, "val_fraction": 0.2},
-            {"uri": str(patches), "test_fraction": 0.2, "val_fraction": 0.2},
-        ],
-        "seeds": [0, 1],
+        "backbones": [{"model": m, "weights": "none"} for m in BACKBONES[: args.backbones]],
+        "datasets": datasets(out),
+        "seeds": list(range(rep * args.seeds, (rep + 1) * args.seeds)),
         "protocol": {
             "image_size": 16,
             "batch_size": 64,
-            "max_epochs": epochs,
-            "warmup_epochs": 0,
+            "max_epochs": args.epochs,
             "device": "cpu",
+            **SETTINGS[setting],
         },
-        "output": {"uri": str(out / name)},
+        "output": {"uri": str(out / setting / f"rep{rep}" / name)},
         "metrics": {"port": 0},
     }
     if search:
@@ -108,8 +170,8 @@ def run_grid(study) -> dict:
         seconds += sum(r["epoch_seconds"] for r in records)
         epochs += len(records)
         ds = cell.dataset.short_name
-        out.setdefault(ds, {}).setdefault(cell.backbone.model, []).append(
-            (outcome.summary.test.top1, outcome.summary.best_val_top1)
+        out.setdefault(ds, {}).setdefault(cell.backbone.model, {})[cell.protocol.seed] = (
+            outcome.summary.test.top1
         )
     return {
         "scores": out,
@@ -123,7 +185,7 @@ def run_search(study) -> dict:
     from service.search.driver import Driver, LocalRunner
 
     t0 = time.perf_counter()
-    runner = LocalRunner(stop=threading.Event(), echo=lambda s: None, err=print)
+    runner = LocalRunner(stop=threading.Event(), echo=lambda s: None, err=lambda s: None)
     state = Driver(study, runner, echo=lambda s: None).run()
     seconds = sum(
         res["seconds"]
@@ -147,73 +209,73 @@ def run_search(study) -> dict:
     }
 
 
-def search_ranking(state: dict, group: str) -> list[str]:
-    """Best first: the rung a candidate reached, then its mean validation score there."""
-    reached: dict[str, tuple[int, float]] = {}
-    for rung in state["rungs"]:
-        for b, res in rung["results"].get(group, {}).items():
-            reached[b] = (rung["rung"], res["mean"] if res["mean"] is not None else -1)
-    ranked = sorted(reached, key=lambda b: (-reached[b][0], -reached[b][1]))
-    if state["proxy"]:
-        pruned = state["proxy"][group]["scores"]
-        ranked += sorted((b for b in pruned if b not in reached), key=lambda b: -pruned[b])
-    return ranked
+def judge(grid: dict, search: dict) -> list[dict]:
+    """Per dataset: grid winner, search winner, tie or not, regret in points."""
+    from service.report.stats import paired_test
 
-
-def kendall(a: list[str], b: list[str]) -> float:
-    from scipy.stats import kendalltau
-
-    common = [x for x in a if x in b]
-    return float(kendalltau([a.index(x) for x in common], [b.index(x) for x in common]).statistic)
-
-
-def compare(grid: dict, search: dict, label: str) -> dict:
-    state = search["state"]
-    rows = {}
+    rows = []
     for ds, by_backbone in grid["scores"].items():
-        group = f"{ds}/frac1.0"
-        means = {b: sum(t for t, _ in v) / len(v) for b, v in by_backbone.items()}
-        grid_rank = sorted(means, key=lambda b: -means[b])
-        winner = grid_rank[0]
-        last_two = set()
-        for rung in state["rungs"][-2:]:
-            last_two |= set(rung["candidates"][group])
-        ranking = search_ranking(state, group)
-        row = {
-            "grid_winner": winner,
-            "grid_test_top1": round(means[winner], 4),
-            "search_winner": state["winners"][group],
-            "search_winner_grid_test_top1": round(means[state["winners"][group]], 4),
-            "same_winner": state["winners"][group] == winner,
-            "grid_winner_in_last_two_rungs": winner in last_two,
-            "kendall_tau_search": round(kendall(ranking, grid_rank), 3),
-        }
-        if state["proxy"]:
-            px = state["proxy"][group]["scores"]
-            row["kendall_tau_proxy"] = round(
-                kendall(sorted(px, key=lambda b: -px[b]), grid_rank), 3
-            )
-        rows[ds] = row
-    ratio = {
-        "train_seconds": round(
-            (search["train_seconds"] + search["proxy_seconds"]) / grid["train_seconds"], 3
-        ),
-        "epochs": round(search["epochs"] / grid["epochs"], 3),
-        "wall_seconds": round(search["wall_seconds"] / grid["wall_seconds"], 3),
+        means = {b: sum(v.values()) / len(v) for b, v in by_backbone.items()}
+        best = max(means, key=lambda b: means[b])
+        pick = search["state"]["winners"][f"{ds}/frac1.0"]
+        test = paired_test(by_backbone[best], by_backbone[pick])
+        rows.append(
+            {
+                "dataset": ds,
+                "grid_winner": best,
+                "search_winner": pick,
+                "same": pick == best,
+                "verdict": "same" if pick == best else test.verdict,
+                "regret_points": round(100 * (means[best] - means[pick]), 2),
+            }
+        )
+    return rows
+
+
+def summarise(setting: str, reps: list[dict]) -> dict:
+    pairs = [row for rep in reps for row in rep["datasets"]]
+    ok = [r for r in pairs if r["verdict"] != "distinguishable"]
+    same = [r for r in pairs if r["same"]]
+
+    def ratio(key: str) -> float:
+        return sum(r["search"][key] for r in reps) / sum(r["grid"][key] for r in reps)
+
+    return {
+        "setting": setting,
+        "pairs": len(pairs),
+        "same_winner": len(same),
+        "winner_or_tie": len(ok),
+        "ties_for_lack_of_evidence": sum(r["verdict"] == "not enough evidence" for r in pairs),
+        "mean_regret_points": round(sum(r["regret_points"] for r in pairs) / len(pairs), 2),
+        "epochs_vs_grid": round(ratio("epochs"), 3),
+        "train_seconds_vs_grid": round(ratio("train_seconds"), 3),
+        "wall_vs_grid": round(ratio("wall_seconds"), 3),
     }
-    print(f"\n== {label}: compute vs grid: {ratio}")
-    for ds, row in rows.items():
-        print(f"  {ds}: {row}")
-    return {"ratio": ratio, "datasets": rows}
+
+
+def table(summaries: list[dict]) -> str:
+    head = ("| Setting | (dataset, rep) pairs | same winner | winner or tie | mean regret (pts) "
+            "| epochs | training s | wall |")  # fmt: skip
+    lines = [head, "|" + " --- |" * 8]
+    for s in summaries:
+        lines.append(
+            f"| {s['setting']} | {s['pairs']} | {s['same_winner']} | {s['winner_or_tie']} "
+            f"({s['ties_for_lack_of_evidence']} for lack of evidence) | "
+            f"{s['mean_regret_points']:.2f} | {s['epochs_vs_grid']:.0%} | "
+            f"{s['train_seconds_vs_grid']:.0%} | {s['wall_vs_grid']:.0%} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=9)
     ap.add_argument("--eta", type=int, default=3)
-    ap.add_argument("--proxy", type=int, default=0, help="also run restart with a k-NN proxy")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per study")
+    ap.add_argument("--backbones", type=int, default=len(BACKBONES))
+    ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--out", type=Path, default=Path("/tmp/select_vs_grid"))
-    ap.add_argument("--only", default="grid,restart,continue")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
 
@@ -222,34 +284,24 @@ def main() -> None:
     torch.set_num_threads(1)
     from service.spec import parse_spec
 
-    patches = make_patches(args.out / "data" / "patches.npz")
-    only = args.only.split(",")
-    results: dict = {"epochs": args.epochs, "eta": args.eta, "backbones": BACKBONES}
-    grid = run_grid(parse_spec(study_doc(args.out, "grid", args.epochs, None, patches)))
-    results["grid"] = {k: v for k, v in grid.items()}
-    print(
-        f"grid: {grid['epochs']:.0f} epochs, {grid['train_seconds']:.1f} s training, "
-        f"{grid['wall_seconds']:.1f} s wall"
-    )
-    variants = [s for s in ("restart", "continue") if s in only]
-    if args.proxy:
-        variants.append("restart+proxy")
-    for variant in variants:
-        search = {"strategy": "successive_halving", "eta": args.eta}
-        search["schedule"] = variant.split("+")[0]
-        if variant.endswith("proxy"):
-            search["proxy"] = {"method": "knn", "keep": args.proxy}
-        name = variant.replace("+", "-")
-        doc = study_doc(args.out, f"sh-{name}", args.epochs, search, patches)
-        res = run_search(parse_spec(doc))
-        print(
-            f"{variant}: {res['epochs']:.0f} epochs, {res['train_seconds']:.1f} s training "
-            f"(+{res['proxy_seconds']:.1f} s proxy), {res['wall_seconds']:.1f} s wall"
-        )
-        results[variant] = {**compare(grid, res, variant), "run": {
-            k: v for k, v in res.items() if k != "state"}}  # fmt: skip
+    search = {"strategy": "successive_halving", "eta": args.eta, "schedule": "continue"}
+    results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "settings": []}
+    for setting in args.settings.split(","):
+        reps = []
+        for rep in range(args.reps):
+            grid = run_grid(parse_spec(study_doc(args.out, "grid", args, setting, rep, None)))
+            res = run_search(parse_spec(study_doc(args.out, "sh", args, setting, rep, search)))
+            rows = judge(grid, res)
+            reps.append({"datasets": rows, "grid": grid, "search": {
+                k: v for k, v in res.items() if k != "state"}})  # fmt: skip
+            print(f"{setting} rep {rep}: " + "; ".join(
+                f"{r['dataset']}: {r['verdict']} (regret {r['regret_points']})" for r in rows),
+                flush=True)  # fmt: skip
+        results["settings"].append({**summarise(setting, reps), "reps": reps})
+    print(table(results["settings"]))
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    print(f"\nwrote {args.out / 'results.json'}")
+    print(f"wrote {args.out / 'results.json'}")
 
 
 if __name__ == "__main__":

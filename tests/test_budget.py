@@ -209,3 +209,75 @@ def test_cli_budget_prints_the_breakdown_per_dataset_backbone_and_fraction(tmp_p
     data = json.loads(runner.invoke(app, ["budget", str(path), "--json"]).output)
     assert data["gpu_hours"] == pytest.approx(est.gpu_hours)
     assert [c["train_fraction"] for c in data["cells"]] == [0.5, 1.0]
+
+
+def _budget(tmp_path, doc, *args, env=None):
+    import os
+
+    from tests.trainutil import REPO
+
+    path = write_spec(tmp_path, doc, "budget.json")
+    return subprocess.run(
+        [sys.executable, "-c", "from service.cli import main; main()", "budget", str(path), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+    )  # fmt: skip
+
+
+@pytest.mark.integration
+def test_online_a_store_it_cannot_read_is_an_error_not_a_silent_default(seaweed, tmp_path):
+    """Today's main: a wrong secret or a store that is down gave exit 0 and 50,000 images.
+    Wrong credentials exit 2 (one line); an unreachable endpoint 75; offline, a warning."""
+    from tests.fixtures.prometheus import free_port
+
+    doc = study(datasets=[{"uri": "s3://nobucket/eurosat/"}], storage={
+        "endpoint_url": seaweed.endpoint})  # fmt: skip
+    wrong = {"AWS_ACCESS_KEY_ID": "BBWRONGKEY0000000001", "AWS_SECRET_ACCESS_KEY": "wrong"}
+    done = _budget(tmp_path, doc, "--online", env=wrong)
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "credentials" in line and "Traceback" not in done.stderr
+    down = study(datasets=[{"uri": "s3://b/eurosat/"}], storage={
+        "endpoint_url": f"http://127.0.0.1:{free_port()}"})  # fmt: skip
+    done = _budget(tmp_path, down, "--online", env=seaweed.env())
+    assert done.returncode == 75, done.stdout + done.stderr
+    assert "unreachable" in done.stderr
+    done = _budget(tmp_path, down)
+    assert done.returncode == 0
+    assert "warning: eurosat: image count not read (s3://b/eurosat/: pass --online" in (done.stderr)
+
+
+def test_local_archives_and_arrays_are_counted_not_assumed(tmp_path):
+    import io
+    import tarfile
+    import zipfile
+
+    import numpy as np
+
+    names = [f"data/{s}/{c}/{i}.png" for s, n in (("train", 5), ("test", 2))
+             for c in ("a", "b") for i in range(n)]  # fmt: skip
+    with tarfile.open(tmp_path / "d.tar.gz", "w:gz") as t:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            t.addfile(info, io.BytesIO(b"x"))
+    with zipfile.ZipFile(tmp_path / "d.zip", "w") as z:
+        for name in names:
+            z.writestr(name, b"x")
+    np.savez(tmp_path / "d.npz", images=np.zeros((40, 8, 8), np.uint8), labels=np.zeros(40))
+    cases = (("d.tar.gz", (10, 4, 2)), ("d.zip", (10, 4, 2)), ("d.npz", (30, 10, None)))
+    for fname, want in cases:
+        size = dataset_size(
+            parse_spec(study(datasets=[{"uri": str(tmp_path / fname)}])).datasets[0]
+        )
+        assert (size.train, size.test, size.classes) == want, fname
+        assert size.source == f"counted ({fname})"
+
+
+def test_budget_on_a_finetune_names_no_option_it_lacks(tmp_path):
+    doc = specs.finetune(name="ft")
+    done = _budget(tmp_path, doc)
+    assert done.returncode == 2
+    assert "--spec" not in done.stderr and "expected a Study spec, got kind 'FineTune'" in (
+        done.stderr
+    )

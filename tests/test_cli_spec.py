@@ -66,8 +66,13 @@ def test_validate_prints_the_cell_count_of_a_study():
     result = validate(PAPER)
     assert result.exit_code == 0
     n = len(expand(load_spec(PAPER)))
-    assert result.stdout.startswith(f"ok: {PAPER} (Study paper, {n} cells")
-    assert result.stdout.endswith(")\n")
+    first, *notes = result.stdout.splitlines()
+    assert first.startswith(f"ok: {PAPER} (Study paper, {n} cells") and first.endswith(")")
+    # the backbones without a shipped size rule (torchvision's, WaveMix) point to --deep
+    assert notes == [
+        "  image sizes not checked for shufflenet_v2_x2_0, wavemix (no shipped size rule): "
+        "`backbones validate --deep` builds each pair to check it"
+    ]
 
 
 def test_validate_checks_every_file_and_exits_2_if_any_is_invalid(tmp_path):

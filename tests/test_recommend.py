@@ -108,3 +108,10 @@ def test_cli_recommend_unknown_dataset_exit_2(runs):
     assert result.output.strip() == (
         f"error: dataset 'nope' has no finished runs under {runs}; datasets: eurosat"
     )
+
+
+def test_a_limit_reason_never_reads_as_equal_to_the_limit():
+    """Today's main: '0.3 M params > 0.3 M' for 0.3004 M against --max-params 0.3."""
+    from service.report.recommend import _above
+
+    assert _above(0.3004, 0.3) == "0.3004" and _above(25.6, 3) == "25.6"

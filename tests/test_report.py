@@ -130,7 +130,7 @@ def test_a_leader_within_noise_of_the_runner_up_is_flagged_with_the_method(tmp_p
     p = _paired_p(a, b)
     md = (tmp_path / "rep/report.md").read_text()
     assert (
-        f"a (leader) is not distinguishable from b (runner-up): paired t-test, n=3, p={p:.3g}" in md
+        f"a (leader) is not distinguishable from b (runner-up): paired t-test, n=3, p={p:.2g}" in md
     )
     assert "paired t-test over the seeds both backbones completed" in md
     assert json.loads((tmp_path / "rep/leaderboard.json").read_text())["boards"][0]["flag"]
@@ -142,7 +142,10 @@ def test_one_seed_gives_no_interval_and_says_n_too_small(tmp_path):
     rows = _rows(tmp_path / "rep")
     assert rows[("d1", "a")]["top1_ci95_low"] is None
     md = (tmp_path / "rep/report.md").read_text()
-    assert "a (leader) is not distinguishable from b (runner-up): n too small (1 shared seed)" in md
+    assert (
+        "a (leader) cannot be told apart from b (runner-up): not enough evidence (1 shared seed; "
+        "a verdict needs 3)" in md
+    )
     assert "90.00 (no CI, n=1)" in md
 
 

@@ -6,8 +6,18 @@ import math
 import statistics
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from service.report.stats import mean_ranks, paired_test, ranks, t_interval, wilson_interval
+from service.report.stats import (
+    ALPHA,
+    MIN_SEEDS,
+    mean_ranks,
+    paired_test,
+    ranks,
+    t_interval,
+    wilson_interval,
+)
 from tests.reportutil import T975
 
 
@@ -48,21 +58,54 @@ def test_wilson_interval_for_one_runs_test_accuracy(p, n, low, high):
     assert wilson_interval(p, n) == pytest.approx((low, high), abs=1e-4)
 
 
-def test_paired_test_needs_two_shared_seeds():
-    result = paired_test({0: 0.9, 1: 0.8}, {1: 0.7, 2: 0.6})
-    assert (result.n, result.p_value, result.verdict) == (1, None, "n too small")
-    assert result.describe() == "n too small (1 shared seed)"
+def test_paired_test_needs_three_shared_seeds():
+    result = paired_test({0: 0.9, 1: 0.8, 2: 0.7}, {1: 0.7, 2: 0.6, 3: 0.1})
+    assert (result.n, result.p_value, result.verdict) == (2, None, "not enough evidence")
+    assert result.describe() == "not enough evidence (2 shared seeds; a verdict needs 3)"
 
 
-def test_paired_test_with_a_constant_nonzero_difference_is_distinguishable():
-    # exact binary fractions, so the three differences are exactly equal
-    result = paired_test({0: 0.75, 1: 0.5, 2: 0.25}, {0: 0.5, 1: 0.25, 2: 0.0})
-    assert result.verdict == "distinguishable" and result.p_value == 0.0
+def test_a_constant_difference_is_not_enough_evidence_never_p_0():
+    """Equal per-seed differences: SD 0, and scipy says p=0 (today's main printed
+    'distinguishable (paired t-test, n=2, p=0)'). Float noise (2.2e-16) counts as equal."""
+    exact = paired_test({0: 0.75, 1: 0.5, 2: 0.25}, {0: 0.5, 1: 0.25, 2: 0.0})
+    noisy = paired_test({0: 0.3, 1: 0.7, 2: 0.9}, {0: 0.2, 1: 0.6, 2: 0.8})
+    for result in (exact, noisy):
+        assert (result.p_value, result.verdict) == (None, "not enough evidence")
+        assert "the same difference on every seed" in result.describe()
 
 
-def test_paired_test_of_identical_results_is_not_distinguishable():
-    result = paired_test({0: 0.9, 1: 0.8}, {0: 0.9, 1: 0.8})
-    assert (result.p_value, result.verdict) == (1.0, "not distinguishable")
+def test_paired_test_of_identical_results_is_not_enough_evidence():
+    result = paired_test({0: 0.9, 1: 0.8, 2: 0.7}, {0: 0.9, 1: 0.8, 2: 0.7})
+    assert result.verdict == "not enough evidence"
+
+
+def test_a_tiny_p_value_reads_as_a_bound_never_zero():
+    from service.report.stats import format_p
+
+    assert format_p(1e-300) == "p<0.001" and format_p(0.0) == "p<0.001"
+    assert format_p(0.0123) == "p=0.012"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), min_size=0, max_size=6),
+    st.integers(5, 40),
+)
+def test_no_verdict_the_data_cannot_support(pairs, n_test):
+    """Random small samples of accuracies on a small test set (k/n_test): a verdict is only
+    printed with enough shared seeds, differences that vary and a p-value that is > 0 and
+    below alpha; its text never reads p=0."""
+    a = {s: x / n_test for s, (x, _) in enumerate(pairs)}
+    b = {s: y / n_test for s, (_, y) in enumerate(pairs)}
+    result = paired_test(a, b)
+    text = result.describe()
+    assert "p=0 " not in text + " " and "p=0)" not in text
+    diffs = [a[s] - b[s] for s in a]
+    if result.verdict == "distinguishable":
+        assert len(diffs) >= MIN_SEEDS and max(diffs) - min(diffs) > 1e-9
+        assert 0 < result.p_value < ALPHA
+    if len(diffs) < MIN_SEEDS or (diffs and max(diffs) - min(diffs) <= 1e-9):
+        assert result.verdict == "not enough evidence" and result.p_value is None
 
 
 def test_paired_test_only_pairs_the_seeds_both_have():

@@ -104,7 +104,10 @@ def test_validate_deep_refuses_the_pair_in_one_line_exit_2(tmp_path):
     doc = _study(["test_vit"], [{"uri": "builtin://digits"}], image_size=[100, 70])
     path = write_spec(tmp_path, doc, "s.json")
     shallow = runner.invoke(app, ["validate", str(path)])
-    assert shallow.exit_code == 0  # the schema alone cannot tell
+    assert shallow.exit_code == 2  # the shipped size rule decides it without torch
+    assert "'test_vit' cannot run at 100x70 (dataset digits): needs sides of at least 16 px " in (
+        shallow.stderr
+    )
     deep = runner.invoke(app, ["validate", "--deep", str(path)])
     assert deep.exit_code == 2
     assert deep.stderr.count("\n") == 1

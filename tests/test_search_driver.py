@@ -27,7 +27,7 @@ def search_doc(tmp_path, schedule: str, **over) -> dict:
             "name": "sel",
             "backbones": [{"model": m, "weights": "none"} for m in VAL],
             "seeds": [0, 1],
-            "protocol": {"max_epochs": 9},
+            "protocol": {"max_epochs": 9, "warmup_epochs": 0},
             "search": {"strategy": "successive_halving", "eta": 3, "schedule": schedule},
             "output": {"uri": str(tmp_path / "runs")},
         },
@@ -58,7 +58,7 @@ class FakeRunner:
             self.calls.append((rung, c.spec.run_id))
             start = have[-1]["epoch"] if have else 0
             records = have + [
-                {"epoch": e, "val_top1": VAL[c.backbone] * e / 9 + c.seed / 1000,
+                {"epoch": e, "val_top1": VAL[c.backbone] * e / 9 + c.seed / 10000,
                  "epoch_seconds": 1.0}
                 for e in range(start + 1, c.epochs + 1)
             ]  # fmt: skip
@@ -78,7 +78,7 @@ def test_rungs_promote_the_best_third_by_validation_never_test(tmp_path, schedul
     assert state["winners"] == {g: "m1"}
     assert state["phase"] == "done" and read_state(s) == state
     m1 = state["rungs"][0]["results"][g]["m1"]
-    assert m1["seeds"] == {"0": pytest.approx(0.1), "1": pytest.approx(0.101)}
+    assert m1["seeds"] == {"0": pytest.approx(0.1), "1": pytest.approx(0.1001)}
     assert m1["low"] < m1["mean"] < m1["high"]
     # Compute: 6x2 cells of 1 epoch, 2x2 of 3, 1x2 of 9; 'continue' spends only the new epochs.
     spent = sum(res["epochs"] for r in state["rungs"] for res in r["results"][g].values())
@@ -121,3 +121,16 @@ def test_the_proxy_prunes_to_keep_and_its_scores_are_recorded(tmp_path):
     assert state["proxy"][g]["kept"] == ["m0", "m1", "m3"]
     assert [r["candidates"][g] for r in state["rungs"]] == [["m0", "m1", "m3"], ["m1"]]
     assert [r["epochs"][g] for r in state["rungs"]] == [3, 9]  # 3 candidates: two rungs
+
+
+def test_a_resumed_run_says_where_it_resumes_not_attempt_n():
+    """A continue-mode rung resumes its cell: the console says so instead of 'attempt 3'."""
+    import io
+
+    from service.run.console import LineObserver
+    from service.run.events import Progress
+
+    out = io.StringIO()
+    p = Progress(run_id="r", phase="Training", epoch=3, attempt=3)
+    LineObserver(out).on_phase(p)
+    assert out.getvalue().strip() == "r: Training (resumed after epoch 3)"

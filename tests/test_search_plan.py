@@ -7,6 +7,7 @@ import json
 import pytest
 
 from service.search.plan import (
+    budgets,
     epoch_fraction,
     groups,
     rung_cells,
@@ -20,13 +21,13 @@ from service.spec.study import expand
 from tests import specs
 
 
-def study(tmp_path, n=6, seeds=(0, 1), max_epochs=9, **search) -> Study:
+def study(tmp_path, n=6, seeds=(0, 1), max_epochs=9, warmup=0, **search) -> Study:
     doc = specs.study(
         name="sel",
         backbones=[{"model": f"test_m{i}", "weights": "none"} for i in range(n)],
         datasets=[{"uri": "builtin://digits"}, {"uri": str(tmp_path / "b.npz")}],
         seeds=list(seeds),
-        protocol={"max_epochs": max_epochs, "max_minutes": 90},
+        protocol={"max_epochs": max_epochs, "max_minutes": 90, "warmup_epochs": warmup},
         search={"strategy": "successive_halving", **search},
         output={"uri": str(tmp_path / "runs")},
     )
@@ -139,3 +140,95 @@ def test_the_search_trains_a_known_fraction_of_the_grids_epochs(tmp_path):
     )
     proxied = study(tmp_path, max_epochs=6, proxy={"keep": 3})  # 3 at 2, 6 epochs
     assert epoch_fraction(proxied) == pytest.approx((3 * 2 + 1 * 4) / 36)
+
+
+def test_no_rung_ends_inside_the_warmup(tmp_path):
+    """Under the default recipe (warmup 1 epoch) the first rung trains 2 epochs, not the
+    warmup epoch alone (today's main: [1, 3, 9], every candidate ranked mid-warmup)."""
+    assert rung_epochs(3, 9, 3, warmup_epochs=1) == [2, 3, 9]
+    for schedule in ("continue", "restart"):
+        s = study(tmp_path, warmup=1, schedule=schedule)
+        (g, _) = groups(s)
+        assert budgets(s, g, 6) == [2, 3, 9]
+        (rung0, *_) = rung_cells(s, 0, {g.key: g.backbones}, 6)
+        assert rung0.epochs == 2
+    paper = parse_spec({**json.loads(study(tmp_path, warmup=3).to_json()),
+                        "protocol": {"recipe": "paper", "max_epochs": 9}})  # fmt: skip
+    assert budgets(paper, groups(paper)[0], 6) == [1, 3, 9]  # the paper's recipe has no warmup
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"min_epochs": 2}, r"rung budgets \[2, 2, 6\] epochs: rung 2 trains nothing"),
+        ({"min_epochs": 12}, "search.min_epochs: 12 is above protocol.max_epochs"),
+        ({"warmup": 2}, r"rung budgets \[3, 3, 6\] epochs: rung 2 trains nothing"),
+    ],
+)
+def test_validate_refuses_rungs_that_train_nothing_new(tmp_path, over, message):
+    """In a fresh process: exit 2, one line per group naming the budgets; a sound plan prints
+    each rung's candidates and epochs."""
+    import re
+
+    warmup = over.pop("warmup", 0)
+    bad = study(tmp_path, max_epochs=6, warmup=warmup, **over)
+    ok = study(tmp_path, max_epochs=9, warmup=1)
+    done = _validate(tmp_path, bad)
+    assert done.returncode == 2 and re.search(message, done.stderr), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 2  # one line per dataset
+    done = _validate(tmp_path, ok)
+    assert done.returncode == 0, done.stderr
+    assert "search digits/frac1.0: rungs (candidates x epochs) 6 x 2, 2 x 3, 1 x 9" in done.stdout
+
+
+def _validate(tmp_path, spec):
+    import subprocess
+    import sys
+
+    from tests.trainutil import REPO, worker_env
+
+    doc = json.loads(spec.to_json())
+    real = ["test_resnet", "test_efficientnet", "test_convnext", "test_nfnet", "test_vit",
+            "test_byobnet"]  # fmt: skip
+    doc["backbones"] = [{"model": m, "weights": "none"} for m in real[: len(doc["backbones"])]]
+    path = specs.write_spec(tmp_path, doc, "plan.json")
+    return subprocess.run(
+        [sys.executable, "-c", "from service.cli import main; main()", "validate", str(path)],
+        cwd=REPO, env=worker_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def _res(mean, half):
+    return {"mean": mean, "low": mean - half, "high": mean + half}
+
+
+def test_promotion_keeps_candidates_the_cut_cannot_tell_apart_bounded_by_keep():
+    from service.search.plan import cut, promote
+
+    order = ["a", "b", "c", "d", "e"]
+    noisy = {"a": _res(0.9, 0.01), "b": _res(0.8, 0.05), "c": _res(0.78, 0.05),
+             "d": _res(0.76, 0.05), "e": _res(0.5, 0.01)}  # fmt: skip
+    # keep 2: a, b; c and d overlap b's interval (0.75-0.85), e does not
+    assert promote(noisy, 2, order) == ["a", "b", "c", "d"]
+    assert promote(noisy, 1, order) == ["a"]  # nothing overlaps a's [0.89, 0.91]
+    assert promote(noisy, 2, order, last=True) == ["a", "b"]  # the last rung: no extras
+    bounded = {**noisy, "e": _res(0.77, 0.05)}
+    assert promote(bounded, 2, order) == ["a", "b", "c", "e"]  # at most keep extras, best first
+    one_seed = {b: {"mean": r["mean"], "low": None, "high": None} for b, r in noisy.items()}
+    assert promote(one_seed, 2, order) == ["a", "b"]
+    c = cut(noisy, ["a", "b"])
+    assert c["best_stopped"] == "c" and c["margin"] == pytest.approx(0.02) and not c["clear"]
+    assert cut(noisy, ["a"])["clear"] is True
+
+
+def test_the_selection_shows_each_cuts_margin_and_whether_it_was_clear(tmp_path):
+    from service.report.blocks import to_markdown
+    from service.report.selection import blocks
+    from service.search.driver import Driver
+    from tests.test_search_driver import FakeRunner
+    from tests.test_search_driver import study as driver_study
+
+    state = Driver(driver_study(tmp_path), FakeRunner(), echo=lambda m: None).run()
+    md = to_markdown(blocks(state, {}))
+    assert "rung 1 cut: margin +1.11 points (last promoted m4 vs best stopped m2); clear" in md
+    assert "rung 2 cut: margin +3.33 points (last promoted m1 vs best stopped m4); clear" in md

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 from collections.abc import Iterator
@@ -79,7 +80,46 @@ def _reader_gone() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
+class _PipeSafeStdout(io.RawIOBase):
+    """File descriptor 1, where a reader that has gone away (`backbones catalog | head -1`)
+    turns stdout into /dev/null instead of an error: the command finishes its work and ends
+    with its own exit code (click would exit 1 on EPIPE, mid-work)."""
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return 1
+
+    def isatty(self) -> bool:
+        return os.isatty(1)
+
+    def write(self, b) -> int:
+        try:
+            return os.write(1, b)
+        except BrokenPipeError:
+            _reader_gone()
+            return len(b)
+
+
+def _pipe_safe_stdout() -> None:
+    out = sys.stdout
+    if out is None or out.isatty():
+        return
+    try:
+        out.flush()
+    except BrokenPipeError:
+        _reader_gone()
+    sys.stdout = io.TextIOWrapper(
+        io.BufferedWriter(_PipeSafeStdout()),
+        encoding=out.encoding,
+        errors=out.errors,
+        line_buffering=out.line_buffering,
+    )
+
+
 def main() -> None:
+    _pipe_safe_stdout()
     try:
         app()
     except BrokenPipeError:  # raised outside a command's edge()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from service.cli._app import app, edge
+from service.cli._app import app, edge, err
 from service.errors import UserError
 
 _URI_HELP = (
@@ -30,7 +30,7 @@ def _study(path: Path | None):
     except SpecError as e:
         raise UserError(f"{path}: {e}") from None
     if not isinstance(spec, Study):
-        raise UserError(f"{path}: --spec needs a Study spec, got kind {spec.kind!r}")
+        raise UserError(f"{path}: expected a Study spec, got kind {spec.kind!r}")
     return spec
 
 
@@ -69,17 +69,18 @@ def report(
 def compare(
     uri_a: str = typer.Argument(..., help="Output prefix of study A (e.g. the faithful one)."),
     uri_b: str = typer.Argument(..., help="Output prefix of study B (e.g. the fixed one)."),
-    spec_a: Path | None = typer.Option(None, "--spec-a", help="Study spec of A. " + _SPEC_HELP),
+    spec_a: Path | None = typer.Option(None, "--spec-a", help="Study spec of A (see --spec-b)."),
     spec_b: Path | None = typer.Option(None, "--spec-b", help="Study spec of B. " + _SPEC_HELP),
     label_a: str = typer.Option("A", "--label-a", help="Name of A in the tables."),
     label_b: str = typer.Option("B", "--label-b", help="Name of B in the tables."),
     out: Path = typer.Option(Path("compare"), "--out", help="Folder for compare.md/.json."),
 ) -> None:
     """Rankings of two studies of the same grid side by side (e.g. the paper's faithful
-    protocol vs the fixed one): per dataset and domain, with the significance flags."""
+    protocol vs the fixed one): per dataset and domain, with the significance flags. Exit 2
+    when the grids share no dataset or no backbone; other grid differences are listed."""
     from service.report import load
     from service.report.compare import compare as compare_reports
-    from service.report.compare import to_json, to_markdown
+    from service.report.compare import grid_differences, to_json, to_markdown
 
     with edge():
         study_a, study_b = _study(spec_a), _study(spec_b)
@@ -91,6 +92,8 @@ def compare(
         (out / "compare.json").write_text(json.dumps(to_json(result), indent=2) + "\n")
         changed = sum(d.leader_changed for d in result.datasets)
         typer.echo(f"{len(result.datasets)} datasets compared: the leader changes on {changed}")
+        for line in grid_differences(result):
+            err(f"warning: {line}")
         typer.echo(f"wrote {out / 'compare.md'}")
         typer.echo(f"wrote {out / 'compare.json'}")
 
@@ -130,7 +133,10 @@ def recommend(
 def budget(
     spec_file: Path = typer.Argument(..., metavar="STUDY", help="A Study spec (JSON)."),
     online: bool = typer.Option(
-        False, "--online", help="Also read dataset manifests on S3 (default: offline)."
+        False,
+        "--online",
+        help="Also read dataset manifests on S3 (default: offline). Wrong credentials exit 2, "
+        "an unreachable store 75.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the breakdown as JSON."),
 ) -> None:
@@ -157,3 +163,26 @@ def budget(
             )
         for note in est.notes:
             typer.echo(f"note: {note}")
+        for line in _assumed_sizes(study, est, online):
+            err(f"warning: {line}")
+
+
+def _assumed_sizes(study, est, online: bool) -> list[str]:
+    """One line per dataset whose image count was assumed, not read, and how to read it."""
+    from service.spec.budget import DEFAULT_TRAIN_IMAGES
+
+    out = []
+    for name, source in dict.fromkeys((c.dataset, c.images_source) for c in est.cells):
+        if not source.startswith("default"):
+            continue
+        uri = next(d.uri for d in study.datasets if d.short_name == name)
+        how = (
+            "pass --online to read its manifest"
+            if uri.startswith("s3://") and not online
+            else "no manifest or countable files there"
+        )
+        out.append(
+            f"{name}: image count not read ({uri}: {how}); assumed {DEFAULT_TRAIN_IMAGES} "
+            "train images: set dataset.expected_images for a real estimate"
+        )
+    return out

@@ -26,19 +26,9 @@ def validate(
     ),
 ) -> None:
     """Check specs; print 'ok: FILE (...)' or one line per problem. Exit 2 if any is invalid."""
-    from service.backbones.checks import check_models, check_resolutions
-
     failed = False
     for path in files:
-        try:
-            spec = load_spec(path)
-            problems = check_models(spec, deep=deep)
-            if deep and not problems:
-                problems = check_resolutions(spec)
-        except SpecError as e:
-            problems = e.problems
-        except OSError as e:
-            problems = [("", e.strerror or str(e))]
+        spec, problems, notes = _check(path, deep)
         if problems:
             failed = True
             for loc, msg in problems:
@@ -55,14 +45,17 @@ def validate(
                 if spec.search.strategy == "successive_halving":
                     from service.search.plan import epoch_fraction
 
-                    line += f" for the grid; the search trains <= {epoch_fraction(spec):.0%}"
-                    line += " of its epochs"
+                    line += f" for the grid; the search trains ~{epoch_fraction(spec):.0%} of "
+                    line += f"its epochs, at most {epoch_fraction(spec, worst=True):.0%} when "
+                    line += "its cuts keep candidates they cannot tell apart"
             except (ImportError, ArithmeticError, ValueError):
                 pass  # the estimate is a courtesy; absurd sizes must not fail validation
             typer.echo(line + ")")
             _echo_deadline(spec)
         else:
             typer.echo(f"ok: {path} (FineTune {spec.name})")
+        for note in notes:
+            typer.echo(f"  {note}")
     if failed:
         raise typer.Exit(EXIT_USER)
 
@@ -73,6 +66,36 @@ def _echo_deadline(spec) -> None:
 
     with contextlib.suppress(ImportError, ArithmeticError, ValueError):  # a courtesy
         typer.echo(deadline_line(spec))
+
+
+def _check(path: Path, deep: bool):
+    """(spec, problems, notes) for one file: the schema, model names, image sizes (the shipped
+    size rules; every pair built with --deep) and a search's rung plan."""
+    from service.backbones.checks import check_models, check_resolutions, check_size_rules
+
+    notes: list[str] = []
+    try:
+        spec = load_spec(path)
+        problems = check_models(spec, deep=deep)
+        if not problems and deep:
+            problems = check_resolutions(spec)
+        elif not problems:
+            problems, unknown = check_size_rules(spec)
+            if unknown:
+                notes.append(
+                    f"image sizes not checked for {', '.join(unknown)} (no shipped size rule): "
+                    "`backbones validate --deep` builds each pair to check it"
+                )
+        if not problems and spec.kind == "Study" and spec.search.strategy != "grid":
+            from service.search.plan import plan_lines, plan_problems
+
+            problems = plan_problems(spec)
+            notes += plan_lines(spec)
+    except SpecError as e:
+        return None, e.problems, []
+    except OSError as e:
+        return None, [("", e.strerror or str(e))], []
+    return spec, problems, notes
 
 
 def schemas() -> dict[str, dict]:

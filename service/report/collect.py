@@ -177,6 +177,22 @@ def _search_survivors(store: Store, study: Study, expected: list[Cell]):
     )
 
 
+def _inferred_search_survivors(store: Store, study: str, cells: list[Cell]):
+    """Without a spec, as with one: a search's candidates stopped at a rung are not cells the
+    study still owes (they never resume), so they are neither expected nor 'not finished'."""
+    from service.report.search_state import read_state, survivors
+
+    state, _ = read_state(store, study or None)
+    if state is None:
+        return cells, None
+    keep = survivors(state)
+    kept = [c for c in cells if c.backbone in keep.get(f"{c.dataset}/frac{c.fraction}", [])]
+    return kept, (
+        f"search: {len(cells) - len(kept)} cells of candidates stopped at a rung are final "
+        "(they do not resume) and are not expected (see Selection)"
+    )
+
+
 def _collect_inferred(store: Store, workers: int) -> Collection:
     keys = store.list("")
     files = _group(keys)
@@ -220,6 +236,8 @@ def _collect_inferred(store: Store, workers: int) -> Collection:
         "no study spec given: the expected grid is every dataset × backbone × seed × fraction "
         "seen under the prefix (pass --spec STUDY.json for the exact list)"
     ]
+    cells, note = _inferred_search_survivors(store, studies[0], cells)
+    notes += [note] if note else []
     return Collection(
         uri=store.uri,
         study=studies[0] or _study_from_summaries(cells),

@@ -45,10 +45,24 @@ class DatasetChange:
     rows: list[Row]
     protocol_a: dict | None = None
     protocol_b: dict | None = None
+    only_in_a: list[str] = field(default_factory=list)  # backbones one side never trained
+    only_in_b: list[str] = field(default_factory=list)
+
+    @property
+    def comparable(self) -> bool:
+        """Both leaders were trained on both sides (else a 'change' is a grid difference)."""
+        return self.leader_a not in self.only_in_a and self.leader_b not in self.only_in_b
 
     @property
     def leader_changed(self) -> bool:
-        return self.leader_a != self.leader_b
+        return self.comparable and self.leader_a != self.leader_b
+
+    def change_text(self, a: str, b: str) -> str:
+        if self.comparable:
+            return "yes" if self.leader_changed else "no"
+        missing = [f"{self.leader_a} not in {b}"] if self.leader_a in self.only_in_a else []
+        missing += [f"{self.leader_b} not in {a}"] if self.leader_b in self.only_in_b else []
+        return f"not comparable ({'; '.join(missing)})"
 
 
 @dataclass
@@ -110,45 +124,17 @@ def _verdict(b: Board, name: str) -> str | None:
 
 
 def compare(a: Report, b: Report, label_a: str = "A", label_b: str = "B") -> Comparison:
+    """Side by side over the datasets both hold. Raises UserError when the two grids share no
+    dataset, or no backbone on any shared dataset: there is nothing to compare."""
     boards_a = {x.dataset: x for x in a.main_boards()}
     boards_b = {x.dataset: x for x in b.main_boards()}
     order = list(boards_a) + [d for d in boards_b if d not in boards_a]
-    changes = []
-    for d in order:
-        ba, bb = boards_a.get(d), boards_b.get(d)
-        if ba is None or bb is None:
-            continue
-        ea = {e.backbone: e for e in ba.entries}
-        eb = {e.backbone: e for e in bb.entries}
-        names = [e.backbone for e in bb.entries] + [n for n in ea if n not in eb]
-        rows = [
-            Row(
-                n,
-                ea[n].rank if n in ea else None,
-                eb[n].rank if n in eb else None,
-                ea[n].top1.mean if n in ea else None,
-                eb[n].top1.mean if n in eb else None,
-                _verdict(ba, n),
-                _verdict(bb, n),
-            )
-            for n in names
-        ]
-        changes.append(
-            DatasetChange(
-                dataset=d,
-                domain=bb.domain,
-                leader_a=ba.entries[0].backbone,
-                leader_b=bb.entries[0].backbone,
-                flag_a=_flag(ba),
-                flag_b=_flag(bb),
-                tau=kendall_tau(
-                    {n: e.rank for n, e in ea.items()}, {n: e.rank for n, e in eb.items()}
-                ),
-                rows=rows,
-                protocol_a=ba.protocol,
-                protocol_b=bb.protocol,
-            )
-        )
+    changes = [
+        _dataset_change(d, boards_a[d], boards_b[d])
+        for d in order
+        if d in boards_a and d in boards_b
+    ]
+    _refuse_disjoint(changes, boards_a, boards_b, label_a, label_b)
     domains = []
     for domain in [*sorted(set(a.domains) | set(b.domains)), "all domains"]:
         sa = a.overall if domain == "all domains" else a.domains.get(domain, [])
@@ -169,6 +155,72 @@ def compare(a: Report, b: Report, label_a: str = "A", label_b: str = "B") -> Com
         only_a=[d for d in boards_a if d not in boards_b],
         only_b=[d for d in boards_b if d not in boards_a],
     )
+
+
+def _dataset_change(d: str, ba: Board, bb: Board) -> DatasetChange:
+    """One dataset both studies hold: every backbone's rank and top-1 under each."""
+    ea = {e.backbone: e for e in ba.entries}
+    eb = {e.backbone: e for e in bb.entries}
+    names = [e.backbone for e in bb.entries] + [n for n in ea if n not in eb]
+    rows = [
+        Row(
+            n,
+            ea[n].rank if n in ea else None,
+            eb[n].rank if n in eb else None,
+            ea[n].top1.mean if n in ea else None,
+            eb[n].top1.mean if n in eb else None,
+            _verdict(ba, n),
+            _verdict(bb, n),
+        )
+        for n in names
+    ]
+    return DatasetChange(
+        dataset=d,
+        domain=bb.domain,
+        leader_a=ba.entries[0].backbone,
+        leader_b=bb.entries[0].backbone,
+        flag_a=_flag(ba),
+        flag_b=_flag(bb),
+        tau=kendall_tau({n: e.rank for n, e in ea.items()}, {n: e.rank for n, e in eb.items()}),
+        rows=rows,
+        protocol_a=ba.protocol,
+        protocol_b=bb.protocol,
+        only_in_a=[n for n in ea if n not in eb],
+        only_in_b=[n for n in eb if n not in ea],
+    )
+
+
+def _refuse_disjoint(changes: list[DatasetChange], boards_a, boards_b, a: str, b: str) -> None:
+    from service.errors import UserError
+
+    if not changes:
+        raise UserError(
+            f"{a} and {b} share no dataset ({a}: {', '.join(boards_a) or 'none'}; {b}: "
+            f"{', '.join(boards_b) or 'none'}): nothing to compare"
+        )
+    if all(len(d.rows) == len(d.only_in_a) + len(d.only_in_b) for d in changes):
+        raise UserError(
+            f"{a} and {b} share no backbone on any dataset they both hold: nothing to compare"
+        )
+
+
+def grid_differences(c: Comparison) -> list[str]:
+    """One line per difference between the two grids (datasets, then backbones per dataset)."""
+    a, b = c.label_a, c.label_b
+    out = []
+    if c.only_a or c.only_b:
+        out.append(
+            f"datasets not in both grids (not compared): only in {a}: "
+            f"{', '.join(c.only_a) or 'none'}; only in {b}: {', '.join(c.only_b) or 'none'}"
+        )
+    for d in c.datasets:
+        if d.only_in_a or d.only_in_b:
+            out.append(
+                f"{d.dataset}: backbones not in both grids: only in {a}: "
+                f"{', '.join(d.only_in_a) or 'none'}; only in {b}: "
+                f"{', '.join(d.only_in_b) or 'none'}"
+            )
+    return out
 
 
 def _mean_ranks(standings: list[Standing]) -> dict[str, float]:
@@ -211,16 +263,19 @@ def to_markdown(c: Comparison) -> str:
     for d in c.datasets:
         lines.append(
             f"| {d.dataset} | {d.domain} | {d.leader_a} | {d.leader_b} | "
-            f"{'yes' if d.leader_changed else 'no'} | {d.flag_a} | {d.flag_b} | "
+            f"{d.change_text(a, b)} | {d.flag_a} | {d.flag_b} | "
             f"{_num(d.tau, '.2f')} |"
         )
     for d in c.datasets:
         lines += _dataset_markdown(d, a, b)
-    if c.only_a or c.only_b:
-        lines += [
+    differences = grid_differences(c)
+    if differences:
+        lines[3:3] = [
             "",
-            f"Not compared: only in {a}: {', '.join(c.only_a) or 'none'}; only in {b}: "
-            f"{', '.join(c.only_b) or 'none'}.",
+            "**The two grids differ.** A leader change is claimed only where both leaders "
+            "were trained on both sides; ranks and tau cover the shared backbones.",
+            "",
+            *[f"- {x}" for x in differences],
         ]
     return "\n".join(lines) + "\n"
 
@@ -262,6 +317,9 @@ def to_json(c: Comparison) -> dict:
                 "leader_a": d.leader_a,
                 "leader_b": d.leader_b,
                 "leader_changed": d.leader_changed,
+                "comparable": d.comparable,
+                "only_in_a": d.only_in_a,
+                "only_in_b": d.only_in_b,
                 "leader_vs_runner_up_a": d.flag_a,
                 "leader_vs_runner_up_b": d.flag_b,
                 "tau": d.tau,

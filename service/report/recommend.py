@@ -135,13 +135,23 @@ def _outside(e: Entry, max_gmacs: float | None, max_params: float | None) -> str
         if e.gmacs is None:
             return "GMACs unknown (not in its summaries)"
         if e.gmacs > max_gmacs:
-            return f"{e.gmacs:.3g} GMACs > {max_gmacs:g}"
+            return f"{_above(e.gmacs, max_gmacs)} GMACs > {max_gmacs:g}"
     if max_params is not None:
         if e.params_m is None:
             return "parameter count unknown (not in its summaries)"
         if e.params_m > max_params:
-            return f"{e.params_m:.1f} M params > {max_params:g} M"
+            return f"{_above(e.params_m, max_params)} M params > {max_params:g} M"
     return None
+
+
+def _above(value: float, limit: float) -> str:
+    """``value`` with as many decimals as it takes to read as more than ``limit`` (never
+    '0.3 M params > 0.3 M')."""
+    for digits in range(1, 7):
+        text = f"{value:.{digits}f}"
+        if float(text) > limit:
+            return text
+    return repr(value)
 
 
 def _limits(max_gmacs: float | None, max_params: float | None) -> str:

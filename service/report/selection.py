@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from service.report.blocks import H, Items, P, Table
 from service.run.contract import RunSummary, UnreadableOutput
+from service.search.plan import ranking
 from service.storage import NotFound, Store
 
 _GRID_CELL = re.compile(
@@ -49,16 +50,15 @@ def grid_rankings(root: Store, study: str) -> dict[str, tuple[str, dict[str, flo
 def search_ranking(state: dict, group: str) -> list[str]:
     """Best first: the rung a candidate reached, then its mean validation score there; then
     the candidates the proxy pruned, by proxy score."""
-    reached: dict[str, tuple[int, float]] = {}
-    for rung in state.get("rungs", []):
-        for b, res in (rung.get("results") or {}).get(group, {}).items():
-            mean = res.get("mean")
-            reached[b] = (rung["rung"], mean if mean is not None else -1.0)
-    ranked = sorted(reached, key=lambda b: (-reached[b][0], -reached[b][1]))
+    ranked: list[str] = []
+    for rung in reversed(state.get("rungs", [])):  # the deepest rung's candidates first
+        results = (rung.get("results") or {}).get(group, {})
+        means = {b: r.get("mean") for b, r in results.items() if b not in ranked}
+        ranked += ranking(means, rung["candidates"][group])
     proxy = (state.get("proxy") or {}).get(group)
     if proxy:
-        ranked += sorted((b for b in proxy["scores"] if b not in reached),
-                         key=lambda b: -proxy["scores"][b])  # fmt: skip
+        pruned = {b: v for b, v in proxy["scores"].items() if b not in ranked}
+        ranked += ranking(pruned, state.get("backbones") or list(proxy["scores"]))
     return ranked
 
 
@@ -104,18 +104,21 @@ def _group_blocks(state: dict, grid: dict[str, tuple[str, dict[str, float]]], gr
     out.append(
         Table(["Rung", "Epochs", "Backbone", "Val top-1 [95% CI]", "Train s", "Decision"], rows)
     )
-    items = _compute_items(state, spent, proxy)
+    items = _cut_items(state, group) + _compute_items(state, spent, proxy)
     items.append(_agreement(state, group, grid, proxy))
+    items.append(_trivial(state, group, grid))
     out.append(Items(items))
     return out
 
 
 def _proxy_blocks(proxy: dict) -> list:
     kept = set(proxy["kept"])
+    scores = proxy["scores"]
     rows = [
-        [b, f"{v:.4f}", "kept" if b in kept else "pruned before rung 1"]
-        for b, v in sorted(proxy["scores"].items(), key=lambda kv: -kv[1])
-    ]
+        [b, "failed" if scores[b] is None else f"{scores[b]:.4f}",
+         "kept" if b in kept else "pruned before rung 1"]
+        for b in ranking(scores, list(scores))
+    ]  # fmt: skip
     return [
         P(
             f"Proxy ({proxy['method']} on frozen features, validation accuracy; "
@@ -143,17 +146,23 @@ def _rung_rows(state: dict, group: str, spent: _Spent) -> list[list[str]]:
         results = (rung.get("results") or {}).get(group, {})
         promoted = (rung.get("promoted") or {}).get(group, [])
         last = rung["rung"] == len(state.get("survivors_per_rung", [])) - 1
-        order = sorted(results, key=lambda b: -(results[b].get("mean") or -1))
-        for place, b in enumerate(order, 1):
+        means = {b: results[b].get("mean") for b in results}
+        order = ranking(means, rung["candidates"][group])
+        for b in order:
             res = results[b]
             spent.epochs += res["epochs"]
             spent.seconds += res["seconds"]
             if res["epochs"]:
                 spent.per_epoch.setdefault(b, res["seconds"] / res["epochs"])
-            if b in promoted:
-                why = "winner" if last else f"promoted (top {len(promoted)})"
+            sizes = state.get("survivors_per_rung") or []
+            k = sizes[rung["rung"] + 1] if rung["rung"] + 1 < len(sizes) else len(promoted)
+            if b in promoted[:k]:
+                why = "winner" if last else f"promoted (top {k})"
+            elif b in promoted:
+                why = f"promoted: its interval overlaps the {k}th best's"
             else:
-                why = f"stopped: ranked {place} of {len(order)}, top {len(promoted)} move on"
+                why = f"stopped: ranked {_place(means, b)} of {len(order)}, top {k} "
+                why += "move on" + _tie_note(means, b, promoted, rung["candidates"][group])
             rows.append(
                 [
                     str(rung["rung"] + 1), str(rung["epochs"][group]), b,
@@ -166,6 +175,23 @@ def _rung_rows(state: dict, group: str, spent: _Spent) -> list[list[str]]:
                     rows.append([str(rung["rung"] + 1), str(rung["epochs"][group]), b,
                                  "–", "–", "running"])  # fmt: skip
     return rows
+
+
+def _cut_items(state: dict, group: str) -> list[str]:
+    """Per decided rung: the margin of its cut and whether it was statistically clear."""
+    out = []
+    for rung in state["rungs"]:
+        c = (rung.get("cut") or {}).get(group)
+        if not rung.get("done") or c is None:
+            continue
+        promoted = rung["promoted"][group]
+        clear = {True: "clear (95% intervals apart)", False: "not clear (95% intervals "
+                 "overlap)", None: "not testable (one seed: no interval)"}[c["clear"]]  # fmt: skip
+        out.append(
+            f"rung {rung['rung'] + 1} cut: margin {100 * c['margin']:+.2f} points (last "
+            f"promoted {promoted[-1]} vs best stopped {c['best_stopped']}); {clear}"
+        )
+    return out
 
 
 def _compute_items(state: dict, spent: _Spent, proxy: dict | None) -> list[str]:
@@ -207,7 +233,9 @@ def _agreement(
         f"agreement with the full grid of study '{other}' (mean test top-1): grid winner "
         f"{grid_rank[0]}; "
         + (
-            f"search winner {winner} ({'same' if winner == grid_rank[0] else 'differs'})"
+            f"search winner {winner} ({'same' if winner == grid_rank[0] else 'differs'}"
+            + _regret(means, grid_rank[0], winner)
+            + ")"
             if winner
             else "search not finished"
         )
@@ -215,9 +243,66 @@ def _agreement(
     )
     if proxy:
         px = proxy["scores"]
-        px_tau = kendall_tau(sorted(px, key=lambda b: -px[b]), grid_rank)
+        px_tau = kendall_tau(ranking(px, list(px)), grid_rank)
         agree += f", of the proxy's {_tau(px_tau)}"
     return agree
+
+
+def _place(means: dict[str, float | None], b: str) -> str:
+    """1 + the candidates scoring strictly higher; '=' when another has the same score."""
+    mine = means[b] if means[b] is not None else -1.0
+    vals = [m if m is not None else -1.0 for m in means.values()]
+    place = 1 + sum(1 for v in vals if v > mine)
+    return f"{place}=" if vals.count(mine) > 1 else str(place)
+
+
+def _tie_note(means: dict, b: str, promoted: list[str], order: list[str]) -> str:
+    tied = [x for x in promoted if means.get(x) == means[b]]
+    if not tied:
+        return ""
+    return f" (tied with {', '.join(tied)}, promoted for coming first in the study's order)"
+
+
+def trivial_picks(candidates: list[str]) -> dict[str, str | None]:
+    """What doing nothing clever picks among ``candidates``: the best ImageNet-1k top-1 and the
+    most parameters, by the catalog's figures (None when the catalog knows none of them)."""
+    from service.backbones.catalog import get
+
+    known = {b: e for b in candidates if (e := get(b)) is not None}
+    top1 = {b: e.imagenet_top1 for b, e in known.items() if e.imagenet_top1 is not None}
+    params = {b: e.params_m for b, e in known.items() if e.params_m is not None}
+    return {
+        "ImageNet top-1 order": ranking(top1, candidates)[0] if top1 else None,
+        "params order (largest)": ranking(params, candidates)[0] if params else None,
+    }
+
+
+def _trivial(state: dict, group: str, grid: dict[str, tuple[str, dict[str, float]]]) -> str:
+    """The search's winner against the trivial rankers' picks, scored by the grid if any."""
+    first = state["rungs"][0]["candidates"][group] if state.get("rungs") else []
+    candidates = list((state.get("proxy") or {}).get(group, {}).get("scores") or first)
+    winner = (state.get("winners") or {}).get(group)
+    means = grid[group][1] if group in grid else {}
+
+    def named(b: str | None) -> str:
+        if b is None:
+            return "– (no catalog figures for these candidates)"
+        return b + (f" ({100 * means[b]:.2f} in the grid)" if b in means else "")
+
+    picks = [f"{how} picks {named(b)}" for how, b in trivial_picks(candidates).items()]
+    return (
+        f"trivial rankers, against the search's pick {named(winner) if winner else '(running)'}: "
+        + "; ".join(picks)
+    )
+
+
+def _regret(means: dict[str, float], best: str, winner: str) -> str:
+    """Points of mean test top-1 the search's pick gives up against the grid's winner."""
+    if winner == best:
+        return "; regret 0.00 points"
+    if winner not in means:
+        return "; regret unknown: the grid did not train it"
+    return f"; regret {100 * (means[best] - means[winner]):.2f} points of test top-1"
 
 
 def _score(res: dict) -> str:

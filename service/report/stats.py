@@ -23,9 +23,12 @@ from typing import Literal
 
 CONFIDENCE = 0.95
 ALPHA = 0.05
+MIN_SEEDS = 3  # shared seeds a paired verdict needs (with 2, one df: a t-test is all noise)
 PAIRED_METHOD = (
     "paired t-test over the seeds both backbones completed (scipy.stats.ttest_rel, two-sided, "
-    f"alpha {ALPHA}); fewer than 2 shared seeds: 'n too small'"
+    f"alpha {ALPHA}); a verdict needs at least {MIN_SEEDS} shared seeds whose differences vary: "
+    "fewer seeds, or the same difference on every seed (no spread to test against), is 'not "
+    "enough evidence', never p=0"
 )
 INTERVAL_METHOD = (
     "mean over seeds with a 95% Student-t confidence interval (n-1 degrees of freedom), "
@@ -36,7 +39,7 @@ SAMPLING_METHOD = (
     "interval for the mean accuracy on n_test images"
 )
 
-Verdict = Literal["distinguishable", "not distinguishable", "n too small"]
+Verdict = Literal["distinguishable", "not distinguishable", "not enough evidence"]
 
 
 @dataclass(frozen=True)
@@ -56,15 +59,24 @@ class Paired:
     mean_diff: float | None  # a - b over the shared seeds
     verdict: Verdict
 
+    reason: str = ""  # why there is not enough evidence
+
     def evidence(self) -> str:
-        if self.verdict == "n too small":
-            return f"n too small ({self.n} shared seed{'s' if self.n != 1 else ''})"
-        return f"paired t-test, n={self.n}, p={self.p_value:.3g}"
+        if self.verdict == "not enough evidence":
+            return self.reason
+        return f"paired t-test, n={self.n}, {format_p(self.p_value)}"
 
     def describe(self) -> str:
-        if self.verdict == "n too small":
-            return self.evidence()
+        if self.verdict == "not enough evidence":
+            return f"not enough evidence ({self.reason})"
         return f"{self.verdict} ({self.evidence()})"
+
+
+def format_p(p: float | None) -> str:
+    """'p=0.012'; never 'p=0': below 0.001 it reads 'p<0.001'."""
+    if p is None:
+        return "p –"
+    return "p<0.001" if p < 0.001 else f"p={p:.2g}"
 
 
 def t_interval(
@@ -110,25 +122,28 @@ def _t_quantile(q: float, df: int) -> float:
 
 
 def paired_test(a: Mapping[int, float], b: Mapping[int, float], alpha: float = ALPHA) -> Paired:
-    """Is ``a`` different from ``b`` over the seeds both have? (two-sided paired t-test)"""
+    """Is ``a`` different from ``b`` over the seeds both have? (two-sided paired t-test)
+
+    No verdict where the data cannot carry one: under ``MIN_SEEDS`` shared seeds, or when every
+    seed shows the same difference (zero variance, up to float noise: the t statistic is then
+    0/0 or infinite and scipy answers p=0 or 2e-16)."""
     seeds = sorted(set(a) & set(b))
     n = len(seeds)
-    if n < 2:
-        diff = (a[seeds[0]] - b[seeds[0]]) if n else None
-        return Paired(n, None, diff, "n too small")
     diffs = [a[s] - b[s] for s in seeds]
-    mean_diff = math.fsum(diffs) / n
-    if max(diffs) == min(diffs):
-        # Zero spread: the t statistic is 0/0 or ±inf; decide it without scipy's warnings.
-        p = 1.0 if mean_diff == 0 else 0.0
-    else:
-        from scipy.stats import ttest_rel
+    mean_diff = math.fsum(diffs) / n if n else None
+    if n < MIN_SEEDS:
+        why = f"{n} shared seed{'s' if n != 1 else ''}; a verdict needs {MIN_SEEDS}"
+        return Paired(n, None, mean_diff, "not enough evidence", why)
+    if max(diffs) - min(diffs) <= 1e-9:
+        why = f"n={n}, the same difference on every seed: no spread to test against"
+        return Paired(n, None, mean_diff, "not enough evidence", why)
+    from scipy.stats import ttest_rel
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            p = float(ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
-        if math.isnan(p):
-            p = 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
+    if math.isnan(p):
+        p = 1.0
     verdict: Verdict = "distinguishable" if p < alpha else "not distinguishable"
     return Paired(n, p, mean_diff, verdict)
 

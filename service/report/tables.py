@@ -88,6 +88,10 @@ class Board:
         if cmp is None or cmp.verdict == "distinguishable":
             return None
         lead, second = self.entries[0].backbone, self.entries[1].backbone
+        if cmp.verdict == "not enough evidence":
+            return f"{lead} (leader) cannot be told apart from {second} (runner-up): " + (
+                cmp.describe()
+            )
         return f"{lead} (leader) is not distinguishable from {second} (runner-up): {cmp.evidence()}"
 
 

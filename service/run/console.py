@@ -110,7 +110,9 @@ class LineObserver(Observer):
         print(text, file=self.stream, flush=True)
 
     def on_phase(self, p: Progress) -> None:
-        extra = f" (attempt {p.attempt})" if p.phase == "Training" and p.attempt > 1 else ""
+        # A resumed run (after preemption, or a search rung continuing its cell) says where it
+        # resumes: a continuation is not a retry of a failure.
+        extra = f" (resumed after epoch {p.epoch})" if p.phase == "Training" and p.epoch else ""
         self._print(f"{p.run_id}: {p.phase}{extra}")
 
     def on_epoch(self, p: Progress, record: dict) -> None:

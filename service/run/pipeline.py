@@ -95,6 +95,12 @@ def _data(run: Run, cache: Path, rt):
 
 
 def _prepare(spec: FineTune, cache: Path, observer: Observer):
+    return prepare_data(spec, cache, observer)
+
+
+def prepare_data(spec: FineTune, cache: Path, observer: Observer | None = None):
+    """The dataset as every consumer gets it (training, the search's proxy): an ``s3://`` URI
+    fetched into the cache first, then decoded and split once."""
     from service.data import prepare
 
     local = None
@@ -108,9 +114,12 @@ def _prepare(spec: FineTune, cache: Path, observer: Observer):
 def _model(run: Run, n_classes: int, cache: Path, rt):
     """Seeded, so the head's init is the same on every attempt and every machine."""
     from service.backbones import factory as models
+    from service.backbones.checks import require_size
     from service.train.runtime import seed_everything
 
     spec = run.spec
+    # A pair that cannot run is the user's to fix (exit 2), found before any training.
+    require_size(spec.backbone.model, spec.protocol.hw)
     seed_everything(spec.protocol.seed)
     built = models.build(
         spec.backbone,

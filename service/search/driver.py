@@ -27,7 +27,9 @@ from service.search.plan import (
     SEARCH_DIR,
     RungCell,
     budgets,
+    cut,
     groups,
+    promote,
     rung_cells,
     rung_score,
     rung_seconds,
@@ -193,7 +195,11 @@ class Driver:
             )
             t0 = time.perf_counter()
             scores = run(self.study, g)
-            kept = select({b: [scores[b]] for b in scores}, proxy.keep, g.backbones)
+            kept = select(
+                {b: [v] if v is not None else [] for b, v in scores.items()},
+                proxy.keep,
+                g.backbones,
+            )
             out[g.key] = {
                 "method": proxy.method,
                 "scores": scores,
@@ -237,10 +243,9 @@ class Driver:
                 res["mean"] = iv.mean if iv else None
                 res["low"], res["high"] = (iv.low, iv.high) if iv else (None, None)
                 res["failed_seeds"] = sum(1 for v in res["seeds"].values() if v is None)
-            order = entry["candidates"][key]
-            scores = {b: [v for v in by_backbone[b]["seeds"].values() if v is not None]
-                      for b in order if b in by_backbone}  # fmt: skip
-            promoted[key] = select(scores, keep, order)
+            last = r + 1 == len(survivors_per_rung(n0, self.study.search.eta))
+            promoted[key] = promote(by_backbone, keep, entry["candidates"][key], last=last)
+            entry.setdefault("cut", {})[key] = cut(by_backbone, promoted[key])
         return {**entry, "results": results, "promoted": promoted, "done": True}
 
 

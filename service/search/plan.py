@@ -42,13 +42,18 @@ def survivors_per_rung(n: int, eta: int) -> list[int]:
     return counts
 
 
-def rung_epochs(n_rungs: int, max_epochs: int, eta: int, min_epochs: int = 1) -> list[int]:
-    """Epoch budget of each rung: max_epochs / eta^(rungs left), at least ``min_epochs``
-    (never above max_epochs); the last rung is the full protocol's max_epochs."""
+def rung_epochs(
+    n_rungs: int, max_epochs: int, eta: int, min_epochs: int = 1, warmup_epochs: int = 0
+) -> list[int]:
+    """Epoch budget of each rung: max_epochs / eta^(rungs left), at least ``min_epochs`` and at
+    least ``warmup_epochs + 1`` (a rung never ends inside the learning-rate warmup, where
+    candidates are ranked before their step size has peaked), never above max_epochs; the last
+    rung is the full protocol's max_epochs."""
+    floor = max(min_epochs, warmup_epochs + 1)
     out = []
     for r in range(n_rungs):
         b = max_epochs / eta ** (n_rungs - 1 - r)
-        out.append(min(max_epochs, max(min_epochs, round(b))))
+        out.append(min(max_epochs, max(floor, round(b))))
     return out
 
 
@@ -68,6 +73,13 @@ class Group:
     @property
     def max_epochs(self) -> int:
         return next(iter(self.cells.values()))[0].protocol.max_epochs
+
+    @property
+    def warmup_epochs(self) -> int:
+        """The recipe's warmup (0 for recipes without one, e.g. 'paper')."""
+        from service.train.recipes import recipe_for
+
+        return recipe_for(next(iter(self.cells.values()))[0].protocol).warmup_epochs
 
 
 def groups(study: Study) -> list[Group]:
@@ -95,7 +107,52 @@ def n_rungs(study: Study, n_candidates: int) -> int:
 
 def budgets(study: Study, group: Group, n_candidates: int) -> list[int]:
     s = study.search
-    return rung_epochs(n_rungs(study, n_candidates), group.max_epochs, s.eta, s.min_epochs)
+    return rung_epochs(
+        n_rungs(study, n_candidates), group.max_epochs, s.eta, s.min_epochs, group.warmup_epochs
+    )
+
+
+def plan_problems(study: Study) -> list[tuple[str, str]]:
+    """What ``validate`` refuses in a search plan: a rung floor above ``max_epochs``, or rungs
+    that train nothing the previous rung did not (equal budgets), per group."""
+    out: list[tuple[str, str]] = []
+    n0 = first_rung_size(study)
+    s = study.search
+    for g in groups(study):
+        if s.min_epochs > g.max_epochs:
+            out.append(("search.min_epochs", f"{s.min_epochs} is above protocol.max_epochs "
+                        f"({g.max_epochs}) for {g.key}: no rung can train that long"))  # fmt: skip
+            continue
+        b = budgets(study, g, n0)
+        flat = [r + 1 for r in range(1, len(b)) if b[r] <= b[r - 1]]
+        if flat:
+            floor = max(s.min_epochs, g.warmup_epochs + 1)
+            out.append(
+                (
+                    "search",
+                    f"{g.key}: rung budgets {b} epochs: rung {flat[0]} trains nothing the rung "
+                    f"before did not (floor {floor} = max(search.min_epochs, warmup_epochs + 1), "
+                    f"max_epochs {g.max_epochs}, eta {s.eta}); raise protocol.max_epochs, "
+                    "lower search.min_epochs or protocol.warmup_epochs, or use fewer rungs "
+                    "(a larger eta or a proxy with a smaller keep)",
+                )
+            )
+    return out
+
+
+def plan_lines(study: Study) -> list[str]:
+    """What ``validate`` prints of a search plan: per group, candidates and epochs per rung."""
+    n0 = first_rung_size(study)
+    counts = survivors_per_rung(n0, study.search.eta)
+    lines = []
+    for g in groups(study):
+        b = budgets(study, g, n0)
+        rungs = ", ".join(f"{n} x {e}" for n, e in zip(counts, b, strict=True))
+        lines.append(
+            f"search {g.key}: rungs (candidates x epochs) {rungs}; warmup {g.warmup_epochs} "
+            f"epoch(s): every rung ends after it"
+        )
+    return lines
 
 
 @dataclass(frozen=True)
@@ -163,23 +220,75 @@ def rung_seconds(records: list[dict], first: int, last: int) -> float:
     return sum(r.get("epoch_seconds", 0.0) for r in records if first < r.get("epoch", 0) <= last)
 
 
-def select(scores: dict[str, list[float]], keep: int, order: list[str]) -> list[str]:
-    """The ``keep`` best candidates by mean score over seeds; ties keep the study's order.
-    A candidate without any score (every seed failed) ranks last."""
+def ranking(means: dict[str, float | None], order: list[str]) -> list[str]:
+    """The search's one ordering rule, best first: mean score descending, ties (and equal
+    failures) in the study's backbone order; a candidate without a score ranks last. The
+    driver promotes by it and the report's Selection section lists by it."""
 
     def key(b: str) -> tuple[float, int]:
-        vals = scores.get(b) or []
-        mean = sum(vals) / len(vals) if vals else -1.0
-        return (-mean, order.index(b))
+        mean = means.get(b)
+        return (-(mean if mean is not None else -1.0), order.index(b) if b in order else len(order))
 
-    return sorted(order, key=key)[:keep]
+    return sorted(means, key=key)
 
 
-def epoch_fraction(study: Study) -> float:
+def select(scores: dict[str, list[float]], keep: int, order: list[str]) -> list[str]:
+    """The ``keep`` best candidates by mean score over seeds (``ranking``); ties keep the
+    study's order. A candidate without any score (every seed failed) ranks last."""
+    means = {b: (sum(v) / len(v) if (v := scores.get(b)) else None) for b in order}
+    return ranking(means, order)[:keep]
+
+
+def promote(
+    results: dict[str, dict], keep: int, order: list[str], *, last: bool = False
+) -> list[str]:
+    """Who moves on from a rung: the ``keep`` best (``ranking`` of the mean over seeds), plus
+    every other candidate whose 95% interval over seeds overlaps the ``keep``-th best's (the
+    cut cannot tell them apart), at most ``keep`` extra, best first: a noisy rung never doubles
+    the next rung's cost by more than that. The last rung picks one winner, no extras.
+    ``results``: backbone -> {"mean", "low", "high"} (None where unknown: one seed has no
+    interval, so no extra)."""
+    means = {b: results[b].get("mean") for b in order if b in results}
+    ranked = ranking(means, order)
+    chosen = ranked[:keep]
+    if last or not chosen or len(ranked) <= keep:
+        return chosen
+    kth = results[chosen[-1]]
+    if kth.get("low") is None:
+        return chosen
+    extra = [
+        b
+        for b in ranked[keep:]
+        if results[b].get("high") is not None and results[b]["high"] >= kth["low"]
+    ]
+    return chosen + extra[:keep]
+
+
+def cut(results: dict[str, dict], promoted: list[str]) -> dict | None:
+    """The margin of a rung's cut: the last promoted candidate's mean minus the best stopped
+    one's, and whether their 95% intervals are apart (a clear cut) or not."""
+    stopped = [b for b in results if b not in promoted and results[b].get("mean") is not None]
+    if not promoted or not stopped:
+        return None
+    last = results[promoted[-1]]
+    best = max(stopped, key=lambda b: results[b]["mean"])
+    other = results[best]
+    clear = None
+    if last.get("low") is not None and other.get("high") is not None:
+        clear = last["low"] > other["high"]
+    return {"margin": last["mean"] - other["mean"], "best_stopped": best, "clear": clear}
+
+
+def epoch_fraction(study: Study, *, worst: bool = False) -> float:
     """Epochs a search trains, as a fraction of the grid's (every candidate trains its whole
-    rung budget; early stops make both smaller). The GPU-hour estimate is the grid's."""
+    rung budget; early stops make both smaller). ``worst``: every cut keeps its bound of extra
+    candidates (``promote``). The GPU-hour estimate is the grid's."""
     n0 = first_rung_size(study)
     counts = survivors_per_rung(n0, study.search.eta)
+    if worst:
+        counts = [counts[0]] + [
+            min(2 * c, counts[i]) if i + 2 < len(counts) else c for i, c in enumerate(counts[1:])
+        ]
     spent = grid = 0.0
     for g in groups(study):
         b = budgets(study, g, n0)

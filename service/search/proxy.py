@@ -10,36 +10,55 @@ scores useful to prune candidates and unreliable to pick the winner, so a proxy 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from service.errors import UserError
 from service.search.plan import Group
 from service.spec import Study
 
+log = logging.getLogger("backbones.search")
 
-def proxy_scores(study: Study, group: Group, *, cache_dir=None) -> dict[str, float]:
-    """Backbone -> k-NN validation accuracy on frozen features, for one group."""
+
+def proxy_scores(study: Study, group: Group, *, cache_dir=None) -> dict[str, float | None]:
+    """Backbone -> k-NN validation accuracy on frozen features, for one group.
+
+    The data comes the way training gets it (``pipeline.prepare_data``: fetched from S3 into
+    the one cache when the URI is remote, then decoded and split), and each split is normalised
+    as training normalises it (``split_stats``), so the proxy scores the inputs training sees."""
     from service.backbones import factory as models
-    from service.data import prepare
+    from service.backbones.checks import require_size
+    from service.data.normalise import split_stats
     from service.run.cell import cache_root
+    from service.run.pipeline import prepare_data
     from service.train.runtime import seed_everything
 
     proxy = study.search.proxy
     first = next(iter(group.cells.values()))[0]
     cache = cache_root(first, cache_dir)
-    data = prepare(first, cache)
-    out: dict[str, float] = {}
+    data = prepare_data(first, cache)
+    out: dict[str, float | None] = {}
     for backbone, cells in group.cells.items():
         cell = cells[0]
+        try:  # a candidate that cannot run at this size fails alone (no score), as in a rung
+            require_size(backbone, cell.protocol.hw)
+        except UserError as e:
+            log.warning("proxy: %s: %s", group.key, e)
+            out[backbone] = None
+            continue
         seed_everything(cell.protocol.seed)
         built = models.build(
-            cell.backbone, len(data.classes), cache_dir=cache, storage=cell.storage
+            cell.backbone,
+            len(data.classes),
+            cache_dir=cache,
+            storage=cell.storage,
+            image_size=cell.protocol.hw,
         )
         p = cell.protocol
-        mean, std = (
-            (built.mean, built.std) if p.normalize == "pretrained" else (data.mean, data.std)
-        )
-        train = features(built.model, data.train, p.batch_size, mean, std)
-        val = features(built.model, data.val, p.batch_size, mean, std)
+        stats = split_stats(p.normalize, data, built)
+        train = features(built.model, data.train, p.batch_size, *stats["train"])
+        val = features(built.model, data.val, p.batch_size, *stats["val"])
         out[backbone] = knn_accuracy(
             train, data.train.labels, val, data.val.labels, k=proxy.k, n_classes=len(data.classes)
         )

@@ -9,9 +9,10 @@ The estimate is an upper bound built from four numbers per cell:
   catalog's input size, scaled by pixel count to the dataset's effective ``protocol.image_size``
   (``datasets[].protocol`` overrides the study's). A model the catalog does not
   know costs ``DEFAULT_GMACS`` at 224 px, larger than every paper backbone but DenseNet-161.
-- **Images** come from the dataset's ``manifest.json`` when it can be read offline (a local
-  packed dataset), an ImageFolder's ``train/`` count, ``dataset.expected_images``, the builtin
-  set's known size, or else ``DEFAULT_TRAIN_IMAGES``; the breakdown says which.
+- **Images** come from ``service.spec.dataset_sizes``: the dataset's ``manifest.json`` (on S3
+  only online), a local ImageFolder, archive or array file (counted), ``dataset.expected_images``,
+  the builtin set's known size, or else ``DEFAULT_TRAIN_IMAGES``; the breakdown says which, and
+  ``budget`` warns about every assumed size.
 - **Epochs** are ``protocol.max_epochs``: the 'paper' recipe usually stops earlier on its
   plateau, so this is a ceiling, which is what a budget needs. ``max_minutes`` caps it further.
 - **Seconds per image** come from ``REFERENCE_GPUS`` below: training throughput measured for
@@ -26,11 +27,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from urllib.parse import urlparse
 
-from service.data import layout, packing
 from service.errors import UserError
+from service.spec.dataset_sizes import (  # noqa: F401 (re-exported)
+    DEFAULT_TEST_RATIO,
+    DEFAULT_TRAIN_IMAGES,
+    DatasetSize,
+    dataset_size,
+)
 from service.spec.model import Study
 from service.spec.sections import Dataset, Protocol
 from service.train.recipes import recipe_for
@@ -74,21 +78,8 @@ DEFAULT_REFERENCE = "A100-80GB"
 
 DEFAULT_GMACS = 8.0  # at 224 px, for models the catalog lacks
 DEFAULT_INPUT = (224, 224)
-DEFAULT_TRAIN_IMAGES = 50_000  # CIFAR-sized, when nothing says otherwise
-DEFAULT_TEST_RATIO = 0.25  # test images per train image when only train is known
 EVAL_COST = 1 / 3  # a forward pass is ~1/3 of forward + backward
 MULTI_GPU_EFFICIENCY = 0.85  # DeepLearningExamples RN50 AMP: 8 GPUs give 6.72x, i.e. 0.84
-BUILTIN_SIZES = {"digits": 1797}
-BUILTIN_DEFAULT_TEST_FRACTION = 0.2
-
-
-@dataclass
-class DatasetSize:
-    train: int  # the train split, before the validation carve-out
-    test: int
-    val: int | None  # an own val split, when the manifest has one
-    classes: int | None
-    source: str
 
 
 @dataclass
@@ -167,85 +158,6 @@ def _as_hw(size) -> tuple[int, int] | None:
         h, w = size[-2], size[-1]
         return (int(h), int(w))
     return None
-
-
-def dataset_size(dataset: Dataset, *, online: bool = False, storage=None) -> DatasetSize:
-    """Training and test image counts, from the best source reachable without the network."""
-    uri = dataset.uri
-    parsed = urlparse(uri)
-    if parsed.scheme == "builtin":
-        total = BUILTIN_SIZES.get(parsed.netloc)
-        if total:
-            test = round(total * (dataset.test_fraction or BUILTIN_DEFAULT_TEST_FRACTION))
-            return DatasetSize(total - test, test, None, None, f"builtin://{parsed.netloc}")
-    manifest = _read_manifest(uri, online=online, storage=storage)
-    if manifest is not None:
-        splits = manifest.get("splits", {})
-        train = int(splits.get("train", {}).get("count", 0))
-        if train > 0:
-            test = int(splits.get("test", {}).get("count", 0))
-            val = splits.get("val", {}).get("count")
-            classes = len(manifest.get("classes", [])) or None
-            return DatasetSize(train, test, val, classes, "manifest")
-    if parsed.scheme in ("", "file"):
-        counted = _count_imagefolder(_local_path(uri), dataset.test_fraction)
-        if counted is not None:
-            return DatasetSize(*counted, "counted (ImageFolder)")
-    if dataset.expected_images:
-        train = dataset.expected_images
-        return DatasetSize(
-            train, round(train * DEFAULT_TEST_RATIO), None, None, "dataset.expected_images"
-        )
-    return DatasetSize(
-        DEFAULT_TRAIN_IMAGES,
-        round(DEFAULT_TRAIN_IMAGES * DEFAULT_TEST_RATIO),
-        None,
-        None,
-        f"default {DEFAULT_TRAIN_IMAGES} (set dataset.expected_images)",
-    )
-
-
-def _local_path(uri: str) -> Path:
-    return Path(urlparse(uri).path if uri.startswith("file://") else uri).expanduser()
-
-
-def _read_manifest(uri: str, *, online: bool, storage) -> dict | None:
-    parsed = urlparse(uri)
-    try:
-        if parsed.scheme in ("", "file"):
-            path = _local_path(uri) / packing.MANIFEST
-            if not path.is_file():
-                return None
-            return packing.read_manifest(path.read_bytes(), str(path))
-        if parsed.scheme == "s3" and online:
-            from service.storage import open_store
-
-            data = open_store(uri, storage).read_bytes(packing.MANIFEST)
-            return packing.read_manifest(data, uri)
-    except Exception:  # an estimate never fails on an unreadable manifest; the worker will
-        return None
-    return None
-
-
-def _count_imagefolder(
-    root: Path, test_fraction: float | None = None
-) -> tuple[int, int, int | None, int | None] | None:
-    """(train, test, val, classes) of a local ImageFolder as training will read it (the same
-    scanner, service.data.layout), or None when it is not one. One folder of class subfolders
-    counts only with ``test_fraction``: then test is carved per class as training carves it."""
-    try:
-        found = layout.scan(root)
-    except (UserError, OSError):  # not an ImageFolder (or a broken one): the worker will say
-        return None
-    val = found.count("val") if "val" in found.splits else None
-    if "all" in found.splits:
-        if test_fraction is None:
-            return None
-        from service.data.splits import carved_count
-
-        test = sum(carved_count(n, test_fraction) for n in found.per_class("all").values())
-        return found.count("all") - test, test, None, len(found.classes)
-    return found.count("train"), found.count("test"), val, len(found.classes)
 
 
 # --------------------------------------------------------------------------------------------

@@ -67,7 +67,8 @@ class MicroBatching:
         if bn is not None and bn < BN_FEW and plan.accumulation_steps > 1:
             log.warning(
                 "BatchNorm normalises micro-batches of %d images (batch_size %d): below %d its "
-                "batch statistics get noisy; use more GPUs or a lower image_size",
+                "batch statistics get noisy; raise protocol.micro_batch (a GPU with more "
+                "memory, or a lower image_size), or use more GPUs",
                 bn, self.loaders.train.batch_size, BN_FEW,
             )  # fmt: skip
         return plan
