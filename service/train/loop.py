@@ -420,7 +420,13 @@ class Trainer(MicroBatching, Reporting):
             return {**fresh, "seconds": 0.0}
         if not self.rt.is_main:  # the checkpoint holds rank 0's sums; rank 0 alone carries them
             return {**self.state.partial, **fresh}
-        return dict(self.state.partial)
+        # A checkpoint loads to the CPU; the step adds device tensors into these in place.
+        return {k: on_device(v, self.rt.device) for k, v in self.state.partial.items()}
+
+
+def on_device(value, device: torch.device):
+    """A tensor restored from a checkpoint (on the CPU) on the run's device; others as they are."""
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def head_module(model) -> torch.nn.Module:
