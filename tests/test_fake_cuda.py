@@ -16,6 +16,7 @@ import torch
 
 from service.data import BatchLoader, Split
 from service.errors import Interrupted
+from service.run.contract import RunFacts
 from service.run.events import Observer, Progress
 from service.run.outputs import RunOutputs
 from service.spec import Protocol
@@ -24,6 +25,8 @@ from service.train import Loaders, Runtime, Trainer, recipe_for
 from service.train.checkpoint import Checkpointer
 
 CPU = torch.device("cpu")
+# copy.deepcopy (dataclasses.asdict of State) reads a fake tensor's data pointer; harmless here.
+pytestmark = pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
 
 
 # ------------------------------------------------------------------------ the stand-in itself
@@ -99,7 +102,17 @@ def make_trainer(tmp_path: Path, device: torch.device, model=None, **protocol) -
         observer=Observer(),
         progress=Progress(run_id="fake-cuda"),
         stop=threading.Event(),
+        facts=_facts(),
     )
+
+
+def _facts() -> RunFacts:
+    return RunFacts(
+        run_id="fake-cuda", name="fake-cuda", study=None, spec_hash=None, backbone="conv",
+        weights="none", dataset="random", domain="natural", recipe="paper", seed=0,
+        train_fraction=1.0, select_on="val", classes=list("abcd"), n_train=64, n_val=64,
+        n_test=64, params=1, gmacs=None,
+    )  # fmt: skip
 
 
 def stop_after(trainer: Trainer, steps: int) -> None:
@@ -138,3 +151,75 @@ def test_a_mid_epoch_checkpoint_resumes_and_trains_on_cuda(tmp_path, fake_cuda):
     trainer.train_epoch()
     assert trainer.state.epoch == 1 and trainer.state.step == 0
     assert trainer._epoch_acc["loss_sum"].device.type == "cuda"
+
+
+# --------------------------------------------------------------------------------- the sweep
+
+
+WHOLE_RUNS = {
+    "paper": dict(recipe="paper", max_epochs=4, patience=1),  # AdamW, reload best, fused SGD
+    "standard-ema": dict(recipe="standard", max_epochs=3, ema=True, ema_decay=0.9),
+    "linear_probe": dict(recipe="linear_probe", max_epochs=3),  # a frozen backbone
+}
+
+
+def whole_run(tmp_path: Path, fake_cuda, proto: dict) -> None:
+    """A run stopped mid-epoch 2 (after a best file exists), resumed, finished, on fake CUDA."""
+    first = cuda_trainer(tmp_path, fake_cuda, **proto)
+    stop_after(first, first.steps_per_epoch + 2)
+    try:
+        first.fit()
+        raise AssertionError("the stop flag did not stop the run")
+    except Interrupted:
+        pass
+    assert first.state.partial and first.state.best_key
+    rng_sets = fake_cuda.rng.get("sets", 0)
+
+    resumed = cuda_trainer(tmp_path, fake_cuda, **proto)
+    summary = resumed.fit()
+    assert fake_cuda.rng["sets"] == rng_sets + 1  # the CUDA generator came back from the ckpt
+    assert resumed.progress.attempt == 2 and summary.stop_reason
+    assert all(p.device.type == "cuda" for p in resumed.eval_model.parameters())
+    assert (tmp_path / "run" / "best.safetensors").exists()
+
+
+def main(name: str, folder: str) -> None:
+    """``python -m tests.test_fake_cuda NAME FOLDER``: ``whole_run`` in a fresh process."""
+    from tests.fixtures.fake_cuda import fake_cuda
+
+    with pytest.MonkeyPatch.context() as mp:
+        gen = fake_cuda.__wrapped__(mp)
+        whole_run(Path(folder), next(gen), WHOLE_RUNS[name])
+        gen.close()
+    print("whole run ok", flush=True)
+
+
+@pytest.mark.parametrize("name", sorted(WHOLE_RUNS))
+def test_a_whole_run_on_cuda_stops_mid_epoch_resumes_and_finishes(tmp_path, name):
+    """EMA, the LR scheduler, the RNG states, best-metric bookkeeping (best weights saved,
+    reloaded for the SGD phase and for test) and evaluation, through a stop and a resume:
+    everything a checkpoint restores meets the device's tensors without a device mix.
+
+    In a fresh process that ends with ``os._exit``: a process that ran a whole fake-CUDA fit
+    sometimes aborts in the interpreter's teardown ("corrupted double-linked list", after the
+    run and its checks passed; a FakeTensorMode problem on this torch build, not found yet)."""
+    import subprocess
+    import sys
+
+    from tests.trainutil import REPO, worker_env
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.test_fake_cuda", name, str(tmp_path)],
+        cwd=REPO, env=worker_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0 and "whole run ok" in done.stdout, done.stderr[-3000:]
+
+
+if __name__ == "__main__":
+    import sys
+
+    import os
+
+    main(*sys.argv[1:])
+    sys.stderr.flush()
+    os._exit(0)  # skip the interpreter's teardown, where FakeTensorMode's objects may crash
