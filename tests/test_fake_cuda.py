@@ -216,9 +216,8 @@ def test_a_whole_run_on_cuda_stops_mid_epoch_resumes_and_finishes(tmp_path, name
 
 
 if __name__ == "__main__":
-    import sys
-
     import os
+    import sys
 
     main(*sys.argv[1:])
     sys.stderr.flush()

@@ -432,7 +432,10 @@ def on_device(value, device: torch.device):
 def head_module(model) -> torch.nn.Module:
     """The classifier: timm's get_classifier(), else the last Linear layer (torchvision)."""
     if hasattr(model, "get_classifier"):
-        return model.get_classifier()
+        head = model.get_classifier()
+        if isinstance(head, tuple | list):  # distilled models (levit, deit): head, head_dist
+            return torch.nn.ModuleList([h for h in head if isinstance(h, torch.nn.Module)])
+        return head
     from service.backbones.weights import last_linear
 
     return last_linear(model)[1]
