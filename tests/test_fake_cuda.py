@@ -156,6 +156,21 @@ def test_a_mid_epoch_checkpoint_resumes_and_trains_on_cuda(tmp_path, fake_cuda):
 # --------------------------------------------------------------------------------- the sweep
 
 
+def test_evaluation_keeps_logits_on_the_device_until_the_split_ends(fake_cuda, monkeypatch):
+    from service.train import evaluate
+
+    copies = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t: copies.append(t.shape) or real_cpu(t))
+    model = fake_cuda.module(_model())
+    x = torch.zeros(16, 3, 8, 8, device="cuda")
+    y = torch.zeros(16, dtype=torch.long, device="cuda")
+    autocast = Runtime(device=fake_cuda.device).autocast
+    logits, labels = evaluate.predict(model, [(x, y)] * 5, autocast=autocast)
+    assert logits.device.type == "cpu" and logits.shape == (80, 4) and labels.shape == (80,)
+    assert len(copies) == 2  # the split's logits and labels, once each (was 2 a batch)
+
+
 WHOLE_RUNS = {
     "paper": dict(recipe="paper", max_epochs=4, patience=1),  # AdamW, reload best, fused SGD
     "standard-ema": dict(recipe="standard", max_epochs=3, ema=True, ema_decay=0.9),
