@@ -171,6 +171,20 @@ def test_evaluation_keeps_logits_on_the_device_until_the_split_ends(fake_cuda, m
     assert len(copies) == 2  # the split's logits and labels, once each (was 2 a batch)
 
 
+def test_a_resident_split_copies_its_order_to_the_device_once_an_epoch(fake_cuda):
+    """The recording stand-in counts every CPU->CUDA ``Tensor.to``: what is left per epoch."""
+    loader = BatchLoader(
+        _split(), 8, device="cuda", mean=(0.5,) * 3, std=(0.25,) * 3, seed=0,
+        shuffle=True, augment=False, resident=True,
+    )  # fmt: skip
+    assert loader.resident is not None and len(loader) == 8
+    for epoch in range(2):
+        fake_cuda.copies_to_cuda.clear()
+        batches = list(loader.epoch(epoch))
+        assert len(batches) == 8 and all(x.device.type == "cuda" for x, _ in batches)
+        assert len(fake_cuda.copies_to_cuda) == 1  # the epoch's order (was one per step)
+
+
 WHOLE_RUNS = {
     "paper": dict(recipe="paper", max_epochs=4, patience=1),  # AdamW, reload best, fused SGD
     "standard-ema": dict(recipe="standard", max_epochs=3, ema=True, ema_decay=0.9),
