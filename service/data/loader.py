@@ -174,6 +174,10 @@ class BatchLoader:
         """Batches ``start_step`` .. ``len(self) - 1`` of ``epoch``: (float images, labels),
         this rank's share of each."""
         order = self.order(epoch)
+        if self.resident is not None:
+            # One host->device copy an epoch: a per-step idx.to(device) from pageable memory
+            # would synchronise the host with the GPU every step.
+            order = order.to(self.device)
         steps = range(max(0, start_step), len(self))
         if not steps:
             return
@@ -191,8 +195,7 @@ class BatchLoader:
         idx = order[step * self.batch_size : (step + 1) * self.batch_size]
         if self.world_size > 1:
             idx = idx[self.rank :: self.world_size]
-        if self.resident is not None:
-            idx = idx.to(self.device)
+        if self.resident is not None:  # idx is already on the device (``epoch``)
             return self.resident.index_select(0, idx), self._labels.index_select(0, idx)
         if self._copies is None:  # CPU training: gather straight from the cache map
             return self.split.gather(idx), self._labels.index_select(0, idx)

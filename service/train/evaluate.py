@@ -17,19 +17,20 @@ ECE_BINS = 15
 
 @torch.no_grad()
 def predict(model, batches, *, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits float32 on CPU, labels) of every sample the loader yields, in order."""
+    """(logits float32 on CPU, labels) of every sample the loader yields, in order. Logits stay
+    on the device until the split ends: one copy to the host, not a synchronising one a batch."""
     was_training = model.training
     model.eval()
     logits, labels = [], []
     for x, y in batches:
         with autocast():
             out = model(x)
-        logits.append(out.float().cpu())
-        labels.append(y.cpu())
+        logits.append(out.float())
+        labels.append(y)
     model.train(was_training)
     if not logits:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(logits), torch.cat(labels)
+    return torch.cat(logits).cpu(), torch.cat(labels).cpu()
 
 
 def quick_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:

@@ -420,13 +420,22 @@ class Trainer(MicroBatching, Reporting):
             return {**fresh, "seconds": 0.0}
         if not self.rt.is_main:  # the checkpoint holds rank 0's sums; rank 0 alone carries them
             return {**self.state.partial, **fresh}
-        return dict(self.state.partial)
+        # A checkpoint loads to the CPU; the step adds device tensors into these in place.
+        return {k: on_device(v, self.rt.device) for k, v in self.state.partial.items()}
+
+
+def on_device(value, device: torch.device):
+    """A tensor restored from a checkpoint (on the CPU) on the run's device; others as they are."""
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def head_module(model) -> torch.nn.Module:
     """The classifier: timm's get_classifier(), else the last Linear layer (torchvision)."""
     if hasattr(model, "get_classifier"):
-        return model.get_classifier()
+        head = model.get_classifier()
+        if isinstance(head, tuple | list):  # distilled models (levit, deit): head, head_dist
+            return torch.nn.ModuleList([h for h in head if isinstance(h, torch.nn.Module)])
+        return head
     from service.backbones.weights import last_linear
 
     return last_linear(model)[1]
