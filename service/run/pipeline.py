@@ -74,7 +74,10 @@ def _start(run: Run, dist: DistEnv):
     from service.train import runtime_for
     from service.train.runtime import fresh_device_memory
 
-    rt = runtime_for(run.spec.protocol, dist)
+    # In a pod, GPUs were scheduled for it: a CUDA that does not start is an error, not a CPU
+    # run (locally, resources.gpus is only what the spec would ask a cluster for).
+    in_pod = bool(os.environ.get("BACKBONES_POD"))
+    rt = runtime_for(run.spec.protocol, dist, gpus_asked=run.spec.resources.gpus if in_pod else 0)
     fresh_device_memory(rt.device)  # a local Study's earlier cells leave nothing behind
     if dist.rank == 0:
         # The spec as parsed, plus its hash (drop "spec_hash" before parse_spec).

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 # Every collective of training waits at most this long for the slowest rank. The longest gap is
 # rank 0 writing a checkpoint and the best weights to S3 at an epoch's end while the other ranks
 # already wait in the next step's all-reduce: NCCL's 10-minute default fails a multi-GB upload
-# to slow storage. Data preparation is waited for separately (``distributed.wait_for_rank0``).
+# to slow storage. Data preparation is waited for separately (``distributed.rank0_first``).
 DIST_TIMEOUT = datetime.timedelta(
     seconds=float(os.environ.get("BACKBONES_DIST_TIMEOUT_SECONDS", 30 * 60))
 )
@@ -87,14 +87,20 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
 
-def runtime_for(p: Protocol, dist: DistEnv) -> Runtime:
+def runtime_for(p: Protocol, dist: DistEnv, *, gpus_asked: int = 0) -> Runtime:
     """GPU: bf16 autocast where the GPU computes bf16 natively, channels_last, TF32, optional
-    compile. CPU: fp32, deterministic."""
+    compile. CPU: fp32, deterministic.
+
+    ``gpus_asked`` > 0 (a pod scheduled with GPUs) or ``protocol.device: 'cuda'`` makes a CUDA
+    that does not start a user error naming the driver: never a silent run on the CPU, which
+    would bill GPU-hours for a CPU's pace (and join 8 ranks over gloo)."""
     import torch
 
     cuda = torch.cuda.is_available()
-    if p.device == "cuda" and not cuda:
-        raise UserError("protocol.device: 'cuda' was asked for, but this machine has no GPU")
+    if not cuda and p.device == "cuda":
+        raise UserError(cuda_unavailable("protocol.device: 'cuda' was asked for"))
+    if not cuda and gpus_asked > 0 and p.device != "cpu":
+        raise UserError(cuda_unavailable(f"resources.gpus: this pod was given {gpus_asked} GPU(s)"))
     use_cuda = cuda and p.device != "cpu"
     if use_cuda:
         device = torch.device("cuda", dist.local_rank)
@@ -121,6 +127,44 @@ def runtime_for(p: Protocol, dist: DistEnv) -> Runtime:
         world_size=dist.world_size,
         probe_memory=use_cuda,
     )
+
+
+# The oldest NVIDIA Linux driver each CUDA major runs on (minor-version compatibility; NVIDIA's
+# CUDA compatibility table). The image's torch is built for CUDA 13.0 (Dockerfile BASE_IMAGE).
+MIN_DRIVER = {"13": "580.65.06", "12": "525.60.13", "11": "450.80.02"}
+
+
+def cuda_unavailable(asked: str) -> str:
+    """One line: what was asked, why CUDA did not start (the driver found, the CUDA this torch
+    needs, torch's own words) and the fix."""
+    import torch
+
+    try:
+        torch.cuda.init()
+        reason = "no CUDA device is visible"
+    except Exception as e:  # the driver's own words: too old, none found, no device
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    built = torch.version.cuda
+    need = MIN_DRIVER.get((built or "").split(".")[0], "?")
+    wants = f"CUDA {built}, NVIDIA driver >= {need}" if built else "a CUDA build (this is CPU-only)"
+    return (
+        f"{asked}, but CUDA did not start (driver: {nvidia_driver() or 'none found'}; torch "
+        f"{torch.__version__} needs {wants}; torch says: {reason}); run it on a GPU node whose "
+        f"driver is >= {need} (resources.node_selector / affinity), or set resources.gpus to 0 "
+        "to train on the CPU"
+    )
+
+
+def nvidia_driver(path: str = "/proc/driver/nvidia/version") -> str | None:
+    """The loaded NVIDIA kernel driver's version, without CUDA (None: no driver loaded)."""
+    import re
+
+    try:
+        with open(path) as f:
+            found = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", f.read())
+    except OSError:
+        return None
+    return found.group(1) if found else None
 
 
 def choose_precision(asked: str, device: torch.device, *, bf16_native: bool) -> tuple[bool, str]:
