@@ -152,9 +152,7 @@ def submit(
             return drive_on_cluster(spec, cluster, image=image)
         if isinstance(spec, Study):
             # Reads dataset manifests on S3 when it can: a tighter estimate than validate's.
-            est = check_budget(spec, yes, online=True)
-            hours = f"~{est.gpu_hours:.1f} GPU-hours on {est.reference_gpu}"
-            err(f"study {spec.name}: {spec.n_cells} cells, {hours}")
+            err(check_budget(spec, yes, online=True).line())
         cluster = _cluster(job["metadata"]["namespace"], context)
         done = do_submit(cluster, job, replace=replace, dry_run=dry_run, say=err)
         typer.echo(done.line())

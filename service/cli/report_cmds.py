@@ -149,10 +149,7 @@ def budget(
         if as_json:
             typer.echo(json.dumps(est.to_dict(), indent=2))
             return
-        typer.echo(
-            f"study {study.name}: {study.n_cells} cells, ~{est.gpu_hours:.1f} GPU-hours on "
-            f"{est.reference_gpu}"
-        )
+        typer.echo(est.line())
         for c in est.cells:
             typer.echo(
                 f"  {c.dataset} {c.backbone} frac {c.train_fraction:g} × {c.seeds} seeds: "

@@ -4,7 +4,7 @@
     env.json             versions, device, seeds, data and weight hashes
     status.json          phase, epoch, progress, eta, attempt (rewritten as the run goes)
     metrics.jsonl        one line per epoch
-    checkpoints/         ckpt-<epoch>.pt (complete ones only: each is written atomically)
+    checkpoints/         ckpt-<epoch>-<step>.pt (complete ones only: each is written atomically)
     best.safetensors     weights of the selected epoch
     summary.json         final metrics and cost figures; its presence means "done"
     retries.json         retriable stops in a row without progress (service.run.retries)

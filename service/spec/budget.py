@@ -119,6 +119,13 @@ class Estimate:
     def gpu_hours(self) -> float:
         return sum(c.gpu_hours for c in self.cells)
 
+    def line(self) -> str:
+        """What `budget` and `submit` print first: 'study S: N cells, ~H GPU-hours on GPU'."""
+        return (
+            f"study {self.study}: {self.n_cells} cells, ~{self.gpu_hours:.1f} GPU-hours on "
+            f"{self.reference_gpu}"
+        )
+
     def to_dict(self) -> dict:
         return {
             **asdict(self),
@@ -267,12 +274,6 @@ def _sizes(study: Study, *, online: bool, storage) -> list[DatasetSize]:
 def estimate_gpu_hours(study: Study) -> float:
     """Total GPU-hours of a Study on the reference GPU (offline; what `validate` prints)."""
     return estimate(study).gpu_hours
-
-
-def budget_line(study: Study, *, online: bool = False) -> str:
-    """One line for `validate` / `submit`: cells and GPU-hours."""
-    est = estimate(study, online=online)
-    return f"{study.n_cells} cells, ~{est.gpu_hours:.1f} GPU-hours on {est.reference_gpu}"
 
 
 def check_budget(study: Study, yes: bool, *, online: bool = False) -> Estimate:

@@ -106,7 +106,6 @@ class Trainer(MicroBatching, Reporting):
         self.memory_cache = memory_cache
         self._micro = 0  # 0 until planned: the whole share
         self.plan: memory.Plan | None = None
-        self._attempt_start = time.perf_counter()
         self._prepare_model()
         self.forward = self._wrap(model)
         self.ema = self._make_ema()
