@@ -68,8 +68,10 @@ def test_validate_prints_the_cell_count_of_a_study():
     n = len(expand(load_spec(PAPER)))
     first, *notes = result.stdout.splitlines()
     assert first.startswith(f"ok: {PAPER} (Study paper, {n} cells") and first.endswith(")")
-    # the backbones without a shipped size rule (torchvision's, WaveMix) point to --deep
-    assert notes == [
+    # the Job's deadline (capped), then the backbones without a shipped size rule
+    # (torchvision's, WaveMix) point to --deep
+    assert notes[0].startswith("  deadline: activeDeadlineSeconds 604800 (7.0 days")
+    assert notes[1:] == [
         "  image sizes not checked for shufflenet_v2_x2_0, wavemix (no shipped size rule): "
         "`backbones validate --deep` builds each pair to check it"
     ]
