@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     create_model,
@@ -54,6 +55,37 @@ class Section(BaseModel):
     def _no_control_characters(cls, v: Any) -> Any:
         check_text(v)
         return v
+
+
+def _image_size(v: Any) -> Any:
+    # None passes: it is a Study override left empty (a FineTune then refuses it by type).
+    if v is None:
+        return v
+    ok_pair = isinstance(v, list | tuple) and len(v) == 2
+    sizes = (v,) if isinstance(v, int) and not isinstance(v, bool) else v if ok_pair else None
+    if sizes is None or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
+        raise ValueError(f"must be an integer or [height, width], got {short(v)}")
+    for s in sizes:
+        if s <= 0:
+            raise ValueError(f"must be > 0, got {s}")
+        if s > MAX_IMAGE_SIDE:
+            raise ValueError(f"must be <= {MAX_IMAGE_SIDE} pixels a side, got {s}")
+    return v
+
+
+def _micro_batch(v: Any) -> Any:
+    whole = isinstance(v, int) and not isinstance(v, bool)
+    if v is None or v == "auto" or (whole and 0 < v <= MAX_BATCH):
+        return v
+    if whole and v > MAX_BATCH:
+        raise ValueError(f"must be <= {MAX_BATCH}, got {v}")
+    raise ValueError(f"must be 'auto' or an integer > 0, got {short(v)}")
+
+
+# Checks carried by the type, so every field of that type (a FineTune's protocol, a Study
+# dataset's override of it) checks alike, with its own field path.
+ImageSize = Annotated[int | tuple[int, int], BeforeValidator(_image_size)]
+MicroBatch = Annotated[int | Literal["auto"], BeforeValidator(_micro_batch), HOW]
 
 
 class Backbone(Section):
@@ -207,7 +239,7 @@ class Protocol(Section):
         default="standard",
         description=" ".join(f"'{name}': {r.summary}" for name, r in RECIPES.items()),
     )
-    image_size: int | tuple[int, int] = Field(
+    image_size: ImageSize = Field(
         default=224,
         description="Working resolution: one int for square, or [height, width] (the paper used "
         "448x672 for some sets). Images are decoded once at this size.",
@@ -218,7 +250,7 @@ class Protocol(Section):
         le=MAX_BATCH,
         description="Global batch size (split across GPUs when gpus > 1).",
     )
-    micro_batch: Annotated[int | Literal["auto"], HOW] = Field(
+    micro_batch: MicroBatch = Field(
         default="auto",
         description="Images per forward/backward pass on one GPU: gradients are accumulated over "
         "micro-batches, so the optimizer always sees the batch_size batch. An integer must divide "
@@ -304,29 +336,6 @@ class Protocol(Section):
         default="auto", description="'auto' picks CUDA when available."
     )
 
-    @field_validator("image_size", mode="before")
-    @classmethod
-    def _image_size(cls, v: Any) -> Any:
-        ok_pair = isinstance(v, list | tuple) and len(v) == 2
-        sizes = (v,) if isinstance(v, int) and not isinstance(v, bool) else v if ok_pair else None
-        if sizes is None or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
-            raise ValueError(f"must be an integer or [height, width], got {short(v)}")
-        for s in sizes:
-            if s <= 0:
-                raise ValueError(f"must be > 0, got {s}")
-            if s > MAX_IMAGE_SIDE:
-                raise ValueError(f"must be <= {MAX_IMAGE_SIDE} pixels a side, got {s}")
-        return v
-
-    @field_validator("micro_batch", mode="before")
-    @classmethod
-    def _micro_batch(cls, v: Any) -> Any:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_BATCH):
-            return v
-        if isinstance(v, int) and not isinstance(v, bool) and v > MAX_BATCH:
-            raise ValueError(f"must be <= {MAX_BATCH}, got {v}")
-        raise ValueError(f"must be 'auto' or an integer > 0, got {short(v)}")
-
     @property
     def hw(self) -> tuple[int, int]:
         """``image_size`` as (height, width)."""
@@ -370,26 +379,19 @@ def _overrides_model() -> type[BaseModel]:
     for name, f in Protocol.model_fields.items():
         if name == "seed":
             continue
-        kind = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
-        kind = kind | None
-        if HOW in f.metadata:  # still out of the hash when it is overridden
-            kind = Annotated[kind, HOW]
+        # The field's own type and everything Annotated carries (bounds, validators, HOW),
+        # made optional: the same checks, at the override's path.
+        kind = Annotated[(f.annotation | None, *f.metadata)] if f.metadata else f.annotation | None
         fields[name] = (
             kind,
             Field(default=None, description=f"Overrides protocol.{name}: {f.description}"),
         )
-    model = create_model(
+    return create_model(
         "ProtocolOverrides",
         __base__=_Overrides,
         __doc__="A dataset's overrides of the study's protocol; empty fields keep the study's.",
-        __validators__={
-            "_image_size": field_validator("image_size", mode="before")(
-                lambda cls, v: v if v is None else Protocol._image_size(v)
-            )
-        },
         **fields,
     )
-    return model
 
 
 ProtocolOverrides = _overrides_model()
