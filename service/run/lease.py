@@ -31,9 +31,10 @@ import time
 import uuid
 
 from service.errors import RetriableError
+from service.run.outputs import LOCK
 from service.storage import NotFound, Store
 
-LEASE_KEY = "lock.json"
+LEASE_KEY = LOCK
 
 log = logging.getLogger(__name__)
 
