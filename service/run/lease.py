@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 
-from service.errors import RetriableError
+from service.errors import BackbonesError, RetriableError, UserError
 from service.run.outputs import LOCK
 from service.storage import NotFound, Store
 
@@ -163,6 +163,20 @@ class Lease:
         except Exception:
             return True  # unknown (storage down): the checkpoint write itself will fail
 
+    def lost(self) -> BackbonesError:
+        """Why ``held()`` said no. Another owner's lease, or none with the run's outputs still
+        there (a taker-over finished and let go): LeaseLost. No lease and no outputs: the run
+        folder or the bucket was deleted, which no retry mends, and the error says so."""
+        try:
+            if self._read() is None and not self.store.list(""):
+                return UserError(
+                    f"{self.store.uri}: the run folder was deleted while this worker held it "
+                    "(lock.json and every output are gone); stopping without writing more"
+                )
+        except BackbonesError as e:  # S3: "no such bucket", access revoked, endpoint down
+            return e
+        return LeaseLost(f"{self.store.uri}: lost the run lease to another worker")
+
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -201,7 +215,7 @@ class LeasedStore:
 
     def _check(self) -> None:
         if not self.lease.held():
-            raise LeaseLost(f"{self.uri}: lost the run lease to another worker")
+            raise self.lease.lost()
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._check()

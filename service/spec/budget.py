@@ -34,6 +34,7 @@ from service.errors import UserError
 from service.spec.model import Study
 from service.spec.sections import Dataset, Protocol
 from service.train.recipes import recipe_for
+from service.uris import local_path_text
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,7 @@ def dataset_size(dataset: Dataset, *, online: bool = False, storage=None) -> Dat
 
 
 def _local_path(uri: str) -> Path:
-    return Path(urlparse(uri).path if uri.startswith("file://") else uri).expanduser()
+    return Path(local_path_text(uri)).expanduser()
 
 
 def _read_manifest(uri: str, *, online: bool, storage) -> dict | None:

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from service.train.recipes import RECIPES
+from service.uris import file_uri_path
 
 Domain = Literal["natural", "texture", "remote_sensing", "plant", "astronomy", "medical", "other"]
 RecipeName = Literal[tuple(RECIPES)]  # the registry's names, in its order
@@ -40,6 +41,12 @@ class Section(BaseModel):
     # Unknown keys are errors, not silently ignored: a typo in `patience` must not train for days.
     # NaN and Infinity parse as JSON numbers in Python; no field of a spec means them.
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+
+
+# The largest working resolution a spec may ask for, a side. The paper's largest is 448x672;
+# beyond this the decoded cache (N x 3 x H x W bytes) and each batch outgrow any node, and the
+# run used to fail deep inside numpy with a bare "Invalid argument".
+MAX_IMAGE_SIDE = 4096
 
 
 class Backbone(Section):
@@ -72,6 +79,8 @@ class Backbone(Section):
                 raise ValueError(f"weights URI must be s3:// or a local path, got {v!r}")
             if v.startswith("s3://") and not urlparse(v).netloc:
                 raise ValueError(f"s3:// URI needs a bucket, got {v!r}")
+            if v.startswith("file:"):
+                file_uri_path(v)
             return v
         raise ValueError(
             f"must be 'none', 'timm', or a path or s3:// URI of a .safetensors file, got {v!r}"
@@ -148,6 +157,8 @@ class Dataset(Section):
     def _uri(cls, v: str) -> str:
         parsed = urlparse(v)
         if parsed.scheme in ("", "file") or re.match(r"^[a-zA-Z]:[\\/]", v):
+            if parsed.scheme == "file":
+                file_uri_path(v)  # RFC 8089: file:///abs/path; file://data/rel is refused
             if not v.strip():
                 raise ValueError("must not be empty")
             return v
@@ -289,6 +300,12 @@ class Protocol(Section):
         for s in sizes:
             if s <= 0:
                 raise ValueError(f"must be > 0, got {s}")
+            if s > MAX_IMAGE_SIDE:
+                raise ValueError(
+                    f"must be at most {MAX_IMAGE_SIDE} px a side (the limit: one image decoded "
+                    f"at {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} is {3 * MAX_IMAGE_SIDE**2 >> 20} MiB in "
+                    f"the cache, {12 * MAX_IMAGE_SIDE**2 >> 20} MiB as a float32 tensor), got {s}"
+                )
         return v
 
     @field_validator("micro_batch", mode="before")
