@@ -33,8 +33,8 @@ from service.data import layout, packing
 from service.errors import UserError
 from service.spec.model import Study
 from service.spec.sections import Dataset, Protocol
+from service.spec.uris import local_path_text
 from service.train.recipes import recipe_for
-from service.uris import local_path_text
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator, model_validator
 
 from service.spec.sections import Section
-from service.uris import file_uri_path
+from service.spec.uris import file_uri_path
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 

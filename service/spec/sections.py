@@ -22,8 +22,8 @@ from pydantic import (
     model_serializer,
 )
 
+from service.spec.uris import file_uri_path
 from service.train.recipes import RECIPES
-from service.uris import file_uri_path
 
 Domain = Literal["natural", "texture", "remote_sensing", "plant", "astronomy", "medical", "other"]
 RecipeName = Literal[tuple(RECIPES)]  # the registry's names, in its order

@@ -60,8 +60,8 @@ def default_cache_dir(storage: Storage | None = None) -> Path:
 
 def local_path(uri: str) -> Path:
     """The folder or file a local path or ``file:`` URI names (RFC 8089: an empty host or
-    ``localhost`` only; ``service.uris``). Another host is a user error, never ``/path``."""
-    from service.uris import local_path_text
+    ``localhost`` only; ``service.spec.uris``). Another host is a user error, never ``/path``."""
+    from service.spec.uris import local_path_text
 
     try:
         return Path(local_path_text(uri)).expanduser()
