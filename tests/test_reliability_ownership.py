@@ -11,9 +11,10 @@ outputs: exit 2; a live holder of the lease: exit 75).
 Before the fix (main at 684abdd) the ownership check and the ``--force`` wipe ran before the
 lease was taken: the worker that waited resumed the other spec's checkpoint and wrote its own
 hash over the other's weights, and ``--force`` deleted a live run's spec.json, env.json and
-checkpoints. The lease TTL is 10 s here (heartbeat every 2.5 s), so a contender sees a live
-holder within seconds instead of the default 15; what it does not model is a holder frozen past
-the TTL (tests/test_reliability_concurrency.py::...frozen... covers that zombie).
+checkpoints. The lease TTL alternates between 10 s and 120 s (``_ttl``) so that both orders
+happen: the contender backing off from a live holder, and the contender taking the lease after
+the holder finished. What it does not model is a holder frozen past the TTL
+(tests/test_reliability_concurrency.py::test_a_frozen_worker_... covers that zombie).
 """
 
 from __future__ import annotations
@@ -47,7 +48,15 @@ pytestmark = pytest.mark.integration
 REPETITIONS = int(os.environ.get("BACKBONES_RACE_REPETITIONS", "20"))
 AT_ONCE = 3  # repetitions in flight together: one of the two processes trains, one waits
 WAIT = 900  # seconds for one process: a tiny run is ~10 s alone, minutes on a loaded machine
-TTL = {"BACKBONES_LEASE_TTL": "10"}
+
+
+def _ttl(i: int) -> dict[str, str]:
+    """Even repetitions: lease TTL 10 s (heartbeat every 2.5 s), so the contender mostly sees a
+    live holder and backs off. Odd ones: 120 s (heartbeat every 30 s), so it mostly waits the
+    holder out and takes the lease after it finished: the path where main resumed the other
+    spec's checkpoint (race a) or wiped it before the lease (race b)."""
+    return {"BACKBONES_LEASE_TTL": "10" if i % 2 == 0 else "120"}
+
 
 HELD = re.compile(
     r"error: \S+: run is held by another worker \([^,]+, heartbeat \d+s ago\); retry later"
@@ -97,7 +106,7 @@ def assert_one_owner(store: LocalStore, owner: str) -> None:
 
 def _race_together(tmp: Path, cache: Path, i: int) -> str:
     a, b, paths, store = _pair(tmp, i)
-    procs = [start(backbones("run", str(p)), cache, **TTL) for p in paths]
+    procs = [start(backbones("run", str(p)), cache, **_ttl(i)) for p in paths]
     try:
         outs = [p.communicate(timeout=WAIT) for p in procs]
     finally:
@@ -120,11 +129,11 @@ def _race_together(tmp: Path, cache: Path, i: int) -> str:
 
 def _force_while_training(tmp: Path, cache: Path, i: int) -> str:
     a, b, (path_a, path_b), store = _pair(tmp, i)
-    first = start(backbones("run", str(path_a)), cache, **TTL)
+    first = start(backbones("run", str(path_a)), cache, **_ttl(i))
     try:
         # A holds the lease (it may even have finished by the time B gets there).
         wait_for(lambda: store.exists("lock.json") or first.poll() is not None, timeout=WAIT)
-        forced = run(backbones("run", str(path_b), "--force"), cache, timeout=WAIT, **TTL)
+        forced = run(backbones("run", str(path_b), "--force"), cache, timeout=WAIT, **_ttl(i))
         _, err_a = first.communicate(timeout=WAIT)
     finally:
         stop(first)
