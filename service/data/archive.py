@@ -11,6 +11,11 @@ are counted on the bytes actually written while streaming, not only taken from t
 zip header can lie; a gzip stream can inflate 1000x). Extraction goes into a temporary folder
 next to ``dest`` that is renamed only when complete, so a killed process never leaves a folder
 that looks finished.
+
+``free_bytes`` is the room on the disk: an archive that expands beyond it is not a bomb but a
+disk too small (another node, or a larger ``resources.cache_size``, extracts it), so it is the
+retriable ``DiskFull`` (exit 75) naming the disk, its free space and the archive's size, as
+when an S3 archive is larger than the free space before its download (``storage.fetch``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from service.errors import UserError, clip
+from service.errors import DiskFull, UserError, clip
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
 _CHUNK = 1 << 20
@@ -76,8 +81,18 @@ class BoundedTarInfo(tarfile.TarInfo):
         return super()._proc_member(tarfile_)
 
 
+class _NoRoom(Exception):
+    def __init__(self, total: int):
+        self.total = total
+
+
 def safe_extract(
-    archive: str | Path, dest: str | Path, *, max_member_bytes: int, max_total_bytes: int
+    archive: str | Path,
+    dest: str | Path,
+    *,
+    max_member_bytes: int,
+    max_total_bytes: int,
+    free_bytes: int | None = None,
 ) -> Path:
     """Extract ``archive`` into ``dest`` (which must not exist yet); return ``dest``.
 
@@ -89,11 +104,18 @@ def safe_extract(
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        budget = _Budget(max_member_bytes, max_total_bytes)
+        budget = _Budget(max_member_bytes, max_total_bytes, free_bytes)
         if zipfile.is_zipfile(archive):
             _extract_zip(archive, tmp, budget)
         else:
             _extract_tar(archive, tmp, budget)
+    except _NoRoom as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DiskFull(
+            f"{archive}: the archive ({mib(archive.stat().st_size)}) expands to more than the "
+            f"{mib(free_bytes or 0)} free on the dataset cache disk {dest.parent} (stopped at "
+            f"{mib(e.total)}); free space there or raise resources.cache_size"
+        ) from None
     except _Refused as e:
         shutil.rmtree(tmp, ignore_errors=True)
         member = clip(e.member, 200)
@@ -118,13 +140,23 @@ def safe_extract(
     return dest
 
 
+def mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB ({n} bytes)"
+
+
 class _Budget:
-    def __init__(self, max_member: int, max_total: int):
+    def __init__(self, max_member: int, max_total: int, free: int | None = None):
         self.max_member, self.max_total, self.total = max_member, max_total, 0
+        self.free = free
+
+    def _room(self, total: int) -> None:
+        if self.free is not None and total > self.free and total <= self.max_total:
+            raise _NoRoom(total)
 
     def check_header(self, name: str, size: int) -> None:
         if size > self.max_member:
             raise _Refused(name, f"{size} bytes exceeds the per-file limit of {self.max_member}")
+        self._room(self.total + size)
         if self.total + size > self.max_total:
             raise _Refused(
                 name, f"archive expands beyond the limit of {self.max_total} bytes in total"
@@ -138,6 +170,7 @@ class _Budget:
                 f"expands beyond the per-file limit of {self.max_member} bytes "
                 "(decompression bomb?)",
             )
+        self._room(self.total)
         if self.total > self.max_total:
             raise _Refused(
                 name,

@@ -167,7 +167,8 @@ def _scan(ds, path: Path, cache_dir: Path, memo: sources.HashMemo) -> sources.Ca
                 path,
                 dest,
                 max_member_bytes=MAX_MEMBER_BYTES,
-                max_total_bytes=min(MAX_ARCHIVE_TOTAL_BYTES, int(free * 0.95)),
+                max_total_bytes=MAX_ARCHIVE_TOTAL_BYTES,
+                free_bytes=int(free * 0.95),  # beyond: DiskFull (75) naming the disk
             )
         try:
             catalog = sources.scan_folder(dest, kind="archive", label=path.name)

@@ -9,7 +9,6 @@ wires the observers (status.json, Prometheus, the caller's), and trains through
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -43,7 +42,8 @@ class Outcome:
 
 
 def run_outputs(spec: FineTune) -> RunOutputs:
-    return RunOutputs(open_store(spec.output.uri, spec.storage).child(spec.run_id))
+    store = open_store(spec.output.uri, spec.storage).child(spec.run_id)
+    return RunOutputs(store, spec.spec_hash)
 
 
 def cache_root(spec: FineTune, override: Path | None) -> Path:
@@ -52,25 +52,64 @@ def cache_root(spec: FineTune, override: Path | None) -> Path:
     return Path(override) if override is not None else default_cache_dir(spec.storage)
 
 
-def check_previous(spec: FineTune, outputs: RunOutputs, *, force: bool) -> RunSummary | None:
-    """The summary when this very spec already completed; refuse another spec's outputs."""
+def previous_hash(outputs: RunOutputs) -> str | None:
+    """The spec hash of what the folder holds (None when it holds no run yet). Refuses a folder
+    that is not a backbones run: files the layout does not name, or a foreign spec.json."""
+    if foreign := outputs.foreign():
+        more = ", …" if len(foreign) >= 3 else ""
+        raise UserError(
+            f"{outputs.uri}: not a backbones run folder (it holds {', '.join(foreign)}{more}); "
+            "nothing there is written or deleted, --force included: change output.uri or name"
+        )
     summary = outputs.summary()
     if summary is not None:
-        old_hash = summary.spec_hash
-    elif (spec_json := outputs.read_json(SPEC)) is not None:
-        old_hash = spec_json.get("spec_hash") or _hash_of(spec_json)
-    else:
+        return summary.spec_hash
+    try:
+        spec_json = outputs.read_json(SPEC)
+    except ValueError:
+        spec_json = {}
+    if spec_json is None:
+        return None
+    old_hash = _hash_of(spec_json) if isinstance(spec_json, dict) else None
+    if old_hash is None:
+        raise UserError(
+            f"{outputs.uri}/{SPEC}: not a backbones run's spec.json (no spec_hash); nothing "
+            "there is written or deleted, --force included: change output.uri or name"
+        )
+    return old_hash
+
+
+def _hash_of(spec_json: dict) -> str | None:
+    """spec.json's recorded hash; one written before hashes were recorded is parsed."""
+    if isinstance(recorded := spec_json.get("spec_hash"), str) and recorded:
+        return recorded
+    try:
+        return FineTune.model_validate(spec_json).spec_hash
+    except Exception:
+        return None
+
+
+def refuse_other_spec(spec: FineTune, outputs: RunOutputs, old_hash: str | None) -> None:
+    if old_hash is not None and old_hash != spec.spec_hash:
+        raise UserError(
+            f"{outputs.uri} holds the outputs of a different spec (spec hash {old_hash}, "
+            f"this one {spec.spec_hash}); change output.uri or name, or pass --force "
+            "to overwrite them"
+        )
+
+
+def check_previous(spec: FineTune, outputs: RunOutputs, *, force: bool) -> RunSummary | None:
+    """Holding the lease: the summary when this very spec already completed; refuse another
+    spec's outputs, or (``--force``) delete them, and only the files the run layout names."""
+    old_hash = previous_hash(outputs)
+    if old_hash is None:
         return None
     if old_hash != spec.spec_hash:
         if not force:
-            raise UserError(
-                f"{outputs.uri} holds the outputs of a different spec (spec hash {old_hash}, "
-                f"this one {spec.spec_hash}); change output.uri or name, or pass --force "
-                "to overwrite them"
-            )
+            refuse_other_spec(spec, outputs, old_hash)
         wipe(outputs)
         return None
-    if summary is not None:
+    if (summary := outputs.summary()) is not None:
         if not force:
             return summary
         wipe(outputs)
@@ -82,18 +121,10 @@ def _same_summary(spec: FineTune, outputs: RunOutputs) -> RunSummary | None:
     return summary if summary and summary.spec_hash == spec.spec_hash else None
 
 
-def _hash_of(spec_json: dict) -> str | None:
-    try:
-        return FineTune.model_validate(spec_json).spec_hash
-    except Exception:
-        return None
-
-
 def wipe(outputs: RunOutputs) -> None:
-    """Start over (--force): delete the run's files, checkpoints included."""
-    for key in outputs.store.list(""):
-        if key != "lock.json":
-            outputs.store.delete(key)
+    """Start over (--force): delete the run's files, checkpoints included; nothing else."""
+    gone = outputs.wipe()
+    log.info("%s: --force deleted %d files of the earlier run", outputs.uri, len(gone))
 
 
 def run_cell(
@@ -105,57 +136,88 @@ def run_cell(
     stop: threading.Event | None = None,
 ) -> Outcome:
     """Run (or resume, or skip) one FineTune. Raises UserError / RetriableError / Interrupted,
-    and RetryLoop when retriable stops repeat without progress (service.run.retries)."""
+    and RetryLoop when retriable stops repeat without progress (service.run.retries).
+
+    Whose outputs the folder holds, whether to resume them, and the ``--force`` wipe are all
+    decided by rank 0 holding the run's lease: a second worker (another spec on the same run
+    id, or ``--force`` while this one trains) decides only once the first has let go. Before
+    the lease, only read-only looks: a complete run of this very spec is skipped, and a folder
+    that is not a run, or another spec's run without ``--force``, is refused at once."""
     outputs = run_outputs(spec)
     dist = distributed_env()
-    if dist.rank == 0:
-        done = check_previous(spec, outputs, force=force)
-    else:  # rank 0 alone decides (and wipes, with --force); the others follow its outcome
+    if dist.rank != 0:  # rank 0 alone decides (and wipes, with --force); the others follow it
         done = _same_summary(spec, outputs) if not force else None
-    if done is not None:
+        if done is not None:
+            return Outcome(spec.run_id, outputs.uri, done, skipped=True)
+        return _train(spec, outputs, _progress(spec), dist, cache_dir, observers, stop)
+    if not force and (done := _same_summary(spec, outputs)) is not None:
         return Outcome(spec.run_id, outputs.uri, done, skipped=True)
-    progress = Progress(run_id=spec.run_id, max_epochs=spec.protocol.max_epochs)
+    old_hash = previous_hash(outputs)  # refuse a foreign folder before writing our lock there
+    if not force:
+        refuse_other_spec(spec, outputs, old_hash)
+    progress = _progress(spec)
     try:
-        outcome = _leased_run(spec, outputs, progress, observers, stop, cache_dir, dist)
+        outcome = _leased_run(spec, outputs, progress, force, dist, cache_dir, observers, stop)
     except (RetriableError, OSError) as e:
-        if dist.rank == 0:  # the lease holder's (or would-be holder's) count, not every rank's
-            retries.count(spec.run_id, outputs, progress.epoch, e)
+        retries.count(spec.run_id, outputs, progress.epoch, e)  # rank 0's count, not each rank's
         raise
-    if dist.rank == 0:
-        retries.clear(outputs)
+    retries.clear(outputs)
     return outcome
+
+
+def _progress(spec: FineTune) -> Progress:
+    return Progress(run_id=spec.run_id, max_epochs=spec.protocol.max_epochs)
 
 
 def _leased_run(
     spec: FineTune,
     outputs: RunOutputs,
     progress: Progress,
+    force: bool,
+    dist: DistEnv,
+    cache_dir: Path | None,
     observers: list[Observer] | None,
     stop: threading.Event | None,
-    cache_dir: Path | None,
-    dist: DistEnv,
 ) -> Outcome:
-    """Take the run's lease (rank 0), then train: every write from here checks the lease."""
-    from service.run.lease import Lease, LeasedStore
+    """Take the run's lease, decide under it (finished meanwhile, --force wipe, partials), then
+    train: every write from here checks the lease is still ours."""
+    from service.run.lease import Lease, LeasedStore, LeaseHeld
 
-    lease = Lease(outputs.store) if dist.rank == 0 else None
-    if lease is not None:  # from here on, every write checks the lease is still ours
-        outputs = RunOutputs(LeasedStore(outputs.store, lease))
+    lease = Lease(outputs.store)
+    try:
+        lease.__enter__()
+    except LeaseHeld as e:
+        if force:
+            raise LeaseHeld(f"{e} (--force never deletes a run another worker holds)") from None
+        raise
+    try:
+        leased = RunOutputs(LeasedStore(outputs.store, lease), spec.spec_hash)
+        if (done := check_previous(spec, leased, force=force)) is not None:
+            return Outcome(spec.run_id, outputs.uri, done, skipped=True)  # finished meanwhile
+        _discard_partials(spec, leased)
+        return _train(spec, leased, progress, dist, cache_dir, observers, stop)
+    finally:
+        lease.release()
+
+
+def _train(
+    spec: FineTune,
+    outputs: RunOutputs,
+    progress: Progress,
+    dist: DistEnv,
+    cache_dir: Path | None,
+    observers: list[Observer] | None,
+    stop: threading.Event | None,
+) -> Outcome:
     observer = _observer(spec, outputs, observers, dist)
-    with contextlib.ExitStack() as stack:
-        if lease is not None:
-            stack.enter_context(lease)
-            _discard_partials(spec, outputs)
-        try:
-            if lease is not None and lease.waited and (done := _same_summary(spec, outputs)):
-                return Outcome(spec.run_id, outputs.uri, done, skipped=True)  # finished meanwhile
-            run = pipeline.Run(spec, outputs, progress, observer, stop or threading.Event())
-            summary = pipeline.train(run, cache_root(spec, cache_dir), dist)
-        except BaseException as e:
-            _fail(progress, observer, e)
-            raise
-        finally:
-            observer.close()
+    try:
+        run = pipeline.Run(spec, outputs, progress, observer, stop or threading.Event())
+        summary = pipeline.train(run, cache_root(spec, cache_dir), dist)
+    except BaseException as e:
+        _fail(progress, observer, e)
+        raise
+    finally:
+        observer.close()
     return Outcome(spec.run_id, outputs.uri, summary)
 
 

@@ -30,10 +30,11 @@ import threading
 import time
 import uuid
 
-from service.errors import RetriableError
+from service.errors import BackbonesError, RetriableError, UserError
+from service.run.outputs import LOCK, SPEC
 from service.storage import NotFound, Store
 
-LEASE_KEY = "lock.json"
+LEASE_KEY = LOCK
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +160,25 @@ class Lease:
         """Still ours? Checked before each checkpoint so a worker that lost it stops writing."""
         try:
             return (self._read() or {}).get("owner") == self.owner
+        except UserError:
+            raise  # the bucket is gone, access revoked: no retry mends it, and it says so
         except Exception:
             return True  # unknown (storage down): the checkpoint write itself will fail
+
+    def lost(self) -> BackbonesError:
+        """Why ``held()`` said no. Another owner's lease, or none with the run's spec.json
+        still there (a taker-over wrote it, finished and let go): LeaseLost. Neither lease nor
+        spec.json: the run folder (or its bucket) was deleted, which no retry mends. (SeaweedFS
+        creates a deleted bucket again on the next PUT, so "no such bucket" may become this.)"""
+        try:
+            if self._read() is None and not self.store.exists(SPEC):
+                return UserError(
+                    f"{self.store.uri}: the run folder was deleted while this worker held it "
+                    "(lock.json and spec.json are gone); stopping without writing more"
+                )
+        except BackbonesError as e:  # S3: "no such bucket", access revoked, endpoint down
+            return e
+        return LeaseLost(f"{self.store.uri}: lost the run lease to another worker")
 
     def release(self) -> None:
         self._stop.set()
@@ -200,7 +218,7 @@ class LeasedStore:
 
     def _check(self) -> None:
         if not self.lease.held():
-            raise LeaseLost(f"{self.uri}: lost the run lease to another worker")
+            raise self.lease.lost()
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._check()

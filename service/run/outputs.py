@@ -8,6 +8,12 @@
     best.safetensors     weights of the selected epoch
     summary.json         final metrics and cost figures; its presence means "done"
     retries.json         retriable stops in a row without progress (service.run.retries)
+    lock.json            the lease of the worker that holds the run (service.run.lease)
+
+These names are the whole layout: ``--force`` deletes only them (``RunOutputs.wipe``), and a
+folder holding anything else is not a backbones run and is never written to or wiped
+(``RunOutputs.foreign``). A checkpoint, the best weights of an epoch and ``best.safetensors``
+record the spec hash that wrote them (``service.train.checkpoint``).
 
 ``summary.json`` is written last: a run without it is not complete, whatever else exists.
 ``summary.json`` and ``status.json`` are typed and carry a ``schema_version``: their keys, and
@@ -17,6 +23,7 @@ what a reader accepts, are in ``service.run.contract``.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from service.run.contract import RunStatus, RunSummary
@@ -30,6 +37,18 @@ SUMMARY = "summary.json"
 BEST = "best.safetensors"
 CHECKPOINTS = "checkpoints/"
 RETRIES = "retries.json"
+LOCK = "lock.json"
+CKPT_NAME = re.compile(r"ckpt-(\d{5})-(\d{6})\.pt$")
+BEST_NAME = re.compile(r"best-(\d{5})-(\d{6})\.safetensors$")
+FILES = (SPEC, ENV, STATUS, METRICS, SUMMARY, BEST, LOCK)
+
+
+def in_layout(key: str) -> bool:
+    """Is ``key`` (relative to a run folder) a file the run layout names?"""
+    if key in FILES:
+        return True
+    name = key.removeprefix(CHECKPOINTS)
+    return name != key and "/" not in name and bool(CKPT_NAME.match(name) or BEST_NAME.match(name))
 
 
 def _dumps(obj: Any) -> bytes:
@@ -39,8 +58,31 @@ def _dumps(obj: Any) -> bytes:
 class RunOutputs:
     """Reads and writes the files of one run. ``store`` is rooted at the run's folder."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, spec_hash: str | None = None):
         self.store = store
+        self.spec_hash = spec_hash  # of the spec that writes here; stamped on weights
+
+    def foreign(self, limit: int = 3) -> list[str]:
+        """Up to ``limit`` files here that no backbones run writes (a README, ``src/``, ``.git/``):
+        a folder holding any is not a run folder, whatever its ``spec.json`` says."""
+        out: list[str] = []
+        for key in self.store.list(""):
+            if not in_layout(key):
+                out.append(key)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def wipe(self) -> list[str]:
+        """Start over (``--force``): delete the files the layout names, nothing else, the lease
+        excepted (the caller holds it). Returns the keys deleted."""
+        keys = [k for k in self.store.list("") if in_layout(k) and k != LOCK]
+        # summary.json first (the run stops looking complete), spec.json last (a wipe cut short
+        # still says whose leftovers these are; checkpoints carry their spec hash anyway).
+        gone = sorted(keys, key=lambda k: (k != SUMMARY, k == SPEC, k))
+        for key in gone:
+            self.store.delete(key)
+        return gone
 
     @property
     def uri(self) -> str:

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 from service.data import layout, packing
 from service.errors import UserError
 from service.spec.sections import Dataset
+from service.spec.uris import local_path_text
 
 DEFAULT_TRAIN_IMAGES = 50_000  # CIFAR-sized, when nothing says otherwise
 DEFAULT_TEST_RATIO = 0.25  # test images per train image when only train is known
@@ -76,7 +77,7 @@ def dataset_size(dataset: Dataset, *, online: bool = False, storage=None) -> Dat
 
 
 def _local_path(uri: str) -> Path:
-    return Path(urlparse(uri).path if uri.startswith("file://") else uri).expanduser()
+    return Path(local_path_text(uri)).expanduser()
 
 
 def _read_manifest(uri: str, *, online: bool, storage) -> dict | None:

@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator, model_validator
 
 from service.spec.sections import Section
+from service.spec.uris import file_uri_path
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -40,6 +41,8 @@ class Output(Section):
             )
         if parsed.scheme == "s3" and not parsed.netloc:
             raise ValueError(f"s3:// URI needs a bucket, got {v!r}")
+        if parsed.scheme == "file":
+            file_uri_path(v)  # RFC 8089: file:///abs/path; file://runs/rel is refused
         if not v.strip():
             raise ValueError("must not be empty")
         return v

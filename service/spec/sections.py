@@ -31,6 +31,7 @@ from service.spec.limits import (
     short,
 )
 from service.spec.result import HOW
+from service.spec.uris import file_uri_path
 from service.train.recipes import RECIPES
 
 Domain = Literal["natural", "texture", "remote_sensing", "plant", "astronomy", "medical", "other"]
@@ -69,7 +70,11 @@ def _image_size(v: Any) -> Any:
         if s <= 0:
             raise ValueError(f"must be > 0, got {s}")
         if s > MAX_IMAGE_SIDE:
-            raise ValueError(f"must be <= {MAX_IMAGE_SIDE} pixels a side, got {s}")
+            raise ValueError(
+                f"must be at most {MAX_IMAGE_SIDE} px a side (the limit: one image decoded "
+                f"at {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} is {3 * MAX_IMAGE_SIDE**2 >> 20} MiB in "
+                f"the cache, {12 * MAX_IMAGE_SIDE**2 >> 20} MiB as a float32 tensor), got {s}"
+            )
     return v
 
 
@@ -120,6 +125,8 @@ class Backbone(Section):
                 raise ValueError(f"weights URI must be s3:// or a local path, got {v!r}")
             if v.startswith("s3://") and not urlparse(v).netloc:
                 raise ValueError(f"s3:// URI needs a bucket, got {v!r}")
+            if v.startswith("file:"):
+                file_uri_path(v)
             return v
         raise ValueError(
             f"must be 'none', 'timm', or a path or s3:// URI of a .safetensors file, got {v!r}"
@@ -196,6 +203,8 @@ class Dataset(Section):
     def _uri(cls, v: str) -> str:
         parsed = urlparse(v)
         if parsed.scheme in ("", "file") or re.match(r"^[a-zA-Z]:[\\/]", v):
+            if parsed.scheme == "file":
+                file_uri_path(v)  # RFC 8089: file:///abs/path; file://data/rel is refused
             if not v.strip():
                 raise ValueError("must not be empty")
             return v

@@ -58,5 +58,16 @@ def default_cache_dir(storage: Storage | None = None) -> Path:
     return Path(os.environ.get("BACKBONES_CACHE") or "~/.cache/backbones").expanduser()
 
 
+def local_path(uri: str) -> Path:
+    """The folder or file a local path or ``file:`` URI names (RFC 8089: an empty host or
+    ``localhost`` only; ``service.spec.uris``). Another host is a user error, never ``/path``."""
+    from service.spec.uris import local_path_text
+
+    try:
+        return Path(local_path_text(uri)).expanduser()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def is_s3(uri: str) -> bool:
     return urlparse(uri).scheme == "s3"

@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from service.data import layout, packing
-from service.errors import RetriableError, UserError
+from service.errors import DiskFull, RetriableError, UserError
 from service.storage import NotFound, is_s3
+from service.storage.base import local_path
 
 if TYPE_CHECKING:
     from service.run.events import Observer
@@ -51,7 +52,7 @@ def fetch_dataset(spec: FineTune, cache_dir: Path, observer: Observer | None = N
     if not is_s3(uri):
         if uri.startswith("builtin://"):
             raise ValueError(f"{uri}: builtin datasets are not fetched")
-        return Path(urlparse(uri).path if uri.startswith("file://") else uri).expanduser()
+        return local_path(uri)
     return fetch_uri(uri, spec.storage, Path(cache_dir), observer)
 
 
@@ -85,7 +86,7 @@ def fetch_weights(
     the download is verified against it.
     """
     if not is_s3(uri):
-        return Path(urlparse(uri).path if uri.startswith("file://") else uri).expanduser()
+        return local_path(uri)
     from service.storage.s3 import S3Store
 
     parent, _, key = uri.rstrip("/").rpartition("/")
@@ -191,6 +192,7 @@ def _fetch_object(
     path = entry / name
     if _have(path, head["size"]):
         return path
+    _room_for(store.key_uri(key), head["size"], cache)
     with _locked(entry):
         if not _have(path, head["size"]):
             nbytes = _download(store, key, path, size=head["size"], sha256=expect_sha256)
@@ -202,6 +204,21 @@ def _fetch_object(
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _room_for(uri: str, size: int, cache: Path) -> None:
+    """Refuse before downloading what cannot fit: the same DiskFull (75), naming the disk, its
+    free space and the object's size, as an archive that expands beyond the free space
+    (``service.data.archive``); not an ENOSPC half-way through the download."""
+    from service.data.archive import mib
+
+    cache.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache).free
+    if size > free:
+        raise DiskFull(
+            f"{uri}: the object ({mib(size)}) does not fit the {mib(free)} free on the dataset "
+            f"cache disk {cache}; free space there or raise resources.cache_size"
+        )
 
 
 def _download(store: S3Store, key: str, path: Path, *, size: int, sha256: str | None = None) -> int:

@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlparse
 
-from service.storage.base import PARTIAL_MAX_AGE, NotFound
+from service.errors import DiskFull
+from service.storage.base import PARTIAL_MAX_AGE, NotFound, local_path
+
+
+@contextlib.contextmanager
+def _disk_of(root: Path, path: Path) -> Iterator[None]:
+    """A full disk under a store names that store's disk (the run's output folder, say), not
+    the dataset cache that the process edges blame for an anonymous ENOSPC."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFull(
+            f"{path}: {e.strerror or 'No space left on device'} (the disk holding {root} is "
+            "full; free space there or write elsewhere)"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -30,13 +46,9 @@ def _staged(path: Path, data: bytes) -> Iterator[str]:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _root(uri: str) -> Path:
-    return Path(urlparse(uri).path if uri.startswith("file://") else uri).expanduser()
-
-
 class LocalStore:
     def __init__(self, uri: str | Path):
-        self.root = _root(str(uri))
+        self.root = local_path(str(uri))
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
@@ -54,13 +66,13 @@ class LocalStore:
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
         # Write beside the target, fsync, then rename: readers see old or new, never partial.
-        with _staged(path, data) as tmp:
+        with _disk_of(self.root, path), _staged(path, data) as tmp:
             os.replace(tmp, path)
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Write ``key`` only if absent; False when it exists. Atomic (link fails if present)."""
         path = self._path(key)
-        with _staged(path, data) as tmp:
+        with _disk_of(self.root, path), _staged(path, data) as tmp:
             try:
                 os.link(tmp, path)
             except FileExistsError:
@@ -92,15 +104,16 @@ class LocalStore:
 
     def upload_file(self, path: str | Path, key: str) -> None:
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-        os.close(fd)
-        try:
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with _disk_of(self.root, target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+            os.close(fd)
+            try:
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
     def download_file(self, key: str, path: str | Path) -> None:
         src = self._path(key)

@@ -6,6 +6,12 @@ bit-for-bit on CPU. Its content is tensors and plain containers only: the safe u
 it, and nothing in it can execute code. The best weights live in their own safetensors file,
 written when validation improves and named by the epoch that produced them; each checkpoint
 names the best file it belongs to, so "reload the best" works after a resume.
+
+Each checkpoint, each epoch's best weights and the final ``best.safetensors`` record the spec
+hash of the run that wrote them (``RunOutputs.spec_hash``). A resume refuses a checkpoint that
+another spec wrote (two specs sharing a run folder must never continue each other's training);
+checkpoints written before the hash was recorded carry none and are accepted, their folder's
+``spec.json`` having been checked under the lease (``service.run.cell``).
 """
 
 from __future__ import annotations
@@ -19,11 +25,11 @@ import numpy as np
 import torch
 
 from service.errors import UserError
-from service.run.outputs import CHECKPOINTS, RunOutputs
+from service.run.outputs import BEST, BEST_NAME, CHECKPOINTS, CKPT_NAME, RunOutputs
 
 FORMAT = 1
-_CKPT = re.compile(r"ckpt-(\d{5})-(\d{6})\.pt$")
-_BEST = re.compile(r"best-(\d{5})-(\d{6})\.safetensors$")
+_CKPT = re.compile(CKPT_NAME.pattern)
+_BEST = re.compile(BEST_NAME.pattern)
 
 
 def ckpt_key(epoch: int, step: int) -> str:
@@ -91,6 +97,7 @@ class Checkpointer:
         self.outputs = outputs
         self.store = outputs.store
         self.keep = keep
+        self.spec_hash = outputs.spec_hash
         self._best_of: dict[str, str | None] = {}  # checkpoint key -> best key it refers to
 
     def latest(self) -> str | None:
@@ -114,12 +121,26 @@ class Checkpointer:
             ) from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise UserError(f"{where}: not a backbones checkpoint of format {FORMAT}")
+        self._check_owner(where, state.get("spec_hash"))
         self._best_of[key] = state.get("best_key")
         return state
 
+    def _check_owner(self, where: str, written_by) -> None:
+        if written_by is not None and self.spec_hash is not None and written_by != self.spec_hash:
+            raise UserError(
+                f"{where}: written by another spec (spec hash {written_by}, this one "
+                f"{self.spec_hash}); refusing to resume from it: change output.uri or name, or "
+                "pass --force to start over"
+            )
+
+    def _stamp(self, epoch: int) -> dict[str, str]:
+        meta = {"epoch": str(epoch)}
+        return {**meta, "spec_hash": self.spec_hash} if self.spec_hash else meta
+
     def save(self, state: dict, epoch: int, step: int) -> str:
         key = ckpt_key(epoch, step)
-        self.store.write_bytes(key, to_bytes({"format": FORMAT, **state}))
+        stamp = {"spec_hash": self.spec_hash} if self.spec_hash else {}
+        self.store.write_bytes(key, to_bytes({"format": FORMAT, **state, **stamp}))
         self._best_of[key] = state.get("best_key")
         self._prune()
         return key
@@ -129,13 +150,23 @@ class Checkpointer:
 
         key = best_key(epoch, step)
         tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-        self.store.write_bytes(key, save(tensors, metadata={"epoch": str(epoch)}))
+        self.store.write_bytes(key, save(tensors, metadata=self._stamp(epoch)))
         return key
+
+    def save_final(self, weights: dict, epoch: int) -> None:
+        """``best.safetensors``: the weights the summary reports, stamped like the others."""
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        self.store.write_bytes(BEST, save(tensors, metadata=self._stamp(epoch)))
 
     def load_weights(self, key: str) -> dict:
         from safetensors.torch import load
 
-        return load(self.store.read_bytes(key))
+        data = self.store.read_bytes(key)
+        written_by = weights_metadata(data).get("spec_hash")
+        self._check_owner(f"{self.store.uri.rstrip('/')}/{key}", written_by)
+        return load(data)
 
     def _prune(self) -> None:
         ckpts = [k for k in self.outputs.checkpoints() if _CKPT.search(k)]
@@ -151,6 +182,18 @@ class Checkpointer:
             # Best files newer than every checkpoint belong to the epoch being written now.
             if _BEST.search(key) and key not in needed and (newest is None or key < newest):
                 self.store.delete(key)
+
+
+def weights_metadata(data: bytes) -> dict[str, str]:
+    """A safetensors file's ``__metadata__`` (its header is 8 bytes of length, then JSON)."""
+    import json
+
+    try:
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + n]).get("__metadata__") if n <= len(data) - 8 else None
+    except (ValueError, AttributeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def plain(obj):

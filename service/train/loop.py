@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from service.errors import Interrupted
 from service.run.contract import RunFacts, RunSummary
 from service.run.events import Observer, Progress
-from service.run.outputs import BEST, RunOutputs
+from service.run.outputs import RunOutputs
 from service.train import distributed, evaluate, memory
 from service.train.checkpoint import Checkpointer, best_key, plain, rng_state, set_rng_state
 from service.train.micro import MicroBatching
@@ -297,10 +297,7 @@ class Trainer(MicroBatching, Reporting):
         if not self.rt.is_main:
             return self._run_summary(self.facts, test)  # for the rank's log; only rank 0 writes
         self._phase("Uploading")
-        from safetensors.torch import save
-
-        weights = {k: v.detach().cpu().contiguous() for k, v in self._eval_weights().items()}
-        self.outputs.store.write_bytes(BEST, save(weights))
+        self.ckpt.save_final(self._eval_weights(), s.best_epoch)
         summary = self._run_summary(self.facts, test)
         self.outputs.write_summary(summary)  # last: its presence means "done"
         self.progress.progress = 1.0
