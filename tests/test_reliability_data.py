@@ -205,6 +205,11 @@ CASES = [
         "{root}: class 'd' in test/ is not in train/",
     ),
     (
+        "class-folder-with-a-newline",  # it would forge lines in reports, logs and status
+        lambda t: _folder(t, {"train": {"a": 3, "b\nc": 3}, "test": {"a": 1, "b\nc": 1}}),
+        "{root}: class folder train/'b\\nc': must not contain control characters",
+    ),
+    (
         "packed-manifest-sha256-mismatch",
         _packed_wrong_sha,
         "{root}: shards/train-00000.tar: ",  # must name the shard and say sha256 (checked below)

@@ -224,6 +224,7 @@ def _classes(
         raise UserError(f"{where}: {rel}: no class folders (expected {rel}<class>/<image files>)")
     out = {}
     for cls in classes:
+        _check_class_name(cls, rel, where)
         images, others = [], []
         for p in (split_dir / cls).rglob("*"):
             inside = p.relative_to(split_dir)
@@ -239,6 +240,17 @@ def _classes(
         out[cls] = images
         skipped += [p.relative_to(root).as_posix() for p in others]
     return out
+
+
+def _check_class_name(cls: str, rel: str, where: str) -> None:
+    # A class name lands in report tables, logs and status lines: a newline in it would forge
+    # lines there (a spec refuses the same characters in its own strings).
+    from service.spec.limits import check_text
+
+    try:
+        check_text(cls)
+    except ValueError as e:
+        raise UserError(f"{where}: class folder {rel}{cls!r}: {e}; rename it") from None
 
 
 def _check_single(classes: list[str], what: str) -> None:
