@@ -152,6 +152,12 @@ def test_ranks_agree_on_stopping_every_sync_every_steps_not_every_step(
     assert images == [16] * steps
 
 
+def test_ddp_gradients_are_views_into_its_buckets(tmp_path, one_rank_group):
+    """No second copy of the gradients (DDP's default keeps one in its buckets too)."""
+    trainer = _trainer(tmp_path, Runtime(device=torch.device("cpu"), world_size=2))
+    assert trainer._ddp is not None and trainer._ddp.gradient_as_bucket_view
+
+
 def test_a_long_epoch_syncs_once_per_sync_every_steps(tmp_path, one_rank_group, monkeypatch):
     import torch.distributed as dist
 

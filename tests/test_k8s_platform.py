@@ -243,3 +243,25 @@ def test_a_job_with_every_new_field_is_checkov_clean(tmp_path):
     assert not failed - set(skips()), failed
     # The checks these fields touch ran and passed: requests/limits and the pull policy.
     assert {"CKV_K8S_10", "CKV_K8S_11", "CKV_K8S_12", "CKV_K8S_13"} <= passed
+
+
+def _env(job: dict) -> dict[str, str]:
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value") for e in c["env"]}
+
+
+@pytest.mark.parametrize(
+    "cpu, gpus, threads", [("8", 1, "8"), ("32", 4, "8"), ("500m", 0, "1"), ("3", 2, "1")]
+)
+def test_threads_are_bounded_by_the_pods_cpu_limit_shared_among_its_ranks(cpu, gpus, threads):
+    """torch and inductor size their pools by the node's cores (96 on a GPU node), which a
+    cgroup quota of a few CPUs turns into thrashing; torchrun would force 1 per rank."""
+    env = _env(job_of(finetune(cpu=cpu, gpus=gpus)))
+    assert env["OMP_NUM_THREADS"] == env["TORCHINDUCTOR_COMPILE_THREADS"] == threads
+
+
+def test_gpu_pods_log_nccl_warnings_and_grow_allocator_segments():
+    gpu, cpu = _env(job_of(finetune(gpus=2))), _env(job_of(finetune(gpus=0)))
+    assert gpu["NCCL_DEBUG"] == "WARN"
+    assert gpu["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert "NCCL_DEBUG" not in cpu and "PYTORCH_CUDA_ALLOC_CONF" not in cpu

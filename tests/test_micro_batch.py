@@ -31,12 +31,15 @@ class FakeGpu:
     def __init__(self, limit: int | None = None):
         self.limit = limit
         self.passes: list[int] = []  # sizes of the training passes tried, in order
+        self.runtime_error: str | None = None  # raise RuntimeError(this), as cuBLAS/cuDNN do
 
     def __call__(self, module, args):
         if not (module.training and torch.is_grad_enabled()):
             return  # evaluation is not what is being tested
         n = args[0].shape[0]
         self.passes.append(n)
+        if self.limit is not None and n > self.limit and self.runtime_error:
+            raise RuntimeError(self.runtime_error)
         if self.limit is not None and n > self.limit:
             raise torch.cuda.OutOfMemoryError(
                 f"CUDA out of memory. Tried to allocate {n} images' worth (limit {self.limit})"
@@ -76,8 +79,8 @@ def probe_memory(monkeypatch) -> None:
 
     original = train.runtime_for
 
-    def runtime_for(p, dist):
-        rt = original(p, dist)
+    def runtime_for(p, dist, **kw):
+        rt = original(p, dist, **kw)
         rt.probe_memory = True
         return rt
 
@@ -259,6 +262,33 @@ def test_out_of_memory_mid_epoch_halves_the_micro_batch_redoes_the_step_and_coun
     # Step 6 was tried at 32 and 16, then ran at 8; every step after it at 8.
     assert gpu.passes[5:9] == [32, 16, 8, 8]
     assert out["epochs_run"] == 1
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported",
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+        "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+    ],
+)
+def test_out_of_memory_as_cublas_cudnn_or_the_runtime_say_it_is_remedied_too(
+    tmp_path, cache, gpu, message
+):
+    """On a real GPU a full device often surfaces as a RuntimeError from cuBLAS, cuDNN or the
+    CUDA runtime, not as torch's OutOfMemoryError: the same remedy applies."""
+    spec = spec_of(tmp_path, name="rt", max_epochs=1, batch_size=32)
+    gpu.runtime_error = message
+    shrink = At(0, 2, lambda: setattr(gpu, "limit", 16))
+    out = run_here(spec, cache_dir=cache, observers=[shrink]).summary.to_dict()
+    assert [(r["from_micro_batch"], r["to_micro_batch"]) for r in out["remediations"]] == [(32, 16)]
+    assert out["remediations"][0]["error"] == message.splitlines()[0]
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory():
+    assert memory.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory."))
+    assert not memory.is_out_of_memory(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not memory.is_out_of_memory(ValueError("CUDA error: out of memory"))
 
 
 def test_out_of_memory_at_micro_batch_1_mid_epoch_exits_2(tmp_path, cache, gpu, capsys):

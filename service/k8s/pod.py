@@ -11,6 +11,7 @@ from typing import Any
 
 from service.errors import EXIT_RETRY, EXIT_USER
 from service.spec import FineTune, Study
+from service.spec.infra import quantity_bytes
 from service.spec.study import cells_of
 
 CONTAINER = "worker"
@@ -72,6 +73,7 @@ def _env(spec: FineTune | Study, image: str, spec_hash: str) -> list[dict[str, A
         {"name": "TORCH_HOME", "value": f"{CACHE_DIR}/torch"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    env += _runtime_env(spec)
     # The image defaults to offline. Weights from S3 or a random init: fail fast instead of
     # retrying the hub for ~47 s; weights: "timm" needs the hub.
     env.append({"name": "HF_HUB_OFFLINE", "value": "0" if _needs_hub(spec) else "1"})
@@ -79,6 +81,23 @@ def _env(spec: FineTune | Study, image: str, spec_hash: str) -> list[dict[str, A
     if secret:
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+    return env
+
+
+def _runtime_env(spec: FineTune | Study) -> list[dict[str, Any]]:
+    """Threads bounded by the pod's CPU limit (torch and inductor would size their pools by the
+    node's cores and thrash a cgroup quota), shared among the GPU ranks; on GPUs, NCCL's
+    warnings in the log and an allocator that grows segments instead of fragmenting them (fewer
+    out-of-memory errors at the same peak)."""
+    r = spec.resources
+    threads = str(max(1, int(quantity_bytes(r.cpu)) // max(1, r.gpus)))
+    env = [
+        {"name": "OMP_NUM_THREADS", "value": threads},
+        {"name": "TORCHINDUCTOR_COMPILE_THREADS", "value": threads},
+    ]
+    if r.gpus > 0:
+        env.append({"name": "NCCL_DEBUG", "value": "WARN"})
+        env.append({"name": "PYTORCH_CUDA_ALLOC_CONF", "value": "expandable_segments:True"})
     return env
 
 

@@ -209,7 +209,9 @@ class Trainer(MicroBatching, Reporting):
         while True:
             try:
                 return self._step(x, y, n_global)
-            except torch.cuda.OutOfMemoryError as e:
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+                if not memory.is_out_of_memory(e):  # cuBLAS/cuDNN report it as RuntimeError
+                    raise
                 failed, why = self.micro, str(e).strip().splitlines()[0] if str(e) else ""
             # Outside the except block: the traceback no longer pins the failed activations.
             self._out_of_memory(failed, why)
@@ -386,7 +388,9 @@ class Trainer(MicroBatching, Reporting):
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-            forward = self._ddp = DDP(model, device_ids=ids)
+            # Gradients are views into DDP's communication buckets: no second copy of every
+            # gradient on the device, and no copy into the buckets before each all-reduce.
+            forward = self._ddp = DDP(model, device_ids=ids, gradient_as_bucket_view=True)
         if self.rt.compile:
             forward = torch.compile(forward)
         return forward

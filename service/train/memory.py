@@ -234,8 +234,28 @@ def fits_pass(
         loss.backward()
         del held, x, y, loss
         return True
-    except torch.cuda.OutOfMemoryError:
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
         return False
+
+
+# How CUDA says "out of memory" besides torch's OutOfMemoryError: cuBLAS and cuDNN failing to
+# allocate their workspaces, and the runtime's own error, reach Python as plain RuntimeErrors.
+_OUT_OF_MEMORY = (
+    "CUDA out of memory",
+    "CUDA error: out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
+)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Is ``e`` the GPU running out of memory, however CUDA reported it?"""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _OUT_OF_MEMORY)
 
 
 @contextlib.contextmanager
