@@ -502,3 +502,21 @@ def test_ranks_agree_on_the_smallest_planned_micro_batch(tmp_path):
     out = str(tmp_path / "rank")
     mp.spawn(_agree, args=(f"file://{tmp_path / 'store'}", out), nprocs=2, join=True)
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["8", "8"]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+@pytest.mark.parametrize("micro", [2, 3, 5, 8, 11, 16])
+def test_every_rank_runs_as_many_passes_when_the_batch_does_not_divide_by_the_gpus(world, micro):
+    """Shares differ by one (a global batch of 33 on 2 GPUs: 17 and 16). One pass more on one
+    rank desynchronises SyncBatchNorm's all-gathers and DDP's all-reduce: NCCL hangs. Each
+    rank's slices cover its share exactly, none larger than the micro-batch."""
+    for n_global in range(world, 70):
+        shares = [n_global // world + (r < n_global % world) for r in range(world)]
+        passes = memory.accumulation_steps(max(shares), micro)
+        counts = set()
+        for share in shares:
+            parts = memory.chunks(share, micro, passes)
+            assert [i for p in parts for i in range(p.start, p.stop)] == list(range(share))
+            assert all(0 < p.stop - p.start <= micro for p in parts)
+            counts.add(len(parts))
+        assert counts == {passes}, (n_global, shares)

@@ -218,7 +218,9 @@ class Trainer(MicroBatching, Reporting):
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, n_global: int):
         smoothing = self.recipe.label_smoothing
-        parts = memory.chunks(y.shape[0], self.micro)
+        largest_share = -(-n_global // self.rt.world_size)
+        passes = memory.accumulation_steps(largest_share, self.micro)
+        parts = memory.chunks(y.shape[0], self.micro, passes)  # as many passes on every rank
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=y.device)
         correct = torch.zeros((), dtype=torch.long, device=y.device)

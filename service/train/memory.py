@@ -60,10 +60,25 @@ def smaller(micro: int, share: int) -> int | None:
     return fits[-1] if fits else None
 
 
-def chunks(n: int, micro: int) -> list[slice]:
-    """Slices of a share of ``n`` images, ``micro`` at a time (the last one may be smaller when
-    the ranks' shares differ by one)."""
-    return [slice(i, min(i + micro, n)) for i in range(0, n, micro)]
+def chunks(n: int, micro: int, passes: int | None = None) -> list[slice]:
+    """Slices of a share of ``n`` images, ``micro`` at a time.
+
+    ``passes``: how many the largest share needs. When the global batch does not divide by the
+    GPU count the ranks' shares differ by one, and every rank must still run the same number of
+    forward/backward passes: SyncBatchNorm all-gathers in every forward and DDP all-reduces in
+    the last backward, so one pass more on one rank desynchronises the collectives and NCCL
+    hangs. A smaller share's largest slices are halved until the counts agree (a share of 16
+    beside one of 17, micro-batch 16: 8 + 8 beside 16 + 1). Only micro-batches of 1 cannot be
+    split; the spec's divisibility check keeps integer micro-batches off that case."""
+    parts = [slice(i, min(i + micro, n)) for i in range(0, n, micro)]
+    while passes is not None and len(parts) < passes:
+        i = max(range(len(parts)), key=lambda k: parts[k].stop - parts[k].start)
+        start, stop = parts[i].start, parts[i].stop
+        if stop - start < 2:
+            break
+        mid = start + (stop - start + 1) // 2
+        parts[i : i + 1] = [slice(start, mid), slice(mid, stop)]
+    return parts
 
 
 def accumulation_steps(share: int, micro: int) -> int:
