@@ -7,6 +7,7 @@ torchrun for DDP, and a probe (tests/ddp_probe.py) that slows rank 0 or samples 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -464,3 +465,31 @@ def test_ranks_hold_the_decoded_dataset_once_in_shared_memory_not_a_copy_each(tm
         assert rank["growth_bytes"]["loaders"] < 8 * batch, rank
     total = sum(r["growth_bytes"]["prepare"] + r["growth_bytes"]["loaders"] for r in ranks)
     print(f"anonymous memory growth, both ranks: {total / 1e6:.0f} MB (cache {cache / 1e6:.0f} MB)")
+
+
+def test_compile_stays_off_for_ddp_with_syncbatchnorm_and_env_says_why():
+    """Unverified on a GPU (SyncBatchNorm's collectives inside a compiled graph): off, with the
+    reason in env.json, until the GPU check shows it works."""
+    from service.train.runtime import compile_decision
+
+    bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(bn))  # in place
+    ddp = Runtime(device=torch.device("cpu"), world_size=2, compile=True)
+    one = Runtime(device=torch.device("cpu"), world_size=1, compile=True)
+    assert compile_decision(ddp, synced) == (
+        False,
+        "off for DDP with SyncBatchNorm (unverified on a GPU: docs/gpu.md)",
+    )
+    assert compile_decision(ddp, bn)[0] and compile_decision(one, bn)[0]
+    assert not compile_decision(Runtime(device=torch.device("cpu")), bn)[0]
+
+
+def test_env_json_records_whether_the_model_was_compiled(tmp_path):
+    from tests.specs import tiny_spec
+    from tests.trainutil import run_dir, run_here
+
+    spec = tiny_spec(tmp_path, "env-compile", max_epochs=1)
+    run_here(spec)
+    env = json.loads((run_dir(spec) / "env.json").read_text())
+    reason = "not asked (protocol.compile: false), or no GPU"
+    assert env["compile"] == {"used": False, "reason": reason}

@@ -65,7 +65,8 @@ def train(run: Run, cache: Path, dist: DistEnv) -> RunSummary:
     plan = trainer.start()  # resume, then the micro-batch (a probe on a GPU for 'auto')
     if dist.rank == 0:
         env = environment(spec, rt, data, built, stats)
-        run.outputs.write_json(ENV, {**env, "micro_batch": plan.to_dict()})
+        compiled = {"used": trainer.compile_used, "reason": trainer.compile_reason}
+        run.outputs.write_json(ENV, {**env, "micro_batch": plan.to_dict(), "compile": compiled})
     return trainer.fit()
 
 

@@ -27,7 +27,7 @@ from service.errors import Interrupted
 from service.run.contract import RunFacts, RunSummary
 from service.run.events import Observer, Progress
 from service.run.outputs import RunOutputs
-from service.train import distributed, evaluate, memory
+from service.train import distributed, evaluate, memory, runtime
 from service.train.checkpoint import Checkpointer, best_key, plain, rng_state, set_rng_state
 from service.train.micro import MicroBatching
 from service.train.recipes import Recipe, make_optimizer, make_scheduler
@@ -393,8 +393,11 @@ class Trainer(MicroBatching, Reporting):
             # Gradients are views into DDP's communication buckets: no second copy of every
             # gradient on the device, and no copy into the buckets before each all-reduce.
             forward = self._ddp = DDP(model, device_ids=ids, gradient_as_bucket_view=True)
-        if self.rt.compile:
+        self.compile_used, self.compile_reason = runtime.compile_decision(self.rt, model)
+        if self.compile_used:
             forward = torch.compile(forward)
+        elif self.rt.compile:
+            log.warning("protocol.compile: %s", self.compile_reason)
         return forward
 
     def _make_ema(self):

@@ -167,6 +167,20 @@ def nvidia_driver(path: str = "/proc/driver/nvidia/version") -> str | None:
     return found.group(1) if found else None
 
 
+def compile_decision(rt, model: torch.nn.Module) -> tuple[bool, str]:
+    """(compile the model, why): what env.json records. torch.compile of a DDP model with
+    SyncBatchNorm stays off until the GPU check (docs/gpu.md) shows it compiles and trains:
+    SyncBatchNorm's collectives inside a compiled graph are the combination no test covers."""
+    import torch
+
+    if not rt.compile:
+        return False, "not asked (protocol.compile: false), or no GPU"
+    synced = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    if rt.world_size > 1 and synced:
+        return False, "off for DDP with SyncBatchNorm (unverified on a GPU: docs/gpu.md)"
+    return True, "on"
+
+
 def choose_precision(asked: str, device: torch.device, *, bf16_native: bool) -> tuple[bool, str]:
     """(use bf16 autocast, why): the reason lands in env.json beside the choice."""
     if asked == "fp32":
