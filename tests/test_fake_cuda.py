@@ -251,3 +251,22 @@ if __name__ == "__main__":
     main(*sys.argv[1:])
     sys.stderr.flush()
     os._exit(0)  # skip the interpreter's teardown, where FakeTensorMode's objects may crash
+
+
+@pytest.mark.parametrize("share, fits", [(0.5, True), (0.89, True), (0.95, False)])
+def test_a_probe_pass_fits_only_within_the_headroom_measuring_its_own_peak(fake_cuda, share, fits):
+    """A probe size whose pass peaks above 90% of the GPU's memory does not fit (it would fail
+    later, with fragmentation or cuDNN's workspaces); the peak is this pass's alone (reset
+    first), and release() resets it again so summary.json reports training's peak."""
+    from service.train import memory
+
+    model = fake_cuda.module(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()))
+    # Stands in for what the pass allocates: the fake has no real memory to measure.
+    model.register_forward_pre_hook(
+        lambda m, a: setattr(fake_cuda, "allocated_peak", int(share * fake_cuda.total_bytes))
+    )
+    fake_cuda.allocated_peak = fake_cuda.total_bytes  # an earlier pass's peak: not this one's
+    resets = fake_cuda.peak_resets
+    assert memory.fits_pass(model, 4, (3, 8, 8), device=torch.device("cuda", 0)) is fits
+    memory.release(torch.device("cuda", 0))
+    assert fake_cuda.peak_resets == resets + 2 and fake_cuda.allocated_peak == 0

@@ -520,3 +520,26 @@ def test_every_rank_runs_as_many_passes_when_the_batch_does_not_divide_by_the_gp
             assert all(0 < p.stop - p.start <= micro for p in parts)
             counts.add(len(parts))
         assert counts == {passes}, (n_global, shares)
+
+
+def test_the_probe_cache_key_holds_the_ranks_and_the_bytes_kept_on_the_gpu(tmp_path):
+    """A micro-batch that fitted beside 1 GiB of resident images, or on one rank of two, says
+    nothing about another run's: both enter the key."""
+    from types import SimpleNamespace
+
+    from service.run.pipeline import memory_key
+    from service.train import Runtime, recipe_for
+
+    spec = tiny_spec(tmp_path, "key")
+    recipe = recipe_for(spec.protocol)
+    one = Runtime(device=torch.device("cpu"))
+    two = Runtime(device=torch.device("cpu"), world_size=2)
+    resident = SimpleNamespace(resident=torch.zeros(1024, dtype=torch.uint8))
+    loaders = SimpleNamespace(train=resident, select=SimpleNamespace(resident=None), test=None)
+    keys = [
+        memory_key(spec, one, recipe),
+        memory_key(spec, two, recipe),
+        memory_key(spec, one, recipe, loaders),
+    ]
+    assert [(k["world_size"], k["resident_bytes"]) for k in keys] == [(1, 0), (2, 0), (1, 1024)]
+    assert len({memory.ProbeCache.name(k) for k in keys}) == 3

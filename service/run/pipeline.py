@@ -156,14 +156,20 @@ def _trainer(run: Run, model, recipe, loaders, rt, facts: RunFacts):
         max_minutes=p.max_minutes,
         facts=facts,
         micro_batch=p.micro_batch,
-        memory_key=memory_key(spec, rt, recipe),
+        memory_key=memory_key(spec, rt, recipe, loaders),
         memory_cache=ProbeCache(open_store(spec.output.uri, spec.storage)),
     )
 
 
-def memory_key(spec, rt, recipe) -> dict:
-    """What the largest micro-batch that fits depends on (the probe cache's key)."""
+def memory_key(spec, rt, recipe, loaders=None) -> dict:
+    """What the largest micro-batch that fits depends on (the probe cache's key): with the
+    ranks' count and the bytes of the splits kept on the GPU, which take what a micro-batch's
+    activations cannot have."""
     import torch
+
+    splits = (loaders.train, loaders.select, loaders.test) if loaders is not None else ()
+    on_gpu = [getattr(loader, "resident", None) for loader in splits]
+    resident_bytes = sum(int(t.nbytes) for t in on_gpu if t is not None)
 
     from service.train.memory import device_facts, probe_key
 
@@ -178,6 +184,8 @@ def memory_key(spec, rt, recipe) -> dict:
             "compile": rt.compile,
             "trains": "head" if recipe.freeze_backbone else "all",
             "ema": recipe.ema,
+            "world_size": rt.world_size,
+            "resident_bytes": resident_bytes,
         },
     )
 

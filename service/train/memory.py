@@ -47,6 +47,9 @@ def release(device: torch.device) -> None:
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
+        # From here the peak is training's, not the failed pass's: summary.json's
+        # peak_memory_bytes must not report a probe or a remediated step.
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def divisors(n: int) -> list[int]:
@@ -225,6 +228,11 @@ def optimizer_bytes(model: torch.nn.Module) -> int:
     return 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
+# A probe size fits only if its pass's peak stays within this share of the GPU's memory: the
+# rest is for the allocator's fragmentation, cuDNN's workspaces and the evaluation passes.
+HEADROOM = 0.9
+
+
 def fits_pass(
     forward,
     n: int,
@@ -238,7 +246,10 @@ def fits_pass(
     """Whether one forward + backward of ``n`` images of ``image_shape`` (C, H, W) runs
     without running out of memory, while ``reserve_bytes`` more are held. Gradients are left
     for the caller to clear; memory is released by ``release`` after the caller's cleanup."""
+    cuda = device.type == "cuda"
     try:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)  # this pass's peak, measured alone
         held = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
         x = torch.zeros((n, *image_shape), device=device)
         if channels_last:
@@ -248,6 +259,9 @@ def fits_pass(
             loss = torch.nn.functional.cross_entropy(forward(x).float(), y)
         loss.backward()
         del held, x, y, loss
+        if cuda:  # a pass that only just fits fails later, with fragmentation or a larger batch
+            total = torch.cuda.get_device_properties(device).total_memory
+            return torch.cuda.max_memory_allocated(device) <= HEADROOM * total
         return True
     except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):

@@ -81,6 +81,10 @@ class MicroBatching:
     def _probe(self) -> memory.Plan:
         known = self._known()
         t0 = time.perf_counter()
+        if self.rt.device.type == "cuda" and known.fits(self.share) is None:
+            # Warm-up: cuBLAS/cuDNN handles and workspaces are allocated by the first pass; a
+            # one-image pass takes them, so the first large pass measures only its own peak.
+            self._fits(1)
         micro, tried = memory.largest_fitting(self.share, self._fits, known)
         if tried and self.memory_cache is not None:
             self.memory_cache.put(self.memory_key, known)
