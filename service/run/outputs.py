@@ -40,7 +40,7 @@ RETRIES = "retries.json"
 LOCK = "lock.json"
 CKPT_NAME = re.compile(r"ckpt-(\d{5})-(\d{6})\.pt$")
 BEST_NAME = re.compile(r"best-(\d{5})-(\d{6})\.safetensors$")
-FILES = (SPEC, ENV, STATUS, METRICS, SUMMARY, BEST, LOCK)
+FILES = (SPEC, ENV, STATUS, METRICS, SUMMARY, BEST, LOCK, RETRIES)
 
 
 def in_layout(key: str) -> bool:
