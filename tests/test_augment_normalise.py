@@ -150,6 +150,7 @@ def test_every_op_at_every_bin_and_sign_equals_torchvisions(shape):
         x = torch.randint(0, 256, (len(draws), 3, h, w), generator=g, dtype=torch.uint8)
         x[: len(x) // 2, :, : h // 2] = 90  # flat areas: where rounding ties happen
         got = apply_draws(x, draws)
+        assert len(x) == len(draws) > 0
         for img, (_, m), out in zip(x, draws, got, strict=True):
             want = ref._apply_image_or_video_transform(img, op, m, "nearest", ref._fill)
             assert torch.equal(out, want), (op, m)

@@ -47,6 +47,8 @@ def test_validate_prints_a_studys_deadline_and_warns_when_it_cuts_the_study(tmp_
         "  deadline: activeDeadlineSeconds 604800 (7.0 days, derived from the estimate; "
         "capped from 10.1 days)"
     )
-    assert lines[3].startswith("  deadline: activeDeadlineSeconds 604800 (7.0 days")
-    assert lines[4].startswith("  warning: the estimate needs ~25.")
-    assert "raise resources.parallelism or set resources.active_deadline_seconds" in lines[4]
+    # each file: its ok line, the deadline (and a warning), then the size-rule note
+    assert lines[3].startswith(f"ok: {slow} ")
+    assert lines[4].startswith("  deadline: activeDeadlineSeconds 604800 (7.0 days")
+    assert lines[5].startswith("  warning: the estimate needs ~25.")
+    assert "raise resources.parallelism or set resources.active_deadline_seconds" in lines[5]

@@ -153,6 +153,7 @@ def test_an_overlay_that_moves_the_base_keeps_both_rolebindings_working(tmp_path
     for b in bindings:
         assert b["metadata"]["namespace"] == "team-x"
         assert b["roleRef"]["name"] in roles
+        assert b["subjects"]
         for subject in b["subjects"]:
             # Unset: the binding's own namespace (team-x), where the ServiceAccount now is.
             assert subject.get("namespace", "team-x") == "team-x", subject

@@ -510,8 +510,10 @@ def test_every_rank_runs_as_many_passes_when_the_batch_does_not_divide_by_the_gp
     """Shares differ by one (a global batch of 33 on 2 GPUs: 17 and 16). One pass more on one
     rank desynchronises SyncBatchNorm's all-gathers and DDP's all-reduce: NCCL hangs. Each
     rank's slices cover its share exactly, none larger than the micro-batch."""
+    assert len(range(world, 70)) > 0
     for n_global in range(world, 70):
         shares = [n_global // world + (r < n_global % world) for r in range(world)]
+        assert len(shares) == world
         passes = memory.accumulation_steps(max(shares), micro)
         counts = set()
         for share in shares:

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 # Runs in the venv's interpreter: render a tiny FineTune, run its pod, report what happened.
 _POD = textwrap.dedent(
     """
-    import json, sys
+    import json, shutil, sys
     from pathlib import Path
     from tests import specs
     from tests.pod import Pod, render
@@ -49,7 +49,11 @@ _POD = textwrap.dedent(
     try:
         rc = pod.start().wait(timeout=240)
         summary = pod.path(pod.cwd) / "runs" / "venv-pod" / "summary.json"
-        print(json.dumps({"rc": rc, "command": pod.command[0], "done": summary.is_file(),
+        # The pod's init (tini) starts the program after "--" from the pod's PATH.
+        command = pod.container["command"]
+        name = command[command.index("--") + 1] if "--" in command else command[0]
+        program = shutil.which(name, path=pod.env["PATH"])
+        print(json.dumps({"rc": rc, "command": program, "done": summary.is_file(),
                           "log": pod.log()[-3000:]}))
     finally:
         pod.cleanup()

@@ -340,7 +340,7 @@ def test_cli_report_refuses_a_finetune_as_spec(tmp_path, repo_root):
     spec = repo_root / "jobspecs/quickstart.json"
     result = runner.invoke(app, ["report", str(tmp_path / "runs"), "--spec", str(spec)])
     assert result.exit_code == 2
-    assert result.output.strip() == f"error: {spec}: --spec needs a Study spec, got kind 'FineTune'"
+    assert result.output.strip() == f"error: {spec}: expected a Study spec, got kind 'FineTune'"
 
 
 @pytest.mark.integration

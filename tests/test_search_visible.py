@@ -132,7 +132,7 @@ def test_logs_of_a_rung_asks_for_an_index_within_the_rungs_cells(tmp_path, monke
 def _selects(selector: dict, labels: dict) -> bool:
     if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
         return False
-    for expr in selector.get("matchExpressions") or []:
+    for expr in selector.get("matchExpressions") or []:  # may not run: labels alone select
         assert expr["operator"] == "In"
         if labels.get(expr["key"]) not in expr["values"]:
             return False

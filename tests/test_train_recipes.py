@@ -12,7 +12,8 @@ from tests.specs import tiny_spec
 from tests.trainutil import run_dir, run_here
 
 # Every key of the contract (service.run.contract); "warning" only for select_on: test.
-SUMMARY_KEYS = set(RunSummary.model_fields) - {"warning"}
+# Written only when there is something to say: a warning, the data's notes.
+SUMMARY_KEYS = set(RunSummary.model_fields) - {"warning", "data_notes"}
 TEST_KEYS = set(TestMetrics.model_fields)
 METRIC_KEYS = {
     "epoch", "phase", "train_loss", "train_top1", "val_loss", "val_top1", "val_macro_f1", "lr",

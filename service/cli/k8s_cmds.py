@@ -147,12 +147,12 @@ def submit(
                 raise UserError(
                     "--follow: only a Study with a successive-halving search has a driver"
                 )
-            check_budget(spec, yes, online=True)
+            check_budget(spec, yes, online=True, warn=err)
             cluster = _cluster(job["metadata"]["namespace"], context)
             return drive_on_cluster(spec, cluster, image=image)
         if isinstance(spec, Study):
             # Reads dataset manifests on S3 when it can: a tighter estimate than validate's.
-            err(check_budget(spec, yes, online=True).line())
+            err(check_budget(spec, yes, online=True, warn=err).line())
         cluster = _cluster(job["metadata"]["namespace"], context)
         done = do_submit(cluster, job, replace=replace, dry_run=dry_run, say=err)
         typer.echo(done.line())

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import asdict, dataclass, field
 
-from service.errors import UserError
+from service.errors import RetriableError, UserError
 from service.spec.dataset_sizes import (  # noqa: F401 (re-exported)
     DEFAULT_TEST_RATIO,
     DEFAULT_TRAIN_IMAGES,
@@ -276,9 +276,19 @@ def estimate_gpu_hours(study: Study) -> float:
     return estimate(study).gpu_hours
 
 
-def check_budget(study: Study, yes: bool, *, online: bool = False) -> Estimate:
-    """Refuse (UserError) a study whose estimate exceeds ``max_gpu_hours``, unless ``yes``."""
-    est = estimate(study, online=online)
+def check_budget(study: Study, yes: bool, *, online: bool = False, warn=None) -> Estimate:
+    """Refuse (UserError) a study whose estimate exceeds ``max_gpu_hours``, unless ``yes``.
+
+    ``warn``: a dataset the online estimate cannot read (no credentials here, the store out of
+    reach) is said through it, and the estimate falls back to what the spec says: the cluster
+    reads the data with its own Secret, so this machine's access must not block a submit."""
+    try:
+        est = estimate(study, online=online)
+    except (UserError, RetriableError) as e:
+        if not online or warn is None:
+            raise
+        warn(f"warning: {e}; estimating from the spec instead (as `budget --offline` does)")
+        est = estimate(study, online=False)
     limit = study.max_gpu_hours
     if limit is not None and est.gpu_hours > limit and not yes:
         raise UserError(
