@@ -19,21 +19,17 @@ The random-resized-crop + flip of the 'standard' recipe stays in the loader (it 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 
+from service.digest import derive_seed
+
 UintAugment = Callable[[torch.Tensor, int, int, range], torch.Tensor]
 NUM_MAGNITUDE_BINS = 31  # torchvision's default for TrivialAugmentWide
 
 Draw = tuple[str, float]  # (op name, magnitude), as torchvision draws them
-
-
-def _seed(*parts: object) -> int:
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class TrivialAugmentWide:
@@ -60,7 +56,7 @@ class TrivialAugmentWide:
         """The op and magnitude of image ``row`` of global batch ``step``: torchvision's
         draws, in its order, from a generator of this image's own."""
         g = torch.Generator().manual_seed(
-            _seed(self.seed, epoch, step, row, "trivial_augment_wide")
+            derive_seed(self.seed, epoch, step, row, "trivial_augment_wide", bits=63)
         )
         op = self.ops[int(torch.randint(len(self.ops), (), generator=g))]
         table = self._magnitudes(op, height, width)

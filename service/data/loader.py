@@ -17,13 +17,13 @@ previous batch computes.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from service.data.types import Split
+from service.digest import derive_seed
 
 # Random-resized-crop parameters (torchvision's defaults).
 CROP_SCALE = (0.08, 1.0)
@@ -33,11 +33,6 @@ CROP_RATIO = (3 / 4, 4 / 3)
 RESIDENT_SHARE = 0.5
 # Rows copied to the GPU at a time when a split goes resident (bounds the host-side copy).
 _UPLOAD_ROWS = 1024
-
-
-def _seed(*parts: object) -> int:
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def plan_residency(splits: Sequence[Split], free_bytes: int, model_bytes: int) -> list[bool]:
@@ -167,7 +162,7 @@ class BatchLoader:
         """The permutation of sample indices for ``epoch`` (identity when not shuffling)."""
         if not self.shuffle:
             return torch.arange(self.n)
-        g = torch.Generator().manual_seed(_seed(self.seed, epoch, "order"))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, "order", bits=63))
         return torch.randperm(self.n, generator=g)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -217,7 +212,7 @@ class BatchLoader:
         """Random-resized-crop + horizontal flip, per sample, as one affine_grid/grid_sample.
         Parameters are drawn for every sample of the global batch; a rank keeps its own rows."""
         b = self.global_batch(step)
-        g = torch.Generator().manual_seed(_seed(self.seed, epoch, step, "augment"))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, step, "augment", bits=63))
         # Parameters are drawn on the CPU (a few numbers per sample) so they are identical on
         # every device; only the resampling runs on the device.
         area = torch.empty(b).uniform_(*CROP_SCALE, generator=g)
