@@ -21,6 +21,7 @@ from service.run.events import Observer, Progress
 from service.run.outputs import ENV, SPEC, RunOutputs
 from service.spec import FineTune
 from service.storage import open_store
+from service.train import compile_cache
 from service.train.runtime import DistEnv
 
 log = logging.getLogger("backbones.worker")
@@ -62,12 +63,21 @@ def train(run: Run, cache: Path, dist: DistEnv) -> RunSummary:
         gmacs=_gmacs(spec, built.model, rt),
     )
     trainer = _trainer(run, built.model, recipe, loaders, rt, facts)
+    compiled_cache = compile_cache.open_for(spec, rt, trainer.compile_used)
+    if compiled_cache is not None:  # before the first compiled pass (the probe's, or a step's)
+        compiled_cache.load()
     plan = trainer.start()  # resume, then the micro-batch (a probe on a GPU for 'auto')
     if dist.rank == 0:
         env = environment(spec, rt, data, built, stats)
         compiled = {"used": trainer.compile_used, "reason": trainer.compile_reason}
+        if compiled_cache is not None:
+            compiled.update(compiled_cache.to_dict())
         run.outputs.write_json(ENV, {**env, "micro_batch": plan.to_dict(), "compile": compiled})
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:  # a preempted first cell still leaves what it compiled to the next one
+        if compiled_cache is not None and dist.rank == 0:
+            compiled_cache.save()
 
 
 def _start(run: Run, dist: DistEnv):

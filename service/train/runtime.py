@@ -122,7 +122,9 @@ def runtime_for(p: Protocol, dist: DistEnv, *, gpus_asked: int = 0) -> Runtime:
         bf16=bf16,
         precision_reason=why,
         channels_last=use_cuda,
-        compile=p.compile and use_cuda,
+        # BACKBONES_COMPILE_ON_CPU=1: inductor on the CPU, for the compile cache's tests and
+        # benchmarks (a C compiler is needed); the CPU path is otherwise eager.
+        compile=p.compile and (use_cuda or os.environ.get("BACKBONES_COMPILE_ON_CPU") == "1"),
         rank=dist.rank,
         world_size=dist.world_size,
         probe_memory=use_cuda,
