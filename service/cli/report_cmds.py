@@ -139,13 +139,32 @@ def budget(
         "an unreachable store 75.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the breakdown as JSON."),
+    gpu: str = typer.Option(
+        None,
+        "--gpu",
+        help="Estimate for this GPU: a reference (A100-80GB, H100-SXM) or a device calibrated "
+        "in the study's output store (default: A100-80GB).",
+    ),
+    calibrate: bool = typer.Option(
+        False,
+        "--calibrate",
+        help="First measure each backbone's training step rate on this machine's device and "
+        "store the table in the study's output store, keyed by the device's name.",
+    ),
+    steps: int = typer.Option(10, "--steps", min=1, help="Timed steps per backbone (--calibrate)."),
 ) -> None:
     """GPU-hours of a Study per dataset × backbone × fraction, and how they were estimated."""
-    from service.spec.budget import estimate
+    from service.spec.budget import DEFAULT_REFERENCE, estimate
 
     with edge():
         study = _study(spec_file)
-        est = estimate(study, online=online)
+        if calibrate:
+            from service.train.calibrate import calibrate as measure
+
+            gpu, rows = measure(study, steps=steps, warmup=max(2, steps // 5))
+            for model, row in rows.items():
+                err(f"calibrated {model} on {gpu}: {row['images_per_second']:.1f} img/s")
+        est = estimate(study, online=online, reference=gpu or DEFAULT_REFERENCE)
         if as_json:
             typer.echo(json.dumps(est.to_dict(), indent=2))
             return
@@ -156,7 +175,8 @@ def budget(
                 f"{c.gpu_hours:.2f} GPU-h ({c.image_size[0]}x{c.image_size[1]} px, "
                 f"{c.gmacs:.3g} GMACs [{c.gmacs_source}], "
                 f"{c.train_images} train images [{c.images_source}], {c.epochs} epochs, "
-                f"{c.images_per_second:.0f} img/s)"
+                f"{c.images_per_second:.0f} img/s [{c.speed_source}], "
+                f"overhead {c.overhead_seconds:.0f} s/cell)"
             )
         for note in est.notes:
             typer.echo(f"note: {note}")

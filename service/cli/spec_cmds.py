@@ -39,9 +39,12 @@ def validate(
         if spec.kind == "Study":
             line = f"ok: {path} (Study {spec.name}, {spec.n_cells} cells"
             try:
-                from service.spec.budget import estimate_gpu_hours
+                from service.spec.budget import estimate, gmacs_fallbacks
 
-                line += f", ~{estimate_gpu_hours(spec):.1f} GPU-hours"
+                est = estimate(spec)
+                line += f", ~{est.gpu_hours:.1f} GPU-hours"
+                if fallbacks := gmacs_fallbacks(est):
+                    line += f", speed from GMACs for {', '.join(fallbacks)} (not benchmarked)"
                 if spec.search.strategy == "successive_halving":
                     from service.search.plan import epoch_fraction
 

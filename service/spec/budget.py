@@ -15,9 +15,13 @@ The estimate is an upper bound built from four numbers per cell:
   ``budget`` warns about every assumed size.
 - **Epochs** are ``protocol.max_epochs``: the 'paper' recipe usually stops earlier on its
   plateau, so this is a ceiling, which is what a budget needs. ``max_minutes`` caps it further.
-- **Seconds per image** come from ``REFERENCE_GPUS`` below: training throughput measured for
-  ResNet-50, expressed as GMAC·images/s so it transfers to other backbones by their GMACs,
-  with a ceiling of images/s for tiny models that are bound by memory and input, not MACs.
+- **Seconds per image** come from ``REFERENCE_GPUS`` below, ResNet-50's measured training
+  throughput, carried to each backbone by ``service.spec.throughput``: a calibration measured on
+  this GPU model (``budget --calibrate``), else timm's training benchmark (the backbone's speed
+  relative to ResNet-50), else GMACs; with a ceiling of images/s for tiny models that are bound
+  by memory and input, not MACs.
+- **Overhead** per cell (start-up, fetch and decode, build and weights, probe, compile warm-up,
+  uploads): ``throughput.OVERHEAD_SECONDS``, billed on every GPU of the cell.
 
 Pure and offline by default: ``validate`` calls it and must stay fast and torch-free. With
 ``online=True`` (``submit`` has credentials anyway) a manifest on S3 is read too.
@@ -29,6 +33,7 @@ import contextlib
 from dataclasses import asdict, dataclass, field
 
 from service.errors import RetriableError, UserError
+from service.spec import throughput
 from service.spec.dataset_sizes import (  # noqa: F401 (re-exported)
     DEFAULT_TEST_RATIO,
     DEFAULT_TRAIN_IMAGES,
@@ -46,6 +51,7 @@ class ReferenceGPU:
     gmac_images_per_second: float  # training: images/s × forward GMACs per image, at bf16/AMP
     max_images_per_second: float  # ceiling for tiny models (memory and input bound)
     source: str
+    resnet50_images_per_second: float = 0.0  # the anchor of timm's benchmark ratios
 
 
 # NVIDIA DeepLearningExamples, PyTorch ResNet-50 v1.5 README, "Training performance: NVIDIA DGX
@@ -65,13 +71,15 @@ REFERENCE_GPUS: dict[str, ReferenceGPU] = {
         gmac_images_per_second=_A100_RN50_IMAGES_PER_SECOND * _RN50_GMACS * _PER_GMAC_DERATE,
         max_images_per_second=3000.0,
         source="NVIDIA DeepLearningExamples ResNet-50 v1.5 (PyTorch, AMP, 1x A100 80GB: "
-        "2,470 img/s) x 4.1 GMACs x 0.8 derate",
+        "2,470 img/s)",
+        resnet50_images_per_second=_A100_RN50_IMAGES_PER_SECOND,
     ),
     "H100-SXM": ReferenceGPU(
         name="H100-SXM",
         gmac_images_per_second=2 * _A100_RN50_IMAGES_PER_SECOND * _RN50_GMACS * _PER_GMAC_DERATE,
         max_images_per_second=6000.0,
         source="assumed 2x the A100 row (not measured)",
+        resnet50_images_per_second=2 * _A100_RN50_IMAGES_PER_SECOND,
     ),
 }
 DEFAULT_REFERENCE = "A100-80GB"
@@ -100,6 +108,8 @@ class CellEstimate:
     images_per_second: float
     gpu_hours_per_seed: float
     image_size: tuple[int, int] = (224, 224)  # the dataset's effective protocol.image_size
+    speed_source: str = "gmacs"  # 'calibrated', 'timm' or 'gmacs' (service.spec.throughput)
+    overhead_seconds: float = 0.0  # per seed, outside the epochs (wall, on each GPU)
 
     @property
     def gpu_hours(self) -> float:
@@ -178,9 +188,16 @@ def estimate(
     reference: str = DEFAULT_REFERENCE,
     online: bool = False,
     storage=None,
+    calibration: dict | None = None,
 ) -> Estimate:
-    """Per-cell breakdown and total GPU-hours of a Study on the reference GPU."""
-    gpu = REFERENCE_GPUS[reference]
+    """Per-cell breakdown and total GPU-hours of a Study on the reference GPU.
+
+    ``calibration``: a table from ``budget --calibrate`` (``throughput.load_tables``); by
+    default the one in the study's output store whose device matches ``reference``, read when
+    the store is local or ``online``."""
+    if calibration is None:
+        calibration = _calibration(study, reference, online=online, storage=storage)
+    gpu = reference_gpu(reference, calibration)
     gpus = study.resources.gpus
     result = Estimate(study.name, study.n_cells, gpu.name, gpus, notes=_notes(study, gpu))
     scale = 0.0 if gpus == 0 else (1.0 if gpus == 1 else 1.0 / MULTI_GPU_EFFICIENCY)
@@ -190,7 +207,8 @@ def estimate(
         proto = study.protocol_for(dataset)
         for backbone in study.backbones:
             gmacs, gmacs_source = model_gmacs(backbone.model, proto.hw)
-            train_ips = min(gpu.gmac_images_per_second / gmacs, gpu.max_images_per_second)
+            train_ips, speed = train_speed(backbone.model, proto.hw, gpu, calibration)
+            overhead = throughput.overhead_seconds(compile=proto.compile)
             for fraction in study.train_fractions:
                 train, val = _epoch_images(dataset, size, fraction)
                 seconds = _seconds(proto, train, val, size.test, train_ips)
@@ -208,11 +226,84 @@ def estimate(
                         images_source=size.source,
                         epochs=proto.max_epochs,
                         images_per_second=train_ips,
-                        gpu_hours_per_seed=seconds / 3600 * scale,
+                        gpu_hours_per_seed=(seconds * scale + overhead * gpus) / 3600,
                         image_size=proto.hw,
+                        speed_source=speed,
+                        overhead_seconds=overhead if gpus else 0.0,
                     )
                 )
     return result
+
+
+def train_speed(
+    model: str, hw: tuple[int, int], gpu: ReferenceGPU, calibration: dict | None = None
+) -> tuple[float, str]:
+    """Training images/s of ``model`` at ``hw`` on ``gpu`` and which source gave it."""
+    pixels = hw[0] * hw[1]
+    row = ((calibration or {}).get("rows") or {}).get(model)
+    if row:
+        size = _as_hw(row.get("image_size")) or DEFAULT_INPUT
+        ips, source = row["images_per_second"] * size[0] * size[1] / pixels, "calibrated"
+    elif (ratio := throughput.timm_ratio(model)) is not None and gpu.resnet50_images_per_second:
+        rel, size = ratio
+        ips, source = gpu.resnet50_images_per_second * rel * size * size / pixels, "timm"
+    else:
+        gmacs, _ = model_gmacs(model, hw)
+        ips, source = gpu.gmac_images_per_second / gmacs, "gmacs"
+    return min(ips, gpu.max_images_per_second), source
+
+
+def reference_gpu(name: str, calibration: dict | None = None) -> ReferenceGPU:
+    """A named reference GPU, or a calibrated device (``budget --gpu "NVIDIA L4"``): its
+    ResNet-50 figure derived from its first calibrated row that timm's table relates to
+    ResNet-50, so models it did not measure scale from it too."""
+    if name in REFERENCE_GPUS:
+        return REFERENCE_GPUS[name]
+    rows = (calibration or {}).get("rows") or {}
+    if not rows:
+        known = ", ".join(REFERENCE_GPUS)
+        raise UserError(
+            f"--gpu {name!r}: not a reference GPU ({known}) and not calibrated "
+            "in this study's output store: run `backbones budget --calibrate` there"
+        )
+    # GMAC·images/s from the first calibrated row; ResNet-50's images/s at 224 px from the
+    # first row timm's table relates to ResNet-50 (else from the GMAC figure).
+    first, row = next(iter(rows.items()))
+    size = _as_hw(row.get("image_size")) or DEFAULT_INPUT
+    gmac_ips = row["images_per_second"] * model_gmacs(first, size)[0]
+    anchor = gmac_ips / (_RN50_GMACS * _PER_GMAC_DERATE)
+    for model, row in rows.items():
+        if (ratio := throughput.timm_ratio(model)) is not None:
+            size = _as_hw(row.get("image_size")) or DEFAULT_INPUT
+            rel, timm_px = ratio
+            anchor = row["images_per_second"] * size[0] * size[1] / (timm_px * timm_px) / rel
+            break
+    return ReferenceGPU(
+        name=name,
+        gmac_images_per_second=gmac_ips,
+        max_images_per_second=float("inf"),
+        source=f"calibrated on {name} (budget --calibrate)",
+        resnet50_images_per_second=anchor,
+    )
+
+
+def gmacs_fallbacks(est: Estimate) -> list[str]:
+    """The backbones whose speed came from GMACs (in neither a calibration nor timm's table)."""
+    return list(dict.fromkeys(c.backbone for c in est.cells if c.speed_source == "gmacs"))
+
+
+def _calibration(study: Study, reference: str, *, online: bool, storage) -> dict | None:
+    """The study store's calibration for the reference GPU; only a local store offline."""
+    from service.storage import is_s3, open_store
+
+    uri = study.output.uri
+    if is_s3(uri) and not online:
+        return None
+    try:
+        store = open_store(uri, storage or study.storage)
+    except Exception:  # an estimate never fails on a store it cannot open
+        return None
+    return throughput.pick_table(throughput.load_tables(store), reference)
 
 
 def _notes(study: Study, gpu: ReferenceGPU) -> list[str]:
@@ -225,7 +316,15 @@ def _notes(study: Study, gpu: ReferenceGPU) -> list[str]:
         f"epochs: protocol.max_epochs ({', '.join(map(str, epochs))}), a ceiling"
         + (" (per-dataset overrides)" if len(epochs) > 1 else "")
     )
-    notes.append(f"throughput: {gpu.source}")
+    notes.append(
+        f"throughput: {gpu.source}; per backbone: a calibration for this GPU, else "
+        f"{throughput.timm_source()} (ratio to resnet50), else GMACs"
+    )
+    notes.append(
+        "overhead: "
+        + ", ".join(f"{k} {v:g} s" for k, v in throughput.OVERHEAD_SECONDS.items())
+        + f" per cell (+ compile {throughput.COMPILE_SECONDS:g} s when protocol.compile)"
+    )
     return notes
 
 
@@ -290,13 +389,28 @@ def check_budget(study: Study, yes: bool, *, online: bool = False, warn=None) ->
         warn(f"warning: {e}; estimating from the spec instead (as `budget --offline` does)")
         est = estimate(study, online=False)
     limit = study.max_gpu_hours
-    if limit is not None and est.gpu_hours > limit and not yes:
+    hours, what = planned_gpu_hours(study, est)
+    if limit is not None and hours > limit and not yes:
         raise UserError(
-            f"study {study.name!r}: estimated {est.gpu_hours:.1f} GPU-hours "
-            f"({study.n_cells} cells on {est.reference_gpu}) exceeds max_gpu_hours {limit:g}; "
+            f"study {study.name!r}: estimated {hours:.1f} GPU-hours ({what}, "
+            f"{study.n_cells} cells on {est.reference_gpu}) exceeds max_gpu_hours {limit:g}; "
             "pass --yes to submit anyway"
         )
     return est
+
+
+def planned_gpu_hours(study: Study, est: Estimate) -> tuple[float, str]:
+    """(GPU-hours, what they cover): the grid's; for a successive-halving search its plan's,
+    which trains ``epoch_fraction`` of the grid's epochs, while every candidate still pays
+    its cell's overhead once."""
+    if study.search.strategy != "successive_halving":
+        return est.gpu_hours, "the grid"
+    from service.search.plan import epoch_fraction
+
+    share = epoch_fraction(study)
+    overhead = sum(c.overhead_seconds * c.seeds for c in est.cells) * est.gpus_per_cell / 3600
+    return (est.gpu_hours - overhead) * share + overhead, f"the search's plan, {share:.0%} of "
+    "the grid's epochs"
 
 
 def _as_study(run) -> Study:
