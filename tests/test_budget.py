@@ -22,6 +22,7 @@ from service.spec.budget import (
     estimate,
     estimate_gpu_hours,
 )
+from service.spec.throughput import OVERHEAD_SECONDS
 from tests import specs
 from tests.specs import write_spec
 
@@ -43,21 +44,24 @@ def study(**over) -> dict:
     )
 
 
-def hours_by_hand(gmacs, train_pool, val_fraction, test, epochs, fraction=1.0):
-    """The documented formula, written out: epochs × (train + val/3) + test/3, in seconds."""
-    ips = min(A100.gmac_images_per_second / gmacs, A100.max_images_per_second)
+def hours_by_hand(ips, train_pool, val_fraction, test, epochs, fraction=1.0):
+    """The documented formula, written out: epochs × (train + val/3) + test/3, in seconds, plus
+    the cell's default overhead."""
     val = round(train_pool * val_fraction)
     train = round((train_pool - val) * fraction)
-    return (epochs * (train / ips + val / (3 * ips)) + test / (3 * ips)) / 3600
+    seconds = epochs * (train / ips + val / (3 * ips)) + test / (3 * ips)
+    return (seconds + sum(OVERHEAD_SECONDS.values())) / 3600
 
 
-def test_estimate_from_catalog_gmacs_and_the_size_hint():
+def test_estimate_from_the_anchor_and_the_size_hint():
+    """ResNet-50 at 224 px is the anchor: the A100's measured 2,470 images/s, not a GMAC
+    conversion."""
     spec = parse_spec(study())
-    gmacs = catalog_get("resnet50").gmacs  # at 224 px, the study's default size
-    expected = hours_by_hand(gmacs, 20_000, 0.1, 5_000, 10)
+    expected = hours_by_hand(2470.0, 20_000, 0.1, 5_000, 10)
     assert estimate_gpu_hours(spec) == pytest.approx(expected)
     cell = estimate(spec).cells[0]
     assert (cell.gmacs_source, cell.images_source) == ("catalog", "dataset.expected_images")
+    assert (cell.speed_source, cell.images_per_second) == ("timm", pytest.approx(2470.0))
     assert (cell.train_images, cell.eval_images, cell.test_images) == (18_000, 2_000, 5_000)
 
 
@@ -139,7 +143,7 @@ def test_submit_refuses_above_max_gpu_hours_with_the_estimate():
     with pytest.raises(UserError) as e:
         check_budget(spec, yes=False)
     assert str(e.value) == (
-        f"study 'b': estimated {hours:.1f} GPU-hours (3 cells on A100-80GB) exceeds "
+        f"study 'b': estimated {hours:.1f} GPU-hours (the grid, 3 cells on A100-80GB) exceeds "
         "max_gpu_hours 0.01; pass --yes to submit anyway"
     )
 

@@ -35,7 +35,7 @@ def test_a_deadline_the_spec_sets_is_kept_even_above_the_cap(tmp_path):
 
 def test_validate_prints_a_studys_deadline_and_warns_when_it_cuts_the_study(tmp_path):
     data = json.loads(PAPER.read_text())
-    data["resources"]["parallelism"] = 1  # ~608 GPU-hours one cell at a time: > a week
+    data["resources"]["parallelism"] = 1  # ~637 GPU-hours one cell at a time: > a week
     slow = tmp_path / "slow.json"
     slow.write_text(json.dumps(data))
     out = subprocess.run(
@@ -45,10 +45,10 @@ def test_validate_prints_a_studys_deadline_and_warns_when_it_cuts_the_study(tmp_
     lines = out.stdout.splitlines()
     assert lines[1] == (
         "  deadline: activeDeadlineSeconds 604800 (7.0 days, derived from the estimate; "
-        "capped from 10.1 days)"
+        "capped from 10.3 days)"
     )
     # each file: its ok line, the deadline (and a warning), then the size-rule note
     assert lines[3].startswith(f"ok: {slow} ")
     assert lines[4].startswith("  deadline: activeDeadlineSeconds 604800 (7.0 days")
-    assert lines[5].startswith("  warning: the estimate needs ~25.")
+    assert lines[5].startswith("  warning: the estimate needs ~26.")
     assert "raise resources.parallelism or set resources.active_deadline_seconds" in lines[5]
