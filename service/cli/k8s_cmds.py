@@ -181,6 +181,30 @@ def status(
 
             for line in search_status(cluster, study):
                 typer.echo(line)
+            for line in _remaining(cluster, study):
+                typer.echo(line)
+
+
+def _remaining(cluster, study: str) -> list[str]:
+    """The study's GPU-hours left, re-estimated from its finished cells (service.spec.spent);
+    a store it cannot read is a warning, never a failed status."""
+    from service.k8s.ops import select_jobs
+    from service.k8s.render import spec_from_job
+    from service.spec import Study
+    from service.spec.spent import remaining_line
+
+    for job in select_jobs(cluster, None, study):
+        try:
+            spec = spec_from_job(job)
+        except Exception:
+            continue
+        if isinstance(spec, Study):
+            try:
+                return [remaining_line(spec)]
+            except Exception as e:
+                err(f"warning: study {study}: remaining GPU-hours not re-estimated: {e}")
+                return []
+    return []
 
 
 def print_rows(rows) -> None:
