@@ -221,6 +221,8 @@ def test_status_study_shows_the_rungs_and_survivors(tmp_path, monkeypatch):
     assert "rung 1 (1 epochs) digits/frac1.0: 6 candidates -> m1, m4" in out.stdout
     assert "rung 2 (3 epochs) digits/frac1.0: 2 candidates -> m1" in out.stdout
     assert "winner digits/frac1.0: m1" in out.stdout
+    # the study's cost left, re-estimated from its finished cells (service.spec.spent)
+    assert [ln for ln in out.stdout.splitlines() if ln.startswith("study sel: ~")], out.stdout
 
 
 def test_the_driver_exports_its_rung_and_survivors_per_dataset(tmp_path):
