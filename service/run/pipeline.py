@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.run.contract import RunFacts, RunSummary
-from service.run.events import Observer, Progress
+from service.run.events import Observer, Observers, Progress
 from service.run.outputs import ENV, SPEC, RunOutputs
 from service.spec import FineTune
 from service.storage import open_store
@@ -66,6 +66,8 @@ def train(run: Run, cache: Path, dist: DistEnv) -> RunSummary:
     compiled_cache = compile_cache.open_for(spec, rt, trainer.compile_used)
     if compiled_cache is not None:  # before the first compiled pass (the probe's, or a step's)
         compiled_cache.load()
+        if dist.rank == 0:  # saved after the first epoch (or at the end, below)
+            trainer.observer = Observers(trainer.observer, compiled_cache)
     plan = trainer.start()  # resume, then the micro-batch (a probe on a GPU for 'auto')
     if dist.rank == 0:
         env = environment(spec, rt, data, built, stats)

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 from service.digest import json_hash
+from service.run.events import Observer
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,9 @@ def key_for(spec, rt) -> dict:
 
 
 @dataclass
-class CompileCache:
-    """Load before the first compiled step; save after the compiled steps ran, if it missed."""
+class CompileCache(Observer):
+    """Load before the first compiled step; save after the first epoch's compiled training and
+    evaluation passes (``on_epoch``), or when training ends sooner, if it missed."""
 
     store: object  # rooted at output.uri
     key: dict
@@ -106,6 +108,9 @@ class CompileCache:
             log.info("compile cache: saved %d bytes to %s", len(blob), self.name)
         except Exception as e:
             self._warn("could not save the compile cache", e)
+
+    def on_epoch(self, progress, record) -> None:
+        self.save()  # the training and evaluation graphs exist now: the next cell needs them
 
     def to_dict(self) -> dict:
         return {"cache": self.status, "cache_load_seconds": self.load_seconds}
