@@ -1,4 +1,4 @@
-"""The run contract: summary.json and status.json are typed (service.run.contract), carry a
+"""The run contract: summary.json and status.json are typed (service.outputs.contract), carry a
 ``schema_version``, and every reader goes through the model.
 
 - a run writes ``schema_version`` into both files, and otherwise exactly the keys it wrote
@@ -20,10 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from service.report import build_report
-from service.report.collect import collect
-from service.run import worker
-from service.run.contract import (
+from service.outputs.contract import (
     ADDED_LATER,
     SCHEMA_VERSION,
     RunFacts,
@@ -32,6 +29,9 @@ from service.run.contract import (
     TestMetrics,
     UnreadableOutput,
 )
+from service.report import build_report
+from service.report.collect import collect
+from service.run import worker
 from tests.reportutil import summary, write_grid
 from tests.specs import tiny_spec
 from tests.trainutil import REPO, one_thread, run_here
@@ -120,7 +120,7 @@ def test_status_json_holds_exactly_the_progress_the_events_carry():
     untyped (kept as an extra key) or never filled."""
     from dataclasses import fields
 
-    from service.run.events import Progress
+    from service.outputs.events import Progress
 
     on_disk = set(RunStatus.model_fields) - {"schema_version", "updated_at"}
     assert on_disk == {f.name for f in fields(Progress)}

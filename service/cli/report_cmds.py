@@ -141,7 +141,7 @@ def budget(
     as_json: bool = typer.Option(False, "--json", help="Print the breakdown as JSON."),
 ) -> None:
     """GPU-hours of a Study per dataset × backbone × fraction, and how they were estimated."""
-    from service.spec.budget import estimate
+    from service.cost.budget import estimate
 
     with edge():
         study = _study(spec_file)
@@ -166,7 +166,7 @@ def budget(
 
 def _assumed_sizes(study, est, online: bool) -> list[str]:
     """One line per dataset whose image count was assumed, not read, and how to read it."""
-    from service.spec.budget import DEFAULT_TRAIN_IMAGES
+    from service.cost.budget import DEFAULT_TRAIN_IMAGES
 
     out = []
     for name, source in dict.fromkeys((c.dataset, c.images_source) for c in est.cells):

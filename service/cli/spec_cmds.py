@@ -39,7 +39,7 @@ def validate(
         if spec.kind == "Study":
             line = f"ok: {path} (Study {spec.name}, {spec.n_cells} cells"
             try:
-                from service.spec.budget import estimate_gpu_hours
+                from service.cost.budget import estimate_gpu_hours
 
                 line += f", ~{estimate_gpu_hours(spec):.1f} GPU-hours"
                 if spec.search.strategy == "successive_halving":
@@ -62,7 +62,7 @@ def validate(
 
 def _echo_deadline(spec) -> None:
     """The Study Job's activeDeadlineSeconds (derived ones are capped: docs/kubernetes.md)."""
-    from service.spec.deadline import deadline_line
+    from service.cost.deadline import deadline_line
 
     with contextlib.suppress(ImportError, ArithmeticError, ValueError):  # a courtesy
         typer.echo(deadline_line(spec))

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from service.errors import UserError
-from service.run.contract import RunStatus, RunSummary, UnreadableOutput, check_version
-from service.run.outputs import SPEC, STATUS, SUMMARY
+from service.outputs.contract import RunStatus, RunSummary, UnreadableOutput, check_version
+from service.outputs.folder import SPEC, STATUS, SUMMARY
 from service.spec import Storage, Study, run_id_for
 from service.storage import NotFound, Store, import_for_threads, open_store
 
@@ -398,7 +398,7 @@ def _read_json(store: Store, key: str) -> dict | None:
 
 
 def _summary(data: dict | None) -> RunSummary | None:
-    """summary.json read through its contract (service.run.contract): the version first, then
+    """summary.json read through its contract (service.outputs.contract): the version first, then
     the report's own rule (a numeric test.top1), then every field's type."""
     if data is None:
         return None

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from service.report.collect import Cell, Collection
-from service.report.stats import (
+from service.stats import (
     INTERVAL_METHOD,
     PAIRED_METHOD,
     SAMPLING_METHOD,

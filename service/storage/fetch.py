@@ -46,7 +46,7 @@ ATTEMPTS = 3  # per file, on top of botocore's own retries: a stream can break m
 
 
 class Observer(Protocol):
-    """What a fetch reports to: the run's listeners (service.run.events.Observer) fit it;
+    """What a fetch reports to: the run's listeners (service.outputs.events.Observer) fit it;
     a Protocol, so storage stays below the run that listens."""
 
     def on_download(self, nbytes: int) -> None: ...

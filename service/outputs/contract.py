@@ -247,7 +247,7 @@ def _doc(text: str, default: Any = MISSING, **kw: Any) -> Any:
 @dataclass
 class Progress:
     """The run's state as a person watching it wants to see it (the trainer owns one; the
-    ``service.run.events`` listeners show it). ``status.json`` is this plus ``updated_at`` and
+    ``service.outputs.events`` listeners show it). ``status.json`` is this plus ``updated_at`` and
     ``schema_version``: ``RunStatus`` is derived from these fields, so the two cannot drift."""
 
     run_id: str = _doc("The run's folder under output.uri.")
@@ -263,7 +263,7 @@ class Progress:
     val_top1: float | None = _doc("Validation top-1 of the last epoch.", None)
     best_val_top1: float | None = _doc("Best validation top-1 so far.", None)
     images_per_second: float | None = _doc("Training throughput, all ranks.", None)
-    recipe_phase: str | None = _doc("The recipe's optimizer stage ('paper': adamw, sgd).", None)
+    recipe_phase: str | None = _doc("The recipe regime in force ('paper': adamw, sgd).", None)
     micro_batch: int | None = _doc("Images per forward/backward pass on one GPU.", None)
     accumulation_steps: int | None = _doc("Micro-batches per optimizer step.", None)
     remediations: list[dict[str, Any]] = _doc(  # noqa: RUF009 (_doc is a field())

@@ -7,7 +7,7 @@ Pushgateway. Listeners never feed back into training, so data flows one way.
 
 from __future__ import annotations
 
-from service.run.contract import PHASES, Phase, Progress, RunSummary
+from service.outputs.contract import PHASES, Phase, Progress, RunSummary
 
 __all__ = ["PHASES", "Observer", "Observers", "Phase", "Progress"]
 

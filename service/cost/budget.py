@@ -9,7 +9,7 @@ The estimate is an upper bound built from four numbers per cell:
   catalog's input size, scaled by pixel count to the dataset's effective ``protocol.image_size``
   (``datasets[].protocol`` overrides the study's). A model the catalog does not
   know costs ``DEFAULT_GMACS`` at 224 px, larger than every paper backbone but DenseNet-161.
-- **Images** come from ``service.spec.dataset_sizes``: the dataset's ``manifest.json`` (on S3
+- **Images** come from ``service.cost.dataset_sizes``: the dataset's ``manifest.json`` (on S3
   only online), a local ImageFolder, archive or array file (counted), ``dataset.expected_images``,
   the builtin set's known size, or else ``DEFAULT_TRAIN_IMAGES``; the breakdown says which, and
   ``budget`` warns about every assumed size.
@@ -28,13 +28,13 @@ from __future__ import annotations
 import contextlib
 from dataclasses import asdict, dataclass, field
 
-from service.errors import RetriableError, UserError
-from service.spec.dataset_sizes import (  # noqa: F401 (re-exported)
+from service.cost.dataset_sizes import (  # noqa: F401 (re-exported)
     DEFAULT_TEST_RATIO,
     DEFAULT_TRAIN_IMAGES,
     DatasetSize,
     dataset_size,
 )
+from service.errors import RetriableError, UserError
 from service.spec.model import Study
 from service.spec.sections import Dataset, Protocol
 from service.train.recipes import recipe_for
