@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 def worker(args) -> int:
     import torch
 
+    from service.outputs.events import Observer
     from service.run import worker as w
-    from service.run.events import Observer
 
     if args.one_gpu and torch.cuda.is_available():
         # the worker takes cuda:LOCAL_RANK; two ranks share the one GPU here

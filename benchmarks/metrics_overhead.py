@@ -29,7 +29,7 @@ import urllib.request
 import torch
 import torch.nn.functional as F
 
-from service.run.events import Observer, Progress
+from service.outputs.events import Observer, Progress
 from service.run.metrics import PrometheusObserver
 from service.spec import parse_spec
 

@@ -29,13 +29,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.run.contract import RunFacts, RunStatus, RunSummary, TestMetrics
+from service.outputs.contract import RunFacts, RunStatus, RunSummary, TestMetrics
 
 DOMAINS = ["natural", "texture", "remote_sensing", "plant", "astronomy", "medical"]
 
 
 def _summary(run, dataset, domain, backbone, seed, top1, gmacs, b) -> RunSummary:
-    """A cell's summary, built as the trainer builds it (service.run.contract)."""
+    """A cell's summary, built as the trainer builds it (service.outputs.contract)."""
     facts = RunFacts(
         run_id=run, name=run.replace("/", "-"), study="scale", spec_hash=None,
         backbone=backbone, weights="none", dataset=dataset, domain=domain, recipe="standard",
@@ -114,7 +114,7 @@ def main() -> None:
         load = os.getloadavg()[0]
         print(f"    (goal < 5 s; load average now {load:.1f} on {os.cpu_count()} CPUs)")
 
-        from service.report import render
+        from service.report import writer
         from service.report.collect import collect
         from service.report.plots import fractions_png, pareto_png
         from service.report.tables import build
@@ -127,7 +127,7 @@ def main() -> None:
             return {k: v for k, v in figs.items() if v}
 
         figs, t_plots = timed(figures)
-        _, t_write = timed(lambda: render.write(report, out, figs))
+        _, t_write = timed(lambda: writer.write(report, out, figs))
         total = t_collect + t_build + t_plots + t_write
         print(f"(b) in-process total:                  {total:6.2f} s")
         print(f"      collect (list + read, pool)      {t_collect:6.2f} s")

@@ -15,7 +15,7 @@ r*S .. r*S+S-1, S = ``--seeds``).
 
 Per setting it prints: the rate of (dataset, repetition) pairs where the search's winner is the
 grid's winner or not distinguishable from it (paired t-test over the seeds on the grid's test
-top-1, service.report.stats; with fewer than 3 seeds no pair is distinguishable, and the table
+top-1, service.stats; with fewer than 3 seeds no pair is distinguishable, and the table
 says so), the mean regret in points of test top-1 (grid winner minus search winner), and the
 search's epochs, training seconds and wall seconds against the grid's.
 
@@ -156,8 +156,8 @@ def study_doc(out: Path, name: str, args, setting: str, rep: int, search: dict |
 
 
 def run_grid(study) -> dict:
+    from service.outputs.folder import RunOutputs
     from service.run.cell import run_cell
-    from service.run.outputs import RunOutputs
     from service.spec.study import expand
     from service.storage import open_store
 
@@ -211,7 +211,7 @@ def run_search(study) -> dict:
 
 def judge(grid: dict, search: dict) -> list[dict]:
     """Per dataset: grid winner, search winner, tie or not, regret in points."""
-    from service.report.stats import paired_test
+    from service.stats import paired_test
 
     rows = []
     for ds, by_backbone in grid["scores"].items():

@@ -1,13 +1,13 @@
 """Synthetic study outputs for the report tests, in the workers' exact layout:
 ``<out>/<study>/<dataset>/<backbone>/seed<S>-frac<F>/summary.json`` (+ status.json), built
-through the run contract (service.run.contract) as the worker builds them."""
+through the run contract (service.outputs.contract) as the worker builds them."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from service.run.contract import (
+from service.outputs.contract import (
     SELECT_ON_TEST_WARNING,
     RunFacts,
     RunStatus,

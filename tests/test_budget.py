@@ -11,9 +11,7 @@ from typer.testing import CliRunner
 
 from service.backbones.catalog import get as catalog_get
 from service.cli import app
-from service.errors import UserError
-from service.spec import parse_spec
-from service.spec.budget import (
+from service.cost.budget import (
     DEFAULT_GMACS,
     DEFAULT_TRAIN_IMAGES,
     REFERENCE_GPUS,
@@ -22,7 +20,9 @@ from service.spec.budget import (
     estimate,
     estimate_gpu_hours,
 )
-from service.spec.throughput import OVERHEAD_SECONDS
+from service.cost.throughput import OVERHEAD_SECONDS
+from service.errors import UserError
+from service.spec import parse_spec
 from tests import specs
 from tests.specs import write_spec
 
@@ -168,7 +168,7 @@ def test_validate_prints_cells_and_gpu_hours(tmp_path):
 
 def test_the_estimate_never_imports_torch():
     code = (
-        "import sys, json; from service.spec import parse_spec; from service.spec.budget import "
+        "import sys, json; from service.spec import parse_spec; from service.cost.budget import "
         "estimate_gpu_hours; "
         f"estimate_gpu_hours(parse_spec(json.loads({json.dumps(json.dumps(study()))}))); "
         "print('torch' in sys.modules, 'timm' in sys.modules)"

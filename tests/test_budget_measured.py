@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
+from service.cost import throughput as tp
+from service.cost.budget import REFERENCE_GPUS, check_budget, estimate, planned_gpu_hours
+from service.cost.spent import remaining_gpu_hours, remaining_line
 from service.spec import parse_spec
-from service.spec import throughput as tp
-from service.spec.budget import REFERENCE_GPUS, check_budget, estimate, planned_gpu_hours
-from service.spec.spent import remaining_gpu_hours, remaining_line
 from service.storage import open_store
 from tests import specs
 from tests.specs import write_spec

@@ -17,10 +17,10 @@ import pytest
 from typer.testing import CliRunner
 
 from service.cli import app
+from service.cost.budget import dataset_size
 from service.data import layout, prepare
 from service.data.card import card, render
 from service.errors import UserError
-from service.spec.budget import dataset_size
 from tests.data_factory import image_bytes, make_imagefolder
 from tests.specs import spec_for
 

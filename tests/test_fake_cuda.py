@@ -16,9 +16,9 @@ import torch
 
 from service.data import BatchLoader, Split
 from service.errors import Interrupted
-from service.run.contract import RunFacts
-from service.run.events import Observer, Progress
-from service.run.outputs import RunOutputs
+from service.outputs.contract import RunFacts
+from service.outputs.events import Observer, Progress
+from service.outputs.folder import RunOutputs
 from service.spec import Protocol
 from service.storage.local import LocalStore
 from service.train import Loaders, Runtime, Trainer, recipe_for

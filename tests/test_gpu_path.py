@@ -20,8 +20,8 @@ import torch
 
 from service.data import BatchLoader, Split
 from service.data.loader import RESIDENT_SHARE, plan_residency
-from service.run.events import Observer, Progress
-from service.run.outputs import RunOutputs
+from service.outputs.events import Observer, Progress
+from service.outputs.folder import RunOutputs
 from service.spec import Protocol, parse_spec
 from service.storage.local import LocalStore
 from service.train import Loaders, Runtime, Trainer, distributed, recipe_for

@@ -6,9 +6,9 @@ import json
 import subprocess
 from pathlib import Path
 
+from service.cost.deadline import MAX_DEADLINE_SECONDS, deadline_of
 from service.k8s.render import render_job
 from service.spec import load_spec
-from service.spec.deadline import MAX_DEADLINE_SECONDS, deadline_of
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "jobspecs" / "paper-study.json"

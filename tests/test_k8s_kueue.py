@@ -18,7 +18,7 @@ from service.cli import app, k8s_cmds
 from service.k8s import ops
 from service.k8s.client import Cluster
 from service.k8s.render import render_job
-from service.search.cluster import render_driver, render_rung
+from service.k8s.search_jobs import render_driver, render_rung
 from service.spec import parse_spec
 from tests import specs
 from tests.kueue_fake import (

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from service.k8s.render import to_yaml
-from service.search.cluster import render_for
+from service.k8s.search_jobs import render_for
 from service.spec import load_spec
 from tests.conftest import IN_CI, require
 

@@ -416,7 +416,7 @@ def test_backoff_deadline_and_ttl_come_from_the_spec():
 
 
 def test_without_a_deadline_in_the_spec_one_is_derived_from_the_budget_estimate():
-    from service.spec.deadline import job_deadline_seconds
+    from service.cost.deadline import job_deadline_seconds
 
     for data in (finetune(), study()):
         deadline = job_of(data)["spec"]["activeDeadlineSeconds"]

@@ -15,7 +15,7 @@ from service.k8s import ops
 from service.k8s.client import Cluster
 from service.k8s.launch import exit_code
 from service.k8s.render import render_job
-from service.search.cluster import ClusterRunner, render_rung
+from service.k8s.search_jobs import ClusterRunner, render_rung
 from service.search.plan import first_rung_size, groups, rung_cells
 from service.spec import parse_spec
 from tests.fixtures.k8s.apiserver import ApiServer

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from service.run.events import PHASES, Progress
+from service.outputs.events import PHASES, Progress
 from service.run.metrics import PrometheusObserver, run_labels
 from service.spec import parse_spec
 from tests.fixtures.prometheus import free_port

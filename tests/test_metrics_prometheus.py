@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.run.events import Progress
+from service.outputs.events import Progress
 from service.run.metrics import PrometheusObserver
 from service.spec import FineTune, parse_spec
 from tests.fixtures.prometheus import Prometheus, Pushgateway, free_port

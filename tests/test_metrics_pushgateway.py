@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from service.run.events import Progress
+from service.outputs.events import Progress
 from service.run.metrics import PrometheusObserver, prune_pushgateway, pushed_runs
 from service.spec import parse_spec
 from tests.specs import finetune

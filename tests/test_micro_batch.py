@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from service.errors import Interrupted
-from service.run.events import Observer
+from service.outputs.events import Observer
 from service.run.metrics import PrometheusObserver
 from service.spec import parse_spec
 from service.train import memory

@@ -37,7 +37,7 @@ def test_the_recipe_field_describes_every_registry_entry():
 def test_every_registry_name_validates_and_builds_its_recipe(name):
     protocol = Protocol(recipe=name)
     recipe = recipe_for(protocol)
-    assert recipe.name == name and recipe.phases
+    assert recipe.name == name and recipe.regimes
     assert recipe.augmentation == protocol.effective_augmentation == RECIPES[name].augmentation
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.report.stats import (
+from service.stats import (
     ALPHA,
     MIN_SEEDS,
     mean_ranks,
@@ -80,7 +80,7 @@ def test_paired_test_of_identical_results_is_not_enough_evidence():
 
 
 def test_a_tiny_p_value_reads_as_a_bound_never_zero():
-    from service.report.stats import format_p
+    from service.stats import format_p
 
     assert format_p(1e-300) == "p<0.001" and format_p(0.0) == "p<0.001"
     assert format_p(0.0123) == "p=0.012"

@@ -148,8 +148,8 @@ def test_the_progress_bar_shows_epoch_batch_loss_val_accuracy_speed_and_eta():
 
     from rich.console import Console
 
+    from service.outputs.events import Progress
     from service.run.console import ConsoleObserver
-    from service.run.events import Progress
 
     out = io.StringIO()
     bar = ConsoleObserver(Console(file=out, force_terminal=True, width=150), label="run")

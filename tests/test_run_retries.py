@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 
 from service.errors import EXIT_OK, EXIT_RETRY, Interrupted, RetriableError
+from service.outputs.folder import RETRIES, RunOutputs
 from service.run import retries
-from service.run.outputs import RETRIES, RunOutputs
 from service.storage import open_store
 from tests.fixtures.faults import one_error_line, run, tiny_spec, worker_cmd
 from tests.specs import write_spec

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from service.errors import UserError
-from service.run.outputs import RunOutputs
+from service.outputs.folder import RunOutputs
 from service.search.driver import Driver, read_state
 from service.spec import parse_spec
 from service.storage import open_store
@@ -127,8 +127,8 @@ def test_a_resumed_run_says_where_it_resumes_not_attempt_n():
     """A continue-mode rung resumes its cell: the console says so instead of 'attempt 3'."""
     import io
 
+    from service.outputs.events import Progress
     from service.run.console import LineObserver
-    from service.run.events import Progress
 
     out = io.StringIO()
     p = Progress(run_id="r", phase="Training", epoch=3, attempt=3)

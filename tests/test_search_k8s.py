@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from service.cli import app, k8s_cmds
-from service.search.cluster import ClusterRunner, pick_rung_cell, render_driver, render_rung
+from service.k8s.search_jobs import ClusterRunner, pick_rung_cell, render_driver, render_rung
 from service.search.driver import Driver, read_state
 from service.search.plan import groups, rung_cells
 from service.spec import parse_spec
@@ -168,7 +168,7 @@ def test_submit_follow_runs_the_driver_here(tmp_path, monkeypatch):
     s = study(tmp_path)
     api = Controller(s, accounts=((NS, "backbones-worker"),))
     monkeypatch.setattr(k8s_cmds, "_cluster", lambda ns, ctx: cluster_of(api))
-    monkeypatch.setattr("service.search.cluster.time.sleep", lambda t: None)
+    monkeypatch.setattr("service.k8s.search_jobs.time.sleep", lambda t: None)
     path = tmp_path / "s.json"
     path.write_text(s.to_json())
     out = CliRunner().invoke(app, ["submit", str(path), "--follow", "--image", IMAGE, "--yes"])
@@ -221,7 +221,7 @@ def test_status_study_shows_the_rungs_and_survivors(tmp_path, monkeypatch):
     assert "rung 1 (1 epochs) digits/frac1.0: 6 candidates -> m1, m4" in out.stdout
     assert "rung 2 (3 epochs) digits/frac1.0: 2 candidates -> m1" in out.stdout
     assert "winner digits/frac1.0: m1" in out.stdout
-    # the study's cost left, re-estimated from its finished cells (service.spec.spent)
+    # the study's cost left, re-estimated from its finished cells (service.cost.spent)
     assert [ln for ln in out.stdout.splitlines() if ln.startswith("study sel: ~")], out.stdout
 
 

@@ -55,8 +55,8 @@ def test_a_search_that_missed_the_grids_winner_states_its_regret(tmp_path):
 def test_without_a_spec_stopped_candidates_are_final_not_unfinished(tmp_path):
     """Continue mode leaves the stopped candidates' cells mid-schedule. Today's main, without
     --spec, listed them as 'not finished' (cells that would resume); they never do."""
-    from service.run.contract import RunStatus
-    from service.run.outputs import RunOutputs
+    from service.outputs.contract import RunStatus
+    from service.outputs.folder import RunOutputs
 
     s = study(tmp_path, "continue")
     state = Driver(s, FakeRunner(), echo=lambda m: None).run()

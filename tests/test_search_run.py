@@ -122,8 +122,8 @@ def test_a_rung_pod_trains_its_cell_to_the_budget_and_exits_0(tmp_path, monkeypa
     """What a rung Job's pod does under 'continue': the cell from BACKBONES_RUNG and the
     completion index, trained to the rung's budget (a checkpoint, no summary), exit 0; a retry
     of the pod finds the budget reached and exits 0 without training."""
+    from service.k8s.search_jobs import RUNG_ENV
     from service.run.worker import work
-    from service.search.cluster import RUNG_ENV
     from service.search.plan import rung_cells
     from tests.trainutil import one_thread
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from service.cli import app, k8s_cmds
 from service.k8s import ops
-from service.search.cluster import render_driver, render_rung
+from service.k8s.search_jobs import render_driver, render_rung
 from service.search.plan import rung_cells
 from service.spec import parse_spec
 from tests import specs

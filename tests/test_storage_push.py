@@ -76,9 +76,9 @@ def test_train_mean_and_std_are_per_channel_on_a_0_1_scale(tmp_path):
 
 def test_stratified_split_is_reproducible_and_keeps_class_proportions(tmp_path):
     src = make_imagefolder(tmp_path / "src", {"": {"a": 40, "b": 20, "c": 10}})
-    one = packing.scan(src, test_fraction=0.2, val_fraction=0.1, seed=7)
-    two = packing.scan(src, test_fraction=0.2, val_fraction=0.1, seed=7)
-    other = packing.scan(src, test_fraction=0.2, val_fraction=0.1, seed=8)
+    one = packing.images_by_split(src, test_fraction=0.2, val_fraction=0.1, seed=7)
+    two = packing.images_by_split(src, test_fraction=0.2, val_fraction=0.1, seed=7)
+    other = packing.images_by_split(src, test_fraction=0.2, val_fraction=0.1, seed=8)
     assert one == two
     assert one["test"] != other["test"]
     assert Counter(i.cls for i in one["test"]) == {"a": 8, "b": 4, "c": 2}

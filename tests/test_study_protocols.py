@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from service.backbones.catalog import get as catalog_get
 from service.cli import app
+from service.cost.budget import estimate
 from service.spec import SpecError, parse_spec
-from service.spec.budget import estimate
 from service.spec.study import expand
 from tests import specs
 from tests.specs import write_spec

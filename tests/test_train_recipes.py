@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from service.run.contract import RunSummary, TestMetrics
+from service.outputs.contract import RunSummary, TestMetrics
 from tests.specs import tiny_spec
 from tests.trainutil import run_dir, run_here
 
-# Every key of the contract (service.run.contract); "warning" only for select_on: test.
+# Every key of the contract (service.outputs.contract); "warning" only for select_on: test.
 # Written only when there is something to say: a warning, the data's notes.
 SUMMARY_KEYS = set(RunSummary.model_fields) - {"warning", "data_notes"}
 TEST_KEYS = set(TestMetrics.model_fields)
@@ -158,8 +158,8 @@ def _scripted_trainer(tmp_path, **protocol):
     """A Trainer on a 4->2 linear model whose validation results the test dictates."""
     import threading
 
-    from service.run.events import Observer, Progress
-    from service.run.outputs import RunOutputs
+    from service.outputs.events import Observer, Progress
+    from service.outputs.folder import RunOutputs
     from service.spec import Protocol
     from service.storage.local import LocalStore
     from service.train import Loaders, Runtime, Trainer, recipe_for

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from service.errors import Interrupted
-from service.run.events import Observer
+from service.outputs.events import Observer
 from tests.specs import tiny_spec, write_spec
 from tests.trainutil import results, run_dir, run_here, run_worker, start_worker, summary
 

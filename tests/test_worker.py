@@ -148,7 +148,7 @@ def test_an_unreadable_checkpoint_is_a_user_error_naming_it(monkeypatch, tmp_pat
 
 
 def test_observers_see_every_phase_in_order_and_an_event_per_epoch(tmp_path):
-    from service.run.events import Observer
+    from service.outputs.events import Observer
 
     class Recorder(Observer):
         def __init__(self):

@@ -66,7 +66,7 @@ def _render(
     """The spec and its Job; submitting, in the namespace of `namespace_for` (render needs no
     kubeconfig: without -n it prints the spec's resources.namespace)."""
     from service.k8s.render import warnings_for
-    from service.search.cluster import render_for
+    from service.k8s.search_jobs import render_for
 
     spec = load_or_exit(spec_file)
     if submitting:
@@ -128,9 +128,9 @@ def submit(
     context: str = _context_opt,
 ) -> None:
     """Create the Job for a spec (kubeconfig or in-cluster credentials)."""
+    from service.cost.budget import check_budget
     from service.k8s.ops import submit as do_submit
     from service.spec import Study
-    from service.spec.budget import check_budget
 
     with edge():
         spec, job = _render(spec_file, image, namespace, context, submitting=True)
@@ -177,7 +177,7 @@ def status(
         rows = status_rows(cluster, name, study)
         print_rows(rows)
         if study:
-            from service.search.cluster import search_status
+            from service.k8s.search_jobs import search_status
 
             for line in search_status(cluster, study):
                 typer.echo(line)
@@ -186,12 +186,12 @@ def status(
 
 
 def _remaining(cluster, study: str) -> list[str]:
-    """The study's GPU-hours left, re-estimated from its finished cells (service.spec.spent);
+    """The study's GPU-hours left, re-estimated from its finished cells (service.cost.spent);
     a store it cannot read is a warning, never a failed status."""
+    from service.cost.spent import remaining_line
     from service.k8s.ops import select_jobs
     from service.k8s.render import spec_from_job
     from service.spec import Study
-    from service.spec.spent import remaining_line
 
     for job in select_jobs(cluster, None, study):
         try:
@@ -254,7 +254,7 @@ def logs(
     with edge():
         name, study, namespace = _target(name, None, namespace, context)
         if study:  # a search spec: its driver's log
-            from service.search.cluster import driver_job_name
+            from service.k8s.search_jobs import driver_job_name
 
             name = driver_job_name(study)
         cluster = _cluster(namespace, context)
@@ -289,7 +289,7 @@ def cancel(
 
 
 def _searching(spec) -> bool:
-    from service.search.cluster import searching
+    from service.k8s.search_jobs import searching
 
     return searching(spec)
 

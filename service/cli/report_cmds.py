@@ -154,12 +154,12 @@ def budget(
     steps: int = typer.Option(10, "--steps", min=1, help="Timed steps per backbone (--calibrate)."),
 ) -> None:
     """GPU-hours of a Study per dataset × backbone × fraction, and how they were estimated."""
-    from service.spec.budget import DEFAULT_REFERENCE, estimate
+    from service.cost.budget import DEFAULT_REFERENCE, estimate
 
     with edge():
         study = _study(spec_file)
         if calibrate:
-            from service.train.calibrate import calibrate as measure
+            from service.cost.calibrate import calibrate as measure
 
             gpu, rows = measure(study, steps=steps, warmup=max(2, steps // 5))
             for model, row in rows.items():
@@ -186,7 +186,7 @@ def budget(
 
 def _assumed_sizes(study, est, online: bool) -> list[str]:
     """One line per dataset whose image count was assumed, not read, and how to read it."""
-    from service.spec.budget import DEFAULT_TRAIN_IMAGES
+    from service.cost.budget import DEFAULT_TRAIN_IMAGES
 
     out = []
     for name, source in dict.fromkeys((c.dataset, c.images_source) for c in est.cells):

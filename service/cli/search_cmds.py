@@ -51,7 +51,7 @@ def _proxy(cache_dir: Path | None):
 def drive_on_cluster(study, cluster, *, image: str | None, in_cluster: bool = False) -> None:
     """The driver with one Indexed Job per rung; its state in the output store."""
     from service.k8s.ops import check_local_queue
-    from service.search.cluster import ClusterRunner
+    from service.k8s.search_jobs import ClusterRunner
     from service.search.driver import Driver, search_store
 
     if not in_cluster:  # each rung's Job goes to this queue: it must be there

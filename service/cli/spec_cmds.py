@@ -39,7 +39,7 @@ def validate(
         if spec.kind == "Study":
             line = f"ok: {path} (Study {spec.name}, {spec.n_cells} cells"
             try:
-                from service.spec.budget import estimate, gmacs_fallbacks
+                from service.cost.budget import estimate, gmacs_fallbacks
 
                 est = estimate(spec)
                 line += f", ~{est.gpu_hours:.1f} GPU-hours"
@@ -65,7 +65,7 @@ def validate(
 
 def _echo_deadline(spec) -> None:
     """The Study Job's activeDeadlineSeconds (derived ones are capped: docs/kubernetes.md)."""
-    from service.spec.deadline import deadline_line
+    from service.cost.deadline import deadline_line
 
     with contextlib.suppress(ImportError, ArithmeticError, ValueError):  # a courtesy
         typer.echo(deadline_line(spec))

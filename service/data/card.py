@@ -165,7 +165,7 @@ def _look_all(recs: list[Record], workers: int) -> list[tuple[str, packing.Image
         # A file cut at the limit (refused) is told apart from its prefix by its size.
         return hashlib.sha256(data + str(r.size).encode()).hexdigest(), info, fmt
 
-    packing.import_codecs()  # Rule: no module is first imported inside a thread or pool.
+    packing.import_for_describe()  # Rule: no module is first imported inside a thread or pool.
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(_look, recs))
 

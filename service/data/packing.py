@@ -45,7 +45,7 @@ STATS_MAX_SIDE = 256
 
 
 @dataclass(frozen=True)
-class Item:
+class ImageFile:
     """One image: its class, its name inside the shard's class folder, where its bytes are."""
 
     cls: str
@@ -83,24 +83,24 @@ class Packed:
 # --------------------------------------------------------------------------------------------
 
 
-def items(found: layout.Layout) -> dict[str, list[Item]]:
+def items(found: layout.Layout) -> dict[str, list[ImageFile]]:
     """The images of a scanned folder by split, as packing names them: a file in a folder
     nested inside its class folder becomes "<sub>__<file>" ('__' keeps names unique)."""
-    out: dict[str, list[Item]] = {}
+    out: dict[str, list[ImageFile]] = {}
     for split, cls, path in found.files():
         name = "__".join(path.relative_to(found.class_dir(split, cls)).parts)
-        out.setdefault(split, []).append(Item(cls, name, path))
+        out.setdefault(split, []).append(ImageFile(cls, name, path))
     return out
 
 
-def scan(
+def images_by_split(
     src: Path,
     *,
     test_fraction: float | None = None,
     val_fraction: float | None = None,
     seed: int = 0,
     found: layout.Layout | None = None,
-) -> dict[str, list[Item]]:
+) -> dict[str, list[ImageFile]]:
     """The images of ``src`` by split: an ImageFolder with train/ (val/) test/, or one folder of
     class subfolders split stratified by ``test_fraction`` / ``val_fraction`` and ``seed``."""
     found = found or layout.scan(src)
@@ -124,8 +124,12 @@ def scan(
 
 
 def stratified_split(
-    all_items: list[Item], classes: list[str], test_fraction: float, val_fraction: float, seed: int
-) -> dict[str, list[Item]]:
+    all_items: list[ImageFile],
+    classes: list[str],
+    test_fraction: float,
+    val_fraction: float,
+    seed: int,
+) -> dict[str, list[ImageFile]]:
     """Carve test, then val, per class, with the splitter training uses (``service.data.splits``).
 
     ``all_items`` must be in the layout's canonical order: then the test split is the one that
@@ -177,7 +181,7 @@ def stratified_split(
 # --------------------------------------------------------------------------------------------
 
 
-def import_codecs() -> None:
+def import_for_describe() -> None:
     """Import what ``describe`` uses; on the main thread, before a pool of ``describe`` starts.
 
     No module is first imported inside a thread or pool: PIL imports its format plugins on the
@@ -240,7 +244,7 @@ def _tarinfo(member: str, size: int) -> tarfile.TarInfo:
 
 
 def pack(
-    splits: dict[str, list[Item]],
+    splits: dict[str, list[ImageFile]],
     out: Path,
     *,
     name: str,
@@ -279,18 +283,18 @@ def pack(
     return Packed(manifest=manifest, root=out, skipped=skipped)
 
 
-def _describe_all(all_items: list[tuple[str, Item]], workers: int) -> list[ImageInfo]:
+def _describe_all(all_items: list[tuple[str, ImageFile]], workers: int) -> list[ImageInfo]:
     """Decode every image once (in parallel): size, mode, and pixel sums for train images."""
 
     from service.data.decode import read_bounded
 
-    def _describe(si: tuple[str, Item]) -> ImageInfo:
+    def _describe(si: tuple[str, ImageFile]) -> ImageInfo:
         data = read_bounded(si[1].path)
         info = describe(data, pixels=si[0] == "train")
         info.nbytes = len(data)
         return info
 
-    import_codecs()  # Rule: no module is first imported inside a thread or pool.
+    import_for_describe()  # Rule: no module is first imported inside a thread or pool.
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(_describe, all_items))
 

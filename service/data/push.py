@@ -87,7 +87,7 @@ def push(
 
     src = Path(src)
     found = layout.scan(src)
-    splits = packing.scan(
+    splits = packing.images_by_split(
         src, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed, found=found
     )
     name = name or dataset_name_from_uri(dest.rstrip("/") or str(src))

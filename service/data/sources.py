@@ -31,7 +31,7 @@ MAX_H5_CHUNK_BYTES = 64 << 20
 
 
 @dataclass
-class Item:
+class EncodedImage:
     """Where one encoded image lives."""
 
     ref: str  # shown in errors: path relative to the dataset root, or shard:member
@@ -60,7 +60,7 @@ class Catalog:
     refs: list[str]
     parts: dict[str, np.ndarray]  # 'train'/'val'/'test' or 'all' -> ascending positions
     content_hash: str
-    items: list[Item] | None = None  # encoded images (folders, shards)
+    items: list[EncodedImage] | None = None  # encoded images (folders, shards)
     # Arrays (digits, npz, h5): read(start, stop) -> uint8 (n, C, h, w), C in 1..4.
     read_rows: Callable[[int, int], np.ndarray] | None = None
     where: str = ""  # the dataset, as named in errors
@@ -97,7 +97,7 @@ def scan_folder(root: Path, kind: str = "imagefolder", label: str | None = None)
         start = len(items)
         for cls in found.classes:
             for p in by_class.get(cls, []):
-                items.append(Item(ref=found.rel(p), path=str(p)))
+                items.append(EncodedImage(ref=found.rel(p), path=str(p)))
                 labels.append(index[cls])
         parts[split] = np.arange(start, len(items))
     return Catalog(
@@ -113,7 +113,7 @@ def scan_folder(root: Path, kind: str = "imagefolder", label: str | None = None)
     )
 
 
-def hash_items(items: list[Item], workers: int, memo: HashMemo | None = None) -> str:
+def hash_items(items: list[EncodedImage], workers: int, memo: HashMemo | None = None) -> str:
     """sha256 over (ref, sha256 of bytes) of every item, in catalog order."""
     digest = memo.sha256 if memo is not None else sha256_file
 
@@ -210,7 +210,7 @@ def scan_packed(
 
 def _shard_items(
     root: Path, shard: dict, known: dict[str, int], sha: Callable[[Path], str] | None
-) -> Iterator[tuple[Item, str]]:
+) -> Iterator[tuple[EncodedImage, str]]:
     """Each member of one shard as (item, class), after checking the shard's sha256 when
     ``sha`` is given."""
     key = shard["key"]
@@ -223,7 +223,9 @@ def _shard_items(
                 f"({str(shard['sha256'])[:12]}…): corrupt or modified shard"
             )
     for m in packing.shard_members(path, key, known):
-        item = Item(ref=f"{key}:{m.cls}/{m.name}", path=str(path), offset=m.offset, size=m.size)
+        item = EncodedImage(
+            ref=f"{key}:{m.cls}/{m.name}", path=str(path), offset=m.offset, size=m.size
+        )
         yield item, m.cls
 
 

@@ -313,7 +313,7 @@ def _next_pod(mine: list[dict[str, Any]], target: str | None, streamed: set[str]
 
 def read_status_json(spec: FineTune | Study, cell: FineTune) -> dict | None:
     """status.json of one run in S3 (local output paths live inside the pod: not readable)."""
-    from service.run.outputs import RunOutputs
+    from service.outputs.folder import RunOutputs
     from service.storage import is_s3, open_store
 
     if not is_s3(spec.output.uri):

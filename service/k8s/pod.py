@@ -15,7 +15,7 @@ from service.spec.infra import quantity_bytes
 from service.spec.study import cells_of
 
 CONTAINER = "worker"
-DRIVER_CONTAINER = "driver"  # the search driver's Job (service.search.cluster)
+DRIVER_CONTAINER = "driver"  # the search driver's Job (service.k8s.search_jobs)
 UID = 10001
 CACHE_DIR = "/cache"
 

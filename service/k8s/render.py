@@ -130,7 +130,7 @@ def annotations_of(spec: FineTune | Study) -> dict[str, str]:
 
 def _deadline(spec: FineTune | Study) -> int:
     """``resources.active_deadline_seconds``, else one derived from the budget estimate."""
-    from service.spec.deadline import job_deadline_seconds
+    from service.cost.deadline import job_deadline_seconds
 
     return spec.resources.active_deadline_seconds or job_deadline_seconds(spec)
 

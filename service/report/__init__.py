@@ -2,16 +2,16 @@
 
 collect       list and read every cell's summary.json / status.json under a prefix (parallel)
 search_state  a search's _search/state.json: which cells it still expects
-stats         t-intervals over seeds, paired tests, ranks
 tables        leaderboards per dataset, standings per domain, data curves
 selection     a search's Selection section: rungs, decisions, agreement with a full grid
 plots         Pareto and train-fraction figures (matplotlib, Agg)
 blocks        the document model (heading, paragraph, table, image, list) -> Markdown, HTML
-sections      the report's sections as blocks
-render        leaderboard.csv / .json, report.md, self-contained report.html
+document      the report as a document: its sections as blocks
+writer        leaderboard.csv / .json, report.md, self-contained report.html
 compare       two reports' rankings side by side; recommend: a backbone for a new dataset
 
-Data flows one way: collect -> tables / stats / selection -> sections -> render.
+Data flows one way: collect -> tables / selection -> document -> writer (statistics:
+service.stats).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def build_report(
     plots: bool = True,
 ) -> Written:
     """Collect a study's outputs under ``uri`` and write the report files into ``out_dir``."""
-    from service.report import render
+    from service.report import writer
 
     _, report = load(uri, study=study, storage=storage)
     figures: dict[str, bytes] = {}
@@ -77,7 +77,7 @@ def build_report(
         ):
             if png is not None:
                 figures[name] = png
-    files = render.write(report, Path(out_dir), figures)
+    files = writer.write(report, Path(out_dir), figures)
     return Written(report, files)
 
 

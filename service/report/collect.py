@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from service.errors import UserError
-from service.run.contract import RunStatus, RunSummary, UnreadableOutput, check_version
-from service.run.outputs import SPEC, STATUS, SUMMARY
+from service.outputs.contract import RunStatus, RunSummary, UnreadableOutput, check_version
+from service.outputs.folder import SPEC, STATUS, SUMMARY
 from service.spec import Storage, Study, run_id_for
 from service.storage import NotFound, Store, import_for_threads, open_store
 
@@ -54,8 +54,8 @@ class Cell:
     fraction: float
     state: State = "missing"
     reason: str | None = "no output"
-    summary: dict | None = None
-    status: dict | None = None
+    summary: RunSummary | None = None  # read through the contract: typed, never a bare dict
+    status: RunStatus | None = None
     domain: str | None = None
     spec_hash: str | None = None  # what the study spec expects, when it is known
     protocol: dict | None = None  # the spec's effective protocol for the cell, when known
@@ -270,8 +270,7 @@ def _collect_plain_runs(store: Store, keys: list[str], workers: int) -> Collecti
         """Coordinates from the summary, else from the spec the run wrote at its start."""
         if cell.summary is not None:
             s = cell.summary
-            ds, bb, seed = s.get("dataset"), s.get("backbone"), s.get("seed")
-            frac = s.get("train_fraction")
+            ds, bb, seed, frac = s.dataset, s.backbone, s.seed, s.train_fraction
         else:
             try:
                 spec = _read_json(store, f"{cell.key}/{SPEC}") or {}
@@ -316,7 +315,7 @@ def _short_dataset(uri: str | None) -> str | None:
 
 
 def _study_from_summaries(cells: list[Cell]) -> str | None:
-    return next((c.summary.get("study") for c in cells if c.summary), None)
+    return next((c.summary.study for c in cells if c.summary), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,7 +357,7 @@ def _read_cell(store: Store, cell: Cell, present: set[str]) -> None:
         except UnreadableOutput as e:
             cell.state, cell.reason = "unreadable", str(e)
             return
-        found = (summary or {}).get("spec_hash")
+        found = summary.spec_hash if summary is not None else None
         if summary is not None and cell.spec_hash and found and found != cell.spec_hash:
             # Trained under another protocol (the spec changed since): not comparable.
             cell.state = "stale"
@@ -369,13 +368,13 @@ def _read_cell(store: Store, cell: Cell, present: set[str]) -> None:
             return
         if summary is not None:
             cell.state, cell.reason, cell.summary = "done", None, summary
-            cell.domain = summary.get("domain") or cell.domain
+            cell.domain = summary.domain or cell.domain
             return
     status = None
     if STATUS in present:
         try:
             status = _read_json(store, f"{cell.key}/{STATUS}")
-            status = None if status is None else RunStatus.read(status, STATUS).to_dict()
+            status = None if status is None else RunStatus.read(status, STATUS)
         except ValueError as e:
             cell.state, cell.reason = "unreadable", f"status.json: {e}"
             return
@@ -398,15 +397,15 @@ def _read_json(store: Store, key: str) -> dict | None:
     return data
 
 
-def _summary(data: dict | None) -> dict | None:
-    """summary.json read through its contract (service.run.contract): the version first, then
+def _summary(data: dict | None) -> RunSummary | None:
+    """summary.json read through its contract (service.outputs.contract): the version first, then
     the report's own rule (a numeric test.top1), then every field's type."""
     if data is None:
         return None
     check_version(data, SUMMARY)
     if problem := _check_summary(data):
         raise UnreadableOutput(f"{SUMMARY}: {problem}")
-    return RunSummary.read(data, SUMMARY).to_dict()
+    return RunSummary.read(data, SUMMARY)
 
 
 def _check_summary(summary: dict | None) -> str | None:
@@ -421,21 +420,21 @@ def _check_summary(summary: dict | None) -> str | None:
     return None
 
 
-def _status_reason(status: dict | None) -> tuple[State, str]:
+def _status_reason(status: RunStatus | None) -> tuple[State, str]:
     if status is None:
         return "incomplete", "no summary.json and no status.json (never started?)"
-    phase = status.get("phase", "?")
+    phase = status.phase
     if phase == "Failed":
-        error = status.get("error") or "no error recorded"
-        attempt = status.get("attempt")
+        error = status.error or "no error recorded"
+        attempt = status.attempt
         tail = f" (attempt {attempt})" if attempt and attempt > 1 else ""
         return "failed", f"failed: {error}{tail}"
     if phase == "Succeeded":
         return "incomplete", "status says Succeeded but summary.json is missing"
-    epoch, cap = status.get("epoch"), status.get("max_epochs")
+    epoch, cap = status.epoch, status.max_epochs
     where = f", epoch {epoch}/{cap}" if epoch is not None and cap else ""
     # A retriable stop (preempted, storage down) is Pending with its error: say why it waits.
-    why = f"; stopped: {status['error']}" if status.get("error") else ""
+    why = f"; stopped: {status.error}" if status.error else ""
     return "incomplete", f"not finished: phase {phase}{where}{why}"
 
 

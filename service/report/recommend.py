@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from service.errors import UserError
-from service.report.stats import ALPHA, PAIRED_METHOD, Paired, paired_test
 from service.report.tables import Entry, Report
+from service.stats import ALPHA, PAIRED_METHOD, Paired, paired_test
 
 
 @dataclass

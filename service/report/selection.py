@@ -14,8 +14,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from service.outputs.contract import RunSummary, UnreadableOutput
 from service.report.blocks import H, Items, P, Table
-from service.run.contract import RunSummary, UnreadableOutput
 from service.search.plan import ranking
 from service.storage import NotFound, Store
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from service.report.collect import Cell, Collection
-from service.report.stats import (
+from service.stats import (
     INTERVAL_METHOD,
     PAIRED_METHOD,
     SAMPLING_METHOD,
@@ -148,7 +148,7 @@ def build(collection: Collection, *, now: float | None = None) -> Report:
         domains[domain] = _standings([b for b in main if b.domain == domain])
 
     done = collection.done
-    leaky = sorted(c.key for c in done if (c.summary or {}).get("select_on") == "test")
+    leaky = sorted(c.key for c in done if c.summary and c.summary.select_on == "test")
     return Report(
         uri=collection.uri,
         study=collection.study,
@@ -233,9 +233,9 @@ def _methods() -> dict[str, str]:
 
 def _entry(cells: list[Cell]) -> Entry:
     first = cells[0]
-    sums = [c.summary or {} for c in cells]
-    by_seed = {c.seed: float(s["test"]["top1"]) for c, s in zip(cells, sums, strict=True)}
-    params = _mean(s.get("params") for s in sums)
+    sums = [c.summary for c in cells if c.summary is not None]  # done cells only
+    by_seed = {c.seed: float(s.test.top1) for c, s in zip(cells, sums, strict=True)}
+    params = _mean(s.params for s in sums)
     return Entry(
         backbone=first.backbone,
         dataset=first.dataset,
@@ -243,14 +243,14 @@ def _entry(cells: list[Cell]) -> Entry:
         fraction=first.fraction,
         top1=t_interval([by_seed[s] for s in sorted(by_seed)]),
         top1_by_seed=by_seed,
-        macro_f1=_mean(s["test"].get("macro_f1") for s in sums),
+        macro_f1=_mean(s.test.macro_f1 for s in sums),
         params_m=None if params is None else params / 1e6,
-        gmacs=_mean(s.get("gmacs") for s in sums),
-        gpu_hours=_mean(s.get("gpu_hours") for s in sums),
-        train_seconds=_mean(s.get("train_seconds") for s in sums),
-        images_per_second=_mean(s.get("images_per_second") for s in sums),
-        leaky=any(s.get("select_on") == "test" for s in sums),
-        n_test=_int_mean(s.get("n_test") for s in sums),
+        gmacs=_mean(s.gmacs for s in sums),
+        gpu_hours=_mean(s.gpu_hours for s in sums),
+        train_seconds=_mean(s.train_seconds for s in sums),
+        images_per_second=_mean(s.images_per_second for s in sums),
+        leaky=any(s.select_on == "test" for s in sums),
+        n_test=_int_mean(s.n_test for s in sums),
     )
 
 
@@ -258,7 +258,7 @@ def _protocol_of(cells: list[Cell]) -> tuple[dict | None, str | None]:
     seen: list[dict] = []
     for c in cells:
         # What the run recorded; for runs older than that record, what the spec says.
-        p = (c.summary or {}).get("protocol") or c.protocol
+        p = (c.summary.protocol if c.summary else None) or c.protocol
         if isinstance(p, dict) and p not in seen:
             seen.append(p)
     if not seen:

@@ -1,5 +1,5 @@
 """One run in its pod: the worker (the process's composition root), one run's lifecycle
 (``cell``: skip, lease, resume, fail) and its training pipeline (``pipeline``: spec -> data ->
-model -> trainer), its output files (``outputs``) and their typed contract (``contract``:
-summary.json, status.json), the lease that keeps two pods off one output, the event log, the
-console, and the Prometheus exporter."""
+model -> trainer), the lease that keeps two pods off one output, the listeners (status.json in
+``status_file``, the console, the Prometheus exporter). What a run writes, and the contract of
+those files, is ``service.outputs``."""

@@ -22,10 +22,10 @@ from service.errors import (
     clip,
     disk_full,
 )
+from service.outputs.contract import RunSummary
+from service.outputs.events import Observer, Observers, Progress
+from service.outputs.folder import SPEC, RunOutputs
 from service.run import pipeline, retries
-from service.run.contract import RunSummary
-from service.run.events import Observer, Observers, Progress
-from service.run.outputs import SPEC, RunOutputs
 from service.spec import FineTune
 from service.storage import open_store
 from service.train.runtime import DistEnv, distributed_env
@@ -227,7 +227,7 @@ def _observer(
     """Rank 0 tells the world (status.json first, the caller's, Prometheus); the others not."""
     if dist.rank != 0:
         return Observer()
-    from service.run.status import StatusObserver
+    from service.run.status_file import StatusObserver
 
     return Observers(StatusObserver(outputs), *(observers or []), *_prometheus(spec))
 

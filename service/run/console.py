@@ -13,8 +13,8 @@ from rich.progress import (
     Progress as Bar,
 )
 
-from service.run.contract import RunSummary
-from service.run.events import Observer, Progress
+from service.outputs.contract import RunSummary
+from service.outputs.events import Observer, Progress
 
 
 def _fmt(v: float | None, spec: str) -> str:

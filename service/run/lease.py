@@ -31,7 +31,7 @@ import time
 import uuid
 
 from service.errors import BackbonesError, RetriableError, UserError
-from service.run.outputs import LOCK, SPEC
+from service.outputs.folder import LOCK, SPEC
 from service.storage import NotFound, Store
 
 LEASE_KEY = LOCK

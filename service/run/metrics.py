@@ -1,7 +1,7 @@
 """Progress as Prometheus metrics: a /metrics endpoint and an optional Pushgateway push.
 
 The only module that imports prometheus_client. ``PrometheusObserver`` listens to the trainer's
-events (service/run/events.py) and keeps its own ``CollectorRegistry``, so nothing global leaks
+events (service/outputs/events.py) and keeps its own ``CollectorRegistry``, so nothing global leaks
 between runs in one process (``backbones run`` of a Study runs many).
 
 Every series carries exactly the labels ``run``, ``study``, ``backbone`` and ``dataset``; the
@@ -41,7 +41,7 @@ from prometheus_client.exposition import (
     push_to_gateway,
 )
 
-from service.run.events import PHASES, Observer, Progress
+from service.outputs.events import PHASES, Observer, Progress
 from service.run.metric_defs import RUN_METRICS
 from service.run.metrics_http import MetricsServer, listen_address
 from service.spec import FineTune

@@ -16,9 +16,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.run.contract import RunFacts, RunSummary
-from service.run.events import Observer, Observers, Progress
-from service.run.outputs import ENV, SPEC, RunOutputs
+from service.outputs.contract import RunFacts, RunSummary
+from service.outputs.events import Observer, Observers, Progress
+from service.outputs.folder import ENV, SPEC, RunOutputs
 from service.spec import FineTune
 from service.storage import open_store
 from service.train import compile_cache

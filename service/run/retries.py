@@ -26,7 +26,7 @@ import logging
 import time
 
 from service.errors import BackbonesError, Interrupted, RetriableError, disk_full
-from service.run.outputs import RETRIES, SUMMARY, RunOutputs
+from service.outputs.folder import RETRIES, SUMMARY, RunOutputs
 
 log = logging.getLogger("backbones.worker")
 

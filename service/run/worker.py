@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.errors import EXIT_OK, BackbonesError, UserError, exit_for
+from service.outputs.events import Observer
+from service.outputs.folder import SUMMARY
 from service.run import logs
 from service.run.cell import cache_root, run_cell
-from service.run.events import Observer
-from service.run.outputs import SUMMARY
 from service.spec import FineTune, SpecError, Study, load_spec, loads_spec
 from service.train.runtime import process_group
 
@@ -61,7 +61,7 @@ def pick(spec: FineTune | Study, environ=os.environ) -> tuple[FineTune, RungCell
     if isinstance(spec, FineTune):
         return spec, None
     if environ.get("BACKBONES_RUNG"):
-        from service.search.cluster import pick_rung_cell
+        from service.k8s.search_jobs import pick_rung_cell
 
         rung = pick_rung_cell(spec, environ)
         if rung is not None:

@@ -7,7 +7,7 @@ killed between rungs starts the next rung; killed inside one, it re-enters the r
 finished cells are skipped and an interrupted one resumes from its checkpoint.
 
 What runs a rung's cells is a ``Runner``: on this machine ``LocalRunner`` (``backbones run``),
-on a cluster one Indexed Job per rung (``service.search.cluster``).
+on a cluster one Indexed Job per rung (``service.k8s.search_jobs``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Protocol
 
 from service.digest import json_hash
 from service.errors import Interrupted, UserError
-from service.run.events import Observer
-from service.run.outputs import RunOutputs
+from service.outputs.events import Observer
+from service.outputs.folder import RunOutputs
 from service.search.plan import (
     SEARCH_DIR,
     RungCell,
@@ -219,7 +219,7 @@ class Driver:
         }
 
     def _score(self, entry: dict, r: int, cells: list[RungCell], keep: int, n0: int) -> dict:
-        from service.report.stats import t_interval
+        from service.stats import t_interval
 
         prev = {g.key: (budgets(self.study, g, n0)[r - 1] if r else 0) for g in groups(self.study)}
         results: dict[str, dict[str, dict]] = {}

@@ -3,7 +3,7 @@
 ``model`` holds the two kinds, assembled from the sections in ``sections`` (what trains),
 ``infra`` (where it runs) and ``search`` (how a Study searches). ``loading`` turns JSON text
 into them (or a list of problems that each name a field, worded by ``problems``), ``study``
-expands a Study into its FineTune cells, and ``budget`` estimates what a study will cost. This
+expands a Study into its FineTune cells (what a study will cost is ``service.cost``). This
 package imports no torch: ``backbones validate`` must stay fast.
 """
 

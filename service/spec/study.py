@@ -12,6 +12,7 @@ import re
 from service.digest import bounded_name
 from service.spec.model import FineTune, Study
 from service.spec.sections import Protocol
+from service.train.recipes import recipe_for  # the registry is data: no torch (train/__init__)
 
 
 def cell_name(study: str, dataset: str, model: str, seed: int, fraction: float) -> str:
@@ -62,10 +63,8 @@ def cells_of(spec: FineTune | Study) -> list[FineTune]:
 
 def effective(p: Protocol) -> dict:
     """What a cell's training actually uses, recipe defaults resolved: for `expand` and reports."""
-    from service.train.recipes import recipe_for
-
     recipe = recipe_for(p)
-    first = recipe.phases[0]
+    first = recipe.regimes[0]
     return {
         "recipe": p.recipe,
         "image_size": list(p.hw),

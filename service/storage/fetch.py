@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlparse
 
 from service.data import layout, packing
@@ -38,12 +38,18 @@ from service.storage import NotFound, is_s3
 from service.storage.base import local_path
 
 if TYPE_CHECKING:
-    from service.run.events import Observer
     from service.spec import FineTune, Storage
     from service.storage.s3 import S3Store
 
 OBJECT_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".npz", ".h5", ".hdf5")
 ATTEMPTS = 3  # per file, on top of botocore's own retries: a stream can break mid-body
+
+
+class Observer(Protocol):
+    """What a fetch reports to: the run's listeners (service.outputs.events.Observer) fit it;
+    a Protocol, so storage stays below the run that listens."""
+
+    def on_download(self, nbytes: int) -> None: ...
 
 
 def fetch_dataset(spec: FineTune, cache_dir: Path, observer: Observer | None = None) -> Path:

@@ -1,7 +1,7 @@
 """Checkpoints through the Store: atomic, loadable with ``torch.load(weights_only=True)``.
 
 A checkpoint holds everything that decides the rest of the run (model, optimizer, scheduler,
-EMA, recipe phase, early-stopping state, RNG states, epoch and step), so a resumed run continues
+EMA, recipe regime, early-stopping state, RNG states, epoch and step), so a resumed run continues
 bit-for-bit on CPU. Its content is tensors and plain containers only: the safe unpickler can read
 it, and nothing in it can execute code. The best weights live in their own safetensors file,
 written when validation improves and named by the epoch that produced them; each checkpoint
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from service.errors import UserError
-from service.run.outputs import BEST, BEST_NAME, CHECKPOINTS, CKPT_NAME, RunOutputs
+from service.outputs.folder import BEST, BEST_NAME, CHECKPOINTS, CKPT_NAME, RunOutputs
 
 FORMAT = 1
 _CKPT = re.compile(CKPT_NAME.pattern)

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 from service.digest import json_hash
-from service.run.events import Observer
+from service.outputs.events import Observer
 
 log = logging.getLogger(__name__)
 

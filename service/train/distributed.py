@@ -1,7 +1,7 @@
 """What DDP ranks must agree on. Every function is a no-op for a single process.
 
 Ranks see the same global batches and keep identical weights, but their BatchNorm buffers and
-clocks differ slightly; so every decision (stop now, best epoch, next phase) is taken once, by
+clocks differ slightly; so every decision (stop now, best epoch, next regime) is taken once, by
 rank 0 or by consensus, and shared, lest one rank wait forever in a collective another skipped.
 """
 

@@ -1,7 +1,7 @@
 """The fit loop. ``Trainer.fit`` reads like the recipe:
 
     resume from the latest checkpoint, if any
-    for each epoch: train steps -> validate -> early stopping / next phase -> checkpoint
+    for each epoch: train steps -> validate -> early stopping / next regime -> checkpoint
     reload the best weights, evaluate test once, write best.safetensors, then summary.json
 
 Everything recipe-specific comes from ``recipes.Recipe``; everything the outside world sees goes
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from service.errors import Interrupted
-from service.run.contract import RunFacts, RunSummary
-from service.run.events import Observer, Progress
-from service.run.outputs import RunOutputs
+from service.outputs.contract import RunFacts, RunSummary
+from service.outputs.events import Observer, Progress
+from service.outputs.folder import RunOutputs
 from service.train import distributed, evaluate, memory, runtime
 from service.train.checkpoint import Checkpointer, best_key, plain, rng_state, set_rng_state
 from service.train.micro import MicroBatching
@@ -44,7 +44,7 @@ class State:
     epoch: int = 0  # epochs completed
     step: int = 0  # steps completed in the current epoch (non-zero only mid-epoch)
     global_step: int = 0
-    phase_index: int = 0
+    phase_index: int = 0  # the recipe regime in force (the checkpoint key keeps its name)
     best_top1: float = -1.0
     best_loss: float = math.inf
     best_epoch: int = 0
@@ -109,7 +109,7 @@ class Trainer(MicroBatching, Reporting):
         self._prepare_model()
         self.forward = self._wrap(model)
         self.ema = self._make_ema()
-        self._new_phase_optimizer()
+        self._new_regime_optimizer()
 
     # ------------------------------------------------------------------ the recipe, top down
 
@@ -147,7 +147,7 @@ class Trainer(MicroBatching, Reporting):
             return True
         if s.epoch >= self.recipe.max_epochs:
             s.stop_reason = "max_epochs"
-        elif s.phase_index >= len(self.recipe.phases):
+        elif s.phase_index >= len(self.recipe.regimes):
             s.stop_reason = "plateau"
         elif self._out_of_time():
             s.stop_reason = "max_minutes"
@@ -259,10 +259,10 @@ class Trainer(MicroBatching, Reporting):
         return distributed.broadcast(evaluate.quick_metrics(logits, labels), self.rt)
 
     def end_epoch(self, val: dict | None) -> None:
-        """Record the epoch, keep the best weights, and apply the phase's stopping rule."""
+        """Record the epoch, keep the best weights, and apply the regime's stopping rule."""
         if val is None:
             return
-        s, phase = self.state, self.recipe.phases[self.state.phase_index]
+        s, regime = self.state, self.recipe.regimes[self.state.phase_index]
         improved = val["top1"] > s.best_top1 or (
             val["top1"] == s.best_top1 and val["loss"] < s.best_loss
         )
@@ -275,14 +275,14 @@ class Trainer(MicroBatching, Reporting):
             distributed.barrier(self.rt)  # other ranks may read it back (reload best)
         else:
             s.bad_epochs += 1
-        self._record(phase.name, val, improved)
-        if phase.until_plateau and s.bad_epochs >= self.recipe.patience:
+        self._record(regime.name, val, improved)
+        if regime.until_plateau and s.bad_epochs >= self.recipe.patience:
             s.phase_index += 1
             s.bad_epochs = 0
-            if s.phase_index < len(self.recipe.phases):
-                if self.recipe.phases[s.phase_index].reload_best:
+            if s.phase_index < len(self.recipe.regimes):
+                if self.recipe.regimes[s.phase_index].reload_best:
                     self._load_best()
-                self._new_phase_optimizer()
+                self._new_regime_optimizer()
 
     def checkpoint(self) -> None:
         if not self.rt.is_main:
@@ -331,7 +331,7 @@ class Trainer(MicroBatching, Reporting):
         ckpt = self.ckpt.load(key)  # on the CPU; load_state_dict copies to the device
         self.state = State(**ckpt["state"])
         self.model.load_state_dict(ckpt["model"])
-        self._new_phase_optimizer()
+        self._new_regime_optimizer()
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.ema is not None and ckpt["ema"] is not None:
@@ -368,7 +368,7 @@ class Trainer(MicroBatching, Reporting):
     def _load_best(self) -> None:
         weights = self.ckpt.load_weights(self.state.best_key)
         self.eval_model.load_state_dict(weights)
-        if self.ema is not None:  # the next phase trains from the selected weights
+        if self.ema is not None:  # the next regime trains from the selected weights
             self.model.load_state_dict(weights)
 
     def _prepare_model(self) -> None:
@@ -408,11 +408,11 @@ class Trainer(MicroBatching, Reporting):
         # Warmup: with a few hundred steps a plain 0.999 average would still be the init.
         return ModelEmaV3(self.model, decay=self.recipe.ema_decay, use_warmup=True)
 
-    def _new_phase_optimizer(self) -> None:
-        phase = self.recipe.phases[min(self.state.phase_index, len(self.recipe.phases) - 1)]
+    def _new_regime_optimizer(self) -> None:
+        regime = self.recipe.regimes[min(self.state.phase_index, len(self.recipe.regimes) - 1)]
         fused = self.rt.device.type == "cuda"
-        self.optimizer = make_optimizer(phase, self.model.parameters(), fused=fused)
-        self.scheduler = make_scheduler(phase, self.optimizer, self.recipe, self.steps_per_epoch)
+        self.optimizer = make_optimizer(regime, self.model.parameters(), fused=fused)
+        self.scheduler = make_scheduler(regime, self.optimizer, self.recipe, self.steps_per_epoch)
 
     def _set_train_mode(self) -> None:
         # A linear probe keeps the whole backbone in eval mode: frozen means BatchNorm too.

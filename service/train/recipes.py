@@ -1,12 +1,12 @@
-"""The recipes, by name: which optimizer, schedule and stopping rule each phase uses.
+"""The recipes, by name: which optimizer, schedule and stopping rule each regime uses.
 
 ``RECIPES`` is the one registry of recipes. The spec's ``protocol.recipe`` accepts exactly its
 names, in its order, and describes them with its summaries (``service.spec.sections`` builds the
 field from it, so the JSON Schema and docs/spec.md follow); ``recipe_for`` builds the named one
-with the protocol's overrides applied. A recipe is a short tuple of phases. ``paper`` has two
+with the protocol's overrides applied. A recipe is a short tuple of regimes. ``paper`` has two
 (AdamW, then SGD from the best AdamW weights), each ending after ``patience`` epochs without
 validation improvement; ``standard`` and ``linear_probe`` have one, a fixed number of epochs
-under warmup + cosine. The fit loop only walks the phases; everything recipe-specific lives here.
+under warmup + cosine. The fit loop only walks the regimes; everything recipe-specific lives here.
 
 This module imports neither torch (only inside the optimizer and scheduler factories) nor the
 spec: ``backbones validate`` reads the names.
@@ -22,7 +22,7 @@ from typing import Literal
 
 
 @dataclass(frozen=True)
-class Phase:
+class Regime:
     name: str  # recorded in metrics.jsonl and status ('adamw', 'sgd', 'cosine', ...)
     optimizer: Literal["adamw", "sgd"]
     lr: float
@@ -36,7 +36,7 @@ class Phase:
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    phases: tuple[Phase, ...]
+    regimes: tuple[Regime, ...]
     augmentation: (
         str  # 'none' | 'standard' | 'trivial_augment_wide': Protocol.effective_augmentation
     )
@@ -75,11 +75,11 @@ class Definition:
     build: Callable[[Settings], Recipe]
 
 
-def _recipe(p: Settings, name: str, phases: tuple[Phase, ...], **rest) -> Recipe:
+def _recipe(p: Settings, name: str, regimes: tuple[Regime, ...], **rest) -> Recipe:
     """A recipe whose augmentation, EMA decay and epoch limits are the protocol's."""
     return Recipe(
         name,
-        phases,
+        regimes,
         augmentation=p.effective_augmentation,
         ema_decay=p.ema_decay,
         patience=p.patience,
@@ -95,8 +95,8 @@ def _or(value: float | None, default: float) -> float:
 def _paper(p: Settings) -> Recipe:
     # Jeevan & Sethi: AdamW(1e-3, wd 1e-2) to a plateau, reload best, SGD(1e-3, m 0.9).
     lr = p.lr or 1e-3
-    adamw = Phase("adamw", "adamw", lr, _or(p.weight_decay, 1e-2), until_plateau=True)
-    sgd = Phase("sgd", "sgd", lr, 0.0, momentum=0.9, until_plateau=True, reload_best=True)
+    adamw = Regime("adamw", "adamw", lr, _or(p.weight_decay, 1e-2), until_plateau=True)
+    sgd = Regime("sgd", "sgd", lr, 0.0, momentum=0.9, until_plateau=True, reload_best=True)
     return _recipe(
         p,
         "paper",
@@ -110,11 +110,11 @@ def _paper(p: Settings) -> Recipe:
 
 def _standard(p: Settings) -> Recipe:
     wd = _or(p.weight_decay, 0.05)
-    phase = Phase("cosine", "adamw", p.lr or 1e-3, wd, schedule="warmup_cosine")
+    regime = Regime("cosine", "adamw", p.lr or 1e-3, wd, schedule="warmup_cosine")
     return _recipe(
         p,
         "standard",
-        (phase,),
+        (regime,),
         label_smoothing=p.label_smoothing,
         ema=p.ema,
         freeze_backbone=False,
@@ -125,11 +125,11 @@ def _standard(p: Settings) -> Recipe:
 def _linear_probe(p: Settings) -> Recipe:
     # Only a linear head trains: a larger step suits it, and no weight decay by default.
     wd = _or(p.weight_decay, 0.0)
-    phase = Phase("probe", "adamw", p.lr or 1e-2, wd, schedule="warmup_cosine")
+    regime = Regime("probe", "adamw", p.lr or 1e-2, wd, schedule="warmup_cosine")
     return _recipe(
         p,
         "linear_probe",
-        (phase,),
+        (regime,),
         label_smoothing=0.0,
         ema=False,
         freeze_backbone=True,
@@ -164,15 +164,15 @@ def recipe_for(p: Settings) -> Recipe:
     return RECIPES[p.recipe].build(p)
 
 
-def make_optimizer(phase: Phase, params, *, fused: bool):
+def make_optimizer(regime: Regime, params, *, fused: bool):
     import torch
 
     params = [q for q in params if q.requires_grad]
     extra = {"fused": True} if fused else {}
-    if phase.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=phase.lr, weight_decay=phase.weight_decay, **extra)
+    if regime.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=regime.lr, weight_decay=regime.weight_decay, **extra)
     return torch.optim.SGD(
-        params, lr=phase.lr, momentum=phase.momentum, weight_decay=phase.weight_decay, **extra
+        params, lr=regime.lr, momentum=regime.momentum, weight_decay=regime.weight_decay, **extra
     )
 
 
@@ -194,10 +194,10 @@ class WarmupCosine:
         return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def make_scheduler(phase: Phase, optimizer, recipe: Recipe, steps_per_epoch: int):
+def make_scheduler(regime: Regime, optimizer, recipe: Recipe, steps_per_epoch: int):
     import torch
 
-    if phase.schedule == "warmup_cosine":
+    if regime.schedule == "warmup_cosine":
         warmup = min(recipe.warmup_epochs, max(recipe.max_epochs - 1, 0)) * steps_per_epoch
         fn = WarmupCosine(warmup, recipe.max_epochs * steps_per_epoch)
     else:

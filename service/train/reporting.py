@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from service.run.contract import RunFacts, RunSummary, TestMetrics
+from service.outputs.contract import RunFacts, RunSummary, TestMetrics
 from service.train import memory
 from service.train.runtime import device_name, peak_memory_bytes
 
@@ -41,13 +41,13 @@ class Reporting:
             self._update_eta(s.epoch + s.step / max(self.steps_per_epoch, 1))
         self.observer.on_step(p, seconds=seconds, wait_seconds=wait, images=images)
 
-    def _record(self, phase_name: str, val: dict, improved: bool) -> None:
+    def _record(self, regime_name: str, val: dict, improved: bool) -> None:
         acc, s = self._epoch_acc, self.state
         self._live_acc = None
         seen = max(acc["seen"], 1)
         record = {
             "epoch": s.epoch,
-            "phase": phase_name,
+            "phase": regime_name,
             "train_loss": float(acc["loss_sum"]) / seen,
             "train_top1": float(acc["correct"]) / seen,
             "val_loss": val["loss"],
@@ -70,8 +70,8 @@ class Reporting:
         p.epoch, p.step, p.max_epochs = s.epoch, s.step, self.recipe.max_epochs
         p.steps_per_epoch = self.steps_per_epoch
         p.best_val_top1 = s.best_top1 if s.best_top1 >= 0 else None
-        phase = self.recipe.phases[min(s.phase_index, len(self.recipe.phases) - 1)]
-        p.recipe_phase = phase.name
+        regime = self.recipe.regimes[min(s.phase_index, len(self.recipe.regimes) - 1)]
+        p.recipe_phase = regime.name
         if s.records:
             p.train_loss = s.records[-1]["train_loss"]
             p.val_top1 = s.records[-1]["val_top1"]

@@ -22,9 +22,10 @@ dataset's checks noted something, ``batchnorm_images`` only for models with Batc
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Self
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Literal, Self, get_args, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from service.errors import UserError
 
@@ -33,15 +34,7 @@ SCHEMA_VERSION = 1
 Phase = Literal[
     "Pending", "Downloading", "Training", "Evaluating", "Uploading", "Succeeded", "Failed"
 ]
-PHASES: tuple[Phase, ...] = (
-    "Pending",
-    "Downloading",
-    "Training",
-    "Evaluating",
-    "Uploading",
-    "Succeeded",
-    "Failed",
-)
+PHASES: tuple[Phase, ...] = get_args(Phase)  # the run's lifecycle, in order
 
 SELECT_ON_TEST_WARNING = (
     "select_on=test: the test split picked the checkpoint and stopped training (the paper's "
@@ -245,41 +238,74 @@ ADDED_LATER = tuple(
 # ---------------------------------------------------------------------------- status.json
 
 
-class RunStatus(_File):
-    """``status.json``: the run's ``Progress`` (service.run.events) and when it was written.
-    Rewritten at each phase, epoch, checkpoint and remediation. Every key is optional when read:
-    a status is a snapshot, and a missing one never makes a run unreadable."""
+def _doc(text: str, default: Any = MISSING, **kw: Any) -> Any:
+    """A ``Progress`` field whose ``text`` becomes status.json's description of it (a
+    ``dataclasses.field``, so RUF009's call-in-default warning does not apply)."""
+    return field(default=default, metadata={"description": text}, **kw)
 
-    schema_version: int = Field(
-        SCHEMA_VERSION, description="Absent in files written before versions (read as 1)."
-    )
-    run_id: str | None = Field(None, description="The run's folder under output.uri.")
-    phase: Phase = Field("Pending", description="Where the run is (PHASES).")
-    attempt: int = Field(1, description="This attempt's number (1 + resumes).")
-    epoch: int = Field(0, description="Epochs completed.")
-    max_epochs: int = Field(0, description="The recipe's epoch cap.")
-    step: int = Field(0, description="Steps completed in the current epoch.")
-    steps_per_epoch: int = 0
-    progress: float = Field(0.0, description="0-1 of the epoch cap (a plateau stop jumps to 1).")
-    eta_seconds: float | None = None
-    train_loss: float | None = None
-    val_top1: float | None = None
-    best_val_top1: float | None = None
-    images_per_second: float | None = None
-    recipe_phase: str | None = Field(None, description="'paper': 'adamw' then 'sgd'.")
-    micro_batch: int | None = Field(None, description="Images per forward/backward pass.")
-    accumulation_steps: int | None = Field(None, description="Micro-batches per step.")
-    remediations: list[dict[str, Any]] = Field(
-        default_factory=list, description="Out-of-memory recoveries so far."
-    )
-    error: str | None = Field(None, description="Why it stopped (Failed, or Pending to retry).")
-    updated_at: float | None = Field(None, description="Unix time of the write.")
 
+@dataclass
+class Progress:
+    """The run's state as a person watching it wants to see it (the trainer owns one; the
+    ``service.outputs.events`` listeners show it). ``status.json`` is this plus ``updated_at`` and
+    ``schema_version``: ``RunStatus`` is derived from these fields, so the two cannot drift."""
+
+    run_id: str = _doc("The run's folder under output.uri.")
+    phase: Phase = _doc("Where the run is in its lifecycle (PHASES).", "Pending")  # noqa: RUF009
+    attempt: int = _doc("This attempt's number (1 + resumes).", 1)
+    epoch: int = _doc("Epochs completed.", 0)
+    max_epochs: int = _doc("The recipe's epoch cap.", 0)
+    step: int = _doc("Steps completed in the current epoch.", 0)
+    steps_per_epoch: int = _doc("Optimizer steps in one epoch.", 0)
+    progress: float = _doc("0-1 of the epoch cap (a plateau stop jumps to 1).", 0.0)
+    eta_seconds: float | None = _doc("Seconds left at the current pace.", None)
+    train_loss: float | None = _doc("Mean training loss of the last epoch.", None)
+    val_top1: float | None = _doc("Validation top-1 of the last epoch.", None)
+    best_val_top1: float | None = _doc("Best validation top-1 so far.", None)
+    images_per_second: float | None = _doc("Training throughput, all ranks.", None)
+    recipe_phase: str | None = _doc("The recipe regime in force ('paper': adamw, sgd).", None)
+    micro_batch: int | None = _doc("Images per forward/backward pass on one GPU.", None)
+    accumulation_steps: int | None = _doc("Micro-batches per optimizer step.", None)
+    remediations: list[dict[str, Any]] = _doc(  # noqa: RUF009 (_doc is a field())
+        "Out-of-memory recoveries so far.", default_factory=list
+    )
+    error: str | None = _doc("Why it stopped (Failed, or Pending to retry).", None)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _on_disk(f, hint: Any) -> tuple[Any, Any]:
+    """``Progress`` field ``f`` as status.json holds it: every key optional when read."""
+    description = f.metadata["description"]
+    if f.default_factory is not MISSING:
+        return hint, Field(default_factory=f.default_factory, description=description)
+    if f.default is MISSING:  # required while training, optional on disk
+        return hint | None, Field(None, description=description)
+    return hint, Field(f.default, description=description)
+
+
+class _StatusFile(_File):
     @classmethod
-    def of(cls, progress) -> Self:
-        """What to write now for ``progress`` (a service.run.events.Progress)."""
+    def of(cls, progress: Progress) -> Self:
+        """What to write now for ``progress``."""
         return cls(schema_version=SCHEMA_VERSION, **progress.to_dict(), updated_at=time.time())
 
     @classmethod
     def read(cls, data: Any, where: str = "status.json") -> Self:
         return super().read(data, where)
+
+
+RunStatus = create_model(
+    "RunStatus",
+    __base__=_StatusFile,
+    __doc__="``status.json``: the run's ``Progress`` and when it was written. Rewritten at each "
+    "phase, epoch, checkpoint and remediation. Every key is optional when read: a status is a "
+    "snapshot, and a missing one never makes a run unreadable.",
+    schema_version=(
+        int,
+        Field(SCHEMA_VERSION, description="Absent in files written before versions (read as 1)."),
+    ),
+    **{f.name: _on_disk(f, get_type_hints(Progress)[f.name]) for f in fields(Progress)},
+    updated_at=(float | None, Field(None, description="Unix time of the write.")),
+)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from service.spec.budget import _as_study, estimate
+from service.cost.budget import _as_study, estimate
 from service.spec.model import Study
 
 # The reference GPU is an A100; a T4-class GPU trains 5-10x slower, and retries after

@@ -7,39 +7,9 @@ Pushgateway. Listeners never feed back into training, so data flows one way.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
-from service.run.contract import PHASES, Phase, RunSummary
+from service.outputs.contract import PHASES, Phase, Progress, RunSummary
 
 __all__ = ["PHASES", "Observer", "Observers", "Phase", "Progress"]
-
-
-@dataclass
-class Progress:
-    """The run's state as a person watching it wants to see it; ``status.json`` is this plus
-    ``updated_at`` and ``schema_version`` (``contract.RunStatus``)."""
-
-    run_id: str
-    phase: Phase = "Pending"
-    attempt: int = 1
-    epoch: int = 0  # epochs completed
-    max_epochs: int = 0
-    step: int = 0  # steps completed in the current epoch
-    steps_per_epoch: int = 0
-    progress: float = 0.0  # 0-1, of the epoch cap (a plateau stop jumps to 1)
-    eta_seconds: float | None = None
-    train_loss: float | None = None
-    val_top1: float | None = None
-    best_val_top1: float | None = None
-    images_per_second: float | None = None
-    recipe_phase: str | None = None  # 'paper': 'adamw' then 'sgd'
-    micro_batch: int | None = None  # images per forward/backward pass on one GPU
-    accumulation_steps: int | None = None  # micro-batches per optimizer step
-    remediations: list[dict] = field(default_factory=list)  # out-of-memory recoveries
-    error: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Observer:

@@ -9,14 +9,14 @@ The estimate is an upper bound built from four numbers per cell:
   catalog's input size, scaled by pixel count to the dataset's effective ``protocol.image_size``
   (``datasets[].protocol`` overrides the study's). A model the catalog does not
   know costs ``DEFAULT_GMACS`` at 224 px, larger than every paper backbone but DenseNet-161.
-- **Images** come from ``service.spec.dataset_sizes``: the dataset's ``manifest.json`` (on S3
+- **Images** come from ``service.cost.dataset_sizes``: the dataset's ``manifest.json`` (on S3
   only online), a local ImageFolder, archive or array file (counted), ``dataset.expected_images``,
   the builtin set's known size, or else ``DEFAULT_TRAIN_IMAGES``; the breakdown says which, and
   ``budget`` warns about every assumed size.
 - **Epochs** are ``protocol.max_epochs``: the 'paper' recipe usually stops earlier on its
   plateau, so this is a ceiling, which is what a budget needs. ``max_minutes`` caps it further.
 - **Seconds per image** come from ``REFERENCE_GPUS`` below, ResNet-50's measured training
-  throughput, carried to each backbone by ``service.spec.throughput``: a calibration measured on
+  throughput, carried to each backbone by ``service.cost.throughput``: a calibration measured on
   this GPU model (``budget --calibrate``), else timm's training benchmark (the backbone's speed
   relative to ResNet-50), else GMACs; with a ceiling of images/s for tiny models that are bound
   by memory and input, not MACs.
@@ -32,14 +32,14 @@ from __future__ import annotations
 import contextlib
 from dataclasses import asdict, dataclass, field
 
-from service.errors import RetriableError, UserError
-from service.spec import throughput
-from service.spec.dataset_sizes import (  # noqa: F401 (re-exported)
+from service.cost import throughput
+from service.cost.dataset_sizes import (  # noqa: F401 (re-exported)
     DEFAULT_TEST_RATIO,
     DEFAULT_TRAIN_IMAGES,
     DatasetSize,
     dataset_size,
 )
+from service.errors import RetriableError, UserError
 from service.spec.model import Study
 from service.spec.sections import Dataset, Protocol
 from service.train.recipes import recipe_for
@@ -108,7 +108,7 @@ class CellEstimate:
     images_per_second: float
     gpu_hours_per_seed: float
     image_size: tuple[int, int] = (224, 224)  # the dataset's effective protocol.image_size
-    speed_source: str = "gmacs"  # 'calibrated', 'timm' or 'gmacs' (service.spec.throughput)
+    speed_source: str = "gmacs"  # 'calibrated', 'timm' or 'gmacs' (service.cost.throughput)
     overhead_seconds: float = 0.0  # per seed, outside the epochs (wall, on each GPU)
 
     @property

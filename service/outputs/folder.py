@@ -17,7 +17,7 @@ record the spec hash that wrote them (``service.train.checkpoint``).
 
 ``summary.json`` is written last: a run without it is not complete, whatever else exists.
 ``summary.json`` and ``status.json`` are typed and carry a ``schema_version``: their keys, and
-what a reader accepts, are in ``service.run.contract``.
+what a reader accepts, are in ``service.outputs.contract``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import json
 import re
 from typing import Any
 
-from service.run.contract import RunStatus, RunSummary
+from service.outputs.contract import RunStatus, RunSummary
 from service.storage import NotFound, Store
 
 SPEC = "spec.json"

@@ -49,7 +49,7 @@ TABLE_PREFIX = ".cache/throughput/"
 def timm_table() -> dict:
     """The packaged benchmark: ``{"source": {...}, "anchor": "resnet50", "rows": {model:
     [train images/s, train image size]}}``."""
-    return json.loads(resources.files("service.spec").joinpath("throughput.json").read_text())
+    return json.loads(resources.files("service.cost").joinpath("throughput.json").read_text())
 
 
 def timm_ratio(model: str) -> tuple[float, int] | None:

@@ -1,4 +1,4 @@
-"""How many images a dataset holds, for the GPU-hour estimate (``service.spec.budget``).
+"""How many images a dataset holds, for the GPU-hour estimate (``service.cost.budget``).
 
 From the best source reachable: a builtin set's known size, the packed ``manifest.json``
 (locally; on S3 only online), a local ImageFolder (scanned as training scans it), a local

@@ -3,7 +3,7 @@
 A few optimizer steps on random images of the study's size (the speed of a step does not depend
 on the data), after warm-up steps that pay cuDNN's autotuning and the allocator's growth, at the
 precision and memory format a run on this device uses. The table goes to the study's output
-store keyed by the device's name (``service.spec.throughput.save_table``); ``budget`` and
+store keyed by the device's name (``service.cost.throughput.save_table``); ``budget`` and
 ``submit`` use it when their reference GPU matches. Weights are not downloaded: their values do
 not change the speed.
 """
@@ -61,7 +61,7 @@ def calibrate(study, *, steps: int, warmup: int, batch: int | None = None) -> tu
     stored in the study's output store."""
     import torch
 
-    from service.spec import throughput
+    from service.cost import throughput
     from service.storage import open_store
     from service.train.runtime import device_name
 

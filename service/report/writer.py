@@ -1,7 +1,7 @@
 """Write the report: leaderboard.csv, leaderboard.json, report.md and report.html.
 
 The machine-readable files are built here; report.md and report.html render one list of
-blocks (service.report.sections, rendered by service.report.blocks).
+blocks (service.report.document, rendered by service.report.blocks).
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import io
 import json
 from pathlib import Path
 
-from service.report import sections
+from service.report import document
 from service.report.blocks import to_html, to_markdown
 from service.report.collect import Cell
-from service.report.stats import Interval
 from service.report.tables import Board, Entry, Report, Standing
+from service.stats import Interval
 
 FIGURES = ("pareto.png", "fractions.png")
 CSV_COLUMNS = [
@@ -198,7 +198,7 @@ def write(report: Report, out_dir: Path, figures: dict[str, bytes]) -> list[Path
     for name in FIGURES:
         if name not in figures:  # a figure of an earlier report would contradict this one
             (out_dir / name).unlink(missing_ok=True)
-    items = sections.blocks(report, figures)
+    items = document.blocks(report, figures)
     put("report.md", to_markdown(items))
     put("report.html", to_html(items, f"Backbone study report: {report.study or report.uri}"))
     return written

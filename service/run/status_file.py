@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 
-from service.run.contract import RunStatus, RunSummary
-from service.run.events import Observer, Progress
-from service.run.outputs import RunOutputs
+from service.outputs.contract import RunStatus, RunSummary
+from service.outputs.events import Observer, Progress
+from service.outputs.folder import RunOutputs
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What a running Study has left to spend, from what its finished cells measured.
 
-``status --study`` prints ``remaining_line``: the budget's estimate (``service.spec.budget``)
+``status --study`` prints ``remaining_line``: the budget's estimate (``service.cost.budget``)
 with each (dataset, backbone, fraction) group's per-seed cost replaced by what its finished
 cells cost, read from their ``summary.json`` in the output store.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from service.spec.budget import Estimate, estimate
+from service.cost.budget import Estimate, estimate
 from service.spec.model import Study
 
 
