@@ -62,7 +62,9 @@ def _model() -> torch.nn.Module:
     )
 
 
-def trainer_on(tmp_path: Path, fake_cuda, *, micro_batch: int | str = "auto") -> Trainer:
+def trainer_on(
+    tmp_path: Path, fake_cuda, *, micro_batch: int | str = "auto", **protocol
+) -> Trainer:
     """A Trainer on the fake GPU: batch 16 (train, validation and test), ``micro_batch`` as
     protocol.micro_batch, probing as ``runtime_for`` sets it on CUDA, a probe cache in
     tmp_path/runs."""
@@ -74,7 +76,7 @@ def trainer_on(tmp_path: Path, fake_cuda, *, micro_batch: int | str = "auto") ->
         test=BatchLoader(split, SHARE, shuffle=False, **common),
     )
     outputs = RunOutputs(LocalStore(tmp_path / "runs" / "run"))
-    proto = Protocol(recipe="standard", max_epochs=2, warmup_epochs=1)
+    proto = Protocol(**{"recipe": "standard", "max_epochs": 2, "warmup_epochs": 1, **protocol})
     return Trainer(
         model=fake_cuda.module(_model()),
         recipe=recipe_for(proto),
@@ -199,7 +201,10 @@ def out_of_memory_in_a_cuda_training_step_halves_the_micro_batch_and_redoes_it(
 ):
     """micro_batch 16 on a GPU that holds 8: the first step's forward runs out of memory; the
     real remediation clears the gradients, releases the memory, resets the peak, records the
-    size in the cache, halves to 8 and redoes the step; the epoch then ends on the device."""
+    size in the cache, halves to 8 and redoes the step (the scheduler steps once for it); the
+    epoch then ends on the device. (No EMA here: its deepcopy of fake tensors reads their data
+    pointers, which makes later scenarios in this process crash; the whole-run tests in
+    tests/test_fake_cuda.py cover the EMA.)"""
     trainer = trainer_on(tmp_path, fake_cuda, micro_batch=SHARE)
     trainer.start()
     fits_up_to(fake_cuda, trainer, 8)
@@ -215,6 +220,7 @@ def out_of_memory_in_a_cuda_training_step_halves_the_micro_batch_and_redoes_it(
     assert trainer.memory_cache.get(trainer.memory_key).min_fail == 16
     assert trainer._epoch_acc["loss_sum"].device.type == "cuda"
     assert trainer.progress.micro_batch == 8 and trainer.progress.accumulation_steps == 2
+    assert trainer.scheduler.last_epoch == trainer.steps_per_epoch  # the redone step: once
 
 
 @scenario
@@ -252,22 +258,21 @@ def a_mid_epoch_resume_after_a_remediation_plans_below_the_failing_size(
 
 def main(folder: str) -> None:
     """``python -m tests.test_fake_cuda_memory FOLDER``: every scenario, each with a fresh
-    fake GPU, and one JSON line {name: "ok" or its traceback}."""
+    fake GPU, and a JSON line {name: "ok" or its traceback} after each."""
     from tests.fixtures.fake_cuda import fake_cuda
 
-    outcome = {}
     for name, fn in SCENARIOS.items():
         (Path(folder) / name).mkdir(parents=True)
         with pytest.MonkeyPatch.context() as mp:
             gen = fake_cuda.__wrapped__(mp)
             try:
                 fn(Path(folder) / name, next(gen), mp)
-                outcome[name] = "ok"
+                outcome = "ok"
             except Exception:
-                outcome[name] = traceback.format_exc()
+                outcome = traceback.format_exc()
             finally:
                 gen.close()
-    print(json.dumps(outcome), flush=True)
+        print(json.dumps({name: outcome}), flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -282,9 +287,12 @@ def outcomes(tmp_path_factory) -> dict:
         [sys.executable, "-m", "tests.test_fake_cuda_memory", str(tmp)],
         cwd=REPO, env=worker_env(tmp), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    lines = done.stdout.strip().splitlines()
-    assert done.returncode == 0 and lines, done.stderr[-3000:]
-    return json.loads(lines[-1])
+    got = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            got.update(json.loads(line))
+    died = f"the scenarios' process ended {done.returncode} first:\n{done.stderr[-3000:]}"
+    return {name: got.get(name, died) for name in SCENARIOS}
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
