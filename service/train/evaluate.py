@@ -16,21 +16,34 @@ ECE_BINS = 15
 
 
 @torch.no_grad()
-def predict(model, batches, *, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits float32 on CPU, labels) of every sample the loader yields, in order. Logits stay
-    on the device until the split ends: one copy to the host, not a synchronising one a batch."""
+def predict(
+    model, batches, *, autocast, micro_batch: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits float32 on CPU, labels) of every sample the loader yields, in order.
+
+    ``micro_batch``: at most that many images per forward pass (the trainer's micro-batch: what
+    fits with gradients fits without them), so an evaluation batch as large as the training
+    batch never runs out of memory where training had to split it. Logits stay on the device
+    until the split ends: one copy to the host, not a synchronising one a batch."""
     was_training = model.training
     model.eval()
     logits, labels = [], []
     for x, y in batches:
-        with autocast():
-            out = model(x)
-        logits.append(out.float())
-        labels.append(y)
+        for part in micro_batches(y.shape[0], micro_batch):
+            with autocast():
+                out = model(x[part])
+            logits.append(out.float())
+            labels.append(y[part])
     model.train(was_training)
     if not logits:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(logits).cpu(), torch.cat(labels).cpu()
+
+
+def micro_batches(n: int, micro_batch: int | None) -> list[slice]:
+    """Slices of a batch of ``n``, ``micro_batch`` at a time (the whole batch when None)."""
+    step = micro_batch if micro_batch and micro_batch > 0 else max(n, 1)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def quick_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:

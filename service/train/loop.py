@@ -350,7 +350,10 @@ class Trainer(MicroBatching, Reporting):
         """The split's logits and labels: each rank evaluates its share, once, then they are
         gathered (metrics need every sample, not per-rank means)."""
         logits, labels = evaluate.predict(
-            self.eval_model, self._eval_batches(loader), autocast=self.rt.autocast
+            self.eval_model,
+            self._eval_batches(loader),
+            autocast=self.rt.autocast,
+            micro_batch=self.micro,  # no larger than training's: no out-of-memory here
         )
         return distributed.gather_predictions(logits, labels, self.rt)
 
