@@ -29,8 +29,8 @@ import torch
 
 from service.data import BatchLoader
 from service.errors import Interrupted
-from service.run.events import Observer, Progress
-from service.run.outputs import RunOutputs
+from service.outputs.events import Observer, Progress
+from service.outputs.folder import RunOutputs
 from service.spec import Protocol
 from service.storage.local import LocalStore
 from service.train import Loaders, Runtime, Trainer, memory, recipe_for
