@@ -123,6 +123,28 @@ class TestMetrics(BaseModel):
     loss: float | None = Field(None, description="Mean cross-entropy.")
 
 
+class AttemptCost(BaseModel):
+    """One attempt's wall seconds (``billed_seconds``) and how they split (service.run.cost)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    attempt: int = Field(description="1 for the first attempt, then in the order they ran.")
+    billed_seconds: float = Field(description="The attempt's process wall.")
+    seconds: dict[str, float] = Field(description="Wall seconds by part; they sum to it.")
+
+
+class Cost(BaseModel):
+    """What the run cost as the cluster bills it (service.run.cost): every attempt's wall."""
+
+    model_config = ConfigDict(extra="allow")
+
+    billed_seconds: float = Field(description="Process wall, every attempt's once.")
+    gpus: int = Field(description="GPUs the pod holds; 0 on the CPU.")
+    gpu_hours_billed: float = Field(description="billed_seconds x gpus / 3600; 0 on the CPU.")
+    seconds: dict[str, float] = Field(description="Totals by part over the attempts.")
+    attempts: list[AttemptCost] = Field(description="Each attempt's figures, in order.")
+
+
 class RunFacts(_File):
     """What ran: known before training starts, gathered by the worker (``RunFacts.of``)."""
 
@@ -217,6 +239,9 @@ class RunSummary(RunFacts):
         None, description="Images per BatchNorm statistic; only for models with BatchNorm."
     )
     finished_at: str = Field(description="UTC, ISO 8601, when summary.json was written.")
+    cost: Cost | None = Field(
+        None, description="Billed wall by part, every attempt (service.run.cost)."
+    )
 
     @classmethod
     def read(cls, data: Any, where: str = "summary.json") -> Self:
@@ -228,7 +253,7 @@ class RunSummary(RunFacts):
         ``figures``, every one of them (``batchnorm_images`` only where it applies)."""
         results = set(cls.model_fields) - set(RunFacts.model_fields) - {"schema_version"}
         unknown = set(figures) - results
-        missing = results - set(figures) - {"batchnorm_images"}
+        missing = results - set(figures) - {"batchnorm_images", "cost"}
         if unknown or missing:  # a writer's slip: fail here, not in a reader
             raise TypeError(f"summary: unknown {sorted(unknown)}, missing {sorted(missing)}")
         return cls(schema_version=SCHEMA_VERSION, **facts.to_dict(), **figures)
@@ -273,6 +298,7 @@ class RunStatus(_File):
         default_factory=list, description="Out-of-memory recoveries so far."
     )
     error: str | None = Field(None, description="Why it stopped (Failed, or Pending to retry).")
+    cost: Cost | None = Field(None, description="Billed wall by part so far, every attempt.")
     updated_at: float | None = Field(None, description="Unix time of the write.")
 
     @classmethod

@@ -37,6 +37,7 @@ class Progress:
     accumulation_steps: int | None = None  # micro-batches per optimizer step
     remediations: list[dict] = field(default_factory=list)  # out-of-memory recoveries
     error: str | None = None
+    cost: dict | None = None  # service.run.cost: billed wall by part, every attempt so far
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -13,10 +13,11 @@ import logging
 import os
 import platform
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.run.contract import RunFacts, RunSummary
+from service.run.cost import CostClock
 from service.run.events import Observer, Progress
 from service.run.outputs import ENV, SPEC, RunOutputs
 from service.spec import FineTune
@@ -35,6 +36,7 @@ class Run:
     progress: Progress
     observer: Observer
     stop: threading.Event
+    clock: CostClock = field(default_factory=lambda: CostClock(Progress(""), startup=False))
 
 
 def train(run: Run, cache: Path, dist: DistEnv) -> RunSummary:
@@ -44,30 +46,43 @@ def train(run: Run, cache: Path, dist: DistEnv) -> RunSummary:
     from service.spec.study import effective
     from service.train import recipe_for
 
-    spec, p = run.spec, run.spec.protocol
+    spec, p, clock = run.spec, run.spec.protocol, run.clock
     rt = _start(run, dist)
     data = _data(run, cache, rt)
-    built = _model(run, len(data.classes), cache, rt)
-    # protocol.normalize picks each split's statistics (the paper's code normalised the test
-    # split by its own); protocol.augmentation the train-time augmentation.
-    stats = split_stats(p.normalize, data, built)
-    recipe = recipe_for(p)
-    loaders = make_loaders(data, p, recipe, rt, built.model, stats=stats)
-    facts = RunFacts.of(
-        spec,
-        data=data,
-        built=built,
-        protocol=effective(p),  # the cell's effective protocol, for the report
-        params=models.count_params(built.model),
-        gmacs=_gmacs(spec, built.model, rt),
-    )
-    trainer = _trainer(run, built.model, recipe, loaders, rt, facts)
-    plan = trainer.start()  # resume, then the micro-batch (a probe on a GPU for 'auto')
+    with clock.part("build"):
+        built = _model(run, len(data.classes), cache, rt)
+        # protocol.normalize picks each split's statistics (the paper's code normalised the
+        # test split by its own); protocol.augmentation the train-time augmentation.
+        stats = split_stats(p.normalize, data, built)
+        recipe = recipe_for(p)
+        loaders = make_loaders(data, p, recipe, rt, built.model, stats=stats)
+        facts = RunFacts.of(
+            spec,
+            data=data,
+            built=built,
+            protocol=effective(p),  # the cell's effective protocol, for the report
+            params=models.count_params(built.model),
+            gmacs=_gmacs(spec, built.model, rt),
+        )
+        trainer = _trainer(run, built.model, recipe, loaders, rt, facts)
+    clock.compiled = trainer.compile_used
+    with clock.part("probe"):
+        plan = trainer.start()  # resume, then the micro-batch (a probe on a GPU for 'auto')
     if dist.rank == 0:
-        env = environment(spec, rt, data, built, stats)
-        compiled = {"used": trainer.compile_used, "reason": trainer.compile_reason}
-        run.outputs.write_json(ENV, {**env, "micro_batch": plan.to_dict(), "compile": compiled})
-    return trainer.fit()
+        with clock.part("upload"):
+            env = environment(spec, rt, data, built, stats)
+            compiled = {"used": trainer.compile_used, "reason": trainer.compile_reason}
+            env = {**env, "micro_batch": plan.to_dict(), "compile": compiled}
+            run.outputs.write_json(ENV, env)
+    summary = trainer.fit()
+    if dist.rank != 0:
+        return summary
+    # summary.json is written once more with what the attempt cost, now that it has all run
+    # (the trainer wrote it first, its presence meaning "done"; a crash between the two writes
+    # leaves a done run without ``cost``, which readers take as unknown).
+    summary = summary.model_copy(update={"cost": run.clock.cost()})
+    run.outputs.write_summary(summary)
+    return summary
 
 
 def _start(run: Run, dist: DistEnv):
@@ -79,6 +94,7 @@ def _start(run: Run, dist: DistEnv):
     # run (locally, resources.gpus is only what the spec would ask a cluster for).
     in_pod = bool(os.environ.get("BACKBONES_POD"))
     rt = runtime_for(run.spec.protocol, dist, gpus_asked=run.spec.resources.gpus if in_pod else 0)
+    run.clock.gpus = rt.world_size if rt.device.type == "cuda" else 0
     fresh_device_memory(rt.device)  # a local Study's earlier cells leave nothing behind
     if dist.rank == 0:
         # The spec as parsed, plus its hash (drop "spec_hash" before parse_spec).
@@ -95,24 +111,32 @@ def _data(run: Run, cache: Path, rt):
 
     run.progress.phase = "Downloading"
     run.observer.on_phase(run.progress)
-    return distributed.rank0_first(lambda: _prepare(run.spec, cache, run.observer), rt)
+    return distributed.rank0_first(lambda: _prepare(run.spec, cache, run.observer, run.clock), rt)
 
 
-def _prepare(spec: FineTune, cache: Path, observer: Observer):
-    return prepare_data(spec, cache, observer)
+def _prepare(spec: FineTune, cache: Path, observer: Observer, clock: CostClock):
+    return prepare_data(spec, cache, observer, clock)
 
 
-def prepare_data(spec: FineTune, cache: Path, observer: Observer | None = None):
+def prepare_data(
+    spec: FineTune,
+    cache: Path,
+    observer: Observer | None = None,
+    clock: CostClock | None = None,
+):
     """The dataset as every consumer gets it (training, the search's proxy): an ``s3://`` URI
     fetched into the cache first, then decoded and split once."""
     from service.data import prepare
 
+    clock = clock or CostClock(Progress(run_id=""), startup=False)
     local = None
     if spec.dataset.uri.startswith("s3://"):
         from service.storage.fetch import fetch_dataset
 
-        local = fetch_dataset(spec, cache, observer)
-    return prepare(spec, cache, local_path=local, observer=observer)
+        with clock.part("fetch"):
+            local = fetch_dataset(spec, cache, observer)
+    with clock.part("prepare"):
+        return prepare(spec, cache, local_path=local, observer=observer)
 
 
 def _model(run: Run, n_classes: int, cache: Path, rt):

@@ -1,0 +1,109 @@
+"""What an attempt costs (issue 26, point 1): every attempt's wall, by part, as billed.
+
+Each run here is a fresh ``backbones`` process on the CPU (tiny test_resnet on 200 digits), so
+``startup`` is a real interpreter start and imports. The CPU run has no GPUs: ``gpus`` and
+``gpu_hours_billed`` are 0, and nothing here compiles (``compile`` stays 0). Timings are never
+asserted, only that the parts are there and add up to the attempt's wall.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from service.errors import EXIT_RETRY
+from service.run.contract import RunStatus, RunSummary
+from service.run.cost import PARTS
+from service.storage.local import LocalStore
+from tests.fixtures.faults import backbones, run, start, stop, tiny_spec, trip_cmd, worker_cmd
+from tests.specs import write_spec
+
+pytestmark = pytest.mark.integration
+
+
+def _check_attempt(attempt: dict) -> None:
+    parts = attempt["seconds"]
+    assert set(PARTS) <= set(parts)
+    assert all(v >= 0 for v in parts.values()), parts
+    wall = attempt["billed_seconds"]
+    assert wall > 0
+    assert abs(sum(parts.values()) - wall) <= 0.05 * wall, (sum(parts.values()), wall)
+    for part in ("startup", "prepare", "build", "train", "evaluate", "upload"):
+        assert parts[part] > 0, (part, parts)
+
+
+def test_a_fresh_run_records_its_wall_by_part_in_summary_and_status(tmp_path, tiny_cache):
+    spec = tiny_spec(tmp_path, "billed", epochs=2)
+    done = run(backbones("run", str(write_spec(tmp_path, spec))), tiny_cache)
+    assert done.returncode == 0, done.stderr
+    store = LocalStore(f"{spec.output.uri}/{spec.run_id}")
+    cost = json.loads(store.read_bytes("summary.json"))["cost"]
+    assert len(cost["attempts"]) == 1
+    _check_attempt(cost["attempts"][0])
+    assert cost["billed_seconds"] == cost["attempts"][0]["billed_seconds"]
+    assert (cost["gpus"], cost["gpu_hours_billed"]) == (0, 0)  # a CPU run bills no GPU
+    status = RunStatus.read(json.loads(store.read_bytes("status.json")))
+    assert status.phase == "Succeeded"
+    assert [a.attempt for a in status.cost.attempts] == [1]
+    _check_attempt(status.cost.attempts[0].model_dump())
+
+
+def test_a_resumed_run_counts_both_attempts_each_wall_once(tmp_path, tiny_cache):
+    spec = tiny_spec(tmp_path, "resumed", epochs=2)
+    path = write_spec(tmp_path, spec)
+    store = LocalStore(f"{spec.output.uri}/{spec.run_id}")
+    proc = start(trip_cmd(path, at_step=7, sig="TERM"), tiny_cache)  # mid epoch 2 (5 a epoch)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        stop(proc)
+    assert proc.returncode == EXIT_RETRY, stderr
+    first = json.loads(store.read_bytes("status.json"))["cost"]
+    assert [a["attempt"] for a in first["attempts"]] == [1]
+    again = run(worker_cmd(path), tiny_cache)
+    assert again.returncode == 0, again.stderr
+    cost = json.loads(store.read_bytes("summary.json"))["cost"]
+    attempts = cost["attempts"]
+    assert [a["attempt"] for a in attempts] == [1, 2]
+    assert attempts[0] == first["attempts"][0]  # the first attempt as its last status said
+    for attempt in attempts:
+        _check_attempt(attempt)
+    assert cost["billed_seconds"] == pytest.approx(sum(a["billed_seconds"] for a in attempts))
+    for part in PARTS:
+        both = sum(a["seconds"][part] for a in attempts)
+        assert cost["seconds"][part] == pytest.approx(both, abs=1e-3)
+
+
+def test_a_summary_written_before_cost_still_reads():
+    from tests.reportutil import summary
+
+    old = summary("s", "d", "b", 0, 0.9)
+    assert "cost" not in old
+    read = RunSummary.read(old)
+    assert read.cost is None
+    assert "cost" not in read.to_dict()  # read and written back, it gains nothing
+
+
+def test_prometheus_exports_the_attempt_seconds_by_part_and_billed_seconds():
+    """The observer in this process, fed a Progress carrying a cost (what the clock sets)."""
+    from service.run.events import Progress
+    from service.run.metrics import PrometheusObserver
+    from service.spec import parse_spec
+    from tests.specs import finetune
+
+    obs = PrometheusObserver(parse_spec(finetune(name="priced")), port=0, pushgateway_url=None)
+    progress = Progress(run_id="priced", phase="Training")
+    obs.on_phase(progress)
+    assert obs.registry.get_sample_value("backbones_billed_seconds", obs.labels) is None
+    seconds = {p: float(i) for i, p in enumerate(PARTS)}
+    attempt = {"attempt": 1, "billed_seconds": 55.0, "seconds": seconds}
+    progress.cost = {
+        "billed_seconds": 55.0, "gpus": 0, "gpu_hours_billed": 0.0,
+        "seconds": seconds, "attempts": [attempt],
+    }  # fmt: skip
+    obs.on_epoch(progress, {})
+    assert obs.registry.get_sample_value("backbones_billed_seconds", obs.labels) == 55.0
+    for part, value in seconds.items():
+        labels = {**obs.labels, "part": part}
+        assert obs.registry.get_sample_value("backbones_attempt_seconds", labels) == value
