@@ -80,7 +80,7 @@ def train(run: Run, cache: Path, dist: DistEnv) -> RunSummary:
     # summary.json is written once more with what the attempt cost, now that it has all run
     # (the trainer wrote it first, its presence meaning "done"; a crash between the two writes
     # leaves a done run without ``cost``, which readers take as unknown).
-    summary = summary.model_copy(update={"cost": run.clock.cost()})
+    summary = RunSummary.model_validate({**summary.to_dict(), "cost": run.clock.cost()})
     run.outputs.write_summary(summary)
     return summary
 
