@@ -107,3 +107,78 @@ def test_prometheus_exports_the_attempt_seconds_by_part_and_billed_seconds():
     for part, value in seconds.items():
         labels = {**obs.labels, "part": part}
         assert obs.registry.get_sample_value("backbones_attempt_seconds", labels) == value
+
+
+# ------------------------------------------------------------------------------ the report
+
+
+def _priced(summary: dict, billed: float, gpus: int = 1) -> dict:
+    """``summary`` as a run that recorded its bill writes it (one attempt)."""
+    seconds = dict.fromkeys(PARTS, 0.0) | {"train": summary["train_seconds"]}
+    seconds["other"] = billed - summary["train_seconds"]
+    attempt = {"attempt": 1, "billed_seconds": billed, "seconds": seconds}
+    cost = {
+        "billed_seconds": billed, "gpus": gpus, "gpu_hours_billed": billed * gpus / 3600,
+        "seconds": seconds, "attempts": [attempt],
+    }  # fmt: skip
+    return {**summary, "cost": cost}
+
+
+def _write_priced_and_old(out, study="st") -> None:
+    """Backbone 'a' recorded its bill (train 60 s of 240 s billed, 1 GPU); 'b' is older."""
+    from tests.reportutil import summary, write_summary
+
+    for seed in (0, 1):
+        a = summary(study, "d1", "a", seed, 0.9 + seed / 100, train_seconds=60.0)
+        write_summary(out, _priced(a, billed=240.0))
+        write_summary(out, summary(study, "d1", "b", seed, 0.8 + seed / 100))
+
+
+def test_the_report_shows_gpu_hours_billed_and_training_share_per_backbone_and_study(tmp_path):
+    from service.report import build_report
+
+    _write_priced_and_old(tmp_path / "runs")
+    build_report(str(tmp_path / "runs"), tmp_path / "rep", plots=False)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Rank"))
+    assert "| GPU-h | GPU-h billed | Train share |" in header
+    rows = {line.split("|")[2].strip(): line for line in md.splitlines() if "| 0.0" in line}
+    cells = {b: [c.strip() for c in line.split("|")] for b, line in rows.items()}
+    col = [c.strip() for c in header.split("|")].index("GPU-h billed")
+    assert cells["a"][col : col + 2] == ["0.0667", "25%"]  # 240 s x 1 GPU; 60 s of 240 s
+    assert cells["b"][col : col + 2] == ["–", "–"]  # written before billing was recorded
+    assert "Billed: 0.133 GPU-h (8 min of pod wall over 2 run(s))" in md
+    assert "training is 25% of the wall" in md
+    board = json.loads((tmp_path / "rep" / "leaderboard.json").read_text())
+    by_backbone = {r["backbone"]: r for r in board["boards"][0]["rows"]}
+    assert by_backbone["a"]["gpu_hours_billed_mean"] == pytest.approx(240 / 3600)
+    assert by_backbone["a"]["train_share"] == pytest.approx(0.25)
+    assert by_backbone["b"]["gpu_hours_billed_mean"] is None
+    assert board["cost"]["runs"] == 2
+
+
+def test_compare_quotes_each_sides_bill_and_a_dash_for_runs_without_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from service.cli import app
+    from tests.reportutil import summary, write_summary
+
+    _write_priced_and_old(tmp_path / "a", "sa")
+    for seed in (0, 1):  # side B: only older summaries
+        for backbone, acc in (("a", 0.7), ("b", 0.9)):
+            write_summary(tmp_path / "b", summary("sb", "d1", backbone, seed, acc + seed / 100))
+    result = CliRunner().invoke(
+        app, ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c")]
+    )
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "c" / "compare.md").read_text()
+    lines = md.splitlines()
+    at = lines.index(
+        "| Side | Runs | GPU-h training | GPU-h billed | Billed wall | Training share |"
+    )
+    side_a, side_b = lines[at + 2], lines[at + 3]
+    assert side_a.endswith("| 2 | 0.0333 | 0.133 | 480 s | 25% |"), side_a
+    assert side_b.endswith("| – | – | – | – | – |"), side_b
+    cost = json.loads((tmp_path / "c" / "compare.json").read_text())["cost"]
+    assert cost["a"]["gpu_hours_billed"] == pytest.approx(480 / 3600)
+    assert cost["b"] is None
