@@ -9,6 +9,7 @@ asserted, only that the parts are there and add up to the attempt's wall.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -182,3 +183,65 @@ def test_compare_quotes_each_sides_bill_and_a_dash_for_runs_without_one(tmp_path
     cost = json.loads((tmp_path / "c" / "compare.json").read_text())["cost"]
     assert cost["a"]["gpu_hours_billed"] == pytest.approx(480 / 3600)
     assert cost["b"] is None
+
+
+# ------------------------------------------------------------------------------ the search
+
+
+def test_the_selection_quotes_the_rungs_bill_beside_their_epochs_each_run_once(tmp_path):
+    """A stand-in runner (tests.test_search_driver.FakeRunner) that also leaves a status.json
+    with a growing bill, 10 s of pod wall per rung a run took part in: under 'continue' a run's
+    later rung carries its earlier ones, so the report must count each run once, at its
+    largest. It does not model what the rungs' pods really spend."""
+    from service.report import build_report
+    from service.run.outputs import RunOutputs
+    from service.search.driver import Driver
+    from service.storage import open_store
+    from tests.test_search_driver import FakeRunner, study
+
+    class BilledRunner(FakeRunner):
+        def __call__(self, rung, cells):
+            super().__call__(rung, cells)
+            for c in cells:
+                out = RunOutputs(open_store(c.spec.output.uri).child(c.spec.run_id))
+                old = out.status()
+                before = old.cost.billed_seconds if old and old.cost else 0.0
+                bill = {**dict.fromkeys(PARTS, 0.0), "other": before + 10.0}
+                attempt = {"attempt": 1, "billed_seconds": before + 10.0, "seconds": bill}
+                cost = {
+                    "billed_seconds": before + 10.0, "gpus": 1,
+                    "gpu_hours_billed": (before + 10.0) / 3600, "seconds": bill,
+                    "attempts": [attempt],
+                }  # fmt: skip
+                out.write_status(RunStatus(run_id=c.spec.run_id, cost=cost))
+
+    for schedule in ("restart", "continue"):
+        s = study(tmp_path / schedule, schedule)
+        Driver(s, BilledRunner(), echo=lambda m: None).run()
+        runs = tmp_path / schedule / "runs" / "sel"
+        build_report(str(runs), tmp_path / schedule / "rep", study=s, plots=False)
+        md = (tmp_path / schedule / "rep" / "report.md").read_text()
+        line = next(x for x in md.splitlines() if "billed:" in x)
+        state = json.loads(next(runs.rglob("state.json")).read_text())
+        bills: dict[str, float] = {}
+        for rung in state["rungs"]:
+            for by_backbone in rung["results"].values():
+                for res in by_backbone.values():
+                    for run_id, bill in res["billed"].items():
+                        bills[run_id] = max(bills.get(run_id, 0.0), bill["seconds"])
+        assert bills
+        epochs = re.search(r"compute: (\d+) epochs", md)[1]
+        assert f"billed: {sum(bills.values()):.1f} s of pod wall" in line, (schedule, line)
+        assert f"over {len(bills)} run(s) for {epochs} epochs" in line, (schedule, line)
+
+
+def test_a_search_without_recorded_bills_says_so_in_its_selection(tmp_path):
+    from service.report import build_report
+    from service.search.driver import Driver
+    from tests.test_search_driver import FakeRunner, study
+
+    s = study(tmp_path)
+    Driver(s, FakeRunner(), echo=lambda m: None).run()
+    build_report(str(tmp_path / "runs" / "sel"), tmp_path / "rep", study=s, plots=False)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "billed: – (42 epochs; runs without a recorded bill)" in md
