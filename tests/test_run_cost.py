@@ -71,6 +71,7 @@ def test_a_resumed_run_counts_both_attempts_each_wall_once(tmp_path, tiny_cache)
     for attempt in attempts:
         _check_attempt(attempt)
     assert cost["billed_seconds"] == pytest.approx(sum(a["billed_seconds"] for a in attempts))
+    assert len(PARTS) == 11
     for part in PARTS:
         both = sum(a["seconds"][part] for a in attempts)
         assert cost["seconds"][part] == pytest.approx(both, abs=1e-3)
@@ -105,6 +106,7 @@ def test_prometheus_exports_the_attempt_seconds_by_part_and_billed_seconds():
     }  # fmt: skip
     obs.on_epoch(progress, {})
     assert obs.registry.get_sample_value("backbones_billed_seconds", obs.labels) == 55.0
+    assert len(seconds) == len(PARTS) == 11
     for part, value in seconds.items():
         labels = {**obs.labels, "part": part}
         assert obs.registry.get_sample_value("backbones_attempt_seconds", labels) == value
