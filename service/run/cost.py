@@ -3,11 +3,14 @@
 A pod is billed from its start to its end, GPUs attached, whatever it does. ``CostClock``
 splits one attempt (one process's run of one cell) into parts that sum to its wall:
 
-- ``startup``: process start -> ``run_cell`` entered (interpreter, imports, spec parsing). Only
-  the first cell a process runs has it; a later cell of the same process starts at its own
-  ``run_cell`` entry. The process start is read from ``/proc/self/stat`` (start time in clock
-  ticks since boot) and ``/proc/uptime`` (10 ms resolution; ``/proc/stat``'s btime is whole
-  seconds), so no pod-set variable is needed; off Linux it is this module's import time.
+- ``startup``: process start -> ``run_cell`` entered (interpreter, spec parsing), then the
+  runtime's start in service.run.pipeline (torch and timm imports, device, spec.json). Only the
+  first cell a process runs is billed from the process start; a later cell of the same process
+  starts at its own ``run_cell`` entry (and finds torch imported). The process start is read
+  from ``/proc/self/stat`` (start time in clock ticks since boot) and ``/proc/uptime`` (10 ms
+  resolution; ``/proc/stat``'s btime is whole seconds), so no pod-set variable is needed; off
+  Linux it is this module's import time. In a pod that is the Python process under tini: the
+  container's own start before it (image pull, tini) is not seen from inside.
 - ``lease_wait``, ``fetch`` (dataset from storage), ``prepare`` (decode into the cache, split),
   ``build`` (model, weights, loaders), ``probe`` (resume from the checkpoint, micro-batch probe):
   timed around the calls in service.run.cell / service.run.pipeline.
@@ -15,8 +18,11 @@ splits one attempt (one process's run of one cell) into parts that sum to its wa
   the second when torch.compile is used (the warm-up compile happens inside the first step).
 - ``evaluate``: per-epoch validation (the training loop's time outside steps and checkpoints)
   and the final test pass; ``upload``: checkpoint writes, env.json, final weights, summary.
-- ``other``: the remainder (checks under the lease, status writes, exit), so the parts sum to
+- ``other``: the remainder (checks under the lease, status writes), so the parts sum to
   ``billed_seconds``.
+
+``billed_seconds`` ends when summary.json is written: what the process does after that (the
+CLI's listing, interpreter exit) is not in it (about 5 s of a 61 s tiny CPU run here).
 
 The clock is an ``Observer`` placed first among the run's listeners: at every event it
 refreshes ``progress.cost``, which status.json and Prometheus then carry. Earlier attempts'

@@ -41,13 +41,14 @@ class Run:
 
 def train(run: Run, cache: Path, dist: DistEnv) -> RunSummary:
     """Train ``run`` to its summary (rank 0 writes spec.json, env.json and the outputs)."""
-    from service.backbones import factory as models
-    from service.data.normalise import split_stats
-    from service.spec.study import effective
-    from service.train import recipe_for
-
     spec, p, clock = run.spec, run.spec.protocol, run.clock
-    rt = _start(run, dist)
+    with clock.part("startup"):  # torch and timm's imports, the runtime: a pod's own start-up
+        from service.backbones import factory as models
+        from service.data.normalise import split_stats
+        from service.spec.study import effective
+        from service.train import recipe_for
+
+        rt = _start(run, dist)
     data = _data(run, cache, rt)
     with clock.part("build"):
         built = _model(run, len(data.classes), cache, rt)
