@@ -53,6 +53,8 @@ FAMILIES = {
     "backbones_gpus": set(),
     "backbones_oom_remediations_total": set(),
     "backbones_run_last_success_timestamp_seconds": set(),
+    "backbones_billed_seconds": set(),
+    "backbones_attempt_seconds": {"part"},
 }
 
 
@@ -194,6 +196,12 @@ def test_the_scraped_numbers_are_the_final_progress(scraped):
     assert last(scraped, "backbones_train_loss") == pytest.approx(p.train_loss)
     assert last(scraped, "backbones_train_images_per_second") == pytest.approx(p.images_per_second)
     assert last(scraped, "backbones_attempt") == p.attempt == 1
+    # What the attempt cost (service.run.billing), as the clock last set it on the Progress.
+    assert last(scraped, "backbones_billed_seconds") == p.cost["billed_seconds"] > 0
+    parts = p.cost["attempts"][-1]["seconds"]
+    assert len(parts) == 11
+    for part, seconds in parts.items():
+        assert last(scraped, "backbones_attempt_seconds", part=part) == seconds, part
 
 
 def test_status_json_carries_the_same_numbers(scraped):

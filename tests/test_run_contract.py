@@ -65,8 +65,9 @@ def test_a_run_writes_schema_version_into_summary_and_status(tmp_path):
     }
     for name, data in written.items():
         assert data["schema_version"] == SCHEMA_VERSION == 1, name
-        # The same keys as a run of the same spec wrote before versions existed, plus the version.
-        assert set(data) == set(legacy(name)) | {"schema_version"}, name
+        # The same keys as a run of the same spec wrote before versions existed, plus the
+        # version and what it cost (issue 26).
+        assert set(data) == set(legacy(name)) | {"schema_version", "cost"}, name
     assert set(written["summary.json"]["test"]) == set(legacy("summary.json")["test"])
     assert written["status.json"]["phase"] == "Succeeded"
     # What run_cell returns is the file, typed.

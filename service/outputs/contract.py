@@ -116,6 +116,28 @@ class TestMetrics(BaseModel):
     loss: float | None = Field(None, description="Mean cross-entropy.")
 
 
+class AttemptCost(BaseModel):
+    """One attempt's wall seconds (``billed_seconds``) and how they split (service.run.billing)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    attempt: int = Field(description="1 for the first attempt, then in the order they ran.")
+    billed_seconds: float = Field(description="The attempt's process wall.")
+    seconds: dict[str, float] = Field(description="Wall seconds by part; they sum to it.")
+
+
+class Cost(BaseModel):
+    """What the run cost as the cluster bills it (service.run.billing): every attempt's wall."""
+
+    model_config = ConfigDict(extra="allow")
+
+    billed_seconds: float = Field(description="Process wall, every attempt's once.")
+    gpus: int = Field(description="GPUs the pod holds; 0 on the CPU.")
+    gpu_hours_billed: float = Field(description="billed_seconds x gpus / 3600; 0 on the CPU.")
+    seconds: dict[str, float] = Field(description="Totals by part over the attempts.")
+    attempts: list[AttemptCost] = Field(description="Each attempt's figures, in order.")
+
+
 class RunFacts(_File):
     """What ran: known before training starts, gathered by the worker (``RunFacts.of``)."""
 
@@ -210,6 +232,9 @@ class RunSummary(RunFacts):
         None, description="Images per BatchNorm statistic; only for models with BatchNorm."
     )
     finished_at: str = Field(description="UTC, ISO 8601, when summary.json was written.")
+    cost: Cost | None = Field(
+        None, description="Billed wall by part, every attempt (service.run.billing)."
+    )
 
     @classmethod
     def read(cls, data: Any, where: str = "summary.json") -> Self:
@@ -221,7 +246,7 @@ class RunSummary(RunFacts):
         ``figures``, every one of them (``batchnorm_images`` only where it applies)."""
         results = set(cls.model_fields) - set(RunFacts.model_fields) - {"schema_version"}
         unknown = set(figures) - results
-        missing = results - set(figures) - {"batchnorm_images"}
+        missing = results - set(figures) - {"batchnorm_images", "cost"}
         if unknown or missing:  # a writer's slip: fail here, not in a reader
             raise TypeError(f"summary: unknown {sorted(unknown)}, missing {sorted(missing)}")
         return cls(schema_version=SCHEMA_VERSION, **facts.to_dict(), **figures)
@@ -270,6 +295,9 @@ class Progress:
         "Out-of-memory recoveries so far.", default_factory=list
     )
     error: str | None = _doc("Why it stopped (Failed, or Pending to retry).", None)
+    cost: Cost | None = _doc(  # noqa: RUF009 (_doc is a field())
+        "Billed wall by part so far, every attempt (service.run.billing).", None
+    )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from service.report.tables import Board, Report, Standing, protocol_text
+from service.report.tables import Board, Cost, Report, Standing, protocol_text
 
 
 @dataclass
@@ -81,6 +81,8 @@ class Comparison:
     domains: list[DomainChange]
     only_a: list[str] = field(default_factory=list)  # datasets only one side has
     only_b: list[str] = field(default_factory=list)
+    cost_a: Cost | None = None  # what each side's runs were billed (None: none recorded it)
+    cost_b: Cost | None = None
 
 
 def kendall_tau(a: dict[str, float], b: dict[str, float]) -> float | None:
@@ -154,6 +156,8 @@ def compare(a: Report, b: Report, label_a: str = "A", label_b: str = "B") -> Com
         domains,
         only_a=[d for d in boards_a if d not in boards_b],
         only_b=[d for d in boards_b if d not in boards_a],
+        cost_a=a.cost,
+        cost_b=b.cost,
     )
 
 
@@ -252,6 +256,7 @@ def to_markdown(c: Comparison) -> str:
             f"| {d.domain} | {', '.join(d.order_a[:3]) or '–'} | {', '.join(d.order_b[:3]) or '–'}"
             f" | {_num(d.tau, '.2f')} |"
         )
+    lines += _cost_markdown(c)
     lines += [
         "",
         "## By dataset",
@@ -280,6 +285,28 @@ def to_markdown(c: Comparison) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cost_markdown(c: Comparison) -> list[str]:
+    """Each side's bill beside its training: epochs are in each dataset's protocol line."""
+    lines = [
+        "",
+        "## Cost (every run of each side that recorded it; – : written before billing was)",
+        "",
+        "| Side | Runs | GPU-h training | GPU-h billed | Billed wall | Training share |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, cost in ((c.label_a, c.cost_a), (c.label_b, c.cost_b)):
+        if cost is None:
+            lines.append(f"| {label} | – | – | – | – | – |")
+            continue
+        share = cost.train_share
+        lines.append(
+            f"| {label} | {cost.runs} | {cost.gpu_hours:.3g} | {cost.gpu_hours_billed:.3g} | "
+            f"{cost.billed_seconds:.0f} s | {_num(None if share is None else 100 * share, '.0f')}"
+            f"{'' if share is None else '%'} |"
+        )
+    return lines
+
+
 def _dataset_markdown(d: DatasetChange, a: str, b: str) -> list[str]:
     """One dataset's section: both protocols, then every backbone's rank and top-1 under each."""
     lines = ["", f"### {d.dataset} ({d.domain})", ""]
@@ -306,6 +333,10 @@ def _dataset_markdown(d: DatasetChange, a: str, b: str) -> list[str]:
 def to_json(c: Comparison) -> dict:
     return {
         "labels": [c.label_a, c.label_b],
+        "cost": {
+            "a": None if c.cost_a is None else c.cost_a.to_dict(),
+            "b": None if c.cost_b is None else c.cost_b.to_dict(),
+        },
         "domains": [
             {"domain": d.domain, "order_a": d.order_a, "order_b": d.order_b, "tau": d.tau}
             for d in c.domains

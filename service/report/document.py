@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 
 from service.report.blocks import H, Img, Items, P, Table
-from service.report.tables import Board, Entry, Report, protocol_text
+from service.report.tables import Board, Cost, Entry, Report, protocol_text
 
 LEADERBOARD_HEADERS = [
     "Rank",
@@ -19,6 +19,8 @@ LEADERBOARD_HEADERS = [
     "Params (M)",
     "GMACs",
     "GPU-h",
+    "GPU-h billed",
+    "Train share",
     "Train time",
     "Images/s",
     "vs leader",
@@ -31,6 +33,21 @@ def _pct(x: float | None) -> str:
 
 def _num(x: float | None, fmt: str = ".2f") -> str:
     return "–" if x is None else format(x, fmt)
+
+
+def _share(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def cost_text(c: Cost | None) -> str:
+    """A study's bill in one sentence ('' when no run recorded it)."""
+    if c is None:
+        return ""
+    return (
+        f"Billed: {c.gpu_hours_billed:.3g} GPU-h ({_duration(c.billed_seconds)} of pod wall over "
+        f"{c.runs} run(s)) against {c.gpu_hours:.3g} GPU-h training: training is "
+        f"{_share(c.train_share)} of the wall (a CPU run bills 0 GPU-h)."
+    )
 
 
 def _duration(seconds: float | None) -> str:
@@ -86,6 +103,8 @@ def _summary(report: Report) -> list:
             f"{c['backbones']} backbone(s)."
         )
     )
+    if report.cost is not None:
+        out.append(P(cost_text(report.cost)))
     if report.leaky_runs:
         out.append(
             P(
@@ -149,7 +168,9 @@ def _per_dataset(report: Report) -> list:
             "over the n seeds (* where it would leave [0, 100] and is clipped there). 'One run "
             "±': the test set's own sampling uncertainty for a single run (95% Wilson interval "
             "on n_test images, half-width in points); seeds cannot shrink it. 'vs leader': a "
-            "paired t-test over shared seeds. GPU-h and training time are per run."
+            "paired t-test over shared seeds. GPU-h (training), GPU-h billed (the pods' wall x "
+            "GPUs, every attempt) and training time are per run; 'Train share': training's "
+            "part of the billed wall. '–': runs written before billing was recorded."
         ),
     ]
     for b in report.boards:
@@ -190,6 +211,8 @@ def _entry_cells(e: Entry) -> list[str]:
         _num(e.params_m),
         _num(e.gmacs, ".3g"),
         _num(e.gpu_hours, ".3g"),
+        _num(e.gpu_hours_billed, ".3g"),
+        _share(e.train_share),
         _duration(e.train_seconds),
         _num(e.images_per_second, ".0f"),
         "leader" if e.vs_leader is None else e.vs_leader.describe(),

@@ -136,6 +136,7 @@ class _Spent:
     seconds: float = 0.0
     per_epoch: dict[str, float] = field(default_factory=dict)  # backbone -> s, first rung run
     max_epochs: int = 0
+    billed: dict[str, dict] = field(default_factory=dict)  # run id -> its bill, largest seen
 
 
 def _rung_rows(state: dict, group: str, spent: _Spent) -> list[list[str]]:
@@ -152,6 +153,9 @@ def _rung_rows(state: dict, group: str, spent: _Spent) -> list[list[str]]:
             res = results[b]
             spent.epochs += res["epochs"]
             spent.seconds += res["seconds"]
+            for run_id, bill in (res.get("billed") or {}).items():
+                if bill["seconds"] >= spent.billed.get(run_id, {"seconds": -1.0})["seconds"]:
+                    spent.billed[run_id] = bill
             if res["epochs"]:
                 spent.per_epoch.setdefault(b, res["seconds"] / res["epochs"])
             sizes = state.get("survivors_per_rung") or []
@@ -214,9 +218,24 @@ def _compute_items(state: dict, spent: _Spent, proxy: dict | None) -> list[str]:
             f"grid (mean seconds per epoch measured on the first rung): "
             f"{spent.seconds / est:.0%}"
         )
+    items.append(_billed_item(spent))
     if proxy:
         items.append(f"proxy: {proxy['seconds']:.1f} s of forward passes")
     return items
+
+
+def _billed_item(spent: _Spent) -> str:
+    """The rungs' pods as billed (every attempt's wall), beside their epochs; '–' for a search
+    whose runs predate the record."""
+    if not spent.billed:
+        return f"billed: – ({spent.epochs:.0f} epochs; runs without a recorded bill)"
+    seconds = sum(b["seconds"] for b in spent.billed.values())
+    gpu_hours = sum(b["gpu_hours"] for b in spent.billed.values())
+    share = f"{spent.seconds / seconds:.0%}" if seconds else "–"
+    return (
+        f"billed: {seconds:.1f} s of pod wall, {gpu_hours:.3g} GPU-h, over "
+        f"{len(spent.billed)} run(s) for {spent.epochs:.0f} epochs; training is {share} of it"
+    )
 
 
 def _agreement(

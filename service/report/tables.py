@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+from service.outputs.contract import RunSummary
 from service.report.collect import Cell, Collection
 from service.stats import (
     INTERVAL_METHOD,
@@ -44,6 +45,9 @@ class Entry:
     images_per_second: float | None
     leaky: bool  # some run selected its checkpoint on the test split
     n_test: int | None = None  # test images of one run (mean over the seeds)
+    # What the pods were billed (summary.json's cost; None when no run recorded it):
+    gpu_hours_billed: float | None = None  # mean per run
+    train_share: float | None = None  # training seconds / billed seconds, over its runs
     rank: float = 0.0
     vs_leader: Paired | None = None  # None for the leader itself
 
@@ -121,6 +125,7 @@ class Report:
     methods: dict[str, str] = field(default_factory=dict)
     selection: list = field(default_factory=list)  # report blocks of a search (selection.py)
     search: dict | None = None  # the search's state.json, when the study searched
+    cost: Cost | None = None  # what the done runs that recorded it were billed, together
 
     @property
     def fractions_vary(self) -> bool:
@@ -164,6 +169,7 @@ def build(collection: Collection, *, now: float | None = None) -> Report:
         notes=list(collection.notes),
         grid=collection.grid,
         methods=_methods(),
+        cost=cost_of(c.summary for c in done if c.summary is not None),
     )
 
 
@@ -236,6 +242,7 @@ def _entry(cells: list[Cell]) -> Entry:
     sums = [c.summary for c in cells if c.summary is not None]  # done cells only
     by_seed = {c.seed: float(s.test.top1) for c, s in zip(cells, sums, strict=True)}
     params = _mean(s.params for s in sums)
+    cost = cost_of(sums)
     return Entry(
         backbone=first.backbone,
         dataset=first.dataset,
@@ -251,6 +258,40 @@ def _entry(cells: list[Cell]) -> Entry:
         images_per_second=_mean(s.images_per_second for s in sums),
         leaky=any(s.select_on == "test" for s in sums),
         n_test=_int_mean(s.n_test for s in sums),
+        gpu_hours_billed=None if cost is None else cost.gpu_hours_billed / cost.runs,
+        train_share=None if cost is None else cost.train_share,
+    )
+
+
+@dataclass
+class Cost:
+    """Summed over the runs whose summary.json has ``cost`` (older ones do not)."""
+
+    runs: int
+    billed_seconds: float
+    gpu_hours_billed: float
+    gpu_hours: float  # training only, the same runs
+    train_seconds: float
+
+    @property
+    def train_share(self) -> float | None:
+        return self.train_seconds / self.billed_seconds if self.billed_seconds else None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "train_share": self.train_share}
+
+
+def cost_of(summaries: Iterable[RunSummary]) -> Cost | None:
+    """The billed cost of ``summaries`` (None when none of them recorded one)."""
+    priced = [s for s in summaries if s.cost is not None]
+    if not priced:
+        return None
+    return Cost(
+        runs=len(priced),
+        billed_seconds=sum(s.cost.billed_seconds for s in priced),
+        gpu_hours_billed=sum(s.cost.gpu_hours_billed for s in priced),
+        gpu_hours=sum(s.gpu_hours or 0.0 for s in priced),
+        train_seconds=sum(s.train_seconds or 0.0 for s in priced),
     )
 
 

@@ -26,6 +26,7 @@ from service.outputs.contract import RunSummary
 from service.outputs.events import Observer, Observers, Progress
 from service.outputs.folder import SPEC, RunOutputs
 from service.run import pipeline, retries
+from service.run.billing import CostClock, earlier_attempts
 from service.spec import FineTune
 from service.storage import open_store
 from service.train.runtime import DistEnv, distributed_env
@@ -149,15 +150,20 @@ def run_cell(
         done = _same_summary(spec, outputs) if not force else None
         if done is not None:
             return Outcome(spec.run_id, outputs.uri, done, skipped=True)
-        return _train(spec, outputs, _progress(spec), dist, cache_dir, observers, stop)
+        progress = _progress(spec)
+        clock = CostClock(progress)
+        return _train(spec, outputs, progress, clock, dist, cache_dir, observers, stop)
     if not force and (done := _same_summary(spec, outputs)) is not None:
         return Outcome(spec.run_id, outputs.uri, done, skipped=True)
+    progress = _progress(spec)
+    clock = CostClock(progress)  # the attempt starts (a process's first: at its start)
     old_hash = previous_hash(outputs)  # refuse a foreign folder before writing our lock there
     if not force:
         refuse_other_spec(spec, outputs, old_hash)
-    progress = _progress(spec)
     try:
-        outcome = _leased_run(spec, outputs, progress, force, dist, cache_dir, observers, stop)
+        outcome = _leased_run(
+            spec, outputs, progress, clock, force, dist, cache_dir, observers, stop
+        )
     except (RetriableError, OSError) as e:
         retries.count(spec.run_id, outputs, progress.epoch, e)  # rank 0's count, not each rank's
         raise
@@ -173,6 +179,7 @@ def _leased_run(
     spec: FineTune,
     outputs: RunOutputs,
     progress: Progress,
+    clock: CostClock,
     force: bool,
     dist: DistEnv,
     cache_dir: Path | None,
@@ -185,7 +192,8 @@ def _leased_run(
 
     lease = Lease(outputs.store)
     try:
-        lease.__enter__()
+        with clock.part("lease_wait"):
+            lease.__enter__()
     except LeaseHeld as e:
         if force:
             raise LeaseHeld(f"{e} (--force never deletes a run another worker holds)") from None
@@ -195,7 +203,8 @@ def _leased_run(
         if (done := check_previous(spec, leased, force=force)) is not None:
             return Outcome(spec.run_id, outputs.uri, done, skipped=True)  # finished meanwhile
         _discard_partials(spec, leased)
-        return _train(spec, leased, progress, dist, cache_dir, observers, stop)
+        clock.earlier = earlier_attempts(leased)  # before this attempt's first status write
+        return _train(spec, leased, progress, clock, dist, cache_dir, observers, stop)
     finally:
         lease.release()
 
@@ -204,14 +213,15 @@ def _train(
     spec: FineTune,
     outputs: RunOutputs,
     progress: Progress,
+    clock: CostClock,
     dist: DistEnv,
     cache_dir: Path | None,
     observers: list[Observer] | None,
     stop: threading.Event | None,
 ) -> Outcome:
-    observer = _observer(spec, outputs, observers, dist)
+    observer = _observer(spec, outputs, observers, dist, clock)
     try:
-        run = pipeline.Run(spec, outputs, progress, observer, stop or threading.Event())
+        run = pipeline.Run(spec, outputs, progress, observer, stop or threading.Event(), clock)
         summary = pipeline.train(run, cache_root(spec, cache_dir), dist)
     except BaseException as e:
         _fail(progress, observer, e)
@@ -222,14 +232,19 @@ def _train(
 
 
 def _observer(
-    spec: FineTune, outputs: RunOutputs, observers: list[Observer] | None, dist: DistEnv
+    spec: FineTune,
+    outputs: RunOutputs,
+    observers: list[Observer] | None,
+    dist: DistEnv,
+    clock: CostClock,
 ) -> Observer:
-    """Rank 0 tells the world (status.json first, the caller's, Prometheus); the others not."""
+    """Rank 0 tells the world (status.json first, the caller's, Prometheus); the others not.
+    The cost clock hears each event first, so every listener sees ``progress.cost`` current."""
     if dist.rank != 0:
         return Observer()
     from service.run.status_file import StatusObserver
 
-    return Observers(StatusObserver(outputs), *(observers or []), *_prometheus(spec))
+    return Observers(clock, StatusObserver(outputs), *(observers or []), *_prometheus(spec))
 
 
 def _prometheus(spec: FineTune) -> list[Observer]:

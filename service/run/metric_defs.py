@@ -89,6 +89,12 @@ RUN_METRICS = (
         "attempt of the run: a resumed attempt starts from the checkpoint's count).",
     ),
     MetricDef(
+        "_billed", "gauge", "backbones_billed_seconds",
+        "Process wall of the run so far, every attempt's (what the cluster bills; x GPUs for "
+        "GPU-seconds); backbones_attempt_seconds{part} splits the current attempt's.",
+        eager=False,
+    ),
+    MetricDef(
         "_success", "gauge", "backbones_run_last_success_timestamp_seconds",
         "Unix time the run succeeded (the Pushgateway batch-job pattern).", eager=False,
     ),

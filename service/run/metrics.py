@@ -162,6 +162,13 @@ class PrometheusObserver(Observer):
             registry=r,
         )
         self._phase = {p: phase.labels(**labels, phase=p) for p in PHASES}
+        # Created on the first cost (service.run.billing), as a 0 before it would read as a figure.
+        self._part = Gauge(
+            "backbones_attempt_seconds",
+            "Wall seconds of the current attempt by part (service.run.billing); they sum to it.",
+            [*names, "part"],
+            registry=r,
+        )
         for d in RUN_METRICS:
             kind = _KINDS[d.kind]
             extra = {"buckets": d.buckets} if d.buckets else {}
@@ -216,6 +223,10 @@ class PrometheusObserver(Observer):
         ):
             if value is not None:
                 self._child(gauge).set(value)
+        if p.cost:
+            self._child(self._billed).set(p.cost.billed_seconds)
+            for part, seconds in p.cost.attempts[-1].seconds.items():
+                self._part.labels(**self.labels, part=part).set(seconds)
 
     def _set_phase(self, phase: str) -> None:
         for p, child in self._phase.items():

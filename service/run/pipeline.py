@@ -13,12 +13,13 @@ import logging
 import os
 import platform
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.outputs.contract import RunFacts, RunSummary
 from service.outputs.events import Observer, Observers, Progress
 from service.outputs.folder import ENV, SPEC, RunOutputs
+from service.run.billing import CostClock
 from service.spec import FineTune
 from service.storage import open_store
 from service.train import compile_cache
@@ -36,50 +37,74 @@ class Run:
     progress: Progress
     observer: Observer
     stop: threading.Event
+    clock: CostClock = field(default_factory=lambda: CostClock(Progress(""), startup=False))
 
 
 def train(run: Run, cache: Path, dist: DistEnv) -> RunSummary:
     """Train ``run`` to its summary (rank 0 writes spec.json, env.json and the outputs)."""
-    from service.backbones import factory as models
-    from service.data.normalise import split_stats
-    from service.spec.study import effective
-    from service.train import recipe_for
+    spec, p, clock = run.spec, run.spec.protocol, run.clock
+    with clock.part("startup"):  # torch and timm's imports, the runtime: a pod's own start-up
+        from service.backbones import factory as models
+        from service.data.normalise import split_stats
+        from service.spec.study import effective
+        from service.train import recipe_for
 
-    spec, p = run.spec, run.spec.protocol
-    rt = _start(run, dist)
+        rt = _start(run, dist)
     data = _data(run, cache, rt)
-    built = _model(run, len(data.classes), cache, rt)
-    # protocol.normalize picks each split's statistics (the paper's code normalised the test
-    # split by its own); protocol.augmentation the train-time augmentation.
-    stats = split_stats(p.normalize, data, built)
-    recipe = recipe_for(p)
-    loaders = make_loaders(data, p, recipe, rt, built.model, stats=stats)
-    facts = RunFacts.of(
-        spec,
-        data=data,
-        built=built,
-        protocol=effective(p),  # the cell's effective protocol, for the report
-        params=models.count_params(built.model),
-        gmacs=_gmacs(spec, built.model, rt),
-    )
-    trainer = _trainer(run, built.model, recipe, loaders, rt, facts)
-    compiled_cache = compile_cache.open_for(spec, rt, trainer.compile_used)
-    if compiled_cache is not None:  # before the first compiled pass (the probe's, or a step's)
-        compiled_cache.load()
-        if dist.rank == 0:  # saved after the first epoch (or at the end, below)
-            trainer.observer = Observers(trainer.observer, compiled_cache)
-    plan = trainer.start()  # resume, then the micro-batch (a probe on a GPU for 'auto')
+    with clock.part("build"):
+        built = _model(run, len(data.classes), cache, rt)
+        # protocol.normalize picks each split's statistics (the paper's code normalised the
+        # test split by its own); protocol.augmentation the train-time augmentation.
+        stats = split_stats(p.normalize, data, built)
+        recipe = recipe_for(p)
+        loaders = make_loaders(data, p, recipe, rt, built.model, stats=stats)
+        facts = RunFacts.of(
+            spec,
+            data=data,
+            built=built,
+            protocol=effective(p),  # the cell's effective protocol, for the report
+            params=models.count_params(built.model),
+            gmacs=_gmacs(spec, built.model, rt),
+        )
+        trainer = _trainer(run, built.model, recipe, loaders, rt, facts)
+    clock.compiled = trainer.compile_used
+    with clock.part("compile"):  # loading torch.compile's cache is part of compiling
+        compiled_cache = _compile_cache(run, rt, trainer, dist)
+    with clock.part("probe"):
+        plan = trainer.start()  # resume, then the micro-batch (a probe on a GPU for 'auto')
     if dist.rank == 0:
-        env = environment(spec, rt, data, built, stats)
-        compiled = {"used": trainer.compile_used, "reason": trainer.compile_reason}
-        if compiled_cache is not None:
-            compiled.update(compiled_cache.to_dict())
-        run.outputs.write_json(ENV, {**env, "micro_batch": plan.to_dict(), "compile": compiled})
+        with clock.part("upload"):
+            env = environment(spec, rt, data, built, stats)
+            compiled = {"used": trainer.compile_used, "reason": trainer.compile_reason}
+            if compiled_cache is not None:
+                compiled.update(compiled_cache.to_dict())
+            env = {**env, "micro_batch": plan.to_dict(), "compile": compiled}
+            run.outputs.write_json(ENV, env)
     try:
-        return trainer.fit()
+        summary = trainer.fit()
     finally:  # a preempted first cell still leaves what it compiled to the next one
         if compiled_cache is not None and dist.rank == 0:
-            compiled_cache.save()
+            with clock.part("upload"):
+                compiled_cache.save()
+    if dist.rank != 0:
+        return summary
+    # summary.json is written once more with what the attempt cost, now that it has all run
+    # (the trainer wrote it first, its presence meaning "done"; a crash between the two writes
+    # leaves a done run without ``cost``, which readers take as unknown).
+    summary = RunSummary.model_validate({**summary.to_dict(), "cost": run.clock.cost()})
+    run.outputs.write_summary(summary)
+    return summary
+
+
+def _compile_cache(run: Run, rt, trainer, dist: DistEnv):
+    """torch.compile's artifacts from the output store, loaded before the first compiled pass
+    (the probe's or a step's); rank 0 saves them after the first epoch (or at the end)."""
+    cache = compile_cache.open_for(run.spec, rt, trainer.compile_used)
+    if cache is not None:
+        cache.load()
+        if dist.rank == 0:
+            trainer.observer = Observers(trainer.observer, cache)
+    return cache
 
 
 def _start(run: Run, dist: DistEnv):
@@ -91,6 +116,7 @@ def _start(run: Run, dist: DistEnv):
     # run (locally, resources.gpus is only what the spec would ask a cluster for).
     in_pod = bool(os.environ.get("BACKBONES_POD"))
     rt = runtime_for(run.spec.protocol, dist, gpus_asked=run.spec.resources.gpus if in_pod else 0)
+    run.clock.gpus = rt.world_size if rt.device.type == "cuda" else 0
     fresh_device_memory(rt.device)  # a local Study's earlier cells leave nothing behind
     if dist.rank == 0:
         # The spec as parsed, plus its hash (drop "spec_hash" before parse_spec).
@@ -107,24 +133,32 @@ def _data(run: Run, cache: Path, rt):
 
     run.progress.phase = "Downloading"
     run.observer.on_phase(run.progress)
-    return distributed.rank0_first(lambda: _prepare(run.spec, cache, run.observer), rt)
+    return distributed.rank0_first(lambda: _prepare(run.spec, cache, run.observer, run.clock), rt)
 
 
-def _prepare(spec: FineTune, cache: Path, observer: Observer):
-    return prepare_data(spec, cache, observer)
+def _prepare(spec: FineTune, cache: Path, observer: Observer, clock: CostClock):
+    return prepare_data(spec, cache, observer, clock)
 
 
-def prepare_data(spec: FineTune, cache: Path, observer: Observer | None = None):
+def prepare_data(
+    spec: FineTune,
+    cache: Path,
+    observer: Observer | None = None,
+    clock: CostClock | None = None,
+):
     """The dataset as every consumer gets it (training, the search's proxy): an ``s3://`` URI
     fetched into the cache first, then decoded and split once."""
     from service.data import prepare
 
+    clock = clock or CostClock(Progress(run_id=""), startup=False)
     local = None
     if spec.dataset.uri.startswith("s3://"):
         from service.storage.fetch import fetch_dataset
 
-        local = fetch_dataset(spec, cache, observer)
-    return prepare(spec, cache, local_path=local, observer=observer)
+        with clock.part("fetch"):
+            local = fetch_dataset(spec, cache, observer)
+    with clock.part("prepare"):
+        return prepare(spec, cache, local_path=local, observer=observer)
 
 
 def _model(run: Run, n_classes: int, cache: Path, rt):

@@ -82,6 +82,19 @@ def cell_outputs(spec) -> RunOutputs:
     return RunOutputs(open_store(spec.output.uri, spec.storage).child(spec.run_id))
 
 
+def billed(outputs: RunOutputs) -> dict | None:
+    """What the run was billed so far, every attempt (service.run.billing): summary.json's when
+    done, else the last status.json's; None when neither recorded it (or is unreadable)."""
+    try:
+        summary = outputs.summary()
+        cost = (summary and summary.cost) or getattr(outputs.status(), "cost", None)
+    except Exception:  # a bill is a report's figure: never a reason to stop a search
+        return None
+    if cost is None:
+        return None
+    return {"seconds": cost.billed_seconds, "gpu_hours": cost.gpu_hours_billed}
+
+
 class Driver:
     def __init__(
         self,
@@ -235,6 +248,10 @@ class Driver:
             res["seeds"][str(c.seed)] = score
             res["seconds"] += rung_seconds(records, first, c.epochs)
             res["epochs"] += sum(1 for x in records if first < x.get("epoch", 0) <= c.epochs)
+            if (bill := billed(cell_outputs(c.spec))) is not None:
+                # The run's whole bill so far (a 'continue' run's earlier rungs included): the
+                # report counts each run once, at its largest.
+                res.setdefault("billed", {})[c.spec.run_id] = bill
         promoted = {}
         for key, by_backbone in results.items():
             for res in by_backbone.values():
