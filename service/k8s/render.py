@@ -36,6 +36,8 @@ SPEC_HASH = f"{LABEL_PREFIX}/spec-hash"
 # Everything that shapes the Job (spec, resources, image, storage, metrics, namespace): what
 # `submit` compares to tell "already there" from "changed".
 JOB_HASH = f"{LABEL_PREFIX}/job-hash"
+# A packed Study (resources.cells_per_pod): the cells each index runs (service.spec.packing).
+PACKS = f"{LABEL_PREFIX}/packs"
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
@@ -125,7 +127,16 @@ def annotations_of(spec: FineTune | Study) -> dict[str, str]:
     out[SPEC_HASH] = spec.spec_hash
     if isinstance(spec, Study):
         out[f"{LABEL_PREFIX}/cells"] = str(spec.n_cells)
+        if spec.resources.cells_per_pod != 1:
+            out[PACKS] = packs_text(spec)
     return out
+
+
+def packs_text(study: Study) -> str:
+    """Which cells each index runs, index by index: ``0-3,4-7,8`` (indexes into ``expand``)."""
+    from service.spec.packing import packs
+
+    return ",".join(f"{p[0]}-{p[-1]}" if len(p) > 1 else str(p[0]) for p in packs(study))
 
 
 def _deadline(spec: FineTune | Study) -> int:
@@ -189,7 +200,9 @@ def _run_policy(spec: FineTune | Study) -> dict[str, Any]:
     r = spec.resources
     js: dict[str, Any] = {}
     if isinstance(spec, Study):
-        cells = spec.n_cells
+        from service.spec.packing import packs
+
+        cells = len(packs(spec))  # one index per pack: per cell unless cells_per_pod packs them
         js |= {
             "completionMode": "Indexed",
             "completions": cells,
