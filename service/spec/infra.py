@@ -147,7 +147,7 @@ class Resources(Section):
         description="Time between SIGTERM and SIGKILL: enough to write a checkpoint to S3.",
     )
 
-    @field_validator("cells_per_pod")
+    @field_validator("cells_per_pod", mode="before")
     @classmethod
     def _cells_per_pod(cls, v: int | str) -> int | str:
         if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
