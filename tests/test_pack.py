@@ -131,7 +131,7 @@ def test_a_packed_index_with_a_bad_cell_runs_the_others_and_fails_the_index(tmp_
         {"model": "test_resnet", "weights": "none"},
     ]
     doc = _study(tmp_path, 2, backbones=backbones, seeds=[0])
-    rc, out, err = _finish(_worker(tmp_path, doc, 0, tmp_path / "cache"))
+    rc, _, err = _finish(_worker(tmp_path, doc, 0, tmp_path / "cache"))
     bad, good = expand(parse_spec(doc))
     assert rc == EXIT_USER, err[-3000:]  # every other cell is done: FailIndex, no retry
     assert f"error: {bad.run_id}: backbone.weights: {weights}" in err
@@ -149,7 +149,7 @@ def _metrics(runs, run_id):
 
 
 def test_a_pack_killed_in_its_second_cell_resumes_there_and_equals_an_unpacked_run(tmp_path):
-    """SIGKILL (no checkpoint on the way out) once the second cell has written a checkpoint;
+    """SIGKILL (no checkpoint on the way out) once the second cell has saved its first epoch;
     the rerun skips the first cell and resumes the second from that checkpoint."""
     over = {"protocol": {"image_size": 16, "max_epochs": 3, "device": "cpu"}}
     packed = _study(tmp_path / "p", 2, **over)
@@ -157,7 +157,14 @@ def test_a_pack_killed_in_its_second_cell_resumes_there_and_equals_an_unpacked_r
     runs = tmp_path / "p" / "runs"
     p = _worker(tmp_path, packed, 0, tmp_path / "c1", start_new_session=True)
     deadline = time.monotonic() + 600
-    while not list((runs / ids[1] / "checkpoints").glob("*")) and p.poll() is None:
+    second = runs / ids[1]
+
+    def one_epoch_saved() -> bool:
+        metrics = second / "metrics.jsonl"
+        saved = list((second / "checkpoints").glob("ckpt-*.pt"))
+        return bool(saved) and metrics.exists() and metrics.read_text().strip() != ""
+
+    while not one_epoch_saved() and p.poll() is None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert p.poll() is None, p.communicate()[1][-3000:]
@@ -167,7 +174,8 @@ def test_a_pack_killed_in_its_second_cell_resumes_there_and_equals_an_unpacked_r
     rc, out, err = _finish(_worker(tmp_path, packed, 0, tmp_path / "c2"))
     assert rc == 0, err[-3000:]
     assert f"{ids[0]}: already complete" in out
-    assert f"{ids[1]}: done" in out and "resum" in err.lower(), err[-3000:]
+    assert f"{ids[1]}: Training (resumed after epoch " in out, out[-3000:]
+    assert f"{ids[1]}: done" in out
     plain = tiny_study(tmp_path / "u", over)
     for i in range(2):
         rc, _, err = _finish(_worker(tmp_path, plain, i, tmp_path / f"u{i}"))
@@ -176,3 +184,29 @@ def test_a_pack_killed_in_its_second_cell_resumes_there_and_equals_an_unpacked_r
         assert _metrics(runs, run_id) == _metrics(tmp_path / "u" / "runs", run_id)
         a, b = _summary(runs, run_id), _summary(tmp_path / "u" / "runs", run_id)
         assert a["test"] == b["test"]
+
+
+def test_status_shows_each_cell_on_the_index_that_runs_it(tmp_path):
+    """A Job as the API returns it (no pods): index 0 completed, index 1 failed for good
+    because one of its cells had bad data; status.json says which cell."""
+    import datetime as dt
+
+    from service.k8s.status import job_rows
+
+    study = parse_spec(_study(tmp_path, 2, seeds=[0, 1, 2]))
+    job = render_job(study)
+    job["metadata"]["creationTimestamp"] = "2026-11-27T10:00:00Z"
+    job["status"] = {"completedIndexes": "0", "failedIndexes": "1", "failed": 1}
+    ids = [c.run_id for c in expand(study)]
+    phases = {ids[2]: "Failed"}
+
+    def read_status(spec, cell):
+        return {"phase": phases.get(cell.run_id, "Succeeded")}
+
+    now = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
+    rows = job_rows(job, [], read_status, now)
+    assert [(r.run, r.index, r.phase) for r in rows] == [
+        (ids[0], 0, "Succeeded"),
+        (ids[1], 0, "Succeeded"),
+        (ids[2], 1, "Failed"),
+    ]

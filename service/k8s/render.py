@@ -128,15 +128,10 @@ def annotations_of(spec: FineTune | Study) -> dict[str, str]:
     if isinstance(spec, Study):
         out[f"{LABEL_PREFIX}/cells"] = str(spec.n_cells)
         if spec.resources.cells_per_pod != 1:
-            out[PACKS] = packs_text(spec)
+            from service.spec.packing import packs, packs_text
+
+            out[PACKS] = packs_text(packs(spec))  # indexes into expand(spec), index by index
     return out
-
-
-def packs_text(study: Study) -> str:
-    """Which cells each index runs, index by index: ``0-3,4-7,8`` (indexes into ``expand``)."""
-    from service.spec.packing import packs
-
-    return ",".join(f"{p[0]}-{p[-1]}" if len(p) > 1 else str(p[0]) for p in packs(study))
 
 
 def _deadline(spec: FineTune | Study) -> int:

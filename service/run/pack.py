@@ -18,6 +18,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.errors import (
     EXIT_CRASH,
@@ -33,6 +34,9 @@ from service.run import logs
 from service.run.events import Observer
 from service.run.outputs import SUMMARY
 from service.spec import FineTune, Study
+
+if TYPE_CHECKING:
+    from service.search.plan import RungCell
 
 # The pod's exit code for a pack whose cells ended with these codes, most urgent first.
 # 1 (a crash): counted against backoffLimitPerIndex, so a cell that crashes on every attempt
@@ -52,10 +56,15 @@ def pack_exit(codes: list[int]) -> int:
     return max(bad) if bad else EXIT_OK
 
 
-def pack_of(study: Study, environ=os.environ) -> list[FineTune] | None:
-    """The cells of this pod's index when the Study packs them (else None: one cell a pod)."""
+def pack_of(study: Study, environ=os.environ) -> list[FineTune | RungCell] | None:
+    """The cells of this pod's index when the Study packs them (else None: one cell a pod);
+    a search rung's cells in a rung Job (``BACKBONES_RUNG``)."""
     if study.resources.cells_per_pod == 1:
         return None
+    if environ.get("BACKBONES_RUNG"):
+        from service.search.cluster import pick_rung_pack
+
+        return pick_rung_pack(study, environ)
     from service.spec.packing import packs
     from service.spec.study import expand
 
@@ -73,8 +82,23 @@ def pack_of(study: Study, environ=os.environ) -> list[FineTune] | None:
     return [cells[i] for i in indexes[index]]
 
 
+def _run_one(cell: FineTune | RungCell, stop: threading.Event, **kw):
+    """One cell of the pack: a rung cell that stops at its epoch budget, or a whole run."""
+    from service.run.cell import run_cell
+
+    if isinstance(cell, FineTune):
+        return run_cell(cell, stop=stop, **kw)
+    if cell.stop_after is None:
+        return run_cell(cell.spec, stop=stop, **kw)
+    from service.search.driver import run_to_budget
+
+    kw.pop("force", None)
+    run_to_budget(cell, stop, **kw)
+    return None
+
+
 def run_pack(
-    cells: list[FineTune],
+    cells: list[FineTune | RungCell],
     stop: threading.Event,
     *,
     cache_dir: Path | None = None,
@@ -82,19 +106,18 @@ def run_pack(
     observers: list[Observer] | None = None,
 ) -> int:
     """Run each cell in turn (signal handlers installed by the caller); the pod's exit code."""
-    from service.run.cell import cache_root, run_cell
+    from service.run.cell import cache_root
 
     codes: list[int] = []
-    for n, spec in enumerate(cells, 1):
+    for n, cell in enumerate(cells, 1):
+        spec = cell if isinstance(cell, FineTune) else cell.spec
         if stop.is_set():  # SIGTERM between cells: the next attempt starts with this one
             codes.append(EXIT_RETRY)
             break
         logs.set_run(spec.run_id)
         print(f"{spec.run_id}: cell {n}/{len(cells)} of this pod", file=sys.stderr)
         try:
-            outcome = run_cell(
-                spec, force=force, cache_dir=cache_dir, observers=observers, stop=stop
-            )
+            outcome = _run_one(cell, stop, force=force, cache_dir=cache_dir, observers=observers)
         except KeyboardInterrupt as e:
             print(exit_for(e)[1], file=sys.stderr)
             return exit_for(e)[0]
@@ -110,6 +133,8 @@ def run_pack(
             codes.append(EXIT_CRASH)
             continue
         codes.append(EXIT_OK)
+        if outcome is None:  # a rung cell at its budget: run_to_budget said so
+            continue
         if outcome.skipped:
             print(f"{outcome.run_id}: already complete ({outcome.uri}/{SUMMARY})")
         else:

@@ -159,11 +159,11 @@ def work(
     spec = None
     try:
         whole = read_spec(spec_path)
-        if isinstance(whole, Study) and not os.environ.get("BACKBONES_RUNG"):
+        if isinstance(whole, Study) and whole.resources.cells_per_pod != 1:
             from service.run.pack import pack_of, run_pack
 
             cells = pack_of(whole)
-            if cells is not None:  # resources.cells_per_pod: this index runs several cells
+            if cells:  # resources.cells_per_pod: this index runs several cells
                 with stop_on_signals(stop), process_group():
                     return run_pack(
                         cells, stop, cache_dir=cache_dir, force=force, observers=observers

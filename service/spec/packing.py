@@ -72,6 +72,35 @@ def packs(study: Study) -> list[list[int]]:
     return out
 
 
+def rung_packs(study: Study, groups: list[str]) -> list[list[int]]:
+    """A search rung's packs: runs of consecutive rung cells of one group (a dataset), at most
+    ``cells_per_pod`` each ("auto": the smallest of the datasets' auto sizes)."""
+    if study.resources.cells_per_pod == 1:
+        return [[i] for i in range(len(groups))]
+    k = min(pack_sizes(study))
+    out: list[list[int]] = []
+    for i, group in enumerate(groups):
+        if out and groups[out[-1][0]] == group and len(out[-1]) < k:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def packs_text(indexes: list[list[int]]) -> str:
+    """Which cells each index runs, index by index: ``0-3,4-7,8``; the Job's annotation."""
+    return ",".join(f"{p[0]}-{p[-1]}" if len(p) > 1 else str(p[0]) for p in indexes)
+
+
+def parse_packs(text: str) -> list[list[int]]:
+    """``packs_text`` read back (``backbones status``)."""
+    out = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        out.append(list(range(int(first), int(last or first) + 1)))
+    return out
+
+
 def index_of_cells(study: Study) -> dict[int, int]:
     """Cell (index into ``expand``) -> the Job index that runs it."""
     return {cell: i for i, pack in enumerate(packs(study)) for cell in pack}
