@@ -210,3 +210,26 @@ def test_status_shows_each_cell_on_the_index_that_runs_it(tmp_path):
         (ids[1], 0, "Succeeded"),
         (ids[2], 1, "Failed"),
     ]
+
+
+def test_a_search_rung_job_packs_its_cells_too(tmp_path):
+    from service.run.pack import pack_of
+    from service.search.cluster import render_rung
+    from service.search.plan import rung_cells
+    from tests.test_search_driver import search_doc
+
+    s = parse_spec(search_doc(tmp_path, "continue", resources={"cells_per_pod": 3}))
+    cands = {"digits/frac1.0": ["m1", "m4"]}
+    job = render_rung(s, 1, cands, 6, image="ghcr.io/backbones/backbones:1.0.0")
+    cells = rung_cells(s, 1, cands, 6)
+    assert len(cells) == 4
+    assert job["spec"]["completions"] == 2 and job["spec"]["parallelism"] == 2
+    assert job["metadata"]["annotations"]["backbones.dev/packs"] == "0-2,3"
+    env = {
+        e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    picked = [
+        pack_of(s, {"BACKBONES_RUNG": env["BACKBONES_RUNG"], "JOB_COMPLETION_INDEX": str(i)})
+        for i in range(2)
+    ]
+    assert picked == [cells[:3], cells[3:]]
