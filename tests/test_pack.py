@@ -187,8 +187,8 @@ def test_a_pack_killed_in_its_second_cell_resumes_there_and_equals_an_unpacked_r
 
 
 def test_status_shows_each_cell_on_the_index_that_runs_it(tmp_path):
-    """A Job as the API returns it (no pods): index 0 completed, index 1 failed for good
-    because one of its cells had bad data; status.json says which cell."""
+    """A Job as the API returns it (no pods): index 0 failed for good because one of its two
+    cells had bad data, index 1 completed; status.json says which cell."""
     import datetime as dt
 
     from service.k8s.status import job_rows
@@ -196,9 +196,9 @@ def test_status_shows_each_cell_on_the_index_that_runs_it(tmp_path):
     study = parse_spec(_study(tmp_path, 2, seeds=[0, 1, 2]))
     job = render_job(study)
     job["metadata"]["creationTimestamp"] = "2026-11-27T10:00:00Z"
-    job["status"] = {"completedIndexes": "0", "failedIndexes": "1", "failed": 1}
+    job["status"] = {"completedIndexes": "1", "failedIndexes": "0", "failed": 1}
     ids = [c.run_id for c in expand(study)]
-    phases = {ids[2]: "Failed"}
+    phases = {ids[0]: "Failed"}
 
     def read_status(spec, cell):
         return {"phase": phases.get(cell.run_id, "Succeeded")}
@@ -206,9 +206,9 @@ def test_status_shows_each_cell_on_the_index_that_runs_it(tmp_path):
     now = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
     rows = job_rows(job, [], read_status, now)
     assert [(r.run, r.index, r.phase) for r in rows] == [
-        (ids[0], 0, "Succeeded"),
-        (ids[1], 0, "Succeeded"),
-        (ids[2], 1, "Failed"),
+        (ids[0], 0, "Failed"),
+        (ids[1], 0, "Succeeded"),  # its index failed for its neighbour's bad data
+        (ids[2], 1, "Succeeded"),
     ]
 
 
