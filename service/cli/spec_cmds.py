@@ -130,15 +130,19 @@ def schema(
 def expand(file: Path = typer.Argument(..., help="A Study (or FineTune) spec.")) -> None:
     """Print the runs a spec becomes, one JSON object per line, in execution order, each with
     its effective protocol (the study's, with its dataset's overrides)."""
+    from service.spec.packing import index_of_cells
     from service.spec.study import cells_of, effective
 
     with edge():
         spec = load_or_exit(file)
+        pods = index_of_cells(spec) if getattr(spec.resources, "cells_per_pod", 1) != 1 else {}
         for i, cell in enumerate(cells_of(spec)):
             typer.echo(
                 json.dumps(
                     {
                         "index": i,
+                        # A packed Study: the Job index whose pod runs this cell.
+                        **({"job_index": pods[i]} if pods else {}),
                         "run_id": cell.run_id,
                         "name": cell.name,
                         "protocol": effective(cell.protocol),

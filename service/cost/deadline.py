@@ -56,7 +56,13 @@ def deadline_of(spec) -> Deadline:
     longest = max(c.gpu_hours_per_seed for c in cells) * 3600
     total = sum(c.gpu_hours for c in cells) * 3600
     n = study.n_cells
-    wall = total / min(study.resources.parallelism or n, n)
+    pods = n
+    if study.resources.cells_per_pod != 1:  # a pod runs a pack of cells one after another
+        from service.spec.packing import packs
+
+        indexes = packs(study)
+        pods, longest = len(indexes), longest * max(len(p) for p in indexes)
+    wall = total / min(study.resources.parallelism or pods, pods)
     one = DEADLINE_SLOWDOWN * longest + DEADLINE_STARTUP_SECONDS
     derived = _hours(one if n == 1 else STUDY_SLOWDOWN * wall + one)
     own = spec.resources.active_deadline_seconds

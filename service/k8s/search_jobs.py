@@ -62,17 +62,24 @@ def render_rung(
         JOB_HASH,
         KUEUE_MIN_PARALLELISM,
         LABEL_PREFIX,
+        PACKS,
         job_hash_of,
         render_job,
     )
+    from service.spec.packing import packs_text, rung_packs
 
     job = copy.deepcopy(render_job(study, image, namespace))
-    n = len(rung_cells(study, rung, candidates, n0))
+    cells = rung_cells(study, rung, candidates, n0)
+    indexes = rung_packs(study, [c.group for c in cells])
+    n = len(indexes)  # one index per pack of cells (resources.cells_per_pod)
     name = rung_job_name(study.name, rung)
     job["metadata"]["name"] = name
     for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
         meta["labels"][f"{LABEL_PREFIX}/rung"] = str(rung)
-    job["metadata"]["annotations"][f"{LABEL_PREFIX}/cells"] = str(n)
+    job["metadata"]["annotations"][f"{LABEL_PREFIX}/cells"] = str(len(cells))
+    if study.resources.cells_per_pod != 1:
+        for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
+            meta["annotations"][PACKS] = packs_text(indexes)
     js = job["spec"]
     js["completions"] = n
     js["parallelism"] = min(study.resources.parallelism or n, n)
@@ -84,6 +91,26 @@ def render_rung(
     env.append({"name": RUNG_ENV, "value": json.dumps(payload, sort_keys=True)})
     job["metadata"]["annotations"][JOB_HASH] = job_hash_of(job)
     return job
+
+
+def pick_rung_pack(study: Study, environ=os.environ) -> list[RungCell] | None:
+    """The worker's cells when it runs a rung's Job (``BACKBONES_RUNG`` set), else None:
+    one, or a pack of them (resources.cells_per_pod)."""
+    from service.errors import UserError
+    from service.spec.packing import rung_packs
+
+    raw = environ.get(RUNG_ENV)
+    if not raw:
+        return None
+    try:
+        cells = cells_of_rung_env(study, raw)
+        index = int(environ.get("JOB_COMPLETION_INDEX", ""))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{RUNG_ENV} or JOB_COMPLETION_INDEX is malformed: {e}") from None
+    indexes = rung_packs(study, [c.group for c in cells])
+    if not 0 <= index < len(indexes):
+        raise UserError(f"JOB_COMPLETION_INDEX {index} is out of range 0-{len(indexes) - 1}")
+    return [cells[i] for i in indexes[index]]
 
 
 def pick_rung_cell(study: Study, environ=os.environ) -> RungCell | None:

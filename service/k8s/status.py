@@ -15,7 +15,7 @@ from typing import Any
 
 from service.k8s.client import INDEX_LABEL
 from service.k8s.pod import CONTAINER, DRIVER_CONTAINER
-from service.k8s.render import spec_from_job
+from service.k8s.render import PACKS, spec_from_job
 from service.search.plan import RUNG_ENV, cells_of_rung_env
 from service.spec import FineTune, Study
 from service.spec.study import cells_of
@@ -260,12 +260,32 @@ def job_cells(job: dict[str, Any], spec: FineTune | Study) -> list[FineTune] | N
     return cells_of(spec)
 
 
+def _packed_index(job: dict[str, Any]) -> dict[int, int]:
+    """Cell -> Job index where the Job packs cells per pod (its packs annotation, a Study's or
+    a search rung's); empty for one cell a pod."""
+    from service.spec.packing import parse_packs
+
+    text = (job["metadata"].get("annotations") or {}).get(PACKS)
+    if not text:
+        return {}
+    return {c: i for i, pack in enumerate(parse_packs(text)) for c in pack}
+
+
+def _index_names(cells: list[FineTune], where: dict[int, int]) -> dict[int, str]:
+    """Job index -> the runs its pod runs (several when packed)."""
+    out: dict[int, list[str]] = {}
+    for c, cell in enumerate(cells):
+        out.setdefault(where.get(c, c), []).append(cell.run_id)
+    return {i: ", ".join(runs) for i, runs in out.items()}
+
+
 def _job_view(
     job: dict[str, Any],
     indexed: bool,
     cells: list[FineTune],
     now: dt.datetime,
     events: EventLister,
+    where: dict[int, int] | None = None,
 ) -> _JobView:
     status = job.get("status") or {}
     done = parse_indexes(status.get("completedIndexes")) if indexed else set()
@@ -278,7 +298,7 @@ def _job_view(
         done=done,
         failed=parse_indexes(status.get("failedIndexes")) if indexed else set(),
         failed_condition=condition(job, "Failed"),
-        verdict=job_verdict(job, {i: c.run_id for i, c in enumerate(cells)}),
+        verdict=job_verdict(job, _index_names(cells, where or {})),
         suspended=(job.get("spec") or {}).get("suspend") and not status.get("startTime"),
         age=_age(job["metadata"].get("creationTimestamp"), now),
         events=events,
@@ -299,13 +319,17 @@ def job_rows(
     cells = job_cells(job, spec)
     if cells is None:
         return [_driver_row(job, spec, pods, now, events, queued)]
-    view = _job_view(job, isinstance(spec, Study), cells, now, events)
+    where = _packed_index(job)
+    view = _job_view(job, isinstance(spec, Study), cells, now, events, where)
     view.queued, view.turn = queued, _turn(job, spec, len(cells))
     rows = []
-    for i, cell in enumerate(cells):
+    for c, cell in enumerate(cells):
+        i = where.get(c, c)  # the Job index whose pod runs the cell
         mine = [p for p in pods if (index_of(p) if view.indexed else 0) == i]
         run = _read_run(read_status, spec, cell)
         phase, error = _phase_and_error(view, i, mine, run)
+        if where and run.get("phase") == "Succeeded":  # a packed index fails for its bad cell
+            phase, error = "Succeeded", None
         progress = 1.0 if phase == "Succeeded" else run.get("progress")
         rows.append(
             Row(

@@ -4,7 +4,8 @@
 image's ENTRYPOINT, the 1-GPU pod), ``python -m service.run.worker`` and each torchrun rank
 (multi-GPU pods). It sets up logging (service.run.logs), reads the spec (``--spec FILE`` or
 ``BACKBONES_SPEC``), picks the cell (``pick``: a Study pod's ``JOB_COMPLETION_INDEX``, a search
-rung Job's ``BACKBONES_RUNG``), installs the signal handlers and runs the cell
+rung Job's ``BACKBONES_RUNG``; a packed Study's index runs several: service.run.pack), installs
+the signal handlers and runs the cell
 (``service.run.cell.run_cell``, which ``backbones run`` calls for each cell on this machine).
 Errors become the exit codes of the Job contract through ``service.errors.exit_for``, the
 mapping ``backbones run`` uses too: 0 done, 2 bad spec or data (never retried), 75 retry
@@ -157,7 +158,17 @@ def work(
     stop = threading.Event()
     spec = None
     try:
-        spec, rung = pick(read_spec(spec_path))
+        whole = read_spec(spec_path)
+        if isinstance(whole, Study) and whole.resources.cells_per_pod != 1:
+            from service.run.pack import pack_of, run_pack
+
+            cells = pack_of(whole)
+            if cells:  # resources.cells_per_pod: this index runs several cells
+                with stop_on_signals(stop), process_group():
+                    return run_pack(
+                        cells, stop, cache_dir=cache_dir, force=force, observers=observers
+                    )
+        spec, rung = pick(whole)
         logs.set_run(spec.run_id)
         with stop_on_signals(stop), process_group():
             if rung is not None and rung.stop_after is not None:

@@ -6,11 +6,12 @@ None of them changes what a run computes, so none is part of a run's spec hash.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, field_validator, model_validator
 
+from service.spec.result import HOW
 from service.spec.sections import Section
 from service.spec.uris import file_uri_path
 
@@ -123,6 +124,14 @@ class Resources(Section):
     parallelism: int | None = Field(
         default=None, gt=0, description="Study: pods running at once; empty for all cells."
     )
+    # HOW: packing changes where cells run, never what they compute (service.spec.result).
+    cells_per_pod: Annotated[int | Literal["auto"], HOW] = Field(
+        default=1,
+        description="Study: cells run one after another in each pod (one Indexed Job index), "
+        "grouped by dataset so a pod fetches and decodes its dataset once; each cell stays its "
+        "own run. 'auto' sizes packs so a pod's estimated training is >= 9x the per-pod "
+        "overhead (at most 16 cells). 1: one cell per pod.",
+    )
     active_deadline_seconds: int | None = Field(
         default=None,
         gt=0,
@@ -137,6 +146,13 @@ class Resources(Section):
         gt=0,
         description="Time between SIGTERM and SIGKILL: enough to write a checkpoint to S3.",
     )
+
+    @field_validator("cells_per_pod", mode="before")
+    @classmethod
+    def _cells_per_pod(cls, v: int | str) -> int | str:
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"must be an integer >= 1 or 'auto', got {v!r}")
+        return v
 
     @field_validator("namespace")
     @classmethod

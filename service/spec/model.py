@@ -68,8 +68,15 @@ class _Spec(Section):
 
     def to_json(self) -> str:
         """Canonical JSON (by alias, no $schema): what travels into the Job and into outputs."""
-        data = self.model_dump(mode="json", by_alias=True, exclude={"schema_"})
+        exclude = {"schema_": True, **_packing(self)}
+        data = self.model_dump(mode="json", by_alias=True, exclude=exclude)
         return json.dumps(data, indent=2, sort_keys=False)
+
+
+def _packing(spec) -> dict:
+    """The default ``resources.cells_per_pod`` (1) stays out of the canonical JSON: a spec
+    without packing travels into its Job as it did before the option existed."""
+    return {"resources": {"cells_per_pod"}} if spec.resources.cells_per_pod == 1 else {}
 
 
 class FineTune(_Spec):
@@ -263,6 +270,7 @@ class Study(_Spec):
                 "datasets": {"__all__": {"train_fraction"}},
                 # The default (the grid) stays out: a grid study's JSON is what it was in v1.
                 **({"search": True} if self.search == Search() else {}),
+                **_packing(self),
             },
         )
         return json.dumps(data, indent=2, sort_keys=False)
