@@ -83,8 +83,8 @@ def parts_of(summary: dict, wall_share: float) -> dict[str, float]:
 
 
 def run_mode(name, doc, work, env, client, bucket) -> dict:
+    from service.cost.packs import packs
     from service.spec import parse_spec
-    from service.spec.packing import packs
     from service.spec.study import expand
 
     spec = parse_spec(doc)

@@ -34,6 +34,10 @@ UPWARD = {
     "formats (image suffixes, the packed manifest, archive limits)",
     ("service.cost.budget", "search"): "a search Study is budgeted by its plan's epochs, not "
     "the grid's (search.plan is arithmetic on the spec: no torch, no I/O)",
+    ("service.run.pack", "search"): "a packed index is the worker's composition root for its "
+    "cells: a search rung's pack runs its candidates in it",
+    ("service.run.pack", "k8s"): "a packed rung's cells are picked from the Job's completion "
+    "index, like the worker's",
     ("service.run.worker", "search"): "the worker is the pod's composition root: a search "
     "driver or a rung cell runs in it",
     ("service.run.worker", "k8s"): "the worker is the pod's composition root: a rung cell is "

@@ -18,11 +18,11 @@ import time
 
 import pytest
 
+from service.cost.packs import auto_size, packs
 from service.errors import EXIT_CRASH, EXIT_OK, EXIT_RETRY, EXIT_USER
 from service.k8s.render import render_job
 from service.run.pack import pack_exit
 from service.spec import parse_spec
-from service.spec.packing import auto_size, packs
 from service.spec.study import expand
 from tests.specs import tiny_study, write_spec
 from tests.trainutil import REPO, worker_env
@@ -213,8 +213,8 @@ def test_status_shows_each_cell_on_the_index_that_runs_it(tmp_path):
 
 
 def test_a_search_rung_job_packs_its_cells_too(tmp_path):
+    from service.k8s.search_jobs import render_rung
     from service.run.pack import pack_of
-    from service.search.cluster import render_rung
     from service.search.plan import rung_cells
     from tests.test_search_driver import search_doc
 

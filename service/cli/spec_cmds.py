@@ -130,7 +130,7 @@ def schema(
 def expand(file: Path = typer.Argument(..., help="A Study (or FineTune) spec.")) -> None:
     """Print the runs a spec becomes, one JSON object per line, in execution order, each with
     its effective protocol (the study's, with its dataset's overrides)."""
-    from service.spec.packing import index_of_cells
+    from service.cost.packs import index_of_cells
     from service.spec.study import cells_of, effective
 
     with edge():

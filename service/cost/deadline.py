@@ -58,7 +58,7 @@ def deadline_of(spec) -> Deadline:
     n = study.n_cells
     pods = n
     if study.resources.cells_per_pod != 1:  # a pod runs a pack of cells one after another
-        from service.spec.packing import packs
+        from service.cost.packs import packs
 
         indexes = packs(study)
         pods, longest = len(indexes), longest * max(len(p) for p in indexes)

@@ -36,7 +36,7 @@ SPEC_HASH = f"{LABEL_PREFIX}/spec-hash"
 # Everything that shapes the Job (spec, resources, image, storage, metrics, namespace): what
 # `submit` compares to tell "already there" from "changed".
 JOB_HASH = f"{LABEL_PREFIX}/job-hash"
-# A packed Study (resources.cells_per_pod): the cells each index runs (service.spec.packing).
+# A packed Study (resources.cells_per_pod): the cells each index runs (service.cost.packs).
 PACKS = f"{LABEL_PREFIX}/packs"
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -128,7 +128,7 @@ def annotations_of(spec: FineTune | Study) -> dict[str, str]:
     if isinstance(spec, Study):
         out[f"{LABEL_PREFIX}/cells"] = str(spec.n_cells)
         if spec.resources.cells_per_pod != 1:
-            from service.spec.packing import packs, packs_text
+            from service.cost.packs import packs, packs_text
 
             out[PACKS] = packs_text(packs(spec))  # indexes into expand(spec), index by index
     return out
@@ -195,7 +195,7 @@ def _run_policy(spec: FineTune | Study) -> dict[str, Any]:
     r = spec.resources
     js: dict[str, Any] = {}
     if isinstance(spec, Study):
-        from service.spec.packing import packs
+        from service.cost.packs import packs
 
         cells = len(packs(spec))  # one index per pack: per cell unless cells_per_pod packs them
         js |= {

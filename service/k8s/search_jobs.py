@@ -58,6 +58,7 @@ def render_rung(
     namespace: str | None = None,
 ) -> dict[str, Any]:
     """The Indexed Job of one rung: index i runs ``rung_cells(...)[i]``."""
+    from service.cost.packs import packs_text, rung_packs
     from service.k8s.render import (
         JOB_HASH,
         KUEUE_MIN_PARALLELISM,
@@ -66,7 +67,6 @@ def render_rung(
         job_hash_of,
         render_job,
     )
-    from service.spec.packing import packs_text, rung_packs
 
     job = copy.deepcopy(render_job(study, image, namespace))
     cells = rung_cells(study, rung, candidates, n0)
@@ -96,8 +96,8 @@ def render_rung(
 def pick_rung_pack(study: Study, environ=os.environ) -> list[RungCell] | None:
     """The worker's cells when it runs a rung's Job (``BACKBONES_RUNG`` set), else None:
     one, or a pack of them (resources.cells_per_pod)."""
+    from service.cost.packs import rung_packs
     from service.errors import UserError
-    from service.spec.packing import rung_packs
 
     raw = environ.get(RUNG_ENV)
     if not raw:

@@ -263,7 +263,7 @@ def job_cells(job: dict[str, Any], spec: FineTune | Study) -> list[FineTune] | N
 def _packed_index(job: dict[str, Any]) -> dict[int, int]:
     """Cell -> Job index where the Job packs cells per pod (its packs annotation, a Study's or
     a search rung's); empty for one cell a pod."""
-    from service.spec.packing import parse_packs
+    from service.cost.packs import parse_packs
 
     text = (job["metadata"].get("annotations") or {}).get(PACKS)
     if not text:

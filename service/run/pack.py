@@ -1,6 +1,6 @@
 """A packed index: the cells one pod runs one after another (``resources.cells_per_pod``).
 
-Which cells share an index is service.spec.packing's; here the worker runs them in one
+Which cells share an index is service.cost.packs's; here the worker runs them in one
 process: the imports once, the dataset fetched and decoded once into the pod's cache (the next
 cell finds it there), the backbone's weights cached for its other seeds. Each cell is still its
 own run: its own outputs, lease, resume and retry count (service.run.cell.run_cell).
@@ -30,9 +30,9 @@ from service.errors import (
     UserError,
     exit_for,
 )
+from service.outputs.events import Observer
+from service.outputs.folder import SUMMARY
 from service.run import logs
-from service.run.events import Observer
-from service.run.outputs import SUMMARY
 from service.spec import FineTune, Study
 
 if TYPE_CHECKING:
@@ -62,10 +62,10 @@ def pack_of(study: Study, environ=os.environ) -> list[FineTune | RungCell] | Non
     if study.resources.cells_per_pod == 1:
         return None
     if environ.get("BACKBONES_RUNG"):
-        from service.search.cluster import pick_rung_pack
+        from service.k8s.search_jobs import pick_rung_pack
 
         return pick_rung_pack(study, environ)
-    from service.spec.packing import packs
+    from service.cost.packs import packs
     from service.spec.study import expand
 
     cells, indexes = expand(study), packs(study)

@@ -28,7 +28,7 @@ def expand(study: Study) -> list[FineTune]:
         by_alias=True,
         include={"api_version", "output", "resources", "storage", "metrics"},
     )
-    # A cell is the same run whether or not it shares its pod (service.spec.packing).
+    # A cell is the same run whether or not it shares its pod (service.cost.packs).
     shared["resources"].pop("cells_per_pod", None)
     for dataset in study.datasets:
         protocol = study.protocol_for(dataset).model_dump(mode="json")

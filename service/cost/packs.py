@@ -45,7 +45,7 @@ def auto_size(train_seconds: float) -> int:
 
 def _auto_sizes(study: Study) -> list[int]:
     """The "auto" pack size of each dataset entry: from its cells' mean estimated training."""
-    from service.spec.budget import estimate
+    from service.cost.budget import estimate
 
     one_gpu = study.model_copy(update={"resources": study.resources.model_copy(update={"gpus": 1})})
     cells = estimate(one_gpu).cells
