@@ -384,6 +384,7 @@ class Trainer:
             self.rt,
             train_mode=not self.recipe.freeze_backbone,
             reserve=not self.optimizer.state and self.rt.device.type == "cuda",
+            peaks=self.micro.pass_bytes,
         )
 
     def _out_of_memory(self, failed: int, why: str) -> None:

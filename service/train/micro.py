@@ -37,6 +37,7 @@ class MicroBatcher:
         self.key = key
         self.cache = cache
         self._size = 0  # 0 until planned: the whole share
+        self.pass_bytes: dict[int, int] = {}  # size -> bytes a probe pass of it took (GPU)
 
     @property
     def share(self) -> int:
@@ -47,6 +48,12 @@ class MicroBatcher:
     def size(self) -> int:
         """Images per forward/backward pass now."""
         return self._size or self.share
+
+    @property
+    def activation_bytes(self) -> int:
+        """What a pass of the current size took beyond the resting model, when a probe measured
+        it (else 0): memory that the splits kept on the GPU must leave free."""
+        return self.pass_bytes.get(self.size, 0)
 
     @property
     def accumulation_steps(self) -> int:
@@ -146,11 +153,14 @@ class MicroBatcher:
         return memory.does_not_fit(self.key["model"], tuple(self.key["resolution"]), self.rt.device)
 
 
-def probe_pass(model, forward, n: int, image_shape, rt, *, train_mode: bool, reserve: bool) -> bool:
+def probe_pass(
+    model, forward, n: int, image_shape, rt, *, train_mode: bool, reserve: bool, peaks=None
+) -> bool:
     """One probe pass of ``n`` images with the run's precision, memory format and compile
     settings, on the real model. Under DDP (``forward`` is then the bare module), SyncBatchNorm
     in eval mode: a probe pass must issue no collective, since ranks may run out of memory at
-    different sizes. Nothing the run keeps changes (``memory.preserved``)."""
+    different sizes. Nothing the run keeps changes (``memory.preserved``); ``peaks``: see
+    ``memory.fits_pass``."""
     dev = rt.device
     # Training allocates AdamW's two moments at its first step: the caller holds that much
     # meanwhile when the optimizer has no state yet (``reserve``).
@@ -167,6 +177,7 @@ def probe_pass(model, forward, n: int, image_shape, rt, *, train_mode: bool, res
             autocast=rt.autocast,
             channels_last=rt.channels_last,
             reserve_bytes=memory.optimizer_bytes(model) if reserve else 0,
+            peaks=peaks,
         )
         model.zero_grad(set_to_none=True)
     memory.release(dev)
