@@ -40,6 +40,11 @@ class DistEnv:
     local_rank: int = 0
     world_size: int = 1
 
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes (as ``Runtime.is_main``, before a runtime exists)."""
+        return self.rank == 0
+
 
 def distributed_env() -> DistEnv:
     """torchrun's environment; a plain process is rank 0 of 1."""
