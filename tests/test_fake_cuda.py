@@ -148,9 +148,9 @@ def test_a_mid_epoch_checkpoint_resumes_and_trains_on_cuda(tmp_path, fake_cuda):
     trainer = cuda_trainer(tmp_path, fake_cuda)
     trainer.resume()
     assert trainer.state.step == 2 and trainer.state.partial
-    trainer.train_epoch()
+    totals = trainer.train_epoch()
     assert trainer.state.epoch == 1 and trainer.state.step == 0
-    assert trainer._epoch_acc["loss_sum"].device.type == "cuda"
+    assert totals.loss_sum.device.type == "cuda"
 
 
 # --------------------------------------------------------------------------------- the sweep

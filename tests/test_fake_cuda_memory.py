@@ -123,7 +123,7 @@ def evaluation_runs_in_micro_batches_and_copies_to_the_host_once_a_split(
     model 4 images at a time, and the split's logits and labels reach the host once each."""
     trainer = trainer_on(tmp_path, fake_cuda, micro_batch=4)
     trainer.start()
-    assert trainer.micro == 4
+    assert trainer.micro.size == 4
     sizes = forward_sizes(trainer)
     fake_cuda.copies_to_host.clear()
     logits, labels = trainer._predict(trainer.loaders.select)
@@ -185,11 +185,11 @@ def the_probe_on_cuda_finds_the_largest_fitting_size_and_training_runs_with_it(
     passes = 1 + len(plan.probe["tried"])  # the warm-up too
     assert fake_cuda.empty_caches - caches == passes
     assert fake_cuda.peak_resets - resets == 2 * passes  # before each pass, after each release
-    known = trainer.memory_cache.get(trainer.memory_key)
+    known = trainer.micro.cache.get(trainer.micro.key)
     assert (known.max_fit, known.min_fail) == (8, 16)
-    trainer.train_epoch()
+    totals = trainer.train_epoch()
     assert trainer.validate() is not None and trainer.state.remediations == []
-    assert trainer._epoch_acc["loss_sum"].device.type == "cuda"
+    assert totals.loss_sum.device.type == "cuda"
 
 
 # ------------------------------------------------------------------ out-of-memory remediation
@@ -209,16 +209,16 @@ def out_of_memory_in_a_cuda_training_step_halves_the_micro_batch_and_redoes_it(
     trainer.start()
     fits_up_to(fake_cuda, trainer, 8)
     resets, caches = fake_cuda.peak_resets, fake_cuda.empty_caches
-    trainer.train_epoch()
+    totals = trainer.train_epoch()
     s = trainer.state
     assert [(r["step"], r["from_micro_batch"], r["to_micro_batch"]) for r in s.remediations] == [
         (1, 16, 8)
     ]
     assert "CUDA out of memory" in s.remediations[0]["error"]
-    assert (trainer.micro, s.micro_batch, s.epoch) == (8, 8, 1)
+    assert (trainer.micro.size, s.micro_batch, s.epoch) == (8, 8, 1)
     assert fake_cuda.empty_caches - caches == 1 and fake_cuda.peak_resets - resets == 1
-    assert trainer.memory_cache.get(trainer.memory_key).min_fail == 16
-    assert trainer._epoch_acc["loss_sum"].device.type == "cuda"
+    assert trainer.micro.cache.get(trainer.micro.key).min_fail == 16
+    assert totals.loss_sum.device.type == "cuda"
     assert trainer.progress.micro_batch == 8 and trainer.progress.accumulation_steps == 2
     assert trainer.scheduler.last_epoch == trainer.steps_per_epoch  # the redone step: once
 
@@ -248,9 +248,9 @@ def a_mid_epoch_resume_after_a_remediation_plans_below_the_failing_size(
     plan = second.start()
     assert (plan.source, plan.micro_batch) == ("cache", 8)
     assert second.state.step == 2 and second.state.partial
-    second.train_epoch()
+    totals = second.train_epoch()
     assert [r["to_micro_batch"] for r in second.state.remediations] == [8]  # the first's only
-    assert second.state.epoch == 1 and second._epoch_acc["loss_sum"].device.type == "cuda"
+    assert second.state.epoch == 1 and totals.loss_sum.device.type == "cuda"
 
 
 # ------------------------------------------------------------------------- the one process

@@ -213,12 +213,11 @@ def test_select_on_test_shares_one_loader_and_one_copy_of_the_test_split():
     data = SimpleNamespace(train=_split(40), val=_split(10), test=_split(20))
     p = Protocol(select_on="test", batch_size=8)
     rt = Runtime(device=torch.device("cpu"))
-    model = torch.nn.Linear(2, 2)
     stats = dict.fromkeys(("train", "val", "test"), ((0.0,) * 3, (1.0,) * 3))
-    loaders = make_loaders(data, p, recipe_for(p), rt, model, stats=stats)
+    loaders = make_loaders(data, p, recipe_for(p), rt, stats=stats)
     assert loaders.select is loaders.test
     p = Protocol(batch_size=8)
-    loaders = make_loaders(data, p, recipe_for(p), rt, model, stats=stats)
+    loaders = make_loaders(data, p, recipe_for(p), rt, stats=stats)
     assert loaders.select is not loaders.test and loaders.select.split is data.val
 
 

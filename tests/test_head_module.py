@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from service.backbones.catalog import get, names
-from service.train.loop import head_module
+from service.train.freeze import head_module
 
 
 def _build_on_meta(name: str) -> torch.nn.Module:

@@ -154,8 +154,15 @@ def test_wall_clock_limit_stops_training_and_still_evaluates(tmp_path):
     assert 0 <= summary["test"]["top1"] <= 1
 
 
+class _Batches(list):
+    """A stand-in for the train loader: three steps of a batch of 2 (never iterated)."""
+
+    batch_size = 2
+
+
 def _scripted_trainer(tmp_path, **protocol):
-    """A Trainer on a 4->2 linear model whose validation results the test dictates."""
+    """A Trainer on a 4->2 linear model whose validation results the test dictates, through
+    its public ``end_epoch``; no training step runs."""
     import threading
 
     from service.outputs.events import Observer, Progress
@@ -164,12 +171,13 @@ def _scripted_trainer(tmp_path, **protocol):
     from service.storage.local import LocalStore
     from service.train import Loaders, Runtime, Trainer, recipe_for
     from service.train.checkpoint import Checkpointer
+    from service.train.reporting import EpochTotals
 
     outputs = RunOutputs(LocalStore(tmp_path))
     trainer = Trainer(
         model=torch.nn.Linear(4, 2),
         recipe=recipe_for(Protocol(**protocol)),
-        loaders=Loaders(train=[None] * 3, select=None, test=None),
+        loaders=Loaders(train=_Batches([None] * 3), select=None, test=None),
         runtime=Runtime(device=torch.device("cpu")),
         outputs=outputs,
         checkpointer=Checkpointer(outputs, keep=2),
@@ -180,11 +188,36 @@ def _scripted_trainer(tmp_path, **protocol):
 
     def epoch(top1: float) -> None:
         trainer.state.epoch += 1
-        zero = torch.zeros(())
-        trainer._epoch_acc = {"loss_sum": zero, "correct": zero, "seen": 1, "seconds": 1.0}
-        trainer.end_epoch({"top1": top1, "loss": 1.0, "macro_f1": top1})
+        totals = EpochTotals(torch.zeros(()), torch.zeros(()), seen=1, seconds=1.0)
+        trainer.end_epoch({"top1": top1, "loss": 1.0, "macro_f1": top1}, totals)
 
     return trainer, epoch
+
+
+def test_the_plateau_rule_ends_a_regime_after_patience_epochs_without_improvement():
+    """The stopping rules as functions of the state: no Trainer, no private attributes."""
+    from service.spec import Protocol
+    from service.train import recipe_for
+    from service.train.checkpoint import State
+    from service.train.reporting import judge_epoch, stop_reason
+
+    recipe = recipe_for(Protocol(recipe="paper", patience=2, max_epochs=100))
+    state, verdicts = State(), []
+    for top1, loss in [(0.5, 1.0), (0.5, 0.9), (0.4, 1.0), (0.5, 0.9), (0.45, 1.0), (0.45, 1.0)]:
+        state.epoch += 1
+        regime = recipe.regimes[state.phase_index]
+        kw = dict(until_plateau=regime.until_plateau, patience=recipe.patience)
+        verdicts.append(judge_epoch(state, {"top1": top1, "loss": loss}, **kw))
+        if state.phase_index == len(recipe.regimes):
+            break
+    # Epoch 2 improves on the loss alone; a tie on both is no improvement (epoch 4).
+    adamw, sgd = [(True, False), (True, False), (False, False), (False, True)], verdicts[4:]
+    assert verdicts[:4] == adamw and sgd == [(False, False), (False, True)]
+    assert (state.best_epoch, state.best_top1, state.best_loss) == (2, 0.5, 0.9)
+    assert stop_reason(state, recipe, timed_out=False) == "plateau"
+    assert stop_reason(State(epoch=100), recipe, timed_out=True) == "max_epochs"
+    assert stop_reason(State(epoch=3), recipe, timed_out=True) == "max_minutes"
+    assert stop_reason(State(epoch=3), recipe, timed_out=False) is None
 
 
 def test_paper_plateau_reloads_the_best_weights_into_sgd_then_stops(tmp_path):

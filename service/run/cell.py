@@ -146,7 +146,7 @@ def run_cell(
     that is not a run, or another spec's run without ``--force``, is refused at once."""
     outputs = run_outputs(spec)
     dist = distributed_env()
-    if dist.rank != 0:  # rank 0 alone decides (and wipes, with --force); the others follow it
+    if not dist.is_main:  # rank 0 alone decides (and wipes, with --force); the others follow it
         done = _same_summary(spec, outputs) if not force else None
         if done is not None:
             return Outcome(spec.run_id, outputs.uri, done, skipped=True)
@@ -240,7 +240,7 @@ def _observer(
 ) -> Observer:
     """Rank 0 tells the world (status.json first, the caller's, Prometheus); the others not.
     The cost clock hears each event first, so every listener sees ``progress.cost`` current."""
-    if dist.rank != 0:
+    if not dist.is_main:
         return Observer()
     from service.run.status_file import StatusObserver
 

@@ -57,7 +57,6 @@ def train(run: Run, cache: Path, dist: DistEnv) -> RunSummary:
         # test split by its own); protocol.augmentation the train-time augmentation.
         stats = split_stats(p.normalize, data, built)
         recipe = recipe_for(p)
-        loaders = make_loaders(data, p, recipe, rt, built.model, stats=stats)
         facts = RunFacts.of(
             spec,
             data=data,
@@ -66,13 +65,19 @@ def train(run: Run, cache: Path, dist: DistEnv) -> RunSummary:
             params=models.count_params(built.model),
             gmacs=_gmacs(spec, built.model, rt),
         )
-        trainer = _trainer(run, built.model, recipe, loaders, rt, facts)
-    clock.compiled = trainer.compile_used
-    with clock.part("compile"):  # loading torch.compile's cache is part of compiling
-        compiled_cache = _compile_cache(run, rt, trainer, dist)
-    with clock.part("probe"):
-        plan = trainer.start()  # resume, then the micro-batch (a probe on a GPU for 'auto')
-    if dist.rank == 0:
+    compiled_cache = None
+
+    def load_compiled(trainer) -> None:  # before the first compiled pass (the probe's)
+        nonlocal compiled_cache
+        clock.compiled = trainer.compile_used
+        with clock.part("compile"):  # loading torch.compile's cache is part of compiling
+            compiled_cache = _compile_cache(run, rt, trainer)
+
+    with clock.part("probe"):  # resume, the micro-batch (a GPU's probe), residency
+        trainer, plan = start_trainer(
+            run, data, built.model, recipe, rt, stats=stats, facts=facts, before=load_compiled
+        )
+    if rt.is_main:
         with clock.part("upload"):
             env = environment(spec, rt, data, built, stats)
             compiled = {"used": trainer.compile_used, "reason": trainer.compile_reason}
@@ -83,10 +88,10 @@ def train(run: Run, cache: Path, dist: DistEnv) -> RunSummary:
     try:
         summary = trainer.fit()
     finally:  # a preempted first cell still leaves what it compiled to the next one
-        if compiled_cache is not None and dist.rank == 0:
+        if compiled_cache is not None and rt.is_main:
             with clock.part("upload"):
                 compiled_cache.save()
-    if dist.rank != 0:
+    if not rt.is_main:
         return summary
     # summary.json is written once more with what the attempt cost, now that it has all run
     # (the trainer wrote it first, its presence meaning "done"; a crash between the two writes
@@ -96,13 +101,13 @@ def train(run: Run, cache: Path, dist: DistEnv) -> RunSummary:
     return summary
 
 
-def _compile_cache(run: Run, rt, trainer, dist: DistEnv):
+def _compile_cache(run: Run, rt, trainer):
     """torch.compile's artifacts from the output store, loaded before the first compiled pass
     (the probe's or a step's); rank 0 saves them after the first epoch (or at the end)."""
     cache = compile_cache.open_for(run.spec, rt, trainer.compile_used)
     if cache is not None:
         cache.load()
-        if dist.rank == 0:
+        if rt.is_main:
             trainer.observer = Observers(trainer.observer, cache)
     return cache
 
@@ -118,7 +123,7 @@ def _start(run: Run, dist: DistEnv):
     rt = runtime_for(run.spec.protocol, dist, gpus_asked=run.spec.resources.gpus if in_pod else 0)
     run.clock.gpus = rt.world_size if rt.device.type == "cuda" else 0
     fresh_device_memory(rt.device)  # a local Study's earlier cells leave nothing behind
-    if dist.rank == 0:
+    if rt.is_main:
         # The spec as parsed, plus its hash (drop "spec_hash" before parse_spec).
         spec = run.spec
         run.outputs.write_json(SPEC, {**json.loads(spec.to_json()), "spec_hash": spec.spec_hash})
@@ -183,6 +188,25 @@ def _model(run: Run, n_classes: int, cache: Path, rt):
     return built
 
 
+def start_trainer(run: Run, data, model, recipe, rt, *, stats, facts: RunFacts | None, before=None):
+    """The Trainer, started, and its micro-batch plan, in this order: the Trainer freezes what
+    the recipe freezes; ``start`` resumes and settles the micro-batch (a probe on a GPU, with
+    nothing resident yet, so neither the micro-batch nor BatchNorm's statistics depend on the
+    dataset's size); then the splits kept on the GPU get what is left, counting only the
+    gradients and optimizer state of what trains."""
+    p = run.spec.protocol
+    loaders = make_loaders(data, p, recipe, rt, stats=stats)  # streamed: nothing resident yet
+    trainer = _trainer(run, model, recipe, loaders, rt, facts)
+    if before is not None:  # e.g. torch.compile's cache, before the first compiled pass
+        before(trainer)
+    plan = trainer.start()  # resume, then the micro-batch (a probe on a GPU for 'auto')
+    need = trainer.micro.activation_bytes
+    resident = residency(loaders, rt, trainer.model, ema=recipe.ema, activation_bytes=need)
+    if any(resident):
+        trainer.loaders = make_loaders(data, p, recipe, rt, stats=stats, resident=resident)
+    return trainer, plan
+
+
 def _trainer(run: Run, model, recipe, loaders, rt, facts: RunFacts):
     from service.train import Trainer
     from service.train.checkpoint import Checkpointer
@@ -236,24 +260,17 @@ def memory_key(spec, rt, recipe, loaders=None) -> dict:
     )
 
 
-def make_loaders(data, p, recipe, rt, model, *, stats):
-    """Train, selection and test loaders: this rank's share of each batch, and on a GPU the
-    splits kept resident under one memory budget measured after the model is placed. With
-    ``select_on: test`` selection and test are one loader: one copy of the test split.
-    ``stats``: (mean, std) per split name, from service.data.normalise."""
+def make_loaders(data, p, recipe, rt, *, stats, resident=(False, False, False)):
+    """Train, selection and test loaders: this rank's share of each batch; ``resident``: which
+    of (train, selection, test) to keep on the GPU (``residency``). With ``select_on: test``
+    selection and test are one loader: one copy of the test split. ``stats``: (mean, std) per
+    split name, from service.data.normalise."""
     from service.data import BatchLoader
     from service.data.augment import train_augment
-    from service.data.loader import plan_residency
     from service.train import Loaders
 
     select_split = data.test if p.select_on == "test" else data.val
-    splits = [data.train, select_split, data.test]
-    plan = [False] * 3
-    if rt.device.type == "cuda":
-        import torch
-
-        free = torch.cuda.mem_get_info(rt.device)[0]
-        plan = plan_residency(splits, free, training_bytes(model, ema=recipe.ema))
+    plan = list(resident)
     common = dict(device=rt.device, seed=p.seed, rank=rt.rank, world_size=rt.world_size)
     train = BatchLoader(
         data.train,
@@ -283,6 +300,26 @@ def make_loaders(data, p, recipe, rt, model, *, stats):
     test = evaluation(data.test, plan[2], "test")
     select = test if select_split is data.test else evaluation(select_split, plan[1], "val")
     return Loaders(train=train, select=select, test=test)
+
+
+def residency(loaders, rt, model, *, ema: bool, activation_bytes: int = 0) -> list[bool]:
+    """Which of (train, selection, test) to keep on the GPU: one budget, measured now (after
+    the model is placed and the micro-batch probed), less what training will still allocate
+    for ``model`` as it will train (frozen parameters need no gradients or optimizer state).
+    ``activation_bytes``: what the probe measured for a pass of the chosen micro-batch (its
+    gradients and the optimizer's reserve included), 0 when no pass ran; the larger of the two
+    estimates counts, plus an EMA copy."""
+    if rt.device.type != "cuda":
+        return [False] * 3
+    import torch
+
+    from service.data.loader import plan_residency
+
+    splits = [loaders.train.split, loaders.select.split, loaders.test.split]
+    free = torch.cuda.mem_get_info(rt.device)[0]
+    ema_bytes = training_bytes(model, ema=ema) - training_bytes(model, ema=False)
+    need = max(training_bytes(model, ema=ema), activation_bytes + ema_bytes)
+    return plan_residency(splits, free, need)
 
 
 def training_bytes(model, *, ema: bool) -> int:

@@ -17,9 +17,11 @@ checkpoints written before the hash was recorded carry none and are accepted, th
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import random
 import re
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -205,3 +207,25 @@ def plain(obj):
     if isinstance(obj, torch.Tensor):
         return obj.detach()
     return obj
+
+
+@dataclass
+class State:
+    """What a checkpoint restores besides the modules: where the run is and what it has seen."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # steps completed in the current epoch (non-zero only mid-epoch)
+    global_step: int = 0
+    phase_index: int = 0
+    best_top1: float = -1.0
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    best_key: str | None = None
+    bad_epochs: int = 0
+    train_seconds: float = 0.0
+    train_images: int = 0
+    stop_reason: str | None = None
+    records: list[dict] = field(default_factory=list)
+    partial: dict = field(default_factory=dict)  # mid-epoch accumulators
+    micro_batch: int = 0  # images per forward/backward pass on a rank (0: not planned yet)
+    remediations: list[dict] = field(default_factory=list)  # out-of-memory recoveries

@@ -30,9 +30,9 @@ def rank0_first(fn, rt):
 
     group = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)
     try:
-        out = fn() if rt.rank == 0 else None
+        out = fn() if rt.is_main else None
         dist.barrier(group=group)
-        if rt.rank != 0:
+        if not rt.is_main:
             out = fn()
         return out
     finally:

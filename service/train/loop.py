@@ -5,19 +5,19 @@
     reload the best weights, evaluate test once, write best.safetensors, then summary.json
 
 Everything recipe-specific comes from ``recipes.Recipe``; everything the outside world sees goes
-through the ``Observer`` (status.json, progress bar, Prometheus) and ``RunOutputs``
-(``reporting.Reporting``). How many images a pass takes, and what happens when memory runs out,
-is ``micro.MicroBatching``.
+through the ``Observer`` (status.json, progress bar, Prometheus) and ``RunOutputs``; what it
+reports and when it stops are functions of (progress, state, totals) in ``reporting``. How many
+images a pass takes, and what happens when memory runs out, is the ``micro.MicroBatcher`` the
+Trainer owns (``self.micro``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -27,36 +27,15 @@ from service.errors import Interrupted
 from service.outputs.contract import RunFacts, RunSummary
 from service.outputs.events import Observer, Progress
 from service.outputs.folder import RunOutputs
-from service.train import distributed, evaluate, memory, runtime
-from service.train.checkpoint import Checkpointer, best_key, plain, rng_state, set_rng_state
-from service.train.micro import MicroBatching
-from service.train.recipes import Recipe, make_optimizer, make_scheduler
-from service.train.reporting import SYNC_EVERY, Reporting
-from service.train.runtime import Runtime
+from service.train import distributed, evaluate, memory, reporting
+from service.train.checkpoint import Checkpointer, State, best_key, plain, rng_state, set_rng_state
+from service.train.freeze import freeze_backbone
+from service.train.micro import MicroBatcher, batchnorm_images, probe_pass
+from service.train.recipes import Recipe, make_ema, make_optimizer, make_scheduler
+from service.train.reporting import SYNC_EVERY, EpochTotals
+from service.train.runtime import Runtime, wrap_for_training
 
 log = logging.getLogger("backbones.train")
-
-
-@dataclass
-class State:
-    """What a checkpoint restores besides the modules: where the run is and what it has seen."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # steps completed in the current epoch (non-zero only mid-epoch)
-    global_step: int = 0
-    phase_index: int = 0  # the recipe regime in force (the checkpoint key keeps its name)
-    best_top1: float = -1.0
-    best_loss: float = math.inf
-    best_epoch: int = 0
-    best_key: str | None = None
-    bad_epochs: int = 0
-    train_seconds: float = 0.0
-    train_images: int = 0
-    stop_reason: str | None = None
-    records: list[dict] = field(default_factory=list)
-    partial: dict = field(default_factory=dict)  # mid-epoch accumulators
-    micro_batch: int = 0  # images per forward/backward pass on a rank (0: not planned yet)
-    remediations: list[dict] = field(default_factory=list)  # out-of-memory recoveries
 
 
 @dataclass
@@ -66,7 +45,7 @@ class Loaders:
     test: Any
 
 
-class Trainer(MicroBatching, Reporting):
+class Trainer:
     def __init__(
         self,
         *,
@@ -101,14 +80,19 @@ class Trainer(MicroBatching, Reporting):
         self.facts = facts
         self.state = State()
         self.steps_per_epoch = len(loaders.train)
-        self.micro_asked = micro_batch
-        self.memory_key = memory_key or {"model": type(model).__name__, "resolution": [0, 0]}
-        self.memory_cache = memory_cache
-        self._micro = 0  # 0 until planned: the whole share
+        self.micro = MicroBatcher(
+            batch_size=loaders.train.batch_size,
+            rt=runtime,
+            asked=micro_batch,
+            key=memory_key or {"model": type(model).__name__, "resolution": [0, 0]},
+            cache=memory_cache,
+        )
         self.plan: memory.Plan | None = None
         self._prepare_model()
-        self.forward = self._wrap(model)
-        self.ema = self._make_ema()
+        self.forward, self._ddp, self.compile_used, self.compile_reason = wrap_for_training(
+            self.model, self.rt
+        )
+        self.ema = make_ema(self.model, self.recipe)
         self._new_regime_optimizer()
 
     # ------------------------------------------------------------------ the recipe, top down
@@ -117,7 +101,10 @@ class Trainer(MicroBatching, Reporting):
         """Resume from the latest checkpoint, then settle the micro-batch (once)."""
         if self.plan is None:
             self.resume()
-            self.plan = self.plan_micro_batch()
+            self.plan = self.micro.plan(self._fits, checkpointed=self.state.micro_batch)
+            self.state.micro_batch = self.plan.micro_batch
+            self._show_micro_batch()
+            self.micro.warn_batchnorm(self._batchnorm_images())
         return self.plan
 
     def fit(self) -> RunSummary:
@@ -126,9 +113,9 @@ class Trainer(MicroBatching, Reporting):
             raise Interrupted("stopped before training started; the next attempt starts here")
         self._phase("Training")
         while not self.finished():
-            self.train_epoch()
+            totals = self.train_epoch()
             val = self.validate()
-            self.end_epoch(val)
+            self.end_epoch(val, totals)
             self.checkpoint()
             if self._should_stop()[0]:
                 raise Interrupted(
@@ -137,45 +124,42 @@ class Trainer(MicroBatching, Reporting):
                 )
         return self.finish()
 
-    def _should_stop(self) -> tuple[bool, bool]:
+    def _should_stop(self, epoch_seconds: float = 0.0) -> tuple[bool, bool]:
         """(SIGTERM seen, wall-clock limit hit), agreed by every rank."""
-        return distributed.any_flags((self.stop.is_set(), self._out_of_time()), self.rt)
+        late = reporting.out_of_time(self.state, self.max_seconds, epoch_seconds)
+        return distributed.any_flags((self.stop.is_set(), late), self.rt)
 
     def finished(self) -> bool:
         s = self.state
-        if s.stop_reason:
-            return True
-        if s.epoch >= self.recipe.max_epochs:
-            s.stop_reason = "max_epochs"
-        elif s.phase_index >= len(self.recipe.regimes):
-            s.stop_reason = "plateau"
-        elif self._out_of_time():
-            s.stop_reason = "max_minutes"
+        if not s.stop_reason:
+            late = reporting.out_of_time(s, self.max_seconds)
+            s.stop_reason = reporting.stop_reason(s, self.recipe, timed_out=late)
         return s.stop_reason is not None
 
-    def train_epoch(self) -> None:
+    def train_epoch(self) -> EpochTotals:
+        """One epoch (or its rest, resumed mid-epoch): its totals, summed over the ranks."""
         s = self.state
         self._set_train_mode()
-        acc = self._accumulators()
+        acc = EpochTotals.resumed(s.partial, self.rt.device, main=self.rt.is_main)
         tick = time.perf_counter()
         for x, y in self.loaders.train.epoch(s.epoch, start_step=s.step):
             got = time.perf_counter()
             n_global = self.loaders.train.global_batch(s.step)
             loss, correct, n = self.train_step(x, y, n_global)
-            acc["loss_sum"] += loss.detach().float() * n
-            acc["correct"] += correct
-            acc["seen"] += n
+            acc.loss_sum += loss.detach().float() * n
+            acc.correct += correct
+            acc.seen += n
             s.step += 1
             s.global_step += 1
             done = time.perf_counter()
-            acc["seconds"] += done - tick
+            acc.seconds += done - tick
             self._on_step(acc, seconds=done - tick, wait=got - tick, images=n_global)
             tick = done
             if not self._sync_due(s.step):
                 continue
-            stop, out_of_time = self._should_stop()
+            stop, out_of_time = self._should_stop(acc.seconds)
             if stop:
-                s.partial = acc
+                s.partial = acc.as_dict()
                 self.checkpoint()
                 raise Interrupted(
                     f"stopped at epoch {s.epoch + 1} step {s.step}; checkpoint written, "
@@ -185,12 +169,13 @@ class Trainer(MicroBatching, Reporting):
                 s.stop_reason = "max_minutes"
                 break
         s.partial = {}
-        self._epoch_acc = distributed.sum_counts(acc, self.rt)
-        s.train_seconds += acc["seconds"]
-        s.train_images += self._epoch_acc["seen"]
+        totals = EpochTotals(**distributed.sum_counts(acc.as_dict(), self.rt))
+        s.train_seconds += acc.seconds
+        s.train_images += totals.seen
         if s.stop_reason is None:
             s.epoch += 1
             s.step = 0
+        return totals
 
     def _sync_due(self, step: int) -> bool:
         """Whether the ranks agree on stopping after ``step``: every step for one process (a
@@ -212,15 +197,15 @@ class Trainer(MicroBatching, Reporting):
             except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
                 if not memory.is_out_of_memory(e):  # cuBLAS/cuDNN report it as RuntimeError
                     raise
-                failed, why = self.micro, str(e).strip().splitlines()[0] if str(e) else ""
+                failed, why = self.micro.size, str(e).strip().splitlines()[0] if str(e) else ""
             # Outside the except block: the traceback no longer pins the failed activations.
             self._out_of_memory(failed, why)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, n_global: int):
         smoothing = self.recipe.label_smoothing
         largest_share = -(-n_global // self.rt.world_size)
-        passes = memory.accumulation_steps(largest_share, self.micro)
-        parts = memory.chunks(y.shape[0], self.micro, passes)  # as many passes on every rank
+        passes = memory.accumulation_steps(largest_share, self.micro.size)
+        parts = memory.chunks(y.shape[0], self.micro.size, passes)  # as many passes on every rank
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=y.device)
         correct = torch.zeros((), dtype=torch.long, device=y.device)
@@ -258,31 +243,25 @@ class Trainer(MicroBatching, Reporting):
         logits, labels = self._predict(self.loaders.select)
         return distributed.broadcast(evaluate.quick_metrics(logits, labels), self.rt)
 
-    def end_epoch(self, val: dict | None) -> None:
-        """Record the epoch, keep the best weights, and apply the regime's stopping rule."""
+    def end_epoch(self, val: dict | None, totals: EpochTotals) -> None:
+        """Record the epoch (``totals``: its training sums), keep the best weights, and apply
+        the regime's stopping rule."""
         if val is None:
             return
         s, regime = self.state, self.recipe.regimes[self.state.phase_index]
-        improved = val["top1"] > s.best_top1 or (
-            val["top1"] == s.best_top1 and val["loss"] < s.best_loss
+        improved, over = reporting.judge_epoch(
+            s, val, until_plateau=regime.until_plateau, patience=self.recipe.patience
         )
         if improved:
-            s.best_top1, s.best_loss, s.best_epoch = val["top1"], val["loss"], s.epoch
-            s.bad_epochs = 0
             s.best_key = best_key(s.epoch)
             if self.rt.is_main:
                 self.ckpt.save_best(self._eval_weights(), s.epoch)
             distributed.barrier(self.rt)  # other ranks may read it back (reload best)
-        else:
-            s.bad_epochs += 1
-        self._record(regime.name, val, improved)
-        if regime.until_plateau and s.bad_epochs >= self.recipe.patience:
-            s.phase_index += 1
-            s.bad_epochs = 0
-            if s.phase_index < len(self.recipe.regimes):
-                if self.recipe.regimes[s.phase_index].reload_best:
-                    self._load_best()
-                self._new_regime_optimizer()
+        self._record(regime.name, val, improved, totals)
+        if over and s.phase_index < len(self.recipe.regimes):
+            if self.recipe.regimes[s.phase_index].reload_best:
+                self._load_best()
+            self._new_regime_optimizer()
 
     def checkpoint(self) -> None:
         if not self.rt.is_main:
@@ -299,10 +278,10 @@ class Trainer(MicroBatching, Reporting):
         logits, labels = self._predict(self.loaders.test)
         test = distributed.broadcast(evaluate.full_metrics(logits, labels), self.rt)
         if not self.rt.is_main:
-            return self._run_summary(self.facts, test)  # for the rank's log; only rank 0 writes
+            return self._summary(test)  # for the rank's log; only rank 0 writes
         self._phase("Uploading")
         self.ckpt.save_final(self._eval_weights(), s.best_epoch)
-        summary = self._run_summary(self.facts, test)
+        summary = self._summary(test)
         self.outputs.write_summary(summary)  # last: its presence means "done"
         self.progress.progress = 1.0
         self.progress.eta_seconds = 0.0
@@ -349,11 +328,9 @@ class Trainer(MicroBatching, Reporting):
     def _predict(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
         """The split's logits and labels: each rank evaluates its share, once, then they are
         gathered (metrics need every sample, not per-rank means)."""
+        m = self.micro.size  # what fits with gradients (training's passes) fits without them
         logits, labels = evaluate.predict(
-            self.eval_model,
-            self._eval_batches(loader),
-            autocast=self.rt.autocast,
-            micro_batch=self.micro,  # no larger than training's: no out-of-memory here
+            self.eval_model, self._eval_batches(loader), autocast=self.rt.autocast, micro_batch=m
         )
         return distributed.gather_predictions(logits, labels, self.rt)
 
@@ -382,34 +359,7 @@ class Trainer(MicroBatching, Reporting):
         if self.rt.channels_last:
             model.to(memory_format=torch.channels_last)
         if self.recipe.freeze_backbone:
-            head = set(map(id, head_module(model).parameters()))
-            for p in model.parameters():
-                p.requires_grad_(id(p) in head)
-
-    def _wrap(self, model):
-        forward = model
-        self._ddp = None
-        if self.rt.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-            # Gradients are views into DDP's communication buckets: no second copy of every
-            # gradient on the device, and no copy into the buckets before each all-reduce.
-            forward = self._ddp = DDP(model, device_ids=ids, gradient_as_bucket_view=True)
-        self.compile_used, self.compile_reason = runtime.compile_decision(self.rt, model)
-        if self.compile_used:
-            forward = torch.compile(forward)
-        elif self.rt.compile:
-            log.warning("protocol.compile: %s", self.compile_reason)
-        return forward
-
-    def _make_ema(self):
-        if not self.recipe.ema:
-            return None
-        from timm.utils import ModelEmaV3
-
-        # Warmup: with a few hundred steps a plain 0.999 average would still be the init.
-        return ModelEmaV3(self.model, decay=self.recipe.ema_decay, use_warmup=True)
+            freeze_backbone(model)
 
     def _new_regime_optimizer(self) -> None:
         regime = self.recipe.regimes[min(self.state.phase_index, len(self.recipe.regimes) - 1)]
@@ -421,29 +371,79 @@ class Trainer(MicroBatching, Reporting):
         # A linear probe keeps the whole backbone in eval mode: frozen means BatchNorm too.
         self.model.train(not self.recipe.freeze_backbone)
 
-    def _accumulators(self) -> dict:
-        zero = torch.zeros((), device=self.rt.device)
-        fresh = {"loss_sum": zero.clone(), "correct": zero.clone().long(), "seen": 0}
-        if not self.state.partial:
-            return {**fresh, "seconds": 0.0}
-        if not self.rt.is_main:  # the checkpoint holds rank 0's sums; rank 0 alone carries them
-            return {**self.state.partial, **fresh}
-        # A checkpoint loads to the CPU; the step adds device tensors into these in place.
-        return {k: on_device(v, self.rt.device) for k, v in self.state.partial.items()}
+    # ------------------------------------------------------------------ micro-batch, reporting
 
+    def _fits(self, n: int) -> bool:
+        """One probe pass of ``n`` images on the real model (``micro.probe_pass``): under DDP
+        the bare module, so that no collective runs. Training allocates AdamW's two moments at
+        its first step: a probe before it holds that much meanwhile."""
+        return probe_pass(
+            self.model,
+            self.forward if self._ddp is None else self.model,
+            n,
+            self.loaders.train.split.image_shape,
+            self.rt,
+            train_mode=not self.recipe.freeze_backbone,
+            reserve=not self.optimizer.state and self.rt.device.type == "cuda",
+            peaks=self.micro.pass_bytes,
+        )
 
-def on_device(value, device: torch.device):
-    """A tensor restored from a checkpoint (on the CPU) on the run's device; others as they are."""
-    return value.to(device) if isinstance(value, torch.Tensor) else value
+    def _out_of_memory(self, failed: int, why: str) -> None:
+        """Halve the micro-batch (``MicroBatcher.out_of_memory``) and tell the observers."""
+        self.optimizer.zero_grad(set_to_none=True)
+        s = self.state
+        record = self.micro.out_of_memory(
+            failed, why, epoch=s.epoch, step=s.step, attempt=self.progress.attempt
+        )
+        s.micro_batch = self.micro.size
+        s.remediations.append(record)
+        self._show_micro_batch()
+        self.observer.on_remediation(self.progress, record)
 
+    def _show_micro_batch(self) -> None:
+        p = self.progress
+        p.micro_batch = self.micro.size
+        p.accumulation_steps = self.micro.accumulation_steps
+        p.remediations = list(self.state.remediations)
 
-def head_module(model) -> torch.nn.Module:
-    """The classifier: timm's get_classifier(), else the last Linear layer (torchvision)."""
-    if hasattr(model, "get_classifier"):
-        head = model.get_classifier()
-        if isinstance(head, tuple | list):  # distilled models (levit, deit): head, head_dist
-            return torch.nn.ModuleList([h for h in head if isinstance(h, torch.nn.Module)])
-        return head
-    from service.backbones.weights import last_linear
+    def _batchnorm_images(self) -> int | None:
+        return batchnorm_images(
+            self.model,
+            micro=self.micro.size,
+            world_size=self.rt.world_size,
+            frozen=self.recipe.freeze_backbone,
+        )
 
-    return last_linear(model)[1]
+    def _on_step(self, acc: EpochTotals, *, seconds: float, wait: float, images: int) -> None:
+        reporting.on_step(
+            self.progress,
+            self.state,
+            acc,
+            steps_per_epoch=self.steps_per_epoch,
+            world_size=self.rt.world_size,
+            max_epochs=self.recipe.max_epochs,
+        )
+        self.observer.on_step(self.progress, seconds=seconds, wait_seconds=wait, images=images)
+
+    def _record(self, regime: str, val: dict, improved: bool, totals: EpochTotals) -> None:
+        s, lr = self.state, self.optimizer.param_groups[0]["lr"]
+        record = reporting.epoch_record(s, totals, val, regime=regime, improved=improved, lr=lr)
+        s.records.append(record)
+        if self.rt.is_main:
+            self.outputs.write_metrics(s.records)
+        self.progress.val_top1 = val["top1"]
+        self._sync_progress()
+        self.observer.on_epoch(self.progress, record)
+
+    def _sync_progress(self) -> None:
+        reporting.sync_progress(self.progress, self.state, self.recipe, self.steps_per_epoch)
+
+    def _phase(self, phase: str) -> None:
+        self.progress.phase = phase  # type: ignore[assignment]
+        self.observer.on_phase(self.progress)
+
+    def _summary(self, test: dict) -> RunSummary:
+        bn = self._batchnorm_images()
+        return reporting.run_summary(
+            self.facts, test, self.state, self.progress, self.rt, micro=self.micro, bn=bn
+        )

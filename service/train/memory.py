@@ -242,14 +242,17 @@ def fits_pass(
     autocast=contextlib.nullcontext,
     channels_last: bool = False,
     reserve_bytes: int = 0,
+    peaks: dict[int, int] | None = None,
 ) -> bool:
     """Whether one forward + backward of ``n`` images of ``image_shape`` (C, H, W) runs
     without running out of memory, while ``reserve_bytes`` more are held. Gradients are left
-    for the caller to clear; memory is released by ``release`` after the caller's cleanup."""
+    for the caller to clear; memory is released by ``release`` after the caller's cleanup.
+    ``peaks[n]``, on a GPU: the bytes the pass took beyond what was allocated before it."""
     cuda = device.type == "cuda"
     try:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)  # this pass's peak, measured alone
+            before = torch.cuda.memory_allocated(device)
         held = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
         x = torch.zeros((n, *image_shape), device=device)
         if channels_last:
@@ -261,7 +264,10 @@ def fits_pass(
         del held, x, y, loss
         if cuda:  # a pass that only just fits fails later, with fragmentation or a larger batch
             total = torch.cuda.get_device_properties(device).total_memory
-            return torch.cuda.max_memory_allocated(device) <= HEADROOM * total
+            peak = torch.cuda.max_memory_allocated(device)
+            if peaks is not None:
+                peaks[n] = max(0, peak - before)
+            return peak <= HEADROOM * total
         return True
     except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):

@@ -207,3 +207,13 @@ def make_scheduler(regime: Regime, optimizer, recipe: Recipe, steps_per_epoch: i
 
 def _constant(step: int) -> float:
     return 1.0
+
+
+def make_ema(model, recipe: Recipe):
+    """timm's EMA of the model's weights, when the recipe keeps one (else None)."""
+    if not recipe.ema:
+        return None
+    from timm.utils import ModelEmaV3
+
+    # Warmup: with a few hundred steps a plain 0.999 average would still be the init.
+    return ModelEmaV3(model, decay=recipe.ema_decay, use_warmup=True)

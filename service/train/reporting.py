@@ -1,16 +1,18 @@
-"""What the trainer tells the world: ``Progress`` for the observers (status.json, progress bar,
-Prometheus), a line of metrics.jsonl per epoch, and the figures of summary.json. A mixin of
-``Trainer`` (service.train.loop), apart so the loop reads like the recipe; it uses the
-trainer's ``rt``, ``state``, ``progress``, ``observer``, ``outputs``, ``optimizer``, ``recipe``,
-``steps_per_epoch``, ``max_seconds``, ``_epoch_acc`` and ``micro``/``share``.
+"""What the trainer tells the world, and when it stops, as functions of (progress, state,
+totals): ``Progress`` for the observers (status.json, progress bar, Prometheus), a line of
+metrics.jsonl per epoch, the figures of summary.json, and the stopping rules (max_epochs,
+plateau, max_minutes). None of them needs a ``Trainer``; the Trainer (service.train.loop)
+calls them with its ``State`` and the ``EpochTotals`` of the epoch it is in.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+
+import torch
 
 from service.outputs.contract import RunFacts, RunSummary, TestMetrics
-from service.train import memory
 from service.train.runtime import device_name, peak_memory_bytes
 
 # Steps between host syncs: for the progress bar, and under DDP for the ranks' agreement on
@@ -18,103 +20,159 @@ from service.train.runtime import device_name, peak_memory_bytes
 SYNC_EVERY = 10
 
 
-class Reporting:
-    """Trainer mixin: progress, metrics.jsonl and the summary (see the module doc)."""
+@dataclass
+class EpochTotals:
+    """One epoch's running sums on this rank (the loss and correct counts stay on the device:
+    adding them needs no host sync); a mid-epoch checkpoint saves them (``State.partial``)."""
 
-    def _out_of_time(self) -> bool:
-        if self.max_seconds is None:
-            return False
-        return self.state.train_seconds + self._epoch_seconds_so_far() >= self.max_seconds
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    seen: int = 0
+    seconds: float = 0.0
 
-    def _epoch_seconds_so_far(self) -> float:
-        acc = getattr(self, "_live_acc", None)
-        return acc["seconds"] if acc else 0.0
+    @classmethod
+    def zero(cls, device: torch.device) -> EpochTotals:
+        zero = torch.zeros((), device=device)
+        return cls(loss_sum=zero.clone(), correct=zero.clone().long())
 
-    def _on_step(self, acc: dict, *, seconds: float, wait: float, images: int) -> None:
-        self._live_acc = acc
-        p, s = self.progress, self.state
-        p.step = s.step
-        if s.step % SYNC_EVERY == 0 or s.step == self.steps_per_epoch:
-            p.train_loss = float(acc["loss_sum"]) / max(acc["seen"], 1)
-            # acc counts this rank's share; every rank processes as many images.
-            p.images_per_second = acc["seen"] * self.rt.world_size / max(acc["seconds"], 1e-9)
-            self._update_eta(s.epoch + s.step / max(self.steps_per_epoch, 1))
-        self.observer.on_step(p, seconds=seconds, wait_seconds=wait, images=images)
+    @classmethod
+    def resumed(cls, partial: dict, device: torch.device, *, main: bool) -> EpochTotals:
+        """The totals a mid-epoch checkpoint saved (``partial``; empty: none). The checkpoint
+        holds rank 0's sums, so rank 0 alone carries them; it loads to the CPU, and the step
+        adds device tensors into these in place, so they go to the run's device."""
+        fresh = cls.zero(device)
+        if not partial:
+            return fresh
+        if not main:
+            return cls(fresh.loss_sum, fresh.correct, seconds=partial["seconds"])
+        on = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in partial.items()}
+        return cls(**on)
 
-    def _record(self, regime_name: str, val: dict, improved: bool) -> None:
-        acc, s = self._epoch_acc, self.state
-        self._live_acc = None
-        seen = max(acc["seen"], 1)
-        record = {
-            "epoch": s.epoch,
-            "phase": regime_name,
-            "train_loss": float(acc["loss_sum"]) / seen,
-            "train_top1": float(acc["correct"]) / seen,
-            "val_loss": val["loss"],
-            "val_top1": val["top1"],
-            "val_macro_f1": val["macro_f1"],
-            "improved": improved,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "epoch_seconds": acc["seconds"],
-            "images_per_second": acc["seen"] / max(acc["seconds"], 1e-9),
+    def as_dict(self) -> dict:
+        return {
+            "loss_sum": self.loss_sum,
+            "correct": self.correct,
+            "seen": self.seen,
+            "seconds": self.seconds,
         }
-        s.records.append(record)
-        if self.rt.is_main:
-            self.outputs.write_metrics(s.records)
-        self.progress.val_top1 = val["top1"]
-        self._sync_progress()
-        self.observer.on_epoch(self.progress, record)
 
-    def _sync_progress(self) -> None:
-        p, s = self.progress, self.state
-        p.epoch, p.step, p.max_epochs = s.epoch, s.step, self.recipe.max_epochs
-        p.steps_per_epoch = self.steps_per_epoch
-        p.best_val_top1 = s.best_top1 if s.best_top1 >= 0 else None
-        regime = self.recipe.regimes[min(s.phase_index, len(self.recipe.regimes) - 1)]
-        p.recipe_phase = regime.name
-        if s.records:
-            p.train_loss = s.records[-1]["train_loss"]
-            p.val_top1 = s.records[-1]["val_top1"]
-            p.images_per_second = s.records[-1]["images_per_second"]
-        self._update_eta(s.epoch)
 
-    def _update_eta(self, epochs_done: float) -> None:
-        p, s = self.progress, self.state
-        p.progress = min(epochs_done / self.recipe.max_epochs, 1.0)
-        seconds = s.train_seconds + self._epoch_seconds_so_far()
-        if epochs_done > 0 and seconds > 0:
-            per_epoch = seconds / epochs_done
-            p.eta_seconds = per_epoch * max(self.recipe.max_epochs - epochs_done, 0.0)
+def out_of_time(state, max_seconds: float | None, epoch_seconds: float = 0.0) -> bool:
+    """Whether training time (``epoch_seconds`` of the epoch in progress included) reached
+    protocol.max_minutes."""
+    if max_seconds is None:
+        return False
+    return state.train_seconds + epoch_seconds >= max_seconds
 
-    def _phase(self, phase: str) -> None:
-        self.progress.phase = phase  # type: ignore[assignment]
-        self.observer.on_phase(self.progress)
 
-    def _run_summary(self, facts: RunFacts, test: dict) -> RunSummary:
-        """summary.json: ``facts`` (what ran, from the worker) and this run's figures."""
-        if facts is None:
-            raise ValueError("Trainer(facts=...) is needed to write a summary")
-        s = self.state
-        seconds = s.train_seconds
-        gpus = self.rt.world_size if self.rt.device.type == "cuda" else 0
-        bn = self._batchnorm_images()
-        return RunSummary.build(
-            facts,
-            test=TestMetrics.model_validate(test),
-            best_epoch=s.best_epoch,
-            epochs_run=len(s.records),
-            best_val_top1=s.best_top1 if s.best_top1 >= 0 else None,
-            stop_reason=s.stop_reason,
-            train_seconds=seconds,
-            gpu_hours=seconds * gpus / 3600,
-            images_per_second=s.train_images / seconds if seconds else None,
-            peak_memory_bytes=peak_memory_bytes(self.rt.device),
-            device=device_name(self.rt.device),
-            num_gpus=gpus,
-            attempts=self.progress.attempt,
-            micro_batch=self.micro,
-            accumulation_steps=memory.accumulation_steps(self.share, self.micro),
-            remediations=list(s.remediations),
-            **({"batchnorm_images": bn} if bn is not None else {}),
-            finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        )
+def stop_reason(state, recipe, *, timed_out: bool) -> str | None:
+    """Why training ends before another epoch: max_epochs, plateau (the last regime ended), or
+    max_minutes; None: train on."""
+    if state.epoch >= recipe.max_epochs:
+        return "max_epochs"
+    if state.phase_index >= len(recipe.regimes):
+        return "plateau"
+    return "max_minutes" if timed_out else None
+
+
+def judge_epoch(state, val: dict, *, until_plateau: bool, patience: int) -> tuple[bool, bool]:
+    """Early stopping, after validating epoch ``state.epoch``: (improved, the regime is over).
+    Better is a higher top-1, then a lower loss; ``patience`` epochs without improvement end a
+    regime that runs until a plateau (the next regime starts; after the last one, "plateau")."""
+    improved = val["top1"] > state.best_top1 or (
+        val["top1"] == state.best_top1 and val["loss"] < state.best_loss
+    )
+    if improved:
+        state.best_top1, state.best_loss, state.best_epoch = val["top1"], val["loss"], state.epoch
+        state.bad_epochs = 0
+    else:
+        state.bad_epochs += 1
+    over = until_plateau and state.bad_epochs >= patience
+    if over:
+        state.phase_index += 1
+        state.bad_epochs = 0
+    return improved, over
+
+
+def on_step(progress, state, totals: EpochTotals, *, steps_per_epoch: int, world_size: int,
+            max_epochs: int) -> None:  # fmt: skip
+    """The progress bar's figures after a step (read from the device every SYNC_EVERY)."""
+    progress.step = state.step
+    if state.step % SYNC_EVERY == 0 or state.step == steps_per_epoch:
+        progress.train_loss = float(totals.loss_sum) / max(totals.seen, 1)
+        # totals count this rank's share; every rank processes as many images.
+        progress.images_per_second = totals.seen * world_size / max(totals.seconds, 1e-9)
+        done = state.epoch + state.step / max(steps_per_epoch, 1)
+        update_eta(progress, state, max_epochs, done, totals.seconds)
+
+
+def epoch_record(state, totals: EpochTotals, val: dict, *, regime: str, improved: bool,
+                 lr: float) -> dict:  # fmt: skip
+    """The epoch's line of metrics.jsonl (``totals`` summed over the ranks)."""
+    seen = max(totals.seen, 1)
+    return {
+        "epoch": state.epoch,
+        "phase": regime,  # metrics.jsonl keeps its key (a contract)
+        "train_loss": float(totals.loss_sum) / seen,
+        "train_top1": float(totals.correct) / seen,
+        "val_loss": val["loss"],
+        "val_top1": val["top1"],
+        "val_macro_f1": val["macro_f1"],
+        "improved": improved,
+        "lr": lr,
+        "epoch_seconds": totals.seconds,
+        "images_per_second": totals.seen / max(totals.seconds, 1e-9),
+    }
+
+
+def sync_progress(progress, state, recipe, steps_per_epoch: int) -> None:
+    """Progress from the state (after an epoch, and after resuming)."""
+    p, s = progress, state
+    p.epoch, p.step, p.max_epochs = s.epoch, s.step, recipe.max_epochs
+    p.steps_per_epoch = steps_per_epoch
+    p.best_val_top1 = s.best_top1 if s.best_top1 >= 0 else None
+    regime = recipe.regimes[min(s.phase_index, len(recipe.regimes) - 1)]
+    p.recipe_phase = regime.name
+    if s.records:
+        p.train_loss = s.records[-1]["train_loss"]
+        p.val_top1 = s.records[-1]["val_top1"]
+        p.images_per_second = s.records[-1]["images_per_second"]
+    update_eta(progress, state, recipe.max_epochs, s.epoch)
+
+
+def update_eta(progress, state, max_epochs: int, epochs_done: float, epoch_seconds=0.0) -> None:
+    progress.progress = min(epochs_done / max_epochs, 1.0)
+    seconds = state.train_seconds + epoch_seconds
+    if epochs_done > 0 and seconds > 0:
+        per_epoch = seconds / epochs_done
+        progress.eta_seconds = per_epoch * max(max_epochs - epochs_done, 0.0)
+
+
+def run_summary(facts: RunFacts, test: dict, state, progress, rt, *, micro, bn: int | None):
+    """summary.json: ``facts`` (what ran, from the worker) and this run's figures; ``micro``:
+    the ``MicroBatcher``; ``bn``: the images BatchNorm normalises together (None: none)."""
+    if facts is None:
+        raise ValueError("Trainer(facts=...) is needed to write a summary")
+    s = state
+    seconds = s.train_seconds
+    gpus = rt.world_size if rt.device.type == "cuda" else 0
+    return RunSummary.build(
+        facts,
+        test=TestMetrics.model_validate(test),
+        best_epoch=s.best_epoch,
+        epochs_run=len(s.records),
+        best_val_top1=s.best_top1 if s.best_top1 >= 0 else None,
+        stop_reason=s.stop_reason,
+        train_seconds=seconds,
+        gpu_hours=seconds * gpus / 3600,
+        images_per_second=s.train_images / seconds if seconds else None,
+        peak_memory_bytes=peak_memory_bytes(rt.device),
+        device=device_name(rt.device),
+        num_gpus=gpus,
+        attempts=progress.attempt,
+        micro_batch=micro.size,
+        accumulation_steps=micro.accumulation_steps,
+        remediations=list(s.remediations),
+        **({"batchnorm_images": bn} if bn is not None else {}),
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )

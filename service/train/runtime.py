@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from service.spec import Protocol
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("backbones.train")
 
 # Every collective of training waits at most this long for the slowest rank. The longest gap is
 # rank 0 writing a checkpoint and the best weights to S3 at an epoch's end while the other ranks
@@ -36,6 +39,11 @@ class DistEnv:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes (as ``Runtime.is_main``, before a runtime exists)."""
+        return self.rank == 0
 
 
 def distributed_env() -> DistEnv:
@@ -248,3 +256,23 @@ def peak_memory_bytes(device: torch.device) -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+
+
+def wrap_for_training(model, rt):
+    """(forward, the DDP wrapper or None, compile used, why): what a training pass calls."""
+    forward, ddp = model, None
+    if rt.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        # Gradients are views into DDP's communication buckets: no second copy of every
+        # gradient on the device, and no copy into the buckets before each all-reduce.
+        forward = ddp = DDP(model, device_ids=ids, gradient_as_bucket_view=True)
+    used, reason = compile_decision(rt, model)
+    if used:
+        import torch
+
+        forward = torch.compile(forward)
+    elif rt.compile:
+        log.warning("protocol.compile: %s", reason)
+    return forward, ddp, used, reason
