@@ -6,20 +6,33 @@ What a user gets by default is what is measured: two settings, each a grid and a
   default     recipe 'standard' as shipped (1 linear-warmup epoch, then cosine),
   no-warmup   the same with ``warmup_epochs: 0``,
 
-on four offline datasets, generated or shipped by a package: scikit-learn's digits; "patches"
-(12 classes of 32x32 patches of the two photos scikit-learn ships: a texture task); "shapes"
-(circle / square / triangle / cross drawn at random places, sizes and colours); and
-"noisy-digits" (400 digits, 20% of the train labels flipped: low data and label noise). Each
-(setting, dataset) is repeated ``--reps`` times with different seeds (repetition r uses seeds
-r*S .. r*S+S-1, S = ``--seeds``).
+on four offline datasets, generated or shipped by a package: "digits" (1000 of scikit-learn's
+1797 digits); "patches" (12 classes of 32x32 patches of the two photos scikit-learn ships, 75
+per class: a texture task); "shapes" (circle / square / triangle / cross drawn at random places,
+sizes and colours, 120 per class); and "noisy-digits" (400 digits, 20% of the labels flipped:
+low data and label noise). Each (setting, dataset) is repeated ``--reps`` times with different
+seeds (repetition r uses seeds r*S .. r*S+S-1, S = ``--seeds``).
+
+The unit of work is one (setting, repetition, dataset): its grid (every candidate x seed to
+``--epochs``) trains in a pool process (``--jobs``, one torch thread each), and the ``continue``
+search is replayed on the grid's own runs: a rung of ``continue`` is the beginning of the very
+run the grid trains (tests/test_search_continuity.py), so its score is the grid run's best
+validation top-1 within the rung's budget, and the decisions are the driver's own functions.
+``--verify DATASET`` also runs the real driver on that dataset's repetition 0 and records
+whether its promotions equal the replay's. One grid per pair serves both the winner and the
+tie test. Each finished pair is appended to ``<out>/pairs.jsonl`` (a cut-off run keeps what it
+did and resumes from it); ``--table`` prints the table of what is there.
 
 Per setting it prints: the rate of (dataset, repetition) pairs where the search's winner is the
 grid's winner or not distinguishable from it (paired t-test over the seeds on the grid's test
 top-1, service.report.stats; with fewer than 3 seeds no pair is distinguishable, and the table
 says so), the mean regret in points of test top-1 (grid winner minus search winner), and the
-search's epochs, training seconds and wall seconds against the grid's.
+search's epochs and training seconds against the grid's (the grid's per-epoch seconds over the
+epochs the search trains; wall time is not measured for a replayed search), then one line per
+pair with the rung that cut the grid's winner.
 
     python benchmarks/select_vs_grid.py [--reps 3] [--seeds 3] [--epochs 9] [--backbones 6]
+    python benchmarks/select_vs_grid.py --table        # what <out>/pairs.jsonl holds so far
 
 Weights are random ('none'): no pretrained weights can be downloaded here.
 """
