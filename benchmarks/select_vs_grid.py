@@ -209,7 +209,10 @@ def run_grid(study) -> dict:
     return {"test": test, "curves": curves, "wall_seconds": time.perf_counter() - t0}
 
 
-def replay_search(study, grid: dict) -> dict:
+EXTRAS = ("all", "not-into-last", "none")
+
+
+def replay_search(study, grid: dict, extras: str = "all") -> dict:
     """The ``continue`` search's decisions, replayed on the grid's own runs.
 
     Under ``continue`` a rung's cell is the beginning of the very run the grid trains (same
@@ -217,7 +220,9 @@ def replay_search(study, grid: dict) -> dict:
     candidate trained rung by rung ends with the straight run's weights and metrics), so its
     rung score is the grid run's best validation top-1 within the rung's budget. The decisions
     use the driver's own functions (rung_score, t_interval, promote, budgets); ``--verify``
-    runs the real driver on one dataset and checks that the replay picks what it picks."""
+    runs the real driver on one dataset and checks that the replay picks what it picks.
+    ``extras`` other than "all" (the driver's rule) are counterfactuals for ``--variants``:
+    "not-into-last" promotes a plain top-k into the last rung, "none" at every rung."""
     from service.report.stats import t_interval
     from service.search.plan import budgets, groups, promote, rung_score, survivors_per_rung
 
@@ -243,7 +248,8 @@ def replay_search(study, grid: dict) -> dict:
                 seconds += sum(x["epoch_seconds"] or 0.0 for x in spent)
         last = r + 1 == len(counts)
         keep = 1 if last else counts[r + 1]
-        promoted = promote(results, keep, candidates, last=last)
+        plain = extras == "none" or (extras == "not-into-last" and r + 2 == len(counts))
+        promoted = promote(results, keep, candidates, last=last or plain)  # last: no extras
         rungs.append({"epochs": budget, "candidates": candidates, "promoted": promoted})
         candidates, prev = promoted, budget
     return {"winner": candidates[0], "rungs": rungs, "epochs": epochs, "train_seconds": seconds}
@@ -369,6 +375,60 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def variants(args, rows: list[dict]) -> str:
+    """The same grids under the driver's promotion rule and two counterfactuals (``EXTRAS``):
+    what the overlap-keeping extras buy and cost. Reads the grids' metrics from ``args.out``
+    (run with the arguments that made them)."""
+    from service.run.outputs import RunOutputs
+    from service.spec import parse_spec
+    from service.spec.study import expand
+    from service.storage import open_store
+
+    out = args.out
+    names = ["digits", "patches", "shapes", "noisy-digits"]
+    data = dict(zip(names, datasets(out), strict=True))
+    lines = [
+        "| Setting | promotion extras | pairs | same winner | winner or tie | "
+        "mean regret (pts) | epochs vs grid | grid winners cut |",
+        "|" + " --- |" * 8,
+    ]
+    for setting in SETTINGS:
+        pairs = [r for r in rows if r["setting"] == setting]
+        grids = []
+        for row in pairs:
+            job = {**row, "data": data[row["dataset"]]}
+            study = parse_spec(study_doc(out, args, job, "grid", None))
+            curves: dict = {}
+            for cell in expand(study):
+                recs = RunOutputs(open_store(cell.output.uri).child(cell.run_id)).metrics()
+                curves.setdefault(cell.backbone.model, {})[cell.protocol.seed] = recs
+            test = {m: {int(k): v for k, v in d.items()} for m, d in row["test_top1"].items()}
+            grids.append((row, {"test": test, "curves": curves}))
+        for extras in EXTRAS if pairs else ():
+            judged, epochs = [], 0
+            for row, grid in grids:
+                search = {"strategy": "successive_halving", "eta": 3, "schedule": "continue"}
+                job = {**row, "data": data[row["dataset"]]}
+                study = parse_spec(study_doc(out, args, job, "sh", search))
+                sh = replay_search(study, grid, extras)
+                judged.append({**judge(grid, sh), "dataset": row["dataset"], "rep": row["rep"]})
+                epochs += sh["epochs"]
+            grid_epochs = sum(r["grid_epochs"] for r in pairs)
+            ok = [j for j in judged if j["verdict"] != "distinguishable"]
+            missed = ", ".join(
+                f"{j['dataset']} rep {j['rep']} (rung {j['grid_winner_cut_at_rung']})"
+                for j in judged
+                if j not in ok
+            )
+            lines.append(
+                f"| {setting} | {extras} | {len(judged)} | {sum(j['same'] for j in judged)} | "
+                f"{len(ok)} ({len(ok) / len(judged):.0%}) | "
+                f"{sum(j['regret_points'] for j in judged) / len(judged):.2f} | "
+                f"{epochs / grid_epochs:.0%} | {missed or '-'} |"
+            )
+    return "\n".join(lines)
+
+
 def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -391,11 +451,19 @@ def main() -> None:
         help="dataset whose repetition 0 also runs the real driver ('' for none)",
     )
     ap.add_argument("--table", action="store_true", help="print the table of what is done")
+    ap.add_argument(
+        "--variants",
+        action="store_true",
+        help="replay the done grids under other promotion rules (EXTRAS)",
+    )
     ap.add_argument("--out", type=Path, default=Path("/tmp/select_vs_grid"))
     args = ap.parse_args()
     rows_path = args.out / "pairs.jsonl"
     if args.table:
         print(table(read_rows(rows_path)))
+        return
+    if args.variants:
+        print(variants(args, read_rows(rows_path)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     data = datasets(args.out)
