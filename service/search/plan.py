@@ -282,13 +282,14 @@ def cut(results: dict[str, dict], promoted: list[str]) -> dict | None:
 def epoch_fraction(study: Study, *, worst: bool = False) -> float:
     """Epochs a search trains, as a fraction of the grid's (every candidate trains its whole
     rung budget; early stops make both smaller). ``worst``: every cut keeps its bound of extra
-    candidates (``promote``). The GPU-hour estimate is the grid's."""
+    candidates (``promote``), the cut into the last rung included (the costliest: a second
+    full run per seed), and never more than the rung before trained; with one seed there is
+    no interval and no extra. The GPU-hour estimate is the grid's."""
     n0 = first_rung_size(study)
     counts = survivors_per_rung(n0, study.search.eta)
-    if worst:
-        counts = [counts[0]] + [
-            min(2 * c, counts[i]) if i + 2 < len(counts) else c for i, c in enumerate(counts[1:])
-        ]
+    if worst and len(study.seeds) > 1:
+        for i in range(1, len(counts)):
+            counts[i] = min(2 * counts[i], counts[i - 1])
     spent = grid = 0.0
     for g in groups(study):
         b = budgets(study, g, n0)
