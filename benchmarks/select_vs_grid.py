@@ -198,15 +198,18 @@ def run_grid(study) -> dict:
     t0 = time.perf_counter()
     test: dict[str, dict[int, float]] = {}
     curves: dict[str, dict[int, list[dict]]] = {}
+    billed = 0.0  # every cell's recorded wall (summary.json's cost), as a pod would bill it
     for cell in expand(study):
         outcome = run_cell(cell, stop=threading.Event())
+        billed += outcome.summary.cost.billed_seconds if outcome.summary.cost else 0.0
         records = RunOutputs(open_store(cell.output.uri).child(cell.run_id)).metrics()
         m, seed = cell.backbone.model, cell.protocol.seed
         test.setdefault(m, {})[seed] = outcome.summary.test.top1
         curves.setdefault(m, {})[seed] = [
             {k: r.get(k) for k in ("epoch", "val_top1", "epoch_seconds")} for r in records
         ]
-    return {"test": test, "curves": curves, "wall_seconds": time.perf_counter() - t0}
+    wall = time.perf_counter() - t0
+    return {"test": test, "curves": curves, "wall_seconds": wall, "billed_seconds": billed}
 
 
 EXTRAS = ("all", "not-into-last", "none")
@@ -260,10 +263,20 @@ def run_search(study) -> dict:
     from service.search.driver import Driver, LocalRunner
 
     runner = LocalRunner(stop=threading.Event(), echo=lambda s: None, err=lambda s: None)
+    t0 = time.perf_counter()
     state = Driver(study, runner, echo=lambda s: None).run()
+    # Each run's bill once, at its largest (a 'continue' run's later rungs include its earlier).
+    bills: dict[str, float] = {}
+    for rung in state["rungs"]:
+        for by_backbone in rung["results"].values():
+            for res in by_backbone.values():
+                for run_id, bill in (res.get("billed") or {}).items():
+                    bills[run_id] = max(bills.get(run_id, 0.0), bill["seconds"])
     return {
         "winner": next(iter(state["winners"].values())),
         "promoted": [next(iter(r["promoted"].values())) for r in state["rungs"]],
+        "billed_seconds": round(sum(bills.values()), 2),
+        "wall_seconds": round(time.perf_counter() - t0, 2),
     }
 
 
@@ -316,6 +329,7 @@ def run_job(job: dict) -> dict:
         "search_train_seconds": round(sh["train_seconds"], 2),
         "grid_train_seconds": round(grid_seconds, 2),
         "grid_wall_seconds": round(grid["wall_seconds"], 2),
+        "grid_billed_seconds": round(grid["billed_seconds"], 2),
         "test_top1": grid["test"],
     }
     if job["verify"]:
