@@ -248,3 +248,56 @@ def test_standard_recipe_runs_its_epochs_without_early_stopping(tmp_path):
     epoch(0.2)
     assert trainer.finished() and trainer.state.stop_reason == "max_epochs"
     assert trainer.state.best_epoch == 1
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_a_step_redone_after_out_of_memory_moves_the_schedule_and_the_average_once(tmp_path):
+    """An out-of-memory error anywhere in a step (here the optimizer's first step, where AdamW
+    allocates its state) redoes the step at half the micro-batch; the scheduler and the EMA
+    advance once for it, after the step succeeded. Stand-in: the error is raised by a wrapped
+    ``optimizer.step`` on the CPU; how a real GPU fills up is tests/test_fake_cuda_memory.py's."""
+    trainer, _ = _scripted_trainer(tmp_path, recipe="standard", ema=True, batch_size=4)
+    assert trainer.ema is not None
+    calls = {"step": 0, "ema": 0}
+    step, update = trainer.optimizer.step, trainer.ema.update
+
+    def step_once_full(*a, **kw):
+        calls["step"] += 1
+        if calls["step"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        return step(*a, **kw)
+
+    def counted_update(*a, **kw):
+        calls["ema"] += 1
+        return update(*a, **kw)
+
+    trainer.optimizer.step, trainer.ema.update = step_once_full, counted_update
+    before = trainer.scheduler.last_epoch
+    trainer.train_step(torch.randn(4, 4), torch.tensor([0, 1, 0, 1]))
+    assert [r["error"][:18] for r in trainer.state.remediations] == ["CUDA out of memory"]
+    assert calls == {"step": 2, "ema": 1}
+    assert trainer.scheduler.last_epoch == before + 1
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_out_of_memory_after_the_optimizer_stepped_is_never_redone(tmp_path):
+    """Redoing a step whose update was already applied would apply it twice (and step the
+    schedule twice): an out-of-memory error in the EMA's update surfaces instead (the worker
+    fails the attempt; its retry resumes from the last checkpoint)."""
+    trainer, _ = _scripted_trainer(tmp_path, recipe="standard", ema=True, batch_size=4)
+    calls = {"step": 0}
+    step = trainer.optimizer.step
+
+    def counted_step(*a, **kw):
+        calls["step"] += 1
+        return step(*a, **kw)
+
+    def full_update(*a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    trainer.optimizer.step, trainer.ema.update = counted_step, full_update
+    before = trainer.scheduler.last_epoch
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train_step(torch.randn(4, 4), torch.tensor([0, 1, 0, 1]))
+    assert calls["step"] == 1 and trainer.state.remediations == []
+    assert trainer.scheduler.last_epoch == before + 1

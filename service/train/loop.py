@@ -193,13 +193,17 @@ class Trainer:
         n_global = n_global or y.shape[0] * self.rt.world_size
         while True:
             try:
-                return self._step(x, y, n_global)
+                result = self._step(x, y, n_global)
+                break
             except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
                 if not memory.is_out_of_memory(e):  # cuBLAS/cuDNN report it as RuntimeError
                     raise
                 failed, why = self.micro.size, str(e).strip().splitlines()[0] if str(e) else ""
-            # Outside the except block: the traceback no longer pins the failed activations.
-            self._out_of_memory(failed, why)
+            self._out_of_memory(failed, why)  # outside except: no traceback pins activations
+        self.scheduler.step()  # once a step, outside the retry: a redone step never steps twice
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.state.global_step)
+        return result
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, n_global: int):
         smoothing = self.recipe.label_smoothing
@@ -232,9 +236,6 @@ class Trainer:
             correct += (out.argmax(1) == ys).sum()
             del out, loss, total
         self.optimizer.step()
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.state.global_step)
         return loss_sum / max(y.shape[0], 1), correct, y.shape[0]
 
     def validate(self) -> dict | None:
