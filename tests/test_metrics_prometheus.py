@@ -197,8 +197,8 @@ def test_the_scraped_numbers_are_the_final_progress(scraped):
     assert last(scraped, "backbones_train_images_per_second") == pytest.approx(p.images_per_second)
     assert last(scraped, "backbones_attempt") == p.attempt == 1
     # What the attempt cost (service.run.billing), as the clock last set it on the Progress.
-    assert last(scraped, "backbones_billed_seconds") == p.cost["billed_seconds"] > 0
-    parts = p.cost["attempts"][-1]["seconds"]
+    assert last(scraped, "backbones_billed_seconds") == p.cost.billed_seconds > 0
+    parts = p.cost.attempts[-1].seconds
     assert len(parts) == 11
     for part, seconds in parts.items():
         assert last(scraped, "backbones_attempt_seconds", part=part) == seconds, part
