@@ -9,9 +9,12 @@ an empty cache folder of its own (the pod's emptyDir) and one thread (OMP_NUM_TH
   1. one cell per pod (``resources.cells_per_pod: 1``, the default): 12 processes
   2. packed (``resources.cells_per_pod: 6``): 2 processes, one per dataset
 
+side by side: each packed index runs next to the unpacked pods of the same cells (packed first
+on every other one), so the shared machine's load drifts onto both modes alike.
+
 Billed seconds are each process's wall clock (pod start -> pod end, minus scheduling and image
 pull, which this machine does not model). Per part: when summary.json carries the per-attempt
-``cost`` record (issue 26 point 1) its phases are used; otherwise ``train`` is summary.json's
+``cost`` record (issue 26 point 1) its parts are used; otherwise ``train`` is summary.json's
 ``train_seconds`` and ``other`` is the rest of the process's wall, split evenly over its cells.
 
 Usage: python benchmarks/study_cost.py [--images 1500] [--epochs 2] [--cells-per-pod 6]
@@ -82,7 +85,8 @@ def parts_of(summary: dict, wall_share: float) -> dict[str, float]:
     return {"train": train, "other": max(0.0, wall_share - train)}
 
 
-def run_mode(name, doc, work, env, client, bucket) -> dict:
+def plan_mode(name: str, doc: dict, work: Path) -> dict:
+    """The mode's spec file, its Job indexes (cells per index) and the cells."""
     from service.cost.packs import packs
     from service.spec import parse_spec
     from service.spec.study import expand
@@ -90,21 +94,40 @@ def run_mode(name, doc, work, env, client, bucket) -> dict:
     spec = parse_spec(doc)
     path = work / f"{name}.json"
     path.write_text(spec.to_json())
-    indexes, cells = packs(spec), expand(spec)
-    totals = {k: 0.0 for k in PARTS}
-    billed = 0.0
-    for i, pack in enumerate(indexes):
-        wall, rc, err = run_index(path, i, work / f"cache-{name}-{i}", env)
+    prefix = doc["output"]["uri"].split("/", 3)[3]
+    return {"path": path, "indexes": packs(spec), "cells": expand(spec), "prefix": prefix}
+
+
+def schedule(plans: dict) -> list[tuple[str, int]]:
+    """(mode, index) in the order they run: each packed index beside the unpacked indexes of
+    the same cells, packed first on every other one, so a change in the machine's load falls
+    on both modes alike (a cell's index is its position when unpacked)."""
+    order = []
+    for p, pack in enumerate(plans["packed"]["indexes"]):
+        alone = [("unpacked", c) for c in pack]
+        order += [("packed", p), *alone] if p % 2 else [*alone, ("packed", p)]
+    return order
+
+
+def run_all(plans: dict, work: Path, env: dict, client, bucket: str) -> dict:
+    results = {
+        name: {"pods": len(plan["indexes"]), "billed": 0.0, "parts": dict.fromkeys(PARTS, 0.0)}
+        for name, plan in plans.items()
+    }
+    for name, i in schedule(plans):
+        plan, r = plans[name], results[name]
+        wall, rc, err = run_index(plan["path"], i, work / f"cache-{name}-{i}", env)
         if rc != 0:
             raise SystemExit(f"{name} index {i}: exit {rc}\n{err}")
-        billed += wall
+        r["billed"] += wall
+        pack = plan["indexes"][i]
         for c in pack:
-            key = f"{doc['output']['uri'].split('/', 3)[3]}{cells[c].run_id}/summary.json"
+            key = f"{plan['prefix']}{plan['cells'][c].run_id}/summary.json"
             summary = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
             for k, v in parts_of(summary, wall / len(pack)).items():
-                totals[k] += v
+                r["parts"][k] += v
         print(f"  {name} index {i}: {len(pack)} cell(s), {wall:.1f} s", flush=True)
-    return {"pods": len(indexes), "billed": billed, "parts": totals}
+    return results
 
 
 def report(name: str, r: dict) -> None:
@@ -147,10 +170,11 @@ def main() -> None:
             push(work / d, f"s3://{bucket}/data/{d}/", storage)
         client = server.client()
         k = args.cells_per_pod if args.cells_per_pod == "auto" else int(args.cells_per_pod)
-        results = {}
-        for name, per_pod in (("unpacked", 1), ("packed", k)):
-            doc = study_doc(bucket, server.endpoint, f"runs-{name}", args, per_pod)
-            results[name] = run_mode(name, doc, work, env, client, bucket)
+        plans = {
+            name: plan_mode(name, study_doc(bucket, server.endpoint, f"runs-{name}", args, n), work)
+            for name, n in (("unpacked", 1), ("packed", k))
+        }
+        results = run_all(plans, work, env, client, bucket)
         print(
             f"\n12 cells ({len(BACKBONES)} backbones x 2 datasets x 2 seeds), {args.images} "
             f"images/dataset at {args.size}px, {args.epochs} epochs, 1 thread"
