@@ -52,6 +52,24 @@ def _admin_keys(request, monkeypatch):
 
 
 @pytest.mark.integration
+def _delete_bucket(client, bucket: str) -> None:
+    """Empty ``bucket`` and delete it while a worker still writes to it: an object written
+    between the listing and the delete makes it BucketNotEmpty, so empty it again and retry."""
+    from botocore.exceptions import ClientError
+
+    for _ in range(50):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                client.delete_object(Bucket=bucket, Key=obj["Key"])
+        try:
+            client.delete_bucket(Bucket=bucket)
+            return
+        except ClientError as e:
+            if e.response["Error"]["Code"] != "BucketNotEmpty":
+                raise
+    raise AssertionError(f"{bucket}: still not empty after 50 tries")
+
+
 def test_a_deleted_output_bucket_says_the_bucket_is_missing_not_a_lost_lease(weed, tmp_path):
     bucket = weed.make_bucket()
     spec = tiny_spec(
@@ -65,11 +83,7 @@ def test_a_deleted_output_bucket_says_the_bucket_is_missing_not_a_lost_lease(wee
     proc = start(worker_cmd(write_spec(tmp_path, spec)), tmp_path / "cache", **weed.env())
     try:
         wait_for(lambda: any(k.endswith(".pt") for k in store.list("checkpoints/")), proc)
-        client = weed.client()
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-            for obj in page.get("Contents", []):
-                client.delete_object(Bucket=bucket, Key=obj["Key"])
-        client.delete_bucket(Bucket=bucket)
+        _delete_bucket(weed.client(), bucket)
         _, err = proc.communicate(timeout=300)
     finally:
         stop(proc)
@@ -94,7 +108,12 @@ def test_a_run_folder_deleted_mid_run_says_so_not_a_lost_lease(tmp_path):
         wait_for(lambda: any((folder / "checkpoints").glob("*.pt")), proc)
         import shutil
 
-        shutil.rmtree(folder)
+        # The worker is writing while the folder goes (status.json through a temporary file it
+        # renames): a file listed and then renamed away is already gone, so delete until empty.
+        for _ in range(50):
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                break
         _, err = proc.communicate(timeout=300)
     finally:
         stop(proc)
