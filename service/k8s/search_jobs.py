@@ -114,20 +114,14 @@ def pick_rung_pack(study: Study, environ=os.environ) -> list[RungCell] | None:
 
 
 def pick_rung_cell(study: Study, environ=os.environ) -> RungCell | None:
-    """The worker's cell when it runs a rung's Job (``BACKBONES_RUNG`` set), else None."""
+    """The worker's cell when it runs a rung's Job (``BACKBONES_RUNG`` set), else None: the
+    one cell of its pack when cells are not packed."""
     from service.errors import UserError
 
-    raw = environ.get(RUNG_ENV)
-    if not raw:
-        return None
-    try:
-        cells = cells_of_rung_env(study, raw)
-        index = int(environ.get("JOB_COMPLETION_INDEX", ""))
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{RUNG_ENV} or JOB_COMPLETION_INDEX is malformed: {e}") from None
-    if not 0 <= index < len(cells):
-        raise UserError(f"JOB_COMPLETION_INDEX {index} is out of range 0-{len(cells) - 1}")
-    return cells[index]
+    pack = pick_rung_pack(study, environ)
+    if pack is not None and len(pack) != 1:
+        raise UserError(f"this rung's Job packs {len(pack)} cells per pod: run it as a pack")
+    return pack[0] if pack else None
 
 
 class ClusterRunner:
